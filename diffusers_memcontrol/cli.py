@@ -1,0 +1,65 @@
+"""The `memcontrol` command: inspect mask spaces and run fine-tunes (more subcommands arrive with the search)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+
+def _mask_space(args: argparse.Namespace) -> int:
+    from diffusers import UNet2DConditionModel
+
+    from .masks import MaskSpace
+    from .tiny_base import tiny_base_path
+
+    unet = UNet2DConditionModel.from_pretrained(args.pretrained_model_name_or_path or tiny_base_path(),
+                                                subfolder="unet")
+    space = MaskSpace.from_unet(unet, method=args.peft_method, layout=args.mask_layout)
+    mask = space.mask(args.mask) if args.mask else space.full()
+    report = {
+        **space.to_dict(),
+        "bits": list(mask.bits),
+        "trainable_params": space.count_trainable(mask, unet, scope=args.mask_scope),
+        "unet_params": sum(p.numel() for p in unet.parameters()),
+    }
+    print(json.dumps(report, indent=2))
+    return 0
+
+
+def _train(args: argparse.Namespace, rest: list[str]) -> int:
+    script = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "training",
+                          "train_memcontrol.py")
+    if not os.path.isfile(script):
+        raise FileNotFoundError(f"{script} not found: `memcontrol train` runs from a source checkout.")
+    import runpy
+
+    sys.argv = [script] + rest
+    runpy.run_path(script, run_name="__main__")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the `memcontrol` console script."""
+    parser = argparse.ArgumentParser(prog="memcontrol", description="MemControl for diffusers: memorization-aware "
+                                     "parameter-efficient fine-tuning of Stable Diffusion.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    space = sub.add_parser("mask-space", help="List the mask positions of a UNet and count trainable parameters.")
+    space.add_argument("--pretrained_model_name_or_path", default=None, help="Default: the shipped tiny base.")
+    space.add_argument("--peft_method", default="svdiff")
+    space.add_argument("--mask_layout", default="blocks")
+    space.add_argument("--mask_scope", default="reference")
+    space.add_argument("--mask", default=None, help="Bit string; default all ones.")
+    sub.add_parser("train", help="Fine-tune with a mask (same arguments as training/train_memcontrol.py).",
+                   add_help=False)
+    args, rest = parser.parse_known_args(argv)
+    if args.command == "train":
+        return _train(args, rest)
+    if rest:
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    return _mask_space(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

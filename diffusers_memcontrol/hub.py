@@ -1,0 +1,534 @@
+"""MemControl masks and adapters as Hugging Face Hub artifacts: `publish` a training output, `download_memcontrol` it back.
+
+A MemControl repository holds `mask.json`, optionally the adapter (`adapter_config.json` + `adapter_model.safetensors`,
+peft format), `metrics.json` and `pareto.png` when present, and a `README.md` model card rendered from
+`hub_cards/memcontrol_card.md`. Publishing is allow-list based: nothing else from the output folder (training images,
+captions, prompts, generated samples, checkpoints) is copied unless `include_samples=True`, and pickle files never
+are. Downloading fetches JSON and safetensors only and refuses pickle weights and file names that would leave the
+repository folder.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import re
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from .masks import Mask
+
+logger = logging.getLogger(__name__)
+
+MASK_FILE = "mask.json"
+ADAPTER_CONFIG_FILE = "adapter_config.json"
+ADAPTER_WEIGHTS_FILE = "adapter_model.safetensors"
+METRICS_FILE = "metrics.json"
+PARETO_FILE = "pareto.png"
+CARD_FILE = "README.md"
+CARD_TEMPLATE = "memcontrol_card.md"
+# what download_memcontrol fetches from a Hub repository: never pickles
+DOWNLOAD_PATTERNS = ["*.json", "*.safetensors", CARD_FILE]
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
+# extra files copied with include_samples=True (images and text; never pickles, never checkpoints)
+SAMPLE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".gif", ".txt", ".json", ".jsonl", ".csv", ".md")
+# metrics.json keys whose textual values may hold training data (prompts, captions, file names)
+_PRIVATE_KEY = re.compile(r"prompt|caption|text|image|sample|file|path|token", re.IGNORECASE)
+# numeric metrics.json entries that describe the run rather than evaluate it
+_NOT_A_METRIC = re.compile(
+    r"^(seed|steps?|epochs?|n_.*|num_.*|trainable.*|.*_steps|.*batch_size|.*learning_rate|lr|.*seconds|.*_s|"
+    r"wall.*|.*time.*|.*rank|.*alpha)$",
+    re.IGNORECASE,
+)
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?$")
+_MAX_EVAL_RESULTS = 50
+
+
+class MemControlRepoError(ValueError):
+    """A folder or Hub repository that is not a loadable, safe MemControl artifact."""
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# card template
+# ----------------------------------------------------------------------------------------------------------------
+def card_template_path() -> str:
+    """Path of the model-card template: `hub_cards/` of a source checkout, else the copy installed with the package."""
+    package = Path(__file__).resolve().parent
+    candidates = (
+        package.parent / "hub_cards" / CARD_TEMPLATE,  # source checkout / editable install
+        package / "hub_cards" / CARD_TEMPLATE,  # installed wheel (setup.py maps hub_cards/ into the package)
+        package / "assets" / "hub_cards" / CARD_TEMPLATE,
+    )
+    for candidate in candidates:
+        if candidate.is_file():
+            return str(candidate)
+    raise FileNotFoundError(f"Model-card template {CARD_TEMPLATE} not found; looked in {[str(c) for c in candidates]}.")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# privacy helpers
+# ----------------------------------------------------------------------------------------------------------------
+def _holds_text(value: Any) -> bool:
+    if isinstance(value, str):
+        return True
+    if isinstance(value, dict):
+        return any(_holds_text(v) for v in value.values())
+    if isinstance(value, (list, tuple)):
+        return any(_holds_text(v) for v in value)
+    return False
+
+
+def sanitize_metrics(metrics: Any) -> Any:
+    """Drop every metrics entry whose key names prompts/captions/images/files and whose value holds text.
+
+    Numbers stay (e.g. `caption_dropout: 0.1`), so aggregate figures are kept while the texts that could identify
+    training data (the D_mem prompts, validation captions, image paths) never leave the machine.
+    """
+    if isinstance(metrics, dict):
+        return {k: sanitize_metrics(v) for k, v in metrics.items()
+                if not (_PRIVATE_KEY.search(str(k)) and _holds_text(v))}
+    if isinstance(metrics, list):
+        return [sanitize_metrics(v) for v in metrics]
+    return metrics
+
+
+def _is_pickle(name: str) -> bool:
+    return name.lower().endswith(PICKLE_SUFFIXES)
+
+
+def check_repo_file_names(names: list[str], source: str) -> None:
+    """Refuse repository file names that are absolute or climb out of the repository folder (path traversal)."""
+    for name in names:
+        parts = re.split(r"[\\/]", name)
+        if (not name or name.startswith(("/", "\\")) or re.match(r"^[A-Za-z]:", name) or ".." in parts
+                or os.path.isabs(name)):
+            raise MemControlRepoError(
+                f"Refusing {source}: file name {name!r} would leave the repository folder (path traversal)."
+            )
+
+
+def _check_contents(names: list[str], source: str, require_adapter: bool) -> None:
+    """Checks shared by remote listings and local folders: a mask, and safetensors (never pickle) weights."""
+    top = {n for n in names if "/" not in n and "\\" not in n}
+    if MASK_FILE not in top:
+        raise MemControlRepoError(
+            f"{source} has no {MASK_FILE}: it is not a MemControl repository (publish one with "
+            "diffusers_memcontrol.hub.publish)."
+        )
+    pickles = sorted(n for n in top if _is_pickle(n))
+    if ADAPTER_WEIGHTS_FILE not in top:
+        if pickles:
+            raise MemControlRepoError(
+                f"{source} holds pickle weights {pickles} instead of {ADAPTER_WEIGHTS_FILE}: only safetensors are "
+                "loaded (pickle files can run arbitrary code). Convert them with safetensors.torch.save_file."
+            )
+        if require_adapter:
+            raise MemControlRepoError(
+                f"{source} is a mask-only repository (no {ADAPTER_WEIGHTS_FILE}): there is no adapter to load. Use it "
+                "to fine-tune with `--mask` instead."
+            )
+    elif ADAPTER_CONFIG_FILE not in top:
+        raise MemControlRepoError(f"{source} has {ADAPTER_WEIGHTS_FILE} but no {ADAPTER_CONFIG_FILE}.")
+    if pickles:
+        logger.warning("%s also holds pickle files %s; they are ignored (only safetensors are loaded).", source,
+                       pickles)
+
+
+def _validate_folder(folder: str, root: str, source: str, require_adapter: bool) -> None:
+    names = sorted(os.listdir(folder))
+    check_repo_file_names(names, source)
+    _check_contents(names, source, require_adapter)
+    real_root = os.path.realpath(root)
+    for name in (MASK_FILE, ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE, CARD_FILE):
+        path = os.path.join(folder, name)
+        if not os.path.lexists(path):
+            continue
+        real = os.path.realpath(path)
+        if os.path.commonpath([real, real_root]) != real_root:
+            raise MemControlRepoError(
+                f"Refusing {source}: {name} points outside the repository folder to {real} (path traversal)."
+            )
+        if not os.path.isfile(real):
+            raise MemControlRepoError(f"Refusing {source}: {name} is not a regular file.")
+    try:
+        mask = Mask.load(os.path.join(folder, MASK_FILE))
+    except (ValueError, KeyError, TypeError) as error:
+        raise MemControlRepoError(f"{source}: {MASK_FILE} is not a valid MemControl mask: {error}") from error
+    config_path = os.path.join(folder, ADAPTER_CONFIG_FILE)
+    if os.path.isfile(config_path):
+        with open(config_path, encoding="utf-8") as f:
+            config = json.load(f)
+        if config.get("mask") is not None and Mask.from_dict(config["mask"]) != mask:
+            raise MemControlRepoError(f"{source}: {MASK_FILE} and the mask in {ADAPTER_CONFIG_FILE} disagree.")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# download
+# ----------------------------------------------------------------------------------------------------------------
+def download_memcontrol(
+    repo_id_or_path: str | os.PathLike,
+    *,
+    revision: str | None = None,
+    token: str | None = None,
+    cache_dir: str | os.PathLike | None = None,
+    local_files_only: bool = False,
+    require_adapter: bool = True,
+    endpoint: str | None = None,
+) -> str:
+    """Fetch a MemControl repository (or check a local folder) and return its local folder, refusing unsafe content.
+
+    Only JSON, safetensors and the card are downloaded. Raises `MemControlRepoError` for a repository without
+    `mask.json`, with pickle weights instead of safetensors, or with file names that leave the repository folder.
+    """
+    source = os.fspath(repo_id_or_path)
+    if os.path.isdir(source):
+        folder = os.path.abspath(source)
+        _validate_folder(folder, folder, f"Folder {source!r}", require_adapter)
+        return folder
+    if source.startswith((".", "/", "~")) or os.path.isabs(source) or not _HUB_ID.match(source):
+        raise FileNotFoundError(f"{source!r} is neither an existing folder nor a Hub repository id (org/name).")
+
+    from huggingface_hub import HfApi, snapshot_download
+
+    label = f"Hub repository {source!r}" + (f" (revision {revision})" if revision else "")
+    if not local_files_only:
+        # refuse before downloading anything: the listing names every file of the revision
+        info = HfApi(endpoint=endpoint, token=token).model_info(source, revision=revision, token=token)
+        names = [s.rfilename for s in (info.siblings or [])]
+        check_repo_file_names(names, label)
+        _check_contents(names, label, require_adapter)
+    folder = snapshot_download(
+        source,
+        revision=revision,
+        cache_dir=os.fspath(cache_dir) if cache_dir is not None else None,
+        local_files_only=local_files_only,
+        token=token,
+        allow_patterns=DOWNLOAD_PATTERNS,
+        endpoint=endpoint,
+    )
+    # a cached snapshot links into the repository's cache folder (<cache>/models--org--name/blobs)
+    storage = os.path.dirname(os.path.dirname(os.path.abspath(folder)))
+    _validate_folder(folder, storage, label, require_adapter)
+    return folder
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# model card
+# ----------------------------------------------------------------------------------------------------------------
+def _flatten_numbers(data: Any, prefix: str = "") -> list[tuple[str, float]]:
+    out: list[tuple[str, float]] = []
+    if isinstance(data, dict):
+        for key, value in data.items():
+            out += _flatten_numbers(value, f"{prefix}/{key}" if prefix else str(key))
+    elif isinstance(data, (int, float)) and not isinstance(data, bool) and math.isfinite(data):
+        out.append((prefix, data))
+    return out
+
+
+def _metric_entries(metrics: dict) -> list[tuple[str, float]]:
+    scope = metrics.get("metrics") if isinstance(metrics.get("metrics"), dict) else metrics
+    entries = [(name, value) for name, value in _flatten_numbers(scope)
+               if not _NOT_A_METRIC.match(name.rsplit("/", 1)[-1])]
+    return entries[:_MAX_EVAL_RESULTS]
+
+
+def _eval_results(metrics: dict):
+    from huggingface_hub import EvalResult
+
+    dataset = metrics.get("dataset") if isinstance(metrics.get("dataset"), str) else None
+    splits = ("train", "validation", "val", "test", "search", "proxy")
+    results = []
+    for name, value in _metric_entries(metrics):
+        parts = name.split("/")
+        split = parts[0] if len(parts) > 1 and parts[0].lower() in splits else None
+        results.append(EvalResult(
+            task_type="text-to-image",
+            dataset_type=dataset or "custom",
+            dataset_name=dataset or "fine-tuning data (not published)",
+            dataset_split=split,
+            metric_type=parts[-1].lower(),
+            metric_name=name,
+            metric_value=value,
+        ))
+    return results
+
+
+def _trainable_parameters(weights: str | None, metrics: dict) -> int | None:
+    if weights is not None:
+        from safetensors import safe_open
+
+        with safe_open(weights, framework="pt") as f:
+            return int(sum(math.prod(f.get_slice(k).get_shape()) for k in f.keys()))  # noqa: SIM118
+    for key in ("trainable_params", "trainable_parameters"):
+        if isinstance(metrics.get(key), int):
+            return int(metrics[key])
+    return None
+
+
+def _base_model(explicit: str | None, adapter_config: dict) -> str | None:
+    candidate = explicit or adapter_config.get("base_model_name_or_path")
+    # only Hub ids go into the card: a local path would leak the publisher's file system layout
+    if candidate and _HUB_ID.match(candidate) and not os.path.exists(candidate):
+        return candidate
+    return None
+
+
+def render_card(
+    repo_id: str,
+    mask: Mask,
+    *,
+    adapter_config: dict | None = None,
+    weights_path: str | None = None,
+    metrics: dict | None = None,
+    base_model: str | None = None,
+    has_pareto: bool = False,
+    include_samples: bool = False,
+):
+    """Render the MemControl model card (a `huggingface_hub.ModelCard`) from `hub_cards/memcontrol_card.md`."""
+    from huggingface_hub import ModelCard, ModelCardData
+
+    adapter_config = adapter_config or {}
+    metrics = metrics or {}
+    base = _base_model(base_model, adapter_config)
+    trainable = _trainable_parameters(weights_path, metrics)
+    has_adapter = weights_path is not None
+    scope = adapter_config.get("mask_scope", "reference")
+    tags = ["diffusers", "memcontrol", mask.method, "peft", "text-to-image", "stable-diffusion"]
+    if not has_adapter:
+        tags.append("memcontrol-mask")
+    memcontrol_meta = {
+        "method": mask.method,
+        "layout": mask.layout,
+        "scope": scope,
+        "positions": list(mask.positions),
+        "bits": list(mask.bits),
+        "bitstring": mask.bitstring,
+        "has_adapter": has_adapter,
+    }
+    if trainable is not None:
+        memcontrol_meta["trainable_parameters"] = trainable
+    model_name = repo_id.split("/")[-1]
+    eval_results = _eval_results(metrics) or None
+    card_data = ModelCardData(
+        library_name="diffusers",
+        pipeline_tag="text-to-image",
+        tags=tags,
+        base_model=base,
+        model_name=model_name,
+        eval_results=eval_results,
+        memcontrol=memcontrol_meta,
+    )
+    return ModelCard.from_template(
+        card_data,
+        template_path=card_template_path(),
+        model_name=model_name,
+        repo_id=repo_id,
+        method=mask.method,
+        layout=mask.layout,
+        scope=scope,
+        bitstring=mask.bitstring,
+        n_positions=len(mask),
+        n_active=sum(mask.bits),
+        mask_rows=list(zip(mask.positions, mask.bits)),
+        metric_rows=[(name, f"{value:.6g}") for name, value in _metric_entries(metrics)],
+        trainable_parameters=trainable,
+        has_adapter=has_adapter,
+        has_pareto=has_pareto,
+        include_samples=include_samples,
+        base_model=base,
+    )
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# publish
+# ----------------------------------------------------------------------------------------------------------------
+def _read_json(path: str) -> Any:
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
+def _write_json(path: str, data: Any) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(data, f, indent=2)
+
+
+def _find_mask(output_dir: str, adapter_config: dict) -> Mask:
+    for name in (MASK_FILE, "best_mask.json"):
+        path = os.path.join(output_dir, name)
+        if os.path.isfile(path):
+            data = _read_json(path)
+            return Mask.from_dict(data.get("mask", data) if "bits" not in data else data)
+    if adapter_config.get("mask"):
+        return Mask.from_dict(adapter_config["mask"])
+    raise MemControlRepoError(
+        f"{output_dir!r} has no {MASK_FILE} (nor best_mask.json, nor a mask in {ADAPTER_CONFIG_FILE}): nothing to "
+        "publish."
+    )
+
+
+def _copy_samples(output_dir: str, staging: str, taken: set[str]) -> list[str]:
+    """Copy images and text files of `output_dir` (include_samples=True); never pickles, hidden files or checkpoints."""
+    copied = []
+    root = os.path.realpath(output_dir)
+    for dirpath, dirnames, filenames in os.walk(output_dir):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith(".") and not d.startswith("checkpoint"))
+        for filename in sorted(filenames):
+            path = os.path.join(dirpath, filename)
+            rel = os.path.relpath(path, output_dir).replace(os.sep, "/")
+            if rel in taken or filename.startswith("."):
+                continue
+            if _is_pickle(filename):
+                logger.warning("Not publishing pickle file %s (only safetensors are published).", rel)
+                continue
+            if not filename.lower().endswith(SAMPLE_SUFFIXES):
+                continue
+            real = os.path.realpath(path)
+            if os.path.commonpath([real, root]) != root:
+                logger.warning("Not publishing %s: it links outside %s.", rel, output_dir)
+                continue
+            os.makedirs(os.path.dirname(os.path.join(staging, rel)), exist_ok=True)
+            shutil.copyfile(path, os.path.join(staging, rel))
+            copied.append(rel)
+    return copied
+
+
+def _assemble(output_dir: str, staging: str, repo_id: str, include_adapter: bool, include_samples: bool,
+              base_model: str | None) -> list[str]:
+    """Write the repository files into `staging`; return their names."""
+    config_path = os.path.join(output_dir, ADAPTER_CONFIG_FILE)
+    weights_path = os.path.join(output_dir, ADAPTER_WEIGHTS_FILE)
+    adapter_config = _read_json(config_path) if os.path.isfile(config_path) else {}
+    mask = _find_mask(output_dir, adapter_config)
+    if adapter_config.get("mask") and Mask.from_dict(adapter_config["mask"]) != mask:
+        raise MemControlRepoError(f"{output_dir!r}: {MASK_FILE} and the mask in {ADAPTER_CONFIG_FILE} disagree.")
+    pickles = sorted(n for n in os.listdir(output_dir) if _is_pickle(n) and n.startswith("adapter_model"))
+    publish_adapter = False
+    if include_adapter:
+        if os.path.isfile(weights_path):
+            if not adapter_config:
+                raise MemControlRepoError(f"{output_dir!r} has {ADAPTER_WEIGHTS_FILE} but no {ADAPTER_CONFIG_FILE}.")
+            publish_adapter = True
+        elif pickles:
+            raise MemControlRepoError(
+                f"{output_dir!r} holds pickle weights {pickles}: only safetensors are published. Save the adapter "
+                "with diffusers_memcontrol.training.save_adapter (safetensors) or pass include_adapter=False."
+            )
+        elif adapter_config:
+            raise MemControlRepoError(f"{output_dir!r} has {ADAPTER_CONFIG_FILE} but no {ADAPTER_WEIGHTS_FILE}.")
+
+    files = [MASK_FILE]
+    mask.save(os.path.join(staging, MASK_FILE))
+    if publish_adapter:
+        shutil.copyfile(config_path, os.path.join(staging, ADAPTER_CONFIG_FILE))
+        shutil.copyfile(weights_path, os.path.join(staging, ADAPTER_WEIGHTS_FILE))
+        files += [ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE]
+    metrics: dict = {}
+    metrics_path = os.path.join(output_dir, METRICS_FILE)
+    if os.path.isfile(metrics_path):
+        metrics = _read_json(metrics_path)
+        if not include_samples:
+            metrics = sanitize_metrics(metrics)
+        _write_json(os.path.join(staging, METRICS_FILE), metrics)
+        files.append(METRICS_FILE)
+        if not isinstance(metrics, dict):
+            metrics = {}
+    has_pareto = os.path.isfile(os.path.join(output_dir, PARETO_FILE))
+    if has_pareto:
+        shutil.copyfile(os.path.join(output_dir, PARETO_FILE), os.path.join(staging, PARETO_FILE))
+        files.append(PARETO_FILE)
+    if include_samples:
+        files += _copy_samples(output_dir, staging, set(files) | {CARD_FILE})
+    card = render_card(
+        repo_id, mask, adapter_config=adapter_config if publish_adapter else {},
+        weights_path=os.path.join(staging, ADAPTER_WEIGHTS_FILE) if publish_adapter else None,
+        metrics=metrics, base_model=base_model, has_pareto=has_pareto, include_samples=include_samples,
+    )
+    card.save(os.path.join(staging, CARD_FILE))
+    files.append(CARD_FILE)
+    return files
+
+
+def _place_atomically(staging: str, local_dir: str, output_dir: str) -> None:
+    """Move the finished `staging` folder to `local_dir` with renames only, so `local_dir` is never half written."""
+    target = os.path.realpath(local_dir)
+    source = os.path.realpath(output_dir)
+    if target == source or os.path.commonpath([target, source]) in (target, source):
+        raise ValueError(f"local_dir {local_dir!r} must not be, contain or lie inside output_dir {output_dir!r}.")
+    if not os.path.exists(local_dir):
+        os.replace(staging, local_dir)
+        return
+    if not os.path.isdir(local_dir):
+        raise FileExistsError(f"local_dir {local_dir!r} exists and is not a folder.")
+    if os.listdir(local_dir) and not os.path.isfile(os.path.join(local_dir, MASK_FILE)):
+        raise FileExistsError(f"local_dir {local_dir!r} is not empty and holds no earlier MemControl publication; "
+                              "refusing to replace it.")
+    old = tempfile.mkdtemp(prefix=".memcontrol-old-", dir=os.path.dirname(os.path.abspath(local_dir)))
+    os.rmdir(old)
+    os.replace(local_dir, old)
+    os.replace(staging, local_dir)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def publish(
+    output_dir: str | os.PathLike,
+    repo_id: str,
+    *,
+    private: bool = True,
+    token: str | None = None,
+    revision: str | None = None,
+    include_adapter: bool = True,
+    include_samples: bool = False,
+    dry_run: bool = False,
+    local_dir: str | os.PathLike | None = None,
+    commit_message: str | None = None,
+    endpoint: str | None = None,
+    base_model: str | None = None,
+) -> str:
+    """Publish a MemControl output folder (mask, adapter, metrics, card) to the Hub, or with `dry_run` to `local_dir`.
+
+    Only allow-listed files are published, so training images, captions, prompts and samples stay private unless
+    `include_samples=True`; the repository is private by default. Returns the repository URL, or the local folder
+    for a dry run.
+    """
+    output_dir = os.fspath(output_dir)
+    if not os.path.isdir(output_dir):
+        raise FileNotFoundError(f"Output folder {output_dir!r} does not exist.")
+    if dry_run and local_dir is None:
+        raise ValueError("dry_run=True writes the repository folder to local_dir only: pass local_dir.")
+    if not _HUB_ID.match(repo_id):
+        raise ValueError(f"repo_id {repo_id!r} is not a Hub repository id (org/name).")
+    parent = os.path.dirname(os.path.abspath(local_dir)) if local_dir is not None else None
+    if parent is not None:
+        os.makedirs(parent, exist_ok=True)
+    staging = tempfile.mkdtemp(prefix=".memcontrol-publish-", dir=parent)
+    try:
+        files = _assemble(output_dir, staging, repo_id, include_adapter, include_samples, base_model)
+        logger.info("MemControl repository %s: %s", repo_id, files)
+        folder = staging
+        if local_dir is not None:
+            _place_atomically(staging, os.fspath(local_dir), output_dir)
+            folder = os.path.abspath(local_dir)
+        if dry_run:
+            return folder
+
+        from huggingface_hub import HfApi
+
+        api = HfApi(endpoint=endpoint, token=token)
+        url = api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model", token=token)
+        if revision not in (None, "main"):
+            api.create_branch(repo_id, branch=revision, exist_ok=True, token=token)
+        api.upload_folder(
+            folder_path=folder,
+            repo_id=repo_id,
+            repo_type="model",
+            revision=revision,
+            token=token,
+            commit_message=commit_message or f"Publish MemControl {'adapter' if ADAPTER_WEIGHTS_FILE in files else 'mask'}",
+        )
+        return str(url)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)

@@ -1,0 +1,101 @@
+"""The paper's comparison table (Table 1) and Pareto plot (Figure 3) for a user's own data."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from typing import Optional, Sequence
+
+TABLE_COLUMNS = (
+    ("fid", "FID ↓"),
+    ("amd", "AMD ↑"),
+    ("agreement", "Agreement ↑"),
+    ("extracted_images", "Extracted ↓"),
+    ("dmem", "d_mem ↓"),
+    ("trainable_params", "Trainable params"),
+)
+ROW_ORDER = ("freeze", "full", "svdiff", "difffit", "attention", "memcontrol")
+ROW_NAMES = {"freeze": "Freeze", "full": "Full FT", "svdiff": "SV-DIFF", "difffit": "DiffFit",
+             "attention": "Attention tuning", "memcontrol": "MemControl", "lora": "LoRA"}
+MITIGATION_NAMES = {"none": "—", "rwa": "RWA", "threshold": "Threshold"}
+
+
+def _format(value) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "n/a"
+    if isinstance(value, int):
+        return f"{value:,}"
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return str(value)
+
+
+def results_markdown(rows: Sequence[dict]) -> str:
+    """Markdown table with one row per (method, mitigation) and the paper's metric columns."""
+    order = {m: i for i, m in enumerate(ROW_ORDER)}
+    mitigations = list(MITIGATION_NAMES)
+    rows = sorted(rows, key=lambda r: (order.get(r["method"], len(order)),
+                                       mitigations.index(r.get("mitigation", "none"))))
+    header = "| Method | Mitigation | " + " | ".join(title for _, title in TABLE_COLUMNS) + " |"
+    lines = [header, "|" + "---|" * (2 + len(TABLE_COLUMNS))]
+    for r in rows:
+        cells = [ROW_NAMES.get(r["method"], r["method"]), MITIGATION_NAMES.get(r.get("mitigation", "none"), "?")]
+        cells += [_format(r.get(key)) for key, _ in TABLE_COLUMNS]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def write_results(rows: Sequence[dict], output_dir: str) -> tuple[str, str]:
+    """Write results.md and results.json atomically; return their paths."""
+    os.makedirs(output_dir, exist_ok=True)
+    md_path = os.path.join(output_dir, "results.md")
+    json_path = os.path.join(output_dir, "results.json")
+    for path, text in ((md_path, results_markdown(rows)), (json_path, json.dumps(list(rows), indent=2))):
+        tmp = f"{path}.tmp-{os.getpid()}"
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    return md_path, json_path
+
+
+def pareto_plot(
+    trials: Sequence[dict],
+    front: Sequence[int],
+    chosen: Optional[int],
+    path: str,
+    baselines: Optional[dict[str, tuple[float, float]]] = None,
+    title: str = "MemControl search",
+) -> str:
+    """Figure 3: every trial (d_mem vs FID), the Pareto front, the chosen mask and the baselines; saved as PNG."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError as err:
+        raise ImportError("pareto_plot needs matplotlib: pip install 'diffusers-memcontrol[plots]'") from err
+    done = [t for t in trials if t.get("dmem") is not None and t.get("fid") is not None]
+    if not done:
+        raise ValueError("No completed trial with dmem and fid to plot.")
+    fig, ax = plt.subplots(figsize=(6, 4.5), dpi=120)
+    ax.scatter([t["dmem"] for t in done], [t["fid"] for t in done], s=18, c="0.65", label="trials")
+    front_points = sorted((t["dmem"], t["fid"]) for t in done if t["number"] in set(front))
+    if front_points:
+        ax.plot(*zip(*front_points), "-o", color="tab:blue", ms=5, label="Pareto front")
+    for t in done:
+        if t["number"] == chosen:
+            ax.scatter([t["dmem"]], [t["fid"]], marker="*", s=220, c="tab:red", zorder=5, label="chosen mask")
+    markers = iter("sD^vP<>")
+    for name, (dmem, fid) in (baselines or {}).items():
+        ax.scatter([dmem], [fid], marker=next(markers, "x"), s=60, zorder=4, label=name)
+    ax.set_xlabel("d_mem (memorization, lower is better)")
+    ax.set_ylabel("FID (lower is better)")
+    ax.set_title(title)
+    ax.legend(fontsize=7, loc="best")
+    fig.tight_layout()
+    tmp = f"{path}.tmp-{os.getpid()}.png"
+    fig.savefig(tmp)
+    plt.close(fig)
+    os.replace(tmp, path)
+    return path

@@ -1,0 +1,318 @@
+"""MemControl's stage 1: an Optuna NSGA-II search over masks, its Pareto front and the choice of one mask.
+
+One study per search space (method + layout on one UNet architecture). Each trial suggests one {0, 1} per mask
+position (and optionally a learning rate), fine-tunes on the HPO set and reports two objectives to minimize: the
+memorization metric d_mem on D_mem and FID on the validation split. Studies live in any Optuna storage (SQLite file by
+default, PostgreSQL/MySQL for many machines, a journal file on a shared filesystem), so several workers on one or many
+machines share a study; with an RDB storage, heartbeats fail the trials of a killed worker and re-queue them.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import math
+import multiprocessing
+import os
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+
+import optuna
+from optuna.storages import RetryHeartbeatStaleTrialCallback
+from optuna.study import MaxTrialsCallback
+from optuna.trial import FrozenTrial, TrialState
+
+from .masks import Mask, MaskSpace
+
+logger = logging.getLogger(__name__)
+
+OBJECTIVES = ("dmem", "fid")
+SELECTIONS = ("mean", "normalized_mean")
+_SPACE_ATTR = "memcontrol_search_space"
+
+
+@dataclass
+class SearchConfig:
+    """Settings of one MemControl search; round-trips to JSON."""
+
+    n_trials: int = field(default=20, metadata={"help": "Completed trials to reach (over all workers)."})
+    population_size: int | None = field(
+        default=None, metadata={"help": "NSGA-II population; default: sized to the budget, ceil(n_trials / 3)."}
+    )
+    search_learning_rate: bool = field(default=False, metadata={"help": "Also search the LR (log-uniform)."})
+    learning_rate_range: tuple[float, float] = field(default=(1e-5, 1e-3), metadata={"help": "LR search bounds."})
+    storage: str | None = field(default=None, metadata={"help": "Optuna storage URL or journal file path."})
+    study_name: str | None = field(default=None, metadata={"help": "Default: memcontrol-<method>-<layout>."})
+    seed: int = field(default=0, metadata={"help": "Sampler seed."})
+    n_workers: int = field(default=1, metadata={"help": "Worker processes on this machine (one GPU each)."})
+    heartbeat_interval: int = field(default=30, metadata={"help": "Seconds between trial heartbeats (RDB)."})
+    grace_period: int = field(default=120, metadata={"help": "Seconds without heartbeat before a trial fails."})
+    max_retry: int = field(default=2, metadata={"help": "Re-queues of a trial whose worker died."})
+    selection: str = field(default="mean", metadata={"help": "mean (paper) or normalized_mean."})
+
+    def __post_init__(self) -> None:
+        self.learning_rate_range = tuple(self.learning_rate_range)
+        if self.n_trials < 1:
+            raise ValueError(f"n_trials must be >= 1, got {self.n_trials}.")
+        if self.population_size is not None and self.population_size < 2:
+            raise ValueError(f"population_size must be >= 2 (NSGA-II needs two parents), got {self.population_size}.")
+        if self.n_workers < 1:
+            raise ValueError(f"n_workers must be >= 1, got {self.n_workers}.")
+        if self.selection not in SELECTIONS:
+            raise ValueError(f"Unknown selection {self.selection!r}; expected one of {', '.join(SELECTIONS)}.")
+        low, high = self.learning_rate_range
+        if not 0 < low < high:
+            raise ValueError(f"learning_rate_range must satisfy 0 < low < high, got {self.learning_rate_range}.")
+
+    @property
+    def effective_population_size(self) -> int:
+        """The population actually used: the given one, or about a third of the budget (at least 2)."""
+        return self.population_size or max(2, math.ceil(self.n_trials / 3))
+
+    def to_json(self) -> str:
+        """JSON text of every field."""
+        return json.dumps(asdict(self), indent=2)
+
+    @classmethod
+    def from_json(cls, text: str) -> SearchConfig:
+        """Inverse of `to_json`."""
+        return cls(**json.loads(text))
+
+
+def resolve_storage(storage: str | None, output_dir: str, config: SearchConfig | None = None):
+    """An Optuna storage from a URL (sqlite/postgresql/mysql), a journal file path, or None (output_dir/study.db)."""
+    config = config or SearchConfig()
+    if storage is None:
+        os.makedirs(output_dir, exist_ok=True)
+        storage = "sqlite:///" + os.path.abspath(os.path.join(output_dir, "study.db"))
+    if storage.startswith("journal://") or storage.endswith((".log", ".journal")):
+        from optuna.storages import JournalStorage
+        from optuna.storages.journal import JournalFileBackend
+
+        path = storage.removeprefix("journal://")
+        if os.path.dirname(path):
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+        return JournalStorage(JournalFileBackend(path))
+    if "://" not in storage:
+        raise ValueError(f"Storage {storage!r} is neither a database URL (sqlite:///..., postgresql://..., "
+                         "mysql://...) nor a journal file (*.log, *.journal, journal://path).")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            return optuna.storages.RDBStorage(
+                storage,
+                heartbeat_interval=config.heartbeat_interval,
+                grace_period=config.grace_period,
+                heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=config.max_retry),
+                engine_kwargs={"pool_pre_ping": True} if not storage.startswith("sqlite") else None,
+            )
+    except Exception as err:  # sqlalchemy raises many types; name the URL without its password
+        raise ConnectionError(f"Cannot open Optuna storage {_redact(storage)}: {type(err).__name__}: {err}") from err
+
+
+def _redact(url: str) -> str:
+    if "@" in url and "://" in url:
+        scheme, rest = url.split("://", 1)
+        return f"{scheme}://***@{rest.split('@', 1)[1]}"
+    return url
+
+
+def _space_record(space: MaskSpace, config: SearchConfig) -> dict:
+    return {"method": space.method, "layout": space.layout, "positions": list(space.positions),
+            "search_learning_rate": config.search_learning_rate}
+
+
+def create_study(space: MaskSpace, config: SearchConfig, output_dir: str) -> optuna.Study:
+    """Create or resume the study of `space`; refuse a study of the same name built for another space."""
+    storage = resolve_storage(config.storage, output_dir, config)
+    name = config.study_name or f"memcontrol-{space.method}-{space.layout}"
+    population = config.effective_population_size
+    if config.n_trials < population:
+        warnings.warn(
+            f"n_trials={config.n_trials} is smaller than one NSGA-II generation (population_size={population}): "
+            "every trial is then drawn at random from the initial population and no evolution happens.",
+            stacklevel=2,
+        )
+    sampler = optuna.samplers.NSGAIISampler(population_size=population, seed=config.seed)
+    study = optuna.create_study(study_name=name, storage=storage, sampler=sampler,
+                                directions=["minimize", "minimize"], load_if_exists=True)
+    record = _space_record(space, config)
+    existing = study.user_attrs.get(_SPACE_ATTR)
+    if existing is None:
+        study.set_user_attr(_SPACE_ATTR, record)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            study.set_metric_names(list(OBJECTIVES))
+        # seed the first generation with the method's default configuration (all ones)
+        params = {_param_name(i): 1 for i in range(len(space))}
+        study.enqueue_trial(params, user_attrs={"seeded": "default mask"})
+    elif existing != record:
+        raise ValueError(
+            f"Study {name!r} in this storage was built for {existing['method']}/{existing['layout']} with "
+            f"{len(existing['positions'])} positions (search_learning_rate={existing['search_learning_rate']}); "
+            f"this run searches {record['method']}/{record['layout']} with {len(record['positions'])} positions. "
+            "Use another --study_name or storage instead of mixing search spaces."
+        )
+    return study
+
+
+def _param_name(index: int) -> str:
+    return f"bit_{index:02d}"
+
+
+def suggest_mask(trial: optuna.Trial, space: MaskSpace) -> Mask:
+    """One categorical {0, 1} per position; returns the trial's mask."""
+    bits = [trial.suggest_categorical(_param_name(i), [0, 1]) for i in range(len(space))]
+    return space.mask(bits)
+
+
+def suggest_learning_rate(trial: optuna.Trial, config: SearchConfig) -> float | None:
+    """The trial's learning rate when the search includes it (log-uniform, the reference's range)."""
+    if not config.search_learning_rate:
+        return None
+    low, high = config.learning_rate_range
+    return trial.suggest_float("learning_rate", low, high, log=True)
+
+
+def mask_of_trial(trial: FrozenTrial, space: MaskSpace) -> Mask:
+    """Rebuild the mask of a finished trial from its parameters."""
+    return space.mask([int(trial.params[_param_name(i)]) for i in range(len(space))])
+
+
+TrialFunction = Callable[[Mask, float | None, optuna.Trial], dict]
+
+
+def make_objective(space: MaskSpace, config: SearchConfig, run_trial: TrialFunction):
+    """Wrap `run_trial(mask, learning_rate, trial) -> metrics` into an Optuna objective returning (dmem, fid).
+
+    Every metric is stored as a trial user attribute and the mask JSON as the `mask` attribute, so the study alone
+    holds what is needed to rebuild the Pareto plot and the chosen mask.
+    """
+
+    def objective(trial: optuna.Trial) -> tuple[float, float]:
+        mask = suggest_mask(trial, space)
+        lr = suggest_learning_rate(trial, config)
+        trial.set_user_attr("mask", mask.to_dict())
+        metrics = run_trial(mask, lr, trial)
+        missing = [k for k in OBJECTIVES if k not in metrics]
+        if missing:
+            raise KeyError(f"The trial function returned {sorted(metrics)}; it must include {list(OBJECTIVES)}.")
+        for key, value in metrics.items():
+            if isinstance(value, (int, float, str, bool)) or value is None:
+                trial.set_user_attr(key, value)
+        values = tuple(float(metrics[k]) for k in OBJECTIVES)
+        if not all(math.isfinite(v) for v in values):
+            raise optuna.TrialPruned(f"non-finite objectives {values}")
+        return values
+
+    return objective
+
+
+def run_worker(space: MaskSpace, config: SearchConfig, output_dir: str, run_trial: TrialFunction,
+               worker_index: int = 0) -> None:
+    """Run trials in this process until the study holds `config.n_trials` completed or running trials."""
+    storage = resolve_storage(config.storage, output_dir, config)
+    name = config.study_name or f"memcontrol-{space.method}-{space.layout}"
+    sampler = optuna.samplers.NSGAIISampler(population_size=config.effective_population_size,
+                                            seed=config.seed + worker_index)
+    study = optuna.load_study(study_name=name, storage=storage, sampler=sampler)
+    budget = MaxTrialsCallback(config.n_trials, states=(TrialState.COMPLETE, TrialState.RUNNING))
+    if _counted(study) >= config.n_trials:
+        return
+    study.optimize(make_objective(space, config, run_trial), callbacks=[budget], gc_after_trial=True,
+                   catch=(RuntimeError, OSError, ValueError, KeyError))
+
+
+def _counted(study: optuna.Study) -> int:
+    return len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.RUNNING)))
+
+
+def optimize(space: MaskSpace, config: SearchConfig, output_dir: str, run_trial: TrialFunction) -> optuna.Study:
+    """Create or resume the study and run it with `config.n_workers` worker processes (each trial in the worker
+    that asked for it); return the study."""
+    study = create_study(space, config, output_dir)
+    if config.n_workers == 1:
+        run_worker(space, config, output_dir, run_trial)
+    else:
+        context = multiprocessing.get_context("spawn")
+        workers = [context.Process(target=run_worker, args=(space, config, output_dir, run_trial, i), daemon=False)
+                   for i in range(config.n_workers)]
+        for worker in workers:
+            worker.start()
+        for worker in workers:
+            worker.join()
+        failed = [w.exitcode for w in workers if w.exitcode]
+        if failed:
+            logger.warning("%d of %d search workers exited with errors %s; the study keeps their finished trials "
+                           "and restarting the command resumes it.", len(failed), len(workers), failed)
+    return optuna.load_study(study_name=study.study_name, storage=resolve_storage(config.storage, output_dir, config))
+
+
+def pareto_front(study: optuna.Study) -> list[FrozenTrial]:
+    """The non-dominated completed trials (Optuna's `best_trials`)."""
+    return sorted(study.best_trials, key=lambda t: t.number)
+
+
+def select_trial(front: Sequence[FrozenTrial], selection: str = "mean") -> FrozenTrial:
+    """Pick one trial of the front: lowest arithmetic mean of the objectives (the paper), or of min-max normalized
+    objectives (`normalized_mean`, robust when d_mem and FID live on different scales)."""
+    if not front:
+        raise ValueError("The Pareto front is empty: no trial completed.")
+    if selection not in SELECTIONS:
+        raise ValueError(f"Unknown selection {selection!r}; expected one of {', '.join(SELECTIONS)}.")
+    values = [list(t.values) for t in front]
+    if selection == "normalized_mean":
+        lows = [min(v[i] for v in values) for i in range(len(OBJECTIVES))]
+        highs = [max(v[i] for v in values) for i in range(len(OBJECTIVES))]
+        values = [[(x - lo) / (hi - lo) if hi > lo else 0.0 for x, lo, hi in zip(v, lows, highs)] for v in values]
+    scores = [sum(v) / len(v) for v in values]
+    return front[min(range(len(front)), key=lambda i: (scores[i], front[i].number))]
+
+
+def export_study(study: optuna.Study, space: MaskSpace, output_dir: str, selection: str = "mean") -> dict:
+    """Write best_mask.json, pareto.json and trials.csv for a study; return the chosen trial's summary."""
+    os.makedirs(output_dir, exist_ok=True)
+    front = pareto_front(study)
+    chosen = select_trial(front, selection)
+    mask = mask_of_trial(chosen, space)
+    mask.save(os.path.join(output_dir, "best_mask.json"))
+    rows = [_trial_row(t, space) for t in study.get_trials(deepcopy=False)]
+    pareto = {
+        "study_name": study.study_name,
+        "objectives": list(OBJECTIVES),
+        "selection": selection,
+        "chosen_trial": chosen.number,
+        "front": [_trial_row(t, space) for t in front],
+    }
+    _atomic_write(os.path.join(output_dir, "pareto.json"), json.dumps(pareto, indent=2))
+    fieldnames = sorted({k for r in rows for k in r})
+    tmp = os.path.join(output_dir, f".trials.csv.tmp-{os.getpid()}")
+    with open(tmp, "w", newline="", encoding="utf-8") as f:
+        writer = csv.DictWriter(f, fieldnames=fieldnames)
+        writer.writeheader()
+        writer.writerows(rows)
+    os.replace(tmp, os.path.join(output_dir, "trials.csv"))
+    return {"trial": chosen.number, "values": dict(zip(OBJECTIVES, chosen.values)), "mask": mask.to_dict()}
+
+
+def _trial_row(trial: FrozenTrial, space: MaskSpace) -> dict:
+    row = {"number": trial.number, "state": trial.state.name}
+    if trial.values is not None:
+        row.update(dict(zip(OBJECTIVES, trial.values)))
+    if all(_param_name(i) in trial.params for i in range(len(space))):
+        row["mask"] = mask_of_trial(trial, space).bitstring
+    if "learning_rate" in trial.params:
+        row["learning_rate"] = trial.params["learning_rate"]
+    for key, value in trial.user_attrs.items():
+        if key != "mask" and isinstance(value, (int, float, str, bool)):
+            row[key] = value
+    return row
+
+
+def _atomic_write(path: str, text: str) -> None:
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+    os.replace(tmp, path)

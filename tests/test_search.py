@@ -1,0 +1,177 @@
+"""The search machinery on real Optuna storages (SQLite file, PostgreSQL server, journal file).
+
+The trial function here is a cheap deterministic function of the mask so that these tests exercise the study, the
+workers, heartbeats and retries; the trainer-backed trial function is tested with the trainer.
+"""
+
+import json
+import multiprocessing
+import os
+import signal
+import time
+import uuid
+
+import optuna
+import pytest
+from optuna.trial import TrialState
+
+from diffusers_memcontrol import MaskSpace
+from diffusers_memcontrol.search import (
+    SearchConfig,
+    create_study,
+    export_study,
+    optimize,
+    pareto_front,
+    resolve_storage,
+    run_worker,
+    select_trial,
+)
+from tests.conftest import make_small_unet
+
+
+def toy_trial(mask, learning_rate, trial):
+    """d_mem grows with the bits switched on, FID shrinks with them: a real two-objective tradeoff."""
+    on = sum(mask.bits)
+    weighted = sum(b * (i + 1) for i, b in enumerate(mask.bits))
+    return {"dmem": on + 0.01 * weighted, "fid": (len(mask) - on) ** 2 + 0.001 * weighted, "trainable_params": on}
+
+
+def slow_toy_trial(mask, learning_rate, trial):
+    """Like toy_trial, but blocks while a flag file exists (so a test can kill the worker mid-trial)."""
+    flag = os.environ["MEMCONTROL_TEST_BLOCK_FILE"]
+    if os.path.exists(flag):
+        open(flag + ".started", "w").close()
+        while os.path.exists(flag):
+            time.sleep(0.1)
+    return toy_trial(mask, learning_rate, trial)
+
+
+@pytest.fixture(scope="module")
+def space():
+    return MaskSpace.from_unet(make_small_unet(layers_per_block=1), "svdiff", "paper")
+
+
+def _postgres_url():
+    url = os.environ.get("MEMCONTROL_TEST_POSTGRES_URL")
+    if not url:
+        if os.environ.get("MEMCONTROL_REQUIRE_POSTGRES"):
+            pytest.fail("MEMCONTROL_REQUIRE_POSTGRES is set but MEMCONTROL_TEST_POSTGRES_URL is not")
+        pytest.skip("no PostgreSQL server: run `export MEMCONTROL_TEST_POSTGRES_URL=$(bash .ci/postgres.sh)`")
+    return url
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def storage_url(request, tmp_path):
+    if request.param == "sqlite":
+        return "sqlite:///" + str(tmp_path / "study.db")
+    return _postgres_url()
+
+
+def _config(storage_url, **kw):
+    return SearchConfig(storage=storage_url, study_name=f"test-{uuid.uuid4().hex[:8]}", **kw)
+
+
+def test_nsga2_is_used_and_default_mask_seeded(space, tmp_path):
+    config = _config(None, n_trials=8)
+    study = optimize(space, config, str(tmp_path), toy_trial)
+    assert os.path.exists(tmp_path / "study.db")  # the default storage
+    trials = study.get_trials(states=(TrialState.COMPLETE,))
+    assert len(trials) == 8
+    first = min(trials, key=lambda t: t.number)
+    assert all(v == 1 for k, v in first.params.items() if k.startswith("bit_"))
+    assert first.user_attrs["mask"]["bits"] == [1] * len(space)
+    worker_study = optuna.load_study(study_name=study.study_name, storage=resolve_storage(None, str(tmp_path)),
+                                     sampler=optuna.samplers.NSGAIISampler(population_size=3))
+    assert isinstance(worker_study.sampler, optuna.samplers.NSGAIISampler)
+
+
+def test_pareto_selection_and_exports(space, tmp_path):
+    config = _config(None, n_trials=12, seed=1)
+    study = optimize(space, config, str(tmp_path), toy_trial)
+    front = pareto_front(study)
+    values = [t.values for t in study.get_trials(states=(TrialState.COMPLETE,))]
+    for t in front:  # nothing dominates a front member
+        assert not any(v[0] <= t.values[0] and v[1] <= t.values[1] and tuple(v) != tuple(t.values) for v in values)
+    chosen = select_trial(front, "mean")
+    assert sum(chosen.values) / 2 == min(sum(t.values) / 2 for t in front)
+    normalized = select_trial(front, "normalized_mean")
+    assert normalized in front
+    summary = export_study(study, space, str(tmp_path))
+    assert summary["trial"] == chosen.number
+    best = json.loads((tmp_path / "best_mask.json").read_text())
+    assert best["positions"] == space.positions and len(best["bits"]) == len(space)
+    pareto = json.loads((tmp_path / "pareto.json").read_text())
+    assert {r["number"] for r in pareto["front"]} == {t.number for t in front}
+    lines = (tmp_path / "trials.csv").read_text().splitlines()
+    assert len(lines) == 1 + len(study.trials)
+
+
+def test_restart_resumes(space, storage_url, tmp_path):
+    config = _config(storage_url, n_trials=4)
+    optimize(space, config, str(tmp_path), toy_trial)
+    config.n_trials = 7
+    study = optimize(space, config, str(tmp_path), toy_trial)
+    numbers = [t.number for t in study.get_trials(states=(TrialState.COMPLETE,))]
+    assert len(numbers) == 7 and len(set(numbers)) == 7
+    assert sum(1 for t in study.trials if t.user_attrs.get("seeded")) == 1  # seeded once, not per restart
+
+
+def test_two_workers_share_one_study(space, storage_url, tmp_path):
+    config = _config(storage_url, n_trials=10, n_workers=2)
+    study = optimize(space, config, str(tmp_path), toy_trial)
+    complete = study.get_trials(states=(TrialState.COMPLETE,))
+    assert 10 <= len(complete) <= 11  # two workers may each start the last trial
+    assert len({t.number for t in study.trials}) == len(study.trials)
+    assert not study.get_trials(states=(TrialState.RUNNING, TrialState.FAIL))
+
+
+def test_killed_worker_trial_is_retried(space, storage_url, tmp_path, monkeypatch):
+    flag = tmp_path / "block"
+    flag.write_text("")
+    monkeypatch.setenv("MEMCONTROL_TEST_BLOCK_FILE", str(flag))
+    config = _config(storage_url, n_trials=3, heartbeat_interval=1, grace_period=2)
+    create_study(space, config, str(tmp_path))
+    context = multiprocessing.get_context("spawn")
+    worker = context.Process(target=run_worker, args=(space, config, str(tmp_path), slow_toy_trial))
+    worker.start()
+    deadline = time.time() + 120
+    while not os.path.exists(str(flag) + ".started"):
+        assert time.time() < deadline and worker.is_alive(), "worker never started its trial"
+        time.sleep(0.1)
+    os.kill(worker.pid, signal.SIGKILL)
+    worker.join()
+    flag.unlink()
+    time.sleep(3)  # past the grace period: the trial is stale
+    study = optimize(space, config, str(tmp_path), slow_toy_trial)
+    failed = study.get_trials(states=(TrialState.FAIL,))
+    assert len(failed) == 1
+    retried = [t for t in study.trials if t.system_attrs.get("failed_trial") == failed[0].number]
+    assert len(retried) == 1 and retried[0].state == TrialState.COMPLETE
+    assert retried[0].params == failed[0].params
+    assert len(study.get_trials(states=(TrialState.COMPLETE,))) == 3
+
+
+def test_journal_storage(space, tmp_path):
+    config = _config(str(tmp_path / "study.journal"), n_trials=5)
+    study = optimize(space, config, str(tmp_path), toy_trial)
+    assert len(study.get_trials(states=(TrialState.COMPLETE,))) == 5
+
+
+def test_bad_inputs(space, tmp_path):
+    config = _config(None, n_trials=3)
+    create_study(space, config, str(tmp_path))
+    other = MaskSpace.from_unet(make_small_unet(layers_per_block=1), "difffit", "blocks")
+    with pytest.raises(ValueError, match="Use another --study_name"):
+        create_study(other, config, str(tmp_path))
+    with pytest.raises(ConnectionError, match=r"Cannot open Optuna storage postgresql\+psycopg2://\*\*\*@127.0.0.1:1/none"
+                       ) as err:
+        resolve_storage("postgresql+psycopg2://user:secret@127.0.0.1:1/none", str(tmp_path))
+    assert "secret" not in str(err.value)
+    with pytest.raises(ValueError, match="neither a database URL"):
+        resolve_storage("/tmp/somewhere/study", str(tmp_path))
+    with pytest.raises(ValueError, match="population_size must be >= 2"):
+        SearchConfig(population_size=1)
+    with pytest.raises(ValueError, match="Unknown selection"):
+        SearchConfig(selection="best")
+    with pytest.warns(UserWarning, match="smaller than one NSGA-II generation"):
+        create_study(space, _config(None, n_trials=2, population_size=10), str(tmp_path))
