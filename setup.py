@@ -8,9 +8,13 @@ setup(
     long_description_content_type="text/markdown",
     license="Apache-2.0",
     python_requires=">=3.10",
-    packages=find_packages(include=["diffusers_memcontrol", "diffusers_memcontrol.*"]),
+    packages=find_packages(include=["diffusers_memcontrol", "diffusers_memcontrol.*"]) + ["diffusers_memcontrol.hub_cards"],
+    package_dir={"diffusers_memcontrol.hub_cards": "hub_cards"},
     include_package_data=True,
-    package_data={"diffusers_memcontrol": ["assets/**/*", "metrics/evaluate/*/*.py"]},
+    package_data={
+        "diffusers_memcontrol": ["assets/**/*", "metrics/evaluate/*/*.py"],
+        "diffusers_memcontrol.hub_cards": ["*.md"],
+    },
     install_requires=[
         "torch>=2.1",
         "diffusers>=0.42",
@@ -26,6 +30,7 @@ setup(
         "scipy",
         "scikit-learn",
         "tqdm",
+        "Jinja2",
     ],
     extras_require={
         "dev": ["pytest", "ruff", "psycopg2-binary", "matplotlib"],

@@ -1,11 +1,29 @@
 """diffusers-memcontrol: memorization-aware parameter-efficient fine-tuning for diffusers text-to-image models.
 
-Importing the package registers the `MEMCONTROL` peft method with peft.
+Importing the package registers the `MEMCONTROL` peft method with peft and adds `load_memcontrol_adapter` /
+`unload_memcontrol_adapter` to diffusers pipelines (a saved pipeline stays loadable by plain diffusers).
 """
 
+from .hub import MemControlRepoError, download_memcontrol, publish
+from .loaders import MemControlLoaderMixin, register_pipeline_methods
 from .masks import LAYOUTS, METHODS, SCOPES, Mask, MaskSpace
 from .tuners import MemControlConfig, MemControlModel
 
+register_pipeline_methods()
+
 __version__ = "0.1.0"
 
-__all__ = ["LAYOUTS", "METHODS", "SCOPES", "Mask", "MaskSpace", "MemControlConfig", "MemControlModel"]
+__all__ = [
+    "LAYOUTS",
+    "METHODS",
+    "SCOPES",
+    "Mask",
+    "MaskSpace",
+    "MemControlConfig",
+    "MemControlLoaderMixin",
+    "MemControlModel",
+    "MemControlRepoError",
+    "download_memcontrol",
+    "publish",
+    "register_pipeline_methods",
+]

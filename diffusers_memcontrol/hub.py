@@ -41,7 +41,7 @@ _PRIVATE_KEY = re.compile(r"prompt|caption|text|image|sample|file|path|token", r
 # numeric metrics.json entries that describe the run rather than evaluate it
 _NOT_A_METRIC = re.compile(
     r"^(seed|steps?|epochs?|n_.*|num_.*|trainable.*|.*_steps|.*batch_size|.*learning_rate|lr|.*seconds|.*_s|"
-    r"wall.*|.*time.*|.*rank|.*alpha)$",
+    r"wall.*|.*time.*|.*rank|.*alpha|.*dropout|.*decay|.*warmup.*|.*threshold|.*scale|.*probability|.*_version)$",
     re.IGNORECASE,
 )
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?$")
@@ -89,8 +89,8 @@ def sanitize_metrics(metrics: Any) -> Any:
     training data (the D_mem prompts, validation captions, image paths) never leave the machine.
     """
     if isinstance(metrics, dict):
-        return {k: sanitize_metrics(v) for k, v in metrics.items()
-                if not (_PRIVATE_KEY.search(str(k)) and _holds_text(v))}
+        clean = {k: sanitize_metrics(v) for k, v in metrics.items()}
+        return {k: v for k, v in clean.items() if not (_PRIVATE_KEY.search(str(k)) and _holds_text(v))}
     if isinstance(metrics, list):
         return [sanitize_metrics(v) for v in metrics]
     return metrics
@@ -189,18 +189,25 @@ def download_memcontrol(
         folder = os.path.abspath(source)
         _validate_folder(folder, folder, f"Folder {source!r}", require_adapter)
         return folder
+    if os.path.isfile(source):
+        raise MemControlRepoError(f"{source!r} is a file: pass the folder holding {MASK_FILE} (or a Hub repo id).")
     if source.startswith((".", "/", "~")) or os.path.isabs(source) or not _HUB_ID.match(source):
         raise FileNotFoundError(f"{source!r} is neither an existing folder nor a Hub repository id (org/name).")
 
-    from huggingface_hub import HfApi, snapshot_download
+    import httpx2
+    from huggingface_hub import HfApi, constants, snapshot_download
 
     label = f"Hub repository {source!r}" + (f" (revision {revision})" if revision else "")
-    if not local_files_only:
+    if not local_files_only and not constants.is_offline_mode():
         # refuse before downloading anything: the listing names every file of the revision
-        info = HfApi(endpoint=endpoint, token=token).model_info(source, revision=revision, token=token)
-        names = [s.rfilename for s in (info.siblings or [])]
-        check_repo_file_names(names, label)
-        _check_contents(names, label, require_adapter)
+        try:
+            info = HfApi(endpoint=endpoint, token=token).model_info(source, revision=revision, token=token)
+        except (httpx2.TransportError, ConnectionError) as error:  # Hub unreachable: snapshot_download uses the cache
+            logger.warning("Could not list %s (%s); trying the local cache.", label, error)
+        else:
+            names = [s.rfilename for s in (info.siblings or [])]
+            check_repo_file_names(names, label)
+            _check_contents(names, label, require_adapter)
     folder = snapshot_download(
         source,
         revision=revision,
@@ -338,6 +345,7 @@ def render_card(
         trainable_parameters=trainable,
         has_adapter=has_adapter,
         has_pareto=has_pareto,
+        has_metrics=bool(metrics),
         include_samples=include_samples,
         base_model=base,
     )

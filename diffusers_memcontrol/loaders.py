@@ -15,6 +15,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+import warnings
 
 import torch
 from torch import nn
@@ -222,7 +223,9 @@ def load_unet_adapter(
     if hasattr(unet, "_hf_peft_config_loaded"):
         unet._hf_peft_config_loaded = True
     try:
-        inject_adapter_in_model(config, unet, name)
+        with warnings.catch_warnings():  # peft warns whenever a model already holds a peft_config: expected here
+            warnings.filterwarnings("ignore", message="Already found a `peft_config` attribute")
+            inject_adapter_in_model(config, unet, name)
         if expected is None:  # no meta twin: check shapes against the injected layers, before copying values
             from peft import get_peft_model_state_dict
 

@@ -4,6 +4,9 @@ import pytest
 import torch
 from diffusers import UNet2DConditionModel
 
+# One thread: the tests' small matmuls and SVDs gain nothing from more, and oversubscribed cores slow LAPACK ~20x.
+torch.set_num_threads(1)
+
 SD15_UNET_CONFIG = dict(
     sample_size=64,
     in_channels=4,

@@ -4,6 +4,7 @@ import hashlib
 import json
 import os
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -68,7 +69,7 @@ def make_tiny_pipeline(seed: int = 0) -> StableDiffusionPipeline:
                                                 num_attention_heads=4, num_hidden_layers=2, max_position_embeddings=77,
                                                 bos_token_id=512, eos_token_id=513, pad_token_id=513))
     scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
-                              set_alpha_to_one=False)
+                              set_alpha_to_one=False, steps_offset=1)
     pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=make_tokenizer(), unet=unet,
                                    scheduler=scheduler, safety_checker=None, feature_extractor=None,
                                    requires_safety_checker=False)
@@ -135,8 +136,7 @@ def write_hf_cache(cache_dir, repo_id: str, files: dict, commit: str = "01234567
 
 
 def folder_files(folder) -> dict:
-    return {n: open(os.path.join(folder, n), "rb").read() for n in os.listdir(folder)
-            if os.path.isfile(os.path.join(folder, n))}
+    return {n: Path(folder, n).read_bytes() for n in os.listdir(folder) if os.path.isfile(os.path.join(folder, n))}
 
 
 @pytest.fixture(scope="module")
@@ -333,3 +333,11 @@ def test_refuses_bad_cache_entries(trained, tmp_path):
     (tmp_path / "elsewhere.json").write_bytes(files["mask.json"])
     os.symlink(tmp_path / "elsewhere.json", os.path.join(snapshot, "mask.json"))
     _refused("org/escape", "path traversal", cache_dir=str(tmp_path), local_files_only=True)
+
+
+def test_without_a_meta_twin_a_mismatch_is_rolled_back(tmp_path, monkeypatch):
+    from diffusers_memcontrol import loaders
+
+    monkeypatch.setattr(loaders, "_meta_twin", lambda unet: None)  # e.g. a UNet class without from_config
+    train_adapter(make_small_unet(block_out_channels=(16, 16, 32, 32)), tmp_path, steps=1)
+    _refused(tmp_path, "shape mismatches")
