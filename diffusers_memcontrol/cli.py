@@ -40,6 +40,16 @@ def _train(args: argparse.Namespace, rest: list[str]) -> int:
     return 0
 
 
+def _publish(args: argparse.Namespace) -> int:
+    from .hub import publish
+
+    where = publish(args.output_dir, args.repo_id, private=not args.public, token=args.hub_token,
+                    revision=args.revision, include_adapter=not args.mask_only, include_samples=args.include_samples,
+                    dry_run=args.dry_run, local_dir=args.local_dir, endpoint=args.endpoint)
+    print(f"published to {where}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `memcontrol` console script."""
     parser = argparse.ArgumentParser(prog="memcontrol", description="MemControl for diffusers: memorization-aware "
@@ -51,6 +61,18 @@ def main(argv: list[str] | None = None) -> int:
     space.add_argument("--mask_layout", default="blocks")
     space.add_argument("--mask_scope", default="reference")
     space.add_argument("--mask", default=None, help="Bit string; default all ones.")
+    pub = sub.add_parser("publish", help="Publish a mask (and adapter) with a model card to the Hub.")
+    pub.add_argument("output_dir", help="A training or search output folder.")
+    pub.add_argument("--repo_id", required=True, help="ORG/NAME on the Hub.")
+    pub.add_argument("--public", action="store_true", help="Create a public repo (default: private).")
+    pub.add_argument("--mask_only", action="store_true", help="Publish the mask without the adapter weights.")
+    pub.add_argument("--include_samples", action="store_true",
+                     help="Also publish sample images/texts of output_dir (never done by default: privacy).")
+    pub.add_argument("--dry_run", action="store_true", help="Write the repo folder to --local_dir, upload nothing.")
+    pub.add_argument("--local_dir", default=None)
+    pub.add_argument("--hub_token", default=None)
+    pub.add_argument("--revision", default=None)
+    pub.add_argument("--endpoint", default=None, help="Hub endpoint (default: HF_ENDPOINT or huggingface.co).")
     sub.add_parser("train", help="Fine-tune with a mask (same arguments as training/train_memcontrol.py).",
                    add_help=False)
     args, rest = parser.parse_known_args(argv)
@@ -58,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
         return _train(args, rest)
     if rest:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
-    return _mask_space(args)
+    return _publish(args) if args.command == "publish" else _mask_space(args)
 
 
 if __name__ == "__main__":

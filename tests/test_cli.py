@@ -1,0 +1,36 @@
+import json
+import os
+
+import pytest
+from diffusers import UNet2DConditionModel
+
+from diffusers_memcontrol import MaskSpace, MemControlConfig
+from diffusers_memcontrol.cli import main
+from diffusers_memcontrol.tiny_base import tiny_base_path
+from diffusers_memcontrol.training import save_adapter
+
+
+def test_mask_space_lists_positions(capsys):
+    assert main(["mask-space", "--peft_method", "svdiff", "--mask_layout", "blocks", "--mask", "1000000"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    unet = UNet2DConditionModel.from_pretrained(tiny_base_path(), subfolder="unet")
+    space = MaskSpace.from_unet(unet, "svdiff", "blocks")
+    assert report["positions"] == space.positions and report["bits"] == [1, 0, 0, 0, 0, 0, 0]
+    assert report["trainable_params"] == space.count_trainable(space.mask("1000000"), unet)
+
+
+def test_publish_dry_run(tmp_path, capsys):
+    unet = UNet2DConditionModel.from_pretrained(tiny_base_path(), subfolder="unet")
+    unet.add_adapter(MemControlConfig(method="difffit"))
+    save_adapter(unet, str(tmp_path / "run"))
+    (tmp_path / "run" / "captions.txt").write_text("a private report")
+    assert main(["publish", str(tmp_path / "run"), "--repo_id", "org/name", "--dry_run",
+                 "--local_dir", str(tmp_path / "repo")]) == 0
+    files = set(os.listdir(tmp_path / "repo"))
+    assert {"mask.json", "adapter_config.json", "adapter_model.safetensors", "README.md"} <= files
+    assert "captions.txt" not in files
+
+
+def test_unknown_command_fails():
+    with pytest.raises(SystemExit):
+        main(["bogus"])
