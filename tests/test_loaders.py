@@ -10,7 +10,7 @@ import pytest
 import torch
 from diffusers import AutoencoderKL, DDIMScheduler, DiffusionPipeline, StableDiffusionPipeline
 from peft.tuners.tuners_utils import BaseTunerLayer
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+from transformers import CLIPTextConfig, CLIPTextModel
 
 import diffusers_memcontrol  # noqa: F401  (registers the peft method)
 from diffusers_memcontrol import MaskSpace, MemControlConfig
@@ -21,6 +21,7 @@ from diffusers_memcontrol.loaders import (
     memcontrol_adapter_names,
     register_pipeline_methods,
 )
+from diffusers_memcontrol.tiny_base import build_tokenizer
 from diffusers_memcontrol.training import save_adapter
 from tests.conftest import make_small_unet
 
@@ -39,24 +40,6 @@ def one_thread():
 # ----------------------------------------------------------------------------------------------------------------
 # helpers shared with tests/test_hub.py
 # ----------------------------------------------------------------------------------------------------------------
-def make_tokenizer() -> CLIPTokenizer:
-    """A CLIP tokenizer over raw bytes (514 tokens, no merges), built offline."""
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    cs = bs[:]
-    n = 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    symbols = [chr(c) for c in cs]
-    vocab = {s: i for i, s in enumerate(symbols)}
-    vocab.update({s + "</w>": 256 + i for i, s in enumerate(symbols)})
-    vocab["<|startoftext|>"] = 512
-    vocab["<|endoftext|>"] = 513
-    return CLIPTokenizer(vocab=vocab, merges=[], model_max_length=77)
-
-
 def make_tiny_pipeline(seed: int = 0) -> StableDiffusionPipeline:
     """A StableDiffusionPipeline at toy size (16 px images, 8x8 latents), identical for the same seed."""
     unet = make_small_unet(seed)
@@ -70,7 +53,7 @@ def make_tiny_pipeline(seed: int = 0) -> StableDiffusionPipeline:
                                                 bos_token_id=512, eos_token_id=513, pad_token_id=513))
     scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
                               set_alpha_to_one=False, steps_offset=1)
-    pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=make_tokenizer(), unet=unet,
+    pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=build_tokenizer(), unet=unet,
                                    scheduler=scheduler, safety_checker=None, feature_extractor=None,
                                    requires_safety_checker=False)
     pipe.set_progress_bar_config(disable=True)

@@ -15,29 +15,12 @@ from diffusers_memcontrol.mitigation import (
     ThresholdMitigation,
     threshold_mask,
 )
-
-
-def _byte_vocab() -> dict[str, int]:
-    """GPT-2 style byte-level vocab: 256 bytes, 256 bytes + '</w>', start and end tokens."""
-    printable = list(range(ord("!"), ord("~") + 1)) + list(range(0xA1, 0xAD)) + list(range(0xAE, 0x100))
-    mapping, extra = {}, 0
-    for b in range(256):
-        if b in printable:
-            mapping[b] = chr(b)
-        else:
-            mapping[b] = chr(256 + extra)
-            extra += 1
-    chars = [mapping[b] for b in range(256)]
-    vocab = {c: i for i, c in enumerate(chars)}
-    vocab.update({c + "</w>": 256 + i for i, c in enumerate(chars)})
-    vocab["<|startoftext|>"] = 512
-    vocab["<|endoftext|>"] = 513
-    return vocab
+from diffusers_memcontrol.tiny_base import build_tokenizer
 
 
 @pytest.fixture(scope="module")
 def tokenizer() -> CLIPTokenizer:
-    return CLIPTokenizer(vocab=_byte_vocab(), merges=[], model_max_length=77)
+    return build_tokenizer()
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,7 @@ import sys
 import pytest
 import torch
 from torch import nn
-from transformers import CLIPConfig, CLIPModel, CLIPTokenizer
+from transformers import CLIPConfig, CLIPModel
 
 from diffusers_memcontrol.metrics import encoders as enc
 from diffusers_memcontrol.metrics.agreement import (
@@ -22,24 +22,7 @@ from diffusers_memcontrol.metrics.encoders import (
     register_encoder,
     tf_bilinear_resize,
 )
-
-
-def _byte_vocab() -> dict[str, int]:
-    """GPT-2 style byte-level vocab: 256 bytes, 256 bytes + '</w>', start and end tokens."""
-    printable = list(range(ord("!"), ord("~") + 1)) + list(range(0xA1, 0xAD)) + list(range(0xAE, 0x100))
-    mapping, extra = {}, 0
-    for b in range(256):
-        if b in printable:
-            mapping[b] = chr(b)
-        else:
-            mapping[b] = chr(256 + extra)
-            extra += 1
-    chars = [mapping[b] for b in range(256)]
-    vocab = {c: i for i, c in enumerate(chars)}
-    vocab.update({c + "</w>": 256 + i for i, c in enumerate(chars)})
-    vocab["<|startoftext|>"] = 512
-    vocab["<|endoftext|>"] = 513
-    return vocab
+from diffusers_memcontrol.tiny_base import build_tokenizer
 
 
 def _images(n: int = 3, size: int = 16, seed: int = 0) -> torch.Tensor:
@@ -61,7 +44,7 @@ def tiny_clip_dir(tmp_path_factory):
     model = CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=16))
     path = tmp_path_factory.mktemp("tiny_clip")
     model.save_pretrained(path)
-    CLIPTokenizer(vocab=_byte_vocab(), merges=[], model_max_length=77).save_pretrained(path)
+    build_tokenizer().save_pretrained(path)
     return path
 
 

@@ -10,7 +10,7 @@ from diffusers import (
     StableDiffusionPipeline,
     UNet2DConditionModel,
 )
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+from transformers import CLIPTextConfig, CLIPTextModel
 
 from diffusers_memcontrol.metrics.memorization import (
     DmemResult,
@@ -18,30 +18,13 @@ from diffusers_memcontrol.metrics.memorization import (
     dmem_search,
     wen_detection_scores,
 )
-
-
-def _byte_vocab() -> dict[str, int]:
-    """GPT-2 style byte-level vocab: 256 bytes, 256 bytes + '</w>', start and end tokens."""
-    printable = list(range(ord("!"), ord("~") + 1)) + list(range(0xA1, 0xAD)) + list(range(0xAE, 0x100))
-    mapping, extra = {}, 0
-    for b in range(256):
-        if b in printable:
-            mapping[b] = chr(b)
-        else:
-            mapping[b] = chr(256 + extra)
-            extra += 1
-    chars = [mapping[b] for b in range(256)]
-    vocab = {c: i for i, c in enumerate(chars)}
-    vocab.update({c + "</w>": 256 + i for i, c in enumerate(chars)})
-    vocab["<|startoftext|>"] = 512
-    vocab["<|endoftext|>"] = 513
-    return vocab
+from diffusers_memcontrol.tiny_base import build_tokenizer
 
 
 @pytest.fixture(scope="module")
 def tiny() -> StableDiffusionPipeline:
     torch.manual_seed(0)
-    tokenizer = CLIPTokenizer(vocab=_byte_vocab(), merges=[], model_max_length=77)
+    tokenizer = build_tokenizer()
     text_encoder = CLIPTextModel(
         CLIPTextConfig(
             vocab_size=514, hidden_size=32, intermediate_size=37, num_attention_heads=4,
