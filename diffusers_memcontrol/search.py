@@ -213,6 +213,7 @@ def make_objective(space: MaskSpace, config: SearchConfig, run_trial: TrialFunct
 def run_worker(space: MaskSpace, config: SearchConfig, output_dir: str, run_trial: TrialFunction,
                worker_index: int = 0) -> None:
     """Run trials in this process until the study holds `config.n_trials` completed or running trials."""
+    os.environ["MEMCONTROL_WORKER_INDEX"] = str(worker_index)
     storage = resolve_storage(config.storage, output_dir, config)
     name = config.study_name or f"memcontrol-{space.method}-{space.layout}"
     sampler = optuna.samplers.NSGAIISampler(population_size=config.effective_population_size,
@@ -316,3 +317,47 @@ def _atomic_write(path: str, text: str) -> None:
     with open(tmp, "w", encoding="utf-8") as f:
         f.write(text)
     os.replace(tmp, path)
+
+
+@dataclass
+class TrainerTrial:
+    """A trial function that fine-tunes and scores one mask with `training/train_memcontrol.py` in its own process.
+
+    Each trial gets a fresh process (accelerate's state is per process) and its own folder
+    `output_dir/trials/<study>/trial-<n>`; `train_args` are the trainer arguments shared by every trial (model, data,
+    steps, D_mem settings). The trial trains on the HPO set (proxy + D_mem x repeats) and is scored on the validation
+    split; its metrics.json must hold `dmem` and `fid`.
+    """
+
+    train_args: list[str]
+    output_dir: str
+    method: str
+    layout: str
+    scope: str = "reference"
+    script: str | None = None
+    python: str | None = None
+
+    def __call__(self, mask: Mask, learning_rate: float | None, trial: optuna.Trial) -> dict:
+        import subprocess
+        import sys
+
+        script = self.script or os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                                             "training", "train_memcontrol.py")
+        trial_dir = os.path.join(self.output_dir, "trials", trial.study.study_name, f"trial-{trial.number:04d}")
+        os.makedirs(trial_dir, exist_ok=True)
+        cmd = [self.python or sys.executable, script, *self.train_args,
+               "--peft_method", self.method, "--mask_layout", self.layout, "--mask_scope", self.scope,
+               "--mask", mask.bitstring, "--hpo", "--eval", "--eval_split", "validation",
+               "--output_dir", trial_dir, "--report_to", "none", "--no_progress"]
+        if learning_rate is not None:
+            cmd += ["--learning_rate", repr(learning_rate)]
+        env = dict(os.environ)
+        worker = os.environ.get("MEMCONTROL_WORKER_INDEX")
+        if worker is not None and "CUDA_VISIBLE_DEVICES" not in os.environ:
+            env["CUDA_VISIBLE_DEVICES"] = worker  # one GPU per worker
+        with open(os.path.join(trial_dir, "trial.log"), "w", encoding="utf-8") as log:
+            result = subprocess.run(cmd, check=False, stdout=log, stderr=subprocess.STDOUT, env=env)
+        if result.returncode != 0:
+            raise RuntimeError(f"Trial {trial.number} failed (exit {result.returncode}); see {trial_dir}/trial.log.")
+        with open(os.path.join(trial_dir, "metrics.json"), encoding="utf-8") as f:
+            return json.load(f)
