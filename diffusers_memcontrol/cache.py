@@ -26,7 +26,7 @@ import os
 import sqlite3
 import tempfile
 from collections.abc import Callable, Sequence
-from typing import Any, Optional
+from typing import Any
 
 import torch
 from tqdm.auto import tqdm
@@ -104,8 +104,8 @@ def tokenizer_digest(tokenizer: Any) -> str:
 
 def model_identity(
     module: torch.nn.Module,
-    model_path: Optional[str] = None,
-    revision: Optional[str] = None,
+    model_path: str | None = None,
+    revision: str | None = None,
     tokenizer: Any = None,
 ) -> dict:
     """Identity of a frozen encoder for cache namespaces: path/revision, config and weights digest (+ tokenizer)."""
@@ -175,7 +175,7 @@ class TensorCache:
         self.namespace = dict(namespace, format=CACHE_FORMAT, kind=kind)
         self.namespace_digest = sha256_json(self.namespace)
         self.folder = os.path.join(root, kind, self.namespace_digest[:32])
-        self._index: Optional[dict[bytes, tuple[str, int]]] = None
+        self._index: dict[bytes, tuple[str, int]] | None = None
         self.hits = 0
         self.misses = 0
 
@@ -258,6 +258,7 @@ class TensorCache:
         os.close(fd)
         try:
             save_file(data, tmp, metadata={"format": str(CACHE_FORMAT), "namespace": self.namespace_digest})
+            _usual_mode(tmp)
             os.replace(tmp, path)
         finally:
             if os.path.exists(tmp):
@@ -312,10 +313,18 @@ def _write_text_atomic(path: str, text: str) -> None:
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)
+        _usual_mode(tmp)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+def _usual_mode(path: str) -> None:
+    """mkstemp/mkdtemp make 0600 files and 0700 folders: give them the usual permissions (umask applied)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, (0o777 if os.path.isdir(path) else 0o666) & ~umask)
 
 
 def latent_cache(root: str, vae_identity: dict, resolution: int, center_crop: bool) -> TensorCache:

@@ -73,11 +73,18 @@ def main(argv: list[str] | None = None) -> int:
     pub.add_argument("--hub_token", default=None)
     pub.add_argument("--revision", default=None)
     pub.add_argument("--endpoint", default=None, help="Hub endpoint (default: HF_ENDPOINT or huggingface.co).")
+    sub.add_parser("search", help="Run MemControl: search masks, final fine-tunes and the comparison table "
+                   "(same arguments as training/train_memcontrol.py --search).", add_help=False)
     sub.add_parser("train", help="Fine-tune with a mask (same arguments as training/train_memcontrol.py).",
                    add_help=False)
     args, rest = parser.parse_known_args(argv)
     if args.command == "train":
         return _train(args, rest)
+    if args.command == "search":
+        from .runner import main_search
+
+        main_search(["--search", *rest])
+        return 0
     if rest:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
     return _publish(args) if args.command == "publish" else _mask_space(args)

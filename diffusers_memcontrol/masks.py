@@ -40,8 +40,8 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Iterable, Sequence
 
 from torch import nn
 
@@ -130,7 +130,7 @@ class Mask:
         return json.dumps(self.to_dict(), **kwargs)
 
     @classmethod
-    def from_dict(cls, data: dict) -> "Mask":
+    def from_dict(cls, data: dict) -> Mask:
         """Inverse of `to_dict`, with a clear error on missing keys."""
         missing = [k for k in ("method", "layout", "positions", "bits") if k not in data]
         if missing:
@@ -138,7 +138,7 @@ class Mask:
         return cls(data["method"], data["layout"], tuple(data["positions"]), tuple(data["bits"]))
 
     @classmethod
-    def from_json(cls, text: str) -> "Mask":
+    def from_json(cls, text: str) -> Mask:
         """Inverse of `to_json`."""
         return cls.from_dict(json.loads(text))
 
@@ -151,7 +151,7 @@ class Mask:
         os.replace(tmp, path)
 
     @classmethod
-    def load(cls, path: str | os.PathLike) -> "Mask":
+    def load(cls, path: str | os.PathLike) -> Mask:
         """Read a mask JSON file (a `mask.json` or a folder holding one)."""
         path = os.fspath(path)
         if os.path.isdir(path):
@@ -171,7 +171,7 @@ class MaskSpace:
     transformer_prefixes: list[str] = field(default_factory=list, repr=False)
 
     @classmethod
-    def from_unet(cls, unet: nn.Module, method: str = "svdiff", layout: str = "blocks") -> "MaskSpace":
+    def from_unet(cls, unet: nn.Module, method: str = "svdiff", layout: str = "blocks") -> MaskSpace:
         """Walk `unet` and list the positions of `layout` for `method`."""
         _check_choice("method", method, METHODS)
         _check_choice("layout", layout, LAYOUTS)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
-from typing import Optional, Sequence
+from collections.abc import Sequence
 
 TABLE_COLUMNS = (
     ("fid", "FID ↓"),
@@ -62,9 +62,9 @@ def write_results(rows: Sequence[dict], output_dir: str) -> tuple[str, str]:
 def pareto_plot(
     trials: Sequence[dict],
     front: Sequence[int],
-    chosen: Optional[int],
+    chosen: int | None,
     path: str,
-    baselines: Optional[dict[str, tuple[float, float]]] = None,
+    baselines: dict[str, tuple[float, float]] | None = None,
     title: str = "MemControl search",
 ) -> str:
     """Figure 3: every trial (d_mem vs FID), the Pareto front, the chosen mask and the baselines; saved as PNG."""

@@ -51,6 +51,7 @@ class SearchConfig:
     grace_period: int = field(default=120, metadata={"help": "Seconds without heartbeat before a trial fails."})
     max_retry: int = field(default=2, metadata={"help": "Re-queues of a trial whose worker died."})
     selection: str = field(default="mean", metadata={"help": "mean (paper) or normalized_mean."})
+    max_failed_trials: int = field(default=3, metadata={"help": "Stop a worker after this many failed trials."})
 
     def __post_init__(self) -> None:
         self.learning_rate_range = tuple(self.learning_rate_range)
@@ -195,7 +196,11 @@ def make_objective(space: MaskSpace, config: SearchConfig, run_trial: TrialFunct
         mask = suggest_mask(trial, space)
         lr = suggest_learning_rate(trial, config)
         trial.set_user_attr("mask", mask.to_dict())
-        metrics = run_trial(mask, lr, trial)
+        try:
+            metrics = run_trial(mask, lr, trial)
+        except Exception as err:
+            trial.set_user_attr("error", f"{type(err).__name__}: {err}"[:1000])
+            raise
         missing = [k for k in OBJECTIVES if k not in metrics]
         if missing:
             raise KeyError(f"The trial function returned {sorted(metrics)}; it must include {list(OBJECTIVES)}.")
@@ -222,8 +227,21 @@ def run_worker(space: MaskSpace, config: SearchConfig, output_dir: str, run_tria
     budget = MaxTrialsCallback(config.n_trials, states=(TrialState.COMPLETE, TrialState.RUNNING))
     if _counted(study) >= config.n_trials:
         return
-    study.optimize(make_objective(space, config, run_trial), callbacks=[budget], gc_after_trial=True,
-                   catch=(RuntimeError, OSError, ValueError, KeyError))
+    failures: list[FrozenTrial] = []
+
+    def stop_on_failures(study: optuna.Study, trial: FrozenTrial) -> None:
+        # a trial function that fails every time (bad arguments, missing data) must not loop forever
+        if trial.state == TrialState.FAIL:
+            failures.append(trial)
+            if len(failures) >= config.max_failed_trials:
+                study.stop()
+
+    study.optimize(make_objective(space, config, run_trial), callbacks=[budget, stop_on_failures],
+                   gc_after_trial=True, catch=(RuntimeError, OSError, ValueError, KeyError))
+    if len(failures) >= config.max_failed_trials:
+        reason = failures[-1].user_attrs.get("error", "see the trial logs")
+        raise RuntimeError(f"{len(failures)} trials of this worker failed; stopping the search. Last failure: "
+                           f"{reason}")
 
 
 def _counted(study: optuna.Study) -> int:
@@ -338,26 +356,34 @@ class TrainerTrial:
     python: str | None = None
 
     def __call__(self, mask: Mask, learning_rate: float | None, trial: optuna.Trial) -> dict:
-        import subprocess
-        import sys
-
-        script = self.script or os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                                             "training", "train_memcontrol.py")
         trial_dir = os.path.join(self.output_dir, "trials", trial.study.study_name, f"trial-{trial.number:04d}")
-        os.makedirs(trial_dir, exist_ok=True)
-        cmd = [self.python or sys.executable, script, *self.train_args,
-               "--peft_method", self.method, "--mask_layout", self.layout, "--mask_scope", self.scope,
-               "--mask", mask.bitstring, "--hpo", "--eval", "--eval_split", "validation",
-               "--output_dir", trial_dir, "--report_to", "none", "--no_progress"]
+        args = [*self.train_args, "--peft_method", self.method, "--mask_layout", self.layout,
+                "--mask_scope", self.scope, "--mask", mask.bitstring, "--hpo", "--eval", "--eval_split", "validation"]
         if learning_rate is not None:
-            cmd += ["--learning_rate", repr(learning_rate)]
-        env = dict(os.environ)
-        worker = os.environ.get("MEMCONTROL_WORKER_INDEX")
-        if worker is not None and "CUDA_VISIBLE_DEVICES" not in os.environ:
-            env["CUDA_VISIBLE_DEVICES"] = worker  # one GPU per worker
-        with open(os.path.join(trial_dir, "trial.log"), "w", encoding="utf-8") as log:
-            result = subprocess.run(cmd, check=False, stdout=log, stderr=subprocess.STDOUT, env=env)
-        if result.returncode != 0:
-            raise RuntimeError(f"Trial {trial.number} failed (exit {result.returncode}); see {trial_dir}/trial.log.")
-        with open(os.path.join(trial_dir, "metrics.json"), encoding="utf-8") as f:
-            return json.load(f)
+            args += ["--learning_rate", repr(learning_rate)]
+        return run_trainer(args, trial_dir, script=self.script, python=self.python)
+
+
+def run_trainer(args: list[str], output_dir: str, script: str | None = None, python: str | None = None) -> dict:
+    """Run `training/train_memcontrol.py` with `args` in a fresh process writing to `output_dir`; return its
+    metrics.json. The log goes to output_dir/train.log (it holds no captions or prompts)."""
+    import subprocess
+    import sys
+
+    script = script or os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "training",
+                                    "train_memcontrol.py")
+    if not os.path.isfile(script):
+        raise FileNotFoundError(f"Trainer script {script} not found: the search runs from a source checkout.")
+    os.makedirs(output_dir, exist_ok=True)
+    cmd = [python or sys.executable, script, *args, "--output_dir", output_dir, "--report_to", "none", "--no_progress",
+           "--num_validation_images", "0"]
+    env = dict(os.environ)
+    worker = os.environ.get("MEMCONTROL_WORKER_INDEX")
+    if worker is not None and "CUDA_VISIBLE_DEVICES" not in os.environ:
+        env["CUDA_VISIBLE_DEVICES"] = worker  # one GPU per worker
+    with open(os.path.join(output_dir, "train.log"), "w", encoding="utf-8") as log:
+        result = subprocess.run(cmd, check=False, stdout=log, stderr=subprocess.STDOUT, env=env)
+    if result.returncode != 0:
+        raise RuntimeError(f"Trainer run failed (exit {result.returncode}); see {output_dir}/train.log.")
+    with open(os.path.join(output_dir, "metrics.json"), encoding="utf-8") as f:
+        return json.load(f)

@@ -175,3 +175,13 @@ def test_bad_inputs(space, tmp_path):
         SearchConfig(selection="best")
     with pytest.warns(UserWarning, match="smaller than one NSGA-II generation"):
         create_study(space, _config(None, n_trials=2, population_size=10), str(tmp_path))
+
+
+def failing_trial(mask, learning_rate, trial):
+    raise RuntimeError("the trainer could not start")
+
+
+def test_always_failing_trials_stop_the_search(space, tmp_path):
+    config = _config(None, n_trials=5, max_failed_trials=2)
+    with pytest.raises(RuntimeError, match="2 trials of this worker failed.*the trainer could not start"):
+        optimize(space, config, str(tmp_path), failing_trial)

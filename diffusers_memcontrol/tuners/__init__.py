@@ -16,4 +16,4 @@ def register_with_peft() -> None:
 
 register_with_peft()
 
-__all__ = ["MemControlConfig", "MemControlModel", "MemControlLayer", "register_with_peft"]
+__all__ = ["MemControlConfig", "MemControlLayer", "MemControlModel", "register_with_peft"]

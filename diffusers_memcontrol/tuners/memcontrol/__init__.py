@@ -4,4 +4,4 @@ from .config import PEFT_TYPE, MemControlConfig
 from .layer import Conv2d, Linear, MemControlLayer, Norm
 from .model import MemControlModel
 
-__all__ = ["PEFT_TYPE", "MemControlConfig", "MemControlModel", "MemControlLayer", "Linear", "Conv2d", "Norm"]
+__all__ = ["PEFT_TYPE", "Conv2d", "Linear", "MemControlConfig", "MemControlLayer", "MemControlModel", "Norm"]

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional, Union
 
 from peft import PeftConfig
 
@@ -24,7 +23,7 @@ class MemControlConfig(PeftConfig):
         default="svdiff",
         metadata={"help": f"PEFT method, one of {', '.join(METHODS)}."},
     )
-    mask: Optional[Union[dict, Mask]] = field(
+    mask: dict | Mask | None = field(
         default=None,
         metadata={"help": "The mask (Mask or its JSON dict: method, layout, positions, bits). None: all ones."},
     )
@@ -41,7 +40,7 @@ class MemControlConfig(PeftConfig):
     )
     lora_rank: int = field(default=4, metadata={"help": "LoRA rank (method 'lora' only)."})
     lora_alpha: float = field(default=4.0, metadata={"help": "LoRA alpha (method 'lora' only)."})
-    target_modules: Optional[list[str]] = field(
+    target_modules: list[str] | None = field(
         default=None,
         metadata={"help": "Filled in at injection with the modules the mask selects; informative only."},
     )
@@ -67,6 +66,6 @@ class MemControlConfig(PeftConfig):
             self.mask_layout = mask.layout
             self.mask = mask.to_dict()
 
-    def get_mask(self) -> Optional[Mask]:
+    def get_mask(self) -> Mask | None:
         """The mask as a `Mask` object (None means all ones)."""
         return Mask.from_dict(self.mask) if self.mask is not None else None

@@ -13,7 +13,7 @@ SVD, which dominates the step time when there are few tokens per layer (small la
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -66,7 +66,7 @@ class MemControlLayer(BaseTunerLayer):
         self._disable_adapters = False
         self.merged_adapters: list[str] = []
         self.kwargs = kwargs
-        self._svd: Optional[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = None
+        self._svd: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
 
     # --- creation ---------------------------------------------------------------------------------------------
     def update_layer(self, adapter_name: str, roles: tuple[str, ...]) -> None:
@@ -108,8 +108,15 @@ class MemControlLayer(BaseTunerLayer):
         """U, S, Vh of the frozen base weight (flattened to 2-D), computed once and kept as fp32 buffers."""
         if self._svd is None:
             weight = self.get_base_layer().weight.detach()
-            with torch.no_grad():
-                u, s, vh = torch.linalg.svd(weight.reshape(weight.shape[0], -1).float(), full_matrices=False)
+            threads = torch.get_num_threads()
+            if weight.device.type == "cpu":
+                # per-layer SVDs are small: threading them only costs (up to ~20x on a busy machine)
+                torch.set_num_threads(1)
+            try:
+                with torch.no_grad():
+                    u, s, vh = torch.linalg.svd(weight.reshape(weight.shape[0], -1).float(), full_matrices=False)
+            finally:
+                torch.set_num_threads(threads)
             self._svd = (u.contiguous(), s.contiguous(), vh.contiguous())
         return self._svd
 
@@ -123,7 +130,7 @@ class MemControlLayer(BaseTunerLayer):
         shift = self.memcontrol_spectral_shift[adapter]
         return (F.relu(s + shift) - s) * self.memcontrol_scale[adapter]
 
-    def _weight_delta(self, adapter: str) -> Optional[torch.Tensor]:
+    def _weight_delta(self, adapter: str) -> torch.Tensor | None:
         """Additive change of the base weight by this adapter (rebuilt form), or None."""
         weight = self.get_base_layer().weight
         delta = None
@@ -135,12 +142,12 @@ class MemControlLayer(BaseTunerLayer):
             delta = spectral if delta is None else delta + spectral
         return delta
 
-    def _bias_delta(self, adapter: str) -> Optional[torch.Tensor]:
+    def _bias_delta(self, adapter: str) -> torch.Tensor | None:
         if adapter in self.memcontrol_bias:
             return self.memcontrol_bias[adapter] * self.memcontrol_scale[adapter]
         return None
 
-    def _output_scale(self, adapter: str) -> Optional[torch.Tensor]:
+    def _output_scale(self, adapter: str) -> torch.Tensor | None:
         scale = None
         for store in (self.memcontrol_gamma, self.memcontrol_residual_gamma):
             if adapter in store:
@@ -164,12 +171,12 @@ class MemControlLayer(BaseTunerLayer):
         for adapter in self._active():
             self.memcontrol_scale[adapter] *= scale
 
-    def unscale_layer(self, scale: Optional[float] = None) -> None:
+    def unscale_layer(self, scale: float | None = None) -> None:
         """Undo `scale_layer` (or reset to 1.0 when `scale` is None)."""
         for adapter in self._active():
             self.memcontrol_scale[adapter] = 1.0 if scale is None else self.memcontrol_scale[adapter] / scale
 
-    def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
+    def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
         """Fold the adapters into the base weights: zero overhead at inference."""
         base = self.get_base_layer()
         for adapter in adapter_names or self._active():
@@ -346,7 +353,7 @@ class Norm(nn.Module, MemControlLayer):
         self._active_adapter = adapter_name
         self.update_layer(adapter_name, roles)
 
-    def _deltas(self, adapter: str) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
+    def _deltas(self, adapter: str) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         scale = self.memcontrol_scale[adapter]
         dw = None
         if adapter in self.memcontrol_norm_shift:

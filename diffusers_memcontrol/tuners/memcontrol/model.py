@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from typing import Optional
-
 from peft import LoraConfig
 from peft.tuners.lora.layer import Linear as LoraLinear
 from peft.tuners.lora.layer import LoraLayer
@@ -25,7 +23,7 @@ class MemControlModel(BaseTuner):
 
     prefix: str = "memcontrol_"
     tuner_layer_cls = (MemControlLayer, LoraLayer)
-    target_module_mapping: dict = {}
+    target_module_mapping: dict = {}  # noqa: RUF012 - peft reads this class attribute
 
     def _pre_injection_hook(self, model: nn.Module, config: MemControlConfig, adapter_name: str) -> None:
         space = MaskSpace.from_unet(model, method=config.method, layout=config.mask_layout)
@@ -66,7 +64,7 @@ class MemControlModel(BaseTuner):
         target_name: str,
         parent: nn.Module,
         current_key: str,
-        parameter_name: Optional[str] = None,
+        parameter_name: str | None = None,
     ) -> None:
         roles = self._memcontrol_plans[adapter_name][current_key]
         if ROLE_LORA in roles:

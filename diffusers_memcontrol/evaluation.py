@@ -1,0 +1,744 @@
+"""Evaluation of a fine-tuned pipeline: the paper's Table 1 metrics and the two search objectives.
+
+:func:`evaluate` generates images with any diffusers Stable Diffusion pipeline and computes, on any image-caption
+datasets:
+
+* ``fid`` -- quality: images generated for ``num_eval_prompts`` captions of ``eval_dataset`` (the test split in
+  stage 2, the validation split during the search) against the real images of ``eval_dataset``, in the feature
+  space of ``feature_encoder``. Reference statistics are cached on disk under a key built from the encoder's
+  weights and the reference images' bytes/paths, so every search trial reuses them.
+* ``amd`` -- memorization, eq. 5 of the paper (lower = more memorized): mean over the images generated for the
+  ``D_mem`` prompts (``extraction_generations`` per prompt) of the minimum cosine distance to the features of the
+  *training* images (``reference_dataset``: the data the model was fine-tuned on, which contains ``D_mem``).
+  ``amd_eval`` is the same distance for the images generated for the eval prompts (unseen captions).
+* ``replication`` -- Somepalli et al.'s top-1 cosine similarity of the ``D_mem`` generations to the training set
+  (mean, 95th percentile, fraction above ``replication_threshold``).
+* ``extracted_images`` -- Carlini et al.'s extraction attack on the ``D_mem`` generations: cliques of near-identical
+  generations (tiled l2) that also match the prompt's training image.
+* ``dmem`` / ``dmem_mean`` -- the search variant of d_mem on the ``D_mem`` training latents: per-batch max of the
+  conditional-minus-unconditional noise prediction norm averaged over batches (the reference code's objective),
+  and the plain mean.
+* ``agreement`` -- text-image agreement of the eval generations: domain-classifier accuracy (built-in domains),
+  CLIP score, or BioViL-T score.
+
+:func:`evaluate_search_objectives` computes only ``dmem`` and ``fid`` (the two objectives of a search trial).
+The returned dicts hold numbers, counts and the configuration only: never prompts or captions.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from .data import preprocess_images
+from .metrics.fid import FeatureStatistics, cached_reference_statistics, content_key, frechet_distance_from_stats
+
+__all__ = [
+    "AGREEMENT_KINDS",
+    "EvaluationConfig",
+    "default_cache_dir",
+    "evaluate",
+    "evaluate_search_objectives",
+    "generate_images",
+    "write_metrics",
+]
+
+AGREEMENT_KINDS = ("classifier", "clip", "biovil", "none")
+_CACHE_VERSION = 1
+
+
+def default_cache_dir() -> str:
+    """Where reference statistics/features are cached: ``$DIFFUSERS_MEMCONTROL_CACHE`` or ``~/.cache/...``."""
+    root = os.environ.get("DIFFUSERS_MEMCONTROL_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "diffusers_memcontrol")
+    return os.path.join(root, "eval_reference")
+
+
+def _positive_int(value: Any, name: str, allow_zero: bool = False) -> None:
+    """ValueError unless `value` is an int > 0 (or >= 0)."""
+    low = 0 if allow_zero else 1
+    if not isinstance(value, int) or isinstance(value, bool) or value < low:
+        raise ValueError(f"{name} must be an int >= {low}, got {value!r}.")
+
+
+@dataclass
+class EvaluationConfig:
+    """Settings of :func:`evaluate`; defaults follow the MemControl paper and its reference code. JSON round trip."""
+
+    feature_encoder: str = field(default="tiny-domain", metadata={
+        "help": "Encoder of the FID/AMD/replication feature space (metrics.load_encoder): 'tiny-domain' for the "
+                "built-in digits domain, 'xrv-densenet121' (the paper's) for chest X-rays, 'inception' for "
+                "natural images."})
+    encoder_weights: str | None = field(default=None, metadata={
+        "help": "Local weights file/folder of the feature encoder (None: the encoder's default source)."})
+    num_inference_steps: int = field(default=50, metadata={"help": "Sampling steps (50 in the reference code)."})
+    guidance_scale: float = field(default=4.0, metadata={"help": "Classifier-free guidance (4.0 in the search)."})
+    images_per_prompt: int = field(default=1, metadata={"help": "Generations per eval prompt (FID, agreement)."})
+    num_eval_prompts: int | None = field(default=100, metadata={
+        "help": "Eval prompts drawn (seeded) from eval_dataset; None = every row."})
+    resolution: int | None = field(default=None, metadata={
+        "help": "Square generation size in pixels; None = the pipeline's default (unet sample_size x VAE factor)."})
+    center_crop: bool = field(default=True, metadata={"help": "Center-crop real images to a square before resizing."})
+    max_reference_images: int | None = field(default=None, metadata={
+        "help": "Cap on the real eval images of the FID reference (seeded subset); None = all."})
+    max_train_images: int | None = field(default=None, metadata={
+        "help": "Cap on the training images of the AMD/replication reference (seeded subset, D_mem kept); None = all."})
+    extraction_generations: int = field(default=50, metadata={
+        "help": "Generations per D_mem prompt for the extraction attack, AMD and replication (reference code: 50; "
+                "Carlini et al.: 500). 0 skips them."})
+    extraction_grid: int = field(default=4, metadata={"help": "Tiles per side of the tiled l2 (4 = 16 tiles)."})
+    extraction_threshold: float = field(default=0.15, metadata={
+        "help": "Clique edge threshold on the 'rms' tiled-l2 scale (pixels in [0, 1]); see metrics.extraction_attack."})
+    extraction_match_threshold: float | None = field(default=None, metadata={
+        "help": "Distance to the training image below which a flagged generation is extracted (None: threshold)."})
+    extraction_min_clique_size: int = field(default=3, metadata={
+        "help": "Smallest clique that flags generations (reference code: 3 of 50; Carlini et al.: 10 of 500)."})
+    extraction_reduction: str = field(default="rms", metadata={"help": "Tiled l2 normalization: 'rms' or 'sum'."})
+    dmem_timesteps: list[int] | None = field(default=None, metadata={
+        "help": "Fixed d_mem timestep(s) (1 value or one per D_mem pair); None = uniform random (reference code)."})
+    dmem_repeats: int = field(default=1, metadata={"help": "Passes over D_mem with fresh noise/timesteps."})
+    dmem_batch_size: int = field(default=16, metadata={
+        "help": "D_mem samples per forward and per max aggregate (keep fixed when comparing runs)."})
+    agreement: str = field(default="classifier", metadata={
+        "help": "'classifier' (built-in domains with labels), 'clip', 'biovil' (chest X-rays) or 'none'."})
+    agreement_model: str | None = field(default=None, metadata={
+        "help": "Classifier weights folder (default: the shipped tiny-domain encoder) or CLIP model id/folder."})
+    replication_threshold: float = field(default=0.5, metadata={"help": "Similarity above which a generation "
+                                                                         "counts as replicated (Somepalli et al.)."})
+    generation_batch_size: int = field(default=16, metadata={"help": "Images per pipeline call."})
+    encoder_batch_size: int = field(default=64, metadata={"help": "Images per encoder forward."})
+    seed: int = field(default=0, metadata={"help": "Seed of prompt selection, generators and d_mem noise."})
+    cache_dir: str | None = field(default=None, metadata={
+        "help": "Reference statistics/features cache (None: default_cache_dir())."})
+    show_progress: bool = field(default=True, metadata={"help": "tqdm progress bars."})
+
+    def __post_init__(self) -> None:
+        """Validate every field with an error naming the bad value."""
+        for name in ("num_inference_steps", "images_per_prompt", "extraction_grid", "dmem_repeats",
+                     "dmem_batch_size", "generation_batch_size", "encoder_batch_size"):
+            _positive_int(getattr(self, name), name)
+        _positive_int(self.extraction_generations, "extraction_generations", allow_zero=True)
+        for name in ("num_eval_prompts", "resolution", "max_reference_images", "max_train_images"):
+            if getattr(self, name) is not None:
+                _positive_int(getattr(self, name), name)
+        if not isinstance(self.guidance_scale, (int, float)) or not math.isfinite(self.guidance_scale):
+            raise ValueError(f"guidance_scale must be a finite number, got {self.guidance_scale!r}.")
+        if self.agreement not in AGREEMENT_KINDS:
+            raise ValueError(f"agreement must be one of {AGREEMENT_KINDS}, got {self.agreement!r}.")
+        if self.extraction_reduction not in ("rms", "sum"):
+            raise ValueError(f"extraction_reduction must be 'rms' or 'sum', got {self.extraction_reduction!r}.")
+        for name in ("extraction_threshold", "extraction_match_threshold"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, (int, float)) or not value > 0):
+                raise ValueError(f"{name} must be a number > 0, got {value!r}.")
+        _positive_int(self.extraction_min_clique_size, "extraction_min_clique_size")
+        if self.extraction_min_clique_size < 2:
+            raise ValueError(f"extraction_min_clique_size must be >= 2, got {self.extraction_min_clique_size}.")
+        if 0 < self.extraction_generations < self.extraction_min_clique_size:
+            raise ValueError(f"extraction_generations={self.extraction_generations} is below "
+                             f"extraction_min_clique_size={self.extraction_min_clique_size}: no clique could form.")
+        if self.dmem_timesteps is not None:
+            steps = [self.dmem_timesteps] if isinstance(self.dmem_timesteps, int) else list(self.dmem_timesteps)
+            if not steps or not all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in steps):
+                raise ValueError(f"dmem_timesteps must be None or non-negative ints, got {self.dmem_timesteps!r}.")
+            self.dmem_timesteps = steps
+        if not 0.0 <= float(self.replication_threshold) <= 1.0:
+            raise ValueError(f"replication_threshold must be in [0, 1], got {self.replication_threshold!r}.")
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain dict of every field."""
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> EvaluationConfig:
+        """Inverse of :meth:`to_dict`; unknown keys are an error naming them."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"Unknown EvaluationConfig field(s) {unknown}; known fields: {sorted(known)}.")
+        return cls(**data)
+
+    def to_json(self) -> str:
+        """JSON text of every field."""
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> EvaluationConfig:
+        """Inverse of :meth:`to_json`."""
+        return cls.from_dict(json.loads(text))
+
+    @classmethod
+    def for_search(cls, **overrides: Any) -> EvaluationConfig:
+        """The reference code's cheap trial settings: 100 validation prompts x 1 image, guidance 4, no extraction."""
+        base: dict[str, Any] = {"num_eval_prompts": 100, "images_per_prompt": 1, "extraction_generations": 0,
+                                "agreement": "none", "show_progress": False}
+        base.update(overrides)
+        return cls(**base)
+
+
+# ----------------------------------------------------------------------------------------------
+# helpers
+# ----------------------------------------------------------------------------------------------
+
+
+def _check_pipeline(pipe: Any) -> None:
+    """The pipeline must be callable and expose the SD components evaluation needs."""
+    missing = [name for name in ("unet", "vae", "tokenizer", "text_encoder", "scheduler")
+               if getattr(pipe, name, None) is None]
+    if missing or not callable(pipe):
+        raise ValueError(f"pipe must be a diffusers Stable Diffusion pipeline with unet, vae, tokenizer, text_encoder "
+                         f"and scheduler; missing {missing or ['__call__']}.")
+
+
+def _check_dataset(dataset: Any, columns: Sequence[str], what: str) -> None:
+    """The dataset must be a non-empty `datasets.Dataset` holding `columns` (the error lists the available ones)."""
+    names = getattr(dataset, "column_names", None)
+    if names is None or not hasattr(dataset, "select"):
+        raise ValueError(f"{what} must be a datasets.Dataset, got {type(dataset).__name__}.")
+    missing = [c for c in columns if c not in names]
+    if missing:
+        raise ValueError(f"Column(s) {missing} not found in {what}; available columns: {names}.")
+    if len(dataset) == 0:
+        raise ValueError(f"{what} is empty.")
+
+
+def _captions(dataset: Any, column: str, what: str) -> list[str]:
+    """Captions of a dataset; ValueError naming the first empty one's row."""
+    captions = dataset[column]
+    for row, caption in enumerate(captions):
+        if not isinstance(caption, str) or not caption.strip():
+            raise ValueError(f"{what} row {row} has an empty caption in column {column!r}.")
+    return list(captions)
+
+
+def _subset(n: int, cap: int | None, seed: int, keep: Sequence[int] = ()) -> np.ndarray:
+    """Sorted seeded subset of range(n) of size cap (all when None), always containing `keep`."""
+    if cap is None or cap >= n:
+        return np.arange(n)
+    keep_arr = np.unique(np.asarray(list(keep), dtype=np.int64))
+    rest = np.setdiff1d(np.arange(n), keep_arr)
+    extra = max(0, cap - len(keep_arr))
+    chosen = np.random.default_rng(seed).choice(rest, size=min(extra, len(rest)), replace=False)
+    return np.sort(np.concatenate([keep_arr, chosen]).astype(np.int64))
+
+
+def _progress(total: int, desc: str, enabled: bool) -> Any:
+    """A tqdm bar (disabled when not `enabled`)."""
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, disable=not enabled, leave=False)
+
+
+def _pipe_default_resolution(pipe: Any) -> int:
+    """Pixel size a pipeline generates by default: unet sample_size x VAE scale factor."""
+    size = pipe.unet.config.sample_size
+    size = size if isinstance(size, int) else int(size[0])
+    factor = getattr(pipe, "vae_scale_factor", None) or 2 ** (len(pipe.vae.config.block_out_channels) - 1)
+    return int(size * factor)
+
+
+def generate_images(
+    pipe: Any,
+    prompts: Sequence[str],
+    num_images_per_prompt: int = 1,
+    *,
+    num_inference_steps: int = 50,
+    guidance_scale: float = 4.0,
+    resolution: int | None = None,
+    batch_size: int = 16,
+    seed: int = 0,
+    show_progress: bool = True,
+    desc: str = "generate",
+) -> torch.Tensor:
+    """Images ``[len(prompts) * k, 3, H, W]`` in [-1, 1] (prompt-major), reproducible whatever the batch size.
+
+    Each image has its own CPU generator seeded from ``(seed, prompt index, image index)``, so the same image comes
+    out whether it is generated alone or in a batch of any size; the pipeline is called on batches of
+    ``batch_size`` (prompt, image) pairs with ``output_type="pt"``. The pipeline's own progress bar is silenced
+    for the call and restored afterwards.
+    """
+    prompts = list(prompts)
+    if not prompts or not all(isinstance(p, str) for p in prompts):
+        raise ValueError("prompts must be a non-empty sequence of strings.")
+    _positive_int(num_images_per_prompt, "num_images_per_prompt")
+    _positive_int(batch_size, "batch_size")
+    _positive_int(num_inference_steps, "num_inference_steps")
+    resolution = resolution or _pipe_default_resolution(pipe)
+    pairs = [(i, j) for i in range(len(prompts)) for j in range(num_images_per_prompt)]
+    previous = dict(getattr(pipe, "_progress_bar_config", {}) or {})
+    had_config = hasattr(pipe, "_progress_bar_config")
+    pipe.set_progress_bar_config(disable=True)
+    out = []
+    bar = _progress(len(pairs), desc, show_progress)
+    try:
+        for start in range(0, len(pairs), batch_size):
+            chunk = pairs[start:start + batch_size]
+            generators = [torch.Generator("cpu").manual_seed(_image_seed(seed, i, j)) for i, j in chunk]
+            result = pipe(
+                prompt=[prompts[i] for i, _ in chunk],
+                num_images_per_prompt=1,
+                num_inference_steps=num_inference_steps,
+                guidance_scale=guidance_scale,
+                height=resolution,
+                width=resolution,
+                generator=generators,
+                output_type="pt",
+            )
+            images = result.images if hasattr(result, "images") else result[0]
+            images = torch.as_tensor(images).float().cpu()
+            out.append(images.mul(2.0).sub(1.0).clamp(-1.0, 1.0))
+            bar.update(len(chunk))
+    finally:
+        bar.close()
+        if had_config:
+            pipe._progress_bar_config = previous
+        else:
+            del pipe._progress_bar_config
+    return torch.cat(out)
+
+
+def _image_seed(seed: int, prompt_index: int, image_index: int) -> int:
+    """A 63-bit seed for one (prompt, image) pair, stable across runs and batch sizes."""
+    digest = hashlib.blake2b(f"{seed}:{prompt_index}:{image_index}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & ((1 << 63) - 1)
+
+
+def _real_images(dataset: Any, column: str, rows: Sequence[int], resolution: int, center_crop: bool,
+                 batch_size: int) -> Any:
+    """Yield ``[B, 3, R, R]`` tensors in [-1, 1] of `rows` of an image column, decoding `batch_size` at a time."""
+    rows = [int(r) for r in rows]
+    for start in range(0, len(rows), batch_size):
+        images = dataset.select(rows[start:start + batch_size])[column]
+        yield preprocess_images(images, resolution, center_crop=center_crop)
+
+
+def _encoder_identity(encoder: Any) -> str:
+    """Hash of an encoder's name and weights (so cached features follow weight changes)."""
+    h = hashlib.blake2b(digest_size=16)
+    h.update(str(getattr(encoder, "name", type(encoder).__name__)).encode())
+    h.update(type(encoder).__name__.encode())
+    for key, tensor in sorted(encoder.state_dict().items()):
+        h.update(key.encode())
+        h.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes()
+                 if tensor.numel() else b"")
+    return h.hexdigest()
+
+
+def _image_column_fingerprint(dataset: Any, column: str, rows: Sequence[int]) -> str:
+    """Content hash of the selected images: their encoded bytes, or path + size + mtime for file-backed images."""
+    h = hashlib.blake2b(digest_size=16)
+    table = dataset.with_format("arrow")
+    rows = [int(r) for r in rows]
+    for start in range(0, len(rows), 1024):
+        values = table.select(rows[start:start + 1024])[column].to_pylist()
+        for value in values:
+            data = path = None
+            if isinstance(value, dict):
+                data, path = value.get("bytes"), value.get("path")
+            elif isinstance(value, str):
+                path = value
+            elif isinstance(value, (bytes, bytearray)):
+                data = bytes(value)
+            if data is not None:
+                h.update(b"b")
+                h.update(len(data).to_bytes(8, "little"))
+                h.update(data)
+            elif path is not None:
+                h.update(b"p")
+                h.update(path.encode())
+                try:
+                    st = os.stat(path)
+                    h.update(f"{st.st_size}:{st.st_mtime_ns}".encode())
+                except OSError:
+                    pass
+            else:
+                h.update(b"n" + repr(value).encode())
+    return h.hexdigest()
+
+
+def _cached_features(cache_dir: str, key: str, compute: Any) -> tuple[np.ndarray, bool]:
+    """``[N, D]`` float32 features cached in ``cache_dir/<key>.npy`` (atomic write); (features, from_cache)."""
+    os.makedirs(cache_dir, exist_ok=True)
+    path = os.path.join(cache_dir, f"features-{key}.npy")
+    if os.path.exists(path):
+        try:
+            return np.load(path, allow_pickle=False), True
+        except (OSError, ValueError, EOFError):
+            pass  # unreadable: recompute and overwrite
+    feats = np.ascontiguousarray(np.asarray(compute(), dtype=np.float32))
+    fd, tmp = tempfile.mkstemp(dir=cache_dir, prefix=".features-", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            np.save(fh, feats)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return feats, False
+
+
+def _load_feature_encoder(config: EvaluationConfig, device: torch.device) -> Any:
+    """The configured feature encoder on `device`."""
+    from .metrics.encoders import load_encoder
+
+    return load_encoder(config.feature_encoder, weights_path=config.encoder_weights, device=device)
+
+
+def _fid_reference(encoder: Any, eval_dataset: Any, image_column: str, config: EvaluationConfig,
+                   resolution: int) -> tuple[FeatureStatistics, bool, int]:
+    """Cached feature statistics of the real eval images: (statistics, from_cache, number of images)."""
+    rows = _subset(len(eval_dataset), config.max_reference_images, config.seed)
+    key = content_key("fid-reference", _CACHE_VERSION, _encoder_identity(encoder),
+                      _image_column_fingerprint(eval_dataset, image_column, rows), resolution, config.center_crop)
+    computed = []
+
+    def compute() -> FeatureStatistics:
+        stats = FeatureStatistics()
+        bar = _progress(len(rows), "FID reference features", config.show_progress)
+        for batch in _real_images(eval_dataset, image_column, rows, resolution, config.center_crop,
+                                  config.encoder_batch_size):
+            stats.update(encoder.features(batch, batch_size=config.encoder_batch_size))
+            bar.update(len(batch))
+        bar.close()
+        computed.append(True)
+        return stats
+
+    cache_dir = config.cache_dir or default_cache_dir()
+    stats = cached_reference_statistics(cache_dir, key, compute)
+    return stats, not computed, len(rows)
+
+
+def _train_features(encoder: Any, dataset: Any, image_column: str, config: EvaluationConfig, resolution: int,
+                    keep: Sequence[int]) -> tuple[np.ndarray, bool]:
+    """Cached features of the training images (AMD / replication reference)."""
+    rows = _subset(len(dataset), config.max_train_images, config.seed, keep=keep)
+    key = content_key("train-features", _CACHE_VERSION, _encoder_identity(encoder),
+                      _image_column_fingerprint(dataset, image_column, rows), resolution, config.center_crop)
+
+    def compute() -> np.ndarray:
+        out = []
+        bar = _progress(len(rows), "training-set features", config.show_progress)
+        for batch in _real_images(dataset, image_column, rows, resolution, config.center_crop,
+                                  config.encoder_batch_size):
+            out.append(encoder.features(batch, batch_size=config.encoder_batch_size).numpy())
+            bar.update(len(batch))
+        bar.close()
+        return np.concatenate(out)
+
+    return _cached_features(config.cache_dir or default_cache_dir(), key, compute)
+
+
+def _stats_of(feats: torch.Tensor, what: str) -> FeatureStatistics:
+    """Feature statistics, requiring the 2 rows a covariance needs."""
+    if feats.shape[0] < 2:
+        raise ValueError(f"FID needs at least 2 {what}; got {feats.shape[0]} (raise num_eval_prompts or "
+                         "images_per_prompt).")
+    return FeatureStatistics.from_features(feats)
+
+
+def _dmem(pipe: Any, dmem_dataset: Any, image_column: str, caption_column: str, config: EvaluationConfig,
+          resolution: int) -> Any:
+    """d_mem (search variant) on the D_mem training latents and captions."""
+    from diffusers import DDPMScheduler
+
+    from .metrics.memorization import dmem_search
+    from .training import encode_images, encode_prompts
+
+    captions = _captions(dmem_dataset, caption_column, "dmem_dataset")
+    images = torch.cat(list(_real_images(dmem_dataset, image_column, range(len(dmem_dataset)), resolution,
+                                         config.center_crop, config.encoder_batch_size)))
+    generator = torch.Generator("cpu").manual_seed(config.seed)
+    with torch.no_grad():
+        latents = encode_images(pipe.vae, images, batch_size=config.encoder_batch_size, generator=generator)
+        embeds = encode_prompts(pipe.tokenizer, pipe.text_encoder, captions)
+        uncond = encode_prompts(pipe.tokenizer, pipe.text_encoder, [""])
+    scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
+    timesteps = config.dmem_timesteps
+    if timesteps is not None and len(timesteps) not in (1, len(captions), len(captions) * config.dmem_repeats):
+        raise ValueError(f"dmem_timesteps holds {len(timesteps)} values; expected 1, {len(captions)} (one per D_mem "
+                         f"pair) or {len(captions) * config.dmem_repeats}.")
+    return dmem_search(pipe.unet, scheduler, latents, embeds, uncond, timesteps=timesteps,
+                       num_repeats=config.dmem_repeats, generator=torch.Generator("cpu").manual_seed(config.seed),
+                       batch_size=config.dmem_batch_size)
+
+
+def _agreement(images: torch.Tensor, prompts: list[str], labels: list[int] | None, encoder: Any,
+               config: EvaluationConfig) -> float | None:
+    """Mean text-image agreement of eval generations for the configured kind (None for 'none')."""
+    from .metrics.agreement import biovil_score, classifier_agreement, clip_score
+
+    kind = config.agreement
+    if kind == "none":
+        return None
+    if kind == "classifier":
+        classifier = getattr(encoder, "model", None)
+        if config.agreement_model is not None or classifier is None or not hasattr(classifier, "head"):
+            from .tiny_base import load_domain_encoder
+
+            classifier = load_domain_encoder(config.agreement_model)
+        return float(classifier_agreement(images, labels, classifier, image_size=32,
+                                          batch_size=config.encoder_batch_size))
+    if kind == "clip":
+        from .metrics.encoders import load_encoder
+
+        clip = load_encoder("clip", weights_path=config.agreement_model)
+        return float(clip_score(images, prompts, clip, batch_size=config.encoder_batch_size).mean())
+    return float(biovil_score(images, prompts).mean())
+
+
+def _labels(dataset: Any, rows: np.ndarray, label_column: str | None, config: EvaluationConfig) -> list[int] | None:
+    """Integer labels of the eval rows when classifier agreement needs them."""
+    if config.agreement != "classifier":
+        return None
+    if label_column is None:
+        if "label" not in dataset.column_names:
+            raise ValueError("agreement='classifier' needs class labels: pass label_column (available columns: "
+                             f"{dataset.column_names}) or choose agreement 'clip', 'biovil' or 'none'.")
+        label_column = "label"
+    _check_dataset(dataset, [label_column], "eval_dataset")
+    labels = dataset.select(rows)[label_column]
+    if not all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) for v in labels):
+        raise ValueError(f"label_column {label_column!r} must hold integer class ids.")
+    return [int(v) for v in labels]
+
+
+def _count_trainable(unet: Any) -> int:
+    """Parameters of the UNet with requires_grad (the adapter's after a MemControl fine-tune)."""
+    return int(sum(p.numel() for p in unet.parameters() if p.requires_grad))
+
+
+# ----------------------------------------------------------------------------------------------
+# public entry points
+# ----------------------------------------------------------------------------------------------
+
+
+def evaluate(
+    pipe: Any,
+    eval_dataset: Any,
+    dmem_dataset: Any,
+    reference_dataset: Any,
+    config: EvaluationConfig | None = None,
+    image_column: str = "image",
+    caption_column: str = "text",
+    label_column: str | None = None,
+    trainable_params: int | None = None,
+    *,
+    encoder: Any = None,
+) -> dict[str, Any]:
+    """Table-1 metrics of a pipeline (FID, AMD, agreement, extracted images, d_mem, replication) as a JSON-able dict.
+
+    Args:
+        pipe: any diffusers Stable Diffusion pipeline (``unet``, ``vae``, ``tokenizer``, ``text_encoder``,
+            ``scheduler``), e.g. the tiny base with a MemControl adapter loaded.
+        eval_dataset: the held-out split (test in stage 2): its captions are the eval prompts and its images the
+            FID reference.
+        dmem_dataset: the D_mem pairs (:func:`data.build_memorization_set`): prompts for the extraction attack,
+            AMD and replication, and training images/captions for d_mem.
+        reference_dataset: the training images the model saw (AMD and replication nearest neighbours).
+        config: :class:`EvaluationConfig` (default settings when None).
+        label_column: integer class column of ``eval_dataset`` for ``agreement="classifier"`` (default ``label``).
+        trainable_params: reported as is; None = parameters of ``pipe.unet`` with ``requires_grad``.
+        encoder: an already loaded feature encoder (``metrics.ImageEncoder``); None = ``config.feature_encoder``.
+
+    Returns ``fid``, ``amd``, ``amd_eval``, ``agreement``, ``extracted_images``, ``extraction`` (counts),
+    ``dmem``, ``dmem_mean``, ``replication``, ``trainable_params``, counts, ``fid_reference_cached``,
+    ``timings`` (seconds) and ``config``. No prompt or caption is ever included. ``amd``, ``replication`` and
+    ``extracted_images`` are None when ``config.extraction_generations == 0``; ``agreement`` is None for
+    ``agreement="none"``. When ``config.max_train_images`` caps the training reference, the D_mem rows
+    (``dmem_index``) are always kept in it.
+    """
+    config = config or EvaluationConfig()
+    if not isinstance(config, EvaluationConfig):
+        raise TypeError(f"config must be an EvaluationConfig, got {type(config).__name__}.")
+    _check_pipeline(pipe)
+    _check_dataset(eval_dataset, [image_column, caption_column], "eval_dataset")
+    _check_dataset(dmem_dataset, [image_column, caption_column], "dmem_dataset")
+    _check_dataset(reference_dataset, [image_column], "reference_dataset")
+    timings: dict[str, float] = {}
+    clock = time.perf_counter()
+    resolution = config.resolution or _pipe_default_resolution(pipe)
+    device = pipe.unet.device
+    if encoder is None:
+        encoder = _load_feature_encoder(config, device)
+
+    # eval prompts: FID, agreement, amd_eval
+    rows = _subset(len(eval_dataset), config.num_eval_prompts, config.seed)
+    prompts = _captions(eval_dataset.select(rows), caption_column, "eval_dataset")
+    labels = _labels(eval_dataset, rows, label_column, config)
+    eval_images = generate_images(
+        pipe, prompts, config.images_per_prompt, num_inference_steps=config.num_inference_steps,
+        guidance_scale=config.guidance_scale, resolution=resolution, batch_size=config.generation_batch_size,
+        seed=config.seed, show_progress=config.show_progress, desc="generate (eval prompts)")
+    timings["generate_eval"] = time.perf_counter() - clock
+    clock = time.perf_counter()
+    eval_feats = encoder.features(eval_images, batch_size=config.encoder_batch_size)
+    ref_stats, from_cache, n_ref = _fid_reference(encoder, eval_dataset, image_column, config, resolution)
+    fid = frechet_distance_from_stats(_stats_of(eval_feats, "generated eval images"), ref_stats)
+    timings["fid"] = time.perf_counter() - clock
+    clock = time.perf_counter()
+    repeated_labels = None if labels is None else [v for v in labels for _ in range(config.images_per_prompt)]
+    repeated_prompts = [p for p in prompts for _ in range(config.images_per_prompt)]
+    agreement = _agreement(eval_images, repeated_prompts, repeated_labels, encoder, config)
+    timings["agreement"] = time.perf_counter() - clock
+
+    # D_mem prompts: extraction, AMD, replication
+    from .metrics.distances import average_min_cosine_distance, extraction_attack, replication_scores
+
+    clock = time.perf_counter()
+    dmem_captions = _captions(dmem_dataset, caption_column, "dmem_dataset")
+    keep = [int(i) for i in dmem_dataset["dmem_index"]] if "dmem_index" in dmem_dataset.column_names else []
+    keep = [i for i in keep if 0 <= i < len(reference_dataset)]
+    train_feats, train_cached = _train_features(encoder, reference_dataset, image_column, config, resolution, keep)
+    timings["train_features"] = time.perf_counter() - clock
+    amd_eval = average_min_cosine_distance(eval_feats, train_feats)
+    amd = extracted = replication = None
+    extraction: dict[str, Any] = {}
+    g = config.extraction_generations
+    if g > 0:
+        clock = time.perf_counter()
+        dmem_images = generate_images(
+            pipe, dmem_captions, g, num_inference_steps=config.num_inference_steps,
+            guidance_scale=config.guidance_scale, resolution=resolution, batch_size=config.generation_batch_size,
+            seed=config.seed + 1, show_progress=config.show_progress, desc="generate (D_mem prompts)")
+        timings["generate_dmem"] = time.perf_counter() - clock
+        clock = time.perf_counter()
+        dmem_feats = encoder.features(dmem_images, batch_size=config.encoder_batch_size)
+        amd = average_min_cosine_distance(dmem_feats, train_feats)
+        replication = replication_scores(dmem_feats, train_feats, threshold=config.replication_threshold)
+        timings["amd_replication"] = time.perf_counter() - clock
+        clock = time.perf_counter()
+        training_images = torch.cat(list(_real_images(dmem_dataset, image_column, range(len(dmem_dataset)),
+                                                      resolution, config.center_crop, config.encoder_batch_size)))
+        result = extraction_attack(
+            dmem_images.reshape(len(dmem_captions), g, *dmem_images.shape[1:]), training_images,
+            threshold=config.extraction_threshold, min_clique_size=config.extraction_min_clique_size,
+            grid=config.extraction_grid, match_threshold=config.extraction_match_threshold,
+            reduction=config.extraction_reduction, value_range=(-1.0, 1.0))
+        extracted = int(result.n_extracted)
+        extraction = {"n_extracted": extracted, "n_extracted_generations": int(result.n_extracted_generations),
+                      "n_flagged_prompts": int(result.n_flagged_prompts), "n_prompts": int(result.n_prompts),
+                      "generations_per_prompt": g}
+        timings["extraction"] = time.perf_counter() - clock
+
+    clock = time.perf_counter()
+    dmem = _dmem(pipe, dmem_dataset, image_column, caption_column, config, resolution)
+    timings["dmem"] = time.perf_counter() - clock
+    return {
+        "fid": float(fid),
+        "amd": amd,
+        "amd_eval": float(amd_eval),
+        "agreement": agreement,
+        "agreement_kind": config.agreement,
+        "extracted_images": extracted,
+        "extraction": extraction,
+        "dmem": float(dmem.max),
+        "dmem_mean": float(dmem.mean),
+        "replication": replication,
+        "trainable_params": int(trainable_params) if trainable_params is not None else _count_trainable(pipe.unet),
+        "num_eval_prompts": len(prompts),
+        "num_eval_images": int(eval_images.shape[0]),
+        "num_fid_reference_images": int(n_ref),
+        "num_dmem": len(dmem_captions),
+        "num_train_images": int(train_feats.shape[0]),
+        "resolution": int(resolution),
+        "feature_encoder": str(getattr(encoder, "name", config.feature_encoder)),
+        "fid_reference_cached": bool(from_cache),
+        "train_features_cached": bool(train_cached),
+        "timings": {k: round(v, 3) for k, v in timings.items()},
+        "config": config.to_dict(),
+    }
+
+
+def evaluate_search_objectives(
+    pipe: Any,
+    dmem_dataset: Any,
+    validation_dataset: Any,
+    config: EvaluationConfig | None = None,
+    *,
+    image_column: str = "image",
+    caption_column: str = "text",
+    encoder: Any = None,
+) -> dict[str, float]:
+    """The two objectives of a search trial: ``dmem`` (on D_mem, lower = less memorized) and ``fid`` (on validation).
+
+    Uses ``config`` as given (default: :meth:`EvaluationConfig.for_search`, the reference code's trial settings);
+    the validation reference statistics are cached on disk, so only the generations are paid per trial.
+    """
+    config = config or EvaluationConfig.for_search()
+    if not isinstance(config, EvaluationConfig):
+        raise TypeError(f"config must be an EvaluationConfig, got {type(config).__name__}.")
+    _check_pipeline(pipe)
+    _check_dataset(dmem_dataset, [image_column, caption_column], "dmem_dataset")
+    _check_dataset(validation_dataset, [image_column, caption_column], "validation_dataset")
+    resolution = config.resolution or _pipe_default_resolution(pipe)
+    if encoder is None:
+        encoder = _load_feature_encoder(config, pipe.unet.device)
+    rows = _subset(len(validation_dataset), config.num_eval_prompts, config.seed)
+    prompts = _captions(validation_dataset.select(rows), caption_column, "validation_dataset")
+    images = generate_images(
+        pipe, prompts, config.images_per_prompt, num_inference_steps=config.num_inference_steps,
+        guidance_scale=config.guidance_scale, resolution=resolution, batch_size=config.generation_batch_size,
+        seed=config.seed, show_progress=config.show_progress, desc="generate (validation prompts)")
+    feats = encoder.features(images, batch_size=config.encoder_batch_size)
+    ref_stats, _, _ = _fid_reference(encoder, validation_dataset, image_column, config, resolution)
+    fid = frechet_distance_from_stats(_stats_of(feats, "generated validation images"), ref_stats)
+    dmem = _dmem(pipe, dmem_dataset, image_column, caption_column, config, resolution)
+    return {"dmem": float(dmem.max), "fid": float(fid)}
+
+
+def _jsonable(value: Any) -> Any:
+    """Plain JSON types: numpy/torch scalars and arrays to Python, non-finite floats to None."""
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if torch.is_tensor(value):
+        return _jsonable(value.detach().cpu().tolist())
+    if isinstance(value, np.ndarray):
+        return _jsonable(value.tolist())
+    if isinstance(value, np.generic):
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return _jsonable(asdict(value))
+    raise TypeError(f"metrics value of type {type(value).__name__} is not JSON-serializable: {value!r}")
+
+
+def write_metrics(metrics: dict[str, Any], path: str | os.PathLike) -> str:
+    """Write `metrics` as JSON atomically (temporary file in the same folder, then ``os.replace``); returns the path.
+
+    A crash mid-write never leaves a truncated ``metrics.json``. NaN/inf become ``null`` (strict JSON).
+    """
+    if not isinstance(metrics, dict):
+        raise TypeError(f"metrics must be a dict, got {type(metrics).__name__}.")
+    path = os.fspath(path)
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    text = json.dumps(_jsonable(metrics), indent=2, sort_keys=True, allow_nan=False)
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(text + "\n")
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return path

@@ -1,0 +1,200 @@
+"""MemControl end to end: stage 1 (search), the choice of one mask, stage 2 (final fine-tunes) and the comparison.
+
+Stage 1 runs one study per search space (`search.optimize`), takes the union of their Pareto fronts and picks one mask
+(`search.select_trial`). Stage 2 retrains that mask and every baseline on the full training split, with each
+mitigation, evaluates on the test split and writes the paper's Table 1 (`results.md`, `results.json`) and Figure 3
+(`pareto.png`). Every fine-tune runs the trainer in its own process (`search.run_trainer`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import replace
+
+from .masks import Mask, MaskSpace
+from .reporting import pareto_plot, write_results
+from .search import (
+    OBJECTIVES,
+    SearchConfig,
+    TrainerTrial,
+    export_study,
+    mask_of_trial,
+    optimize,
+    pareto_front,
+    run_trainer,
+    select_trial,
+)
+
+BASELINES = ("freeze", "full", "svdiff", "difffit", "attention")
+MITIGATIONS = ("none", "rwa", "threshold")
+
+
+def run_search(unet, train_args: list[str], output_dir: str, search_spaces: list[str], layout: str, scope: str,
+               config: SearchConfig) -> dict:
+    """Stage 1 over one or several spaces; writes best_mask.json, pareto.json, trials.csv; returns the choice."""
+    trials, front, row_of = [], [], {}
+    spaces = {}
+    for method in search_spaces:
+        space = MaskSpace.from_unet(unet, method=method, layout=layout)
+        spaces[method] = space
+        study_config = replace(config, study_name=f"{config.study_name or 'memcontrol'}-{method}-{layout}")
+        study = optimize(space, study_config, output_dir,
+                         TrainerTrial(train_args, output_dir, method, layout, scope))
+        export_study(study, space, os.path.join(output_dir, "search", method), config.selection)
+        for t in study.trials:
+            if t.values is not None:
+                trials.append({"study": study.study_name, "method": method, "number": len(trials), "trial": t.number,
+                               "dmem": t.values[0], "fid": t.values[1], "mask": mask_of_trial(t, space).bitstring,
+                               "default_mask": bool(t.user_attrs.get("seeded")),
+                               "trainable_params": t.user_attrs.get("trainable_params")})
+                row_of[(study.study_name, t.number)] = len(trials) - 1
+        front.extend((study.study_name, t) for t in pareto_front(study))
+    if not row_of:
+        raise RuntimeError("No search trial completed; see the trial logs under output_dir/trials.")
+    union = [(name, t) for name, t in front if not any(_dominates(o, t) for _, o in front)]
+    chosen = select_trial([t for _, t in union], config.selection)
+    chosen_row = next(row_of[(name, t.number)] for name, t in union if t is chosen)
+    chosen_method = trials[chosen_row]["method"]
+    mask = mask_of_trial(chosen, spaces[chosen_method])
+    mask.save(os.path.join(output_dir, "best_mask.json"))
+    summary = {
+        "search_spaces": search_spaces,
+        "layout": layout,
+        "scope": scope,
+        "selection": config.selection,
+        "objectives": list(OBJECTIVES),
+        "chosen": {"method": chosen_method, "mask": mask.to_dict(), "dmem": chosen.values[0], "fid": chosen.values[1],
+                   "learning_rate": chosen.params.get("learning_rate"), "row": chosen_row},
+        "front": [row_of[(name, t.number)] for name, t in union],
+        "trials": trials,
+    }
+    _write_json(os.path.join(output_dir, "search_summary.json"), summary)
+    return summary
+
+
+def _dominates(a, b) -> bool:
+    return all(x <= y for x, y in zip(a.values, b.values)) and tuple(a.values) != tuple(b.values)
+
+
+def run_final(train_args: list[str], output_dir: str, chosen: dict, layout: str, scope: str,
+              baselines: tuple[str, ...] | list[str] = BASELINES, mitigations: tuple[str, ...] | list[str] = MITIGATIONS) -> list[dict]:
+    """Stage 2: fine-tune the chosen mask and each baseline on the full training split with each mitigation,
+    evaluate on the test split; write results.md / results.json and return the rows."""
+    rows = []
+    runs = [(name, name, None) for name in baselines]
+    runs.append(("memcontrol", chosen["method"], Mask.from_dict(chosen["mask"])))
+    for row_name, method, mask in runs:
+        for mitigation in mitigations:
+            args = [*train_args, "--peft_method", method, "--mask_layout", layout, "--mask_scope", scope,
+                    "--mitigation", mitigation, "--eval", "--eval_split", "test"]
+            if mask is not None:
+                args += ["--mask", mask.bitstring]
+            if row_name == "memcontrol" and chosen.get("learning_rate"):
+                args += ["--learning_rate", repr(chosen["learning_rate"])]
+            run_dir = os.path.join(output_dir, "final", f"{row_name}-{mitigation}")
+            metrics = run_trainer(args, run_dir)
+            rows.append({"method": row_name, "peft_method": method, "mitigation": mitigation,
+                         **{k: v for k, v in metrics.items() if isinstance(v, (int, float)) or v is None}})
+            write_results(rows, output_dir)  # partial tables survive an interrupted run
+    return rows
+
+
+def run_memcontrol(unet, train_args: list[str], output_dir: str, search_spaces: list[str], layout: str, scope: str,
+                   config: SearchConfig, final: bool = True, baselines: tuple[str, ...] | list[str] = BASELINES,
+                   mitigations: tuple[str, ...] | list[str] = MITIGATIONS, hpo_baselines: bool = True) -> dict:
+    """The whole method: search, choose, (optionally) stage 2 and the table; returns paths and the choice."""
+    summary = run_search(unet, train_args, output_dir, search_spaces, layout, scope, config)
+    plot_baselines = {}
+    for t in summary["trials"]:
+        if t["default_mask"]:
+            plot_baselines[f"{t['method']} (default)"] = (t["dmem"], t["fid"])
+    if hpo_baselines:  # Full FT on the same HPO set, for the plot
+        metrics = run_trainer([*train_args, "--peft_method", "full", "--mask_layout", layout, "--hpo", "--eval",
+                               "--eval_split", "validation"], os.path.join(output_dir, "trials", "full-ft"))
+        plot_baselines["Full FT"] = (metrics["dmem"], metrics["fid"])
+    plot = pareto_plot(summary["trials"], summary["front"], summary["chosen"]["row"], os.path.join(output_dir, "pareto.png"),
+                       baselines=plot_baselines)
+    result = {"search": summary, "pareto_plot": plot, "pareto_baselines": plot_baselines}
+    if final:
+        result["rows"] = run_final(train_args, output_dir, summary["chosen"], layout, scope, baselines, mitigations)
+        result["results_md"] = os.path.join(output_dir, "results.md")
+    _write_json(os.path.join(output_dir, "memcontrol_run.json"),
+                {k: v for k, v in result.items() if k != "search"})
+    return result
+
+
+def _write_json(path: str, data) -> None:
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(data, f, indent=2)
+    os.replace(tmp, path)
+
+
+def parse_search_args(argv: list[str]) -> tuple:
+    """Split a `--search` command line into the search's own arguments and those passed to every fine-tune."""
+    import argparse
+
+    p = argparse.ArgumentParser(prog="train_memcontrol.py --search", add_help=True)
+    p.add_argument("--search", action="store_true")
+    p.add_argument("--search_space", default=None,
+                   help="Comma-separated PEFT methods to search (default: --peft_method or svdiff); several = the "
+                        "paper's global search (union of the Pareto fronts).")
+    p.add_argument("--peft_method", default=None)
+    p.add_argument("--mask_layout", default="paper", choices=["blocks", "attention", "paper"])
+    p.add_argument("--mask_scope", default="reference", choices=["reference", "strict"])
+    p.add_argument("--n_trials", type=int, default=20)
+    p.add_argument("--population_size", type=int, default=None)
+    p.add_argument("--search_learning_rate", action="store_true")
+    p.add_argument("--storage", default=None, help="Optuna storage URL or journal file (default: output_dir/study.db).")
+    p.add_argument("--study_name", default=None)
+    p.add_argument("--n_workers", type=int, default=1)
+    p.add_argument("--selection", default="mean", choices=["mean", "normalized_mean"])
+    p.add_argument("--final", dest="final", action="store_true", default=True)
+    p.add_argument("--no_final", dest="final", action="store_false", help="Stop after the search.")
+    p.add_argument("--baselines", default=",".join(BASELINES))
+    p.add_argument("--mitigations", default=",".join(MITIGATIONS))
+    p.add_argument("--output_dir", default="memcontrol-output")
+    p.add_argument("--seed", type=int, default=0)
+    args, passthrough = p.parse_known_args(argv)
+    for flag in ("--mask", "--hpo", "--eval", "--eval_split", "--mitigation", "--adapter_dir"):
+        if flag in passthrough:
+            p.error(f"{flag} is set by the search for each run; remove it from a --search command line.")
+    return args, passthrough + ["--seed", str(args.seed)]
+
+
+def main_search(argv: list[str]) -> dict:
+    """`train_memcontrol.py --search ...` / `memcontrol search ...`: the whole MemControl run."""
+    import torch
+    from diffusers import UNet2DConditionModel
+
+    from .masks import METHODS
+    from .tiny_base import tiny_base_path
+
+    args, train_args = parse_search_args(argv)
+    spaces = (args.search_space or args.peft_method or "svdiff").split(",")
+    unknown = [s for s in spaces if s not in METHODS or s in ("full", "freeze")]
+    if unknown:
+        raise ValueError(f"Unknown or unsearchable search space(s) {unknown}; expected svdiff, difffit, attention "
+                         "or lora (comma-separated).")
+    model = next((train_args[i + 1] for i, a in enumerate(train_args[:-1]) if a == "--pretrained_model_name_or_path"),
+                 None) or tiny_base_path()
+    with torch.device("meta"):  # the architecture is enough to list positions
+        unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(model, subfolder="unet"))
+    config = SearchConfig(n_trials=args.n_trials, population_size=args.population_size,
+                          search_learning_rate=args.search_learning_rate, storage=args.storage,
+                          study_name=args.study_name, seed=args.seed, n_workers=args.n_workers,
+                          selection=args.selection)
+    os.makedirs(args.output_dir, exist_ok=True)
+    result = run_memcontrol(unet, train_args, args.output_dir, spaces, args.mask_layout, args.mask_scope, config,
+                            final=args.final, baselines=[b for b in args.baselines.split(",") if b],
+                            mitigations=[m for m in args.mitigations.split(",") if m])
+    chosen = result["search"]["chosen"]
+    print(f"chosen mask: {chosen['method']} {Mask.from_dict(chosen['mask']).bitstring} "
+          f"(d_mem {chosen['dmem']:.4g}, FID {chosen['fid']:.4g})")
+    print(f"Pareto plot: {os.path.abspath(result['pareto_plot'])}")
+    if args.final:
+        with open(result["results_md"], encoding="utf-8") as f:
+            print(f.read())
+        print(f"table: {os.path.abspath(result['results_md'])}")
+    return result

@@ -1,0 +1,176 @@
+"""`evaluate` / `evaluate_search_objectives` on a tiny randomly initialised pipeline with the tiny base's shapes."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+
+import pytest
+import torch
+from diffusers import DDIMScheduler, StableDiffusionPipeline
+
+from diffusers_memcontrol import tiny_base as tb
+from diffusers_memcontrol.data import build_memorization_set
+from diffusers_memcontrol.evaluation import (
+    EvaluationConfig,
+    evaluate,
+    evaluate_search_objectives,
+    generate_images,
+    write_metrics,
+)
+from diffusers_memcontrol.metrics.encoders import DomainModelEncoder
+
+TOP_KEYS = {"fid", "amd", "amd_eval", "agreement", "extracted_images", "dmem", "dmem_mean", "trainable_params",
+            "replication"}
+
+
+def make_pipeline() -> StableDiffusionPipeline:
+    """The tiny base's architecture (32 px, 8x8 latents), random weights, DDIM sampling."""
+    return StableDiffusionPipeline(
+        vae=tb.build_vae(), text_encoder=tb.build_text_encoder(), tokenizer=tb.build_tokenizer(),
+        unet=tb.build_unet(), scheduler=DDIMScheduler.from_config(tb.build_scheduler().config),
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+    )
+
+
+def make_encoder() -> DomainModelEncoder:
+    """A small random domain CNN as feature encoder and classifier (the shipped one may not exist yet)."""
+    torch.manual_seed(0)
+    encoder = DomainModelEncoder(tb.DomainEncoder(channels=(8, 16), feature_dim=16).eval())
+    encoder.name = "test-domain"
+    return encoder
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    train = tb.load_domain("digits", "train").select(range(40))
+    test = tb.load_domain("digits", "test").select(range(12))
+    dmem = build_memorization_set(train, dmem_size=3, unique_captions=True, seed=0)
+    config = EvaluationConfig(
+        num_inference_steps=2, images_per_prompt=2, num_eval_prompts=4, extraction_generations=3,
+        extraction_min_clique_size=2, dmem_batch_size=2, generation_batch_size=8, show_progress=False,
+        cache_dir=str(tmp_path_factory.mktemp("eval-cache")),
+    )
+    pipe, encoder = make_pipeline(), make_encoder()
+    first = evaluate(pipe, test, dmem, train, config, encoder=encoder)
+    return {"pipe": pipe, "encoder": encoder, "train": train, "test": test, "dmem": dmem, "config": config,
+            "first": first}
+
+
+def _finite(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def test_evaluate_returns_all_keys_with_finite_values(setup):
+    metrics = setup["first"]
+    assert TOP_KEYS <= set(metrics)
+    for key in TOP_KEYS - {"replication"}:
+        assert _finite(metrics[key]), (key, metrics[key])
+    assert all(_finite(metrics["replication"][k]) for k in ("mean", "p95", "fraction_above"))
+    assert metrics["fid"] >= 0 and 0 <= metrics["amd"] <= 2 and 0 <= metrics["agreement"] <= 1
+    assert metrics["dmem"] >= metrics["dmem_mean"] > 0
+    assert metrics["trainable_params"] == sum(p.numel() for p in setup["pipe"].unet.parameters())
+    assert (metrics["num_eval_images"], metrics["num_dmem"], metrics["num_fid_reference_images"]) == (8, 3, 12)
+    assert metrics["extraction"]["n_prompts"] == 3 and metrics["extracted_images"] >= 0
+    assert metrics["fid_reference_cached"] is False
+
+
+def test_reference_statistics_are_cached_and_reused(setup):
+    cache = setup["config"].cache_dir
+    files = sorted(os.listdir(cache))
+    assert files and not [f for f in files if f.endswith(".tmp")]
+    mtimes = {f: os.stat(os.path.join(cache, f)).st_mtime_ns for f in files}
+    calls = []
+    encoder = setup["encoder"]
+    original = encoder.features
+
+    def counting(images, batch_size=None):
+        calls.append(images.shape[0])
+        return original(images, batch_size=batch_size)
+
+    encoder.features = counting
+    try:
+        second = evaluate(setup["pipe"], setup["test"], setup["dmem"], setup["train"], setup["config"],
+                          encoder=encoder, trainable_params=123)
+    finally:
+        del encoder.features
+    assert second["fid_reference_cached"] is True and second["train_features_cached"] is True
+    assert sorted(os.listdir(cache)) == files
+    assert {f: os.stat(os.path.join(cache, f)).st_mtime_ns for f in files} == mtimes
+    # only generated images were encoded: 8 eval + 9 D_mem generations, never the 12 + 40 real images
+    assert sum(calls) == 8 + 9
+    assert second["trainable_params"] == 123
+    # same seeds, same generations: same numbers
+    for key in ("fid", "amd", "amd_eval", "dmem", "dmem_mean", "agreement"):
+        assert second[key] == pytest.approx(setup["first"][key], rel=1e-5, abs=1e-6)
+
+
+def test_no_prompt_text_in_the_json_output(setup, tmp_path):
+    path = write_metrics(setup["first"], tmp_path / "out" / "metrics.json")
+    with open(path, encoding="utf-8") as fh:
+        text = fh.read()
+    assert json.loads(text)["fid"] == pytest.approx(setup["first"]["fid"])
+    captions = list(setup["test"]["text"]) + list(setup["dmem"]["text"]) + list(setup["train"]["text"])
+    for caption in set(captions):
+        assert caption not in text
+    for word in {c.split()[-1] for c in setup["dmem"]["text"]} | {"handwritten", "digit"}:
+        assert word not in text
+
+
+def test_search_objectives(setup):
+    config = EvaluationConfig.for_search(num_eval_prompts=4, num_inference_steps=2, dmem_batch_size=2,
+                                         cache_dir=setup["config"].cache_dir)
+    out = evaluate_search_objectives(setup["pipe"], setup["dmem"], setup["test"], config, encoder=setup["encoder"])
+    assert set(out) == {"dmem", "fid"} and all(_finite(v) for v in out.values())
+    assert out["dmem"] == pytest.approx(setup["first"]["dmem"], rel=1e-5)  # same D_mem, seed and batch size
+
+
+def test_generation_does_not_depend_on_batch_size(setup):
+    kwargs = {"num_inference_steps": 2, "guidance_scale": 4.0, "seed": 3, "show_progress": False}
+    a = generate_images(setup["pipe"], ["one", "two"], 2, batch_size=1, **kwargs)
+    b = generate_images(setup["pipe"], ["one", "two"], 2, batch_size=4, **kwargs)
+    assert a.shape == (4, 3, 32, 32) and a.min() >= -1 and a.max() <= 1
+    torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+    assert not hasattr(setup["pipe"], "_progress_bar_config") or setup["pipe"]._progress_bar_config == {}
+
+
+def test_config_json_round_trip_and_validation():
+    config = EvaluationConfig(feature_encoder="xrv-densenet121", agreement="biovil", num_eval_prompts=None,
+                              dmem_timesteps=[100, 500], cache_dir="/tmp/x")
+    assert EvaluationConfig.from_json(config.to_json()) == config
+    with pytest.raises(ValueError, match="agreement must be one of"):
+        EvaluationConfig(agreement="bleu")
+    with pytest.raises(ValueError, match="extraction_generations=2 is below extraction_min_clique_size=3"):
+        EvaluationConfig(extraction_generations=2)
+    with pytest.raises(ValueError, match="num_inference_steps must be an int >= 1, got 0"):
+        EvaluationConfig(num_inference_steps=0)
+    with pytest.raises(ValueError, match=r"Unknown EvaluationConfig field\(s\) \['steps'\]"):
+        EvaluationConfig.from_dict({"steps": 3})
+
+
+def test_bad_inputs_are_named(setup):
+    pipe, config = setup["pipe"], setup["config"]
+    with pytest.raises(ValueError, match=r"\['report'\] not found in eval_dataset; available columns"):
+        evaluate(pipe, setup["test"], setup["dmem"], setup["train"], config, caption_column="report",
+                 encoder=setup["encoder"])
+    no_labels = setup["test"].remove_columns("label")
+    with pytest.raises(ValueError, match="agreement='classifier' needs class labels"):
+        evaluate(pipe, no_labels, setup["dmem"], setup["train"], config, encoder=setup["encoder"])
+    with pytest.raises(ValueError, match=r"missing \['vae'\]"):
+        evaluate(StableDiffusionPipeline(vae=None, text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer,
+                                         unet=pipe.unet, scheduler=pipe.scheduler, safety_checker=None,
+                                         feature_extractor=None, requires_safety_checker=False),
+                 setup["test"], setup["dmem"], setup["train"], config, encoder=setup["encoder"])
+    with pytest.raises(TypeError, match="config must be an EvaluationConfig"):
+        evaluate(pipe, setup["test"], setup["dmem"], setup["train"], {"fid": 1}, encoder=setup["encoder"])
+
+
+def test_write_metrics_is_atomic_and_strict_json(tmp_path):
+    path = tmp_path / "metrics.json"
+    write_metrics({"fid": 1.5, "dmem": float("nan"), "n": torch.tensor(3), "per": [torch.tensor(0.5)]}, path)
+    assert json.loads(path.read_text()) == {"fid": 1.5, "dmem": None, "n": 3, "per": [0.5]}
+    with pytest.raises(TypeError, match="not JSON-serializable"):
+        write_metrics({"fid": 2.0, "bad": object()}, path)
+    assert json.loads(path.read_text())["fid"] == 1.5  # the previous file is intact
+    assert os.listdir(tmp_path) == ["metrics.json"]

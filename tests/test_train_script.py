@@ -1,0 +1,213 @@
+"""End to end: training/train_memcontrol.py main(argv) on a tiny pipeline (CPU accelerate, a few steps)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import shutil
+
+import pytest
+import torch
+from diffusers import StableDiffusionPipeline
+from safetensors.torch import load_file
+
+from diffusers_memcontrol import tiny_base as tb
+
+SCRIPT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "training", "train_memcontrol.py")
+SECRET_PROMPT = "a secret validation prompt qqzx"
+SECRET_TOKEN = "hf_secret_token_never_written"
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def script():
+    spec = importlib.util.spec_from_file_location("train_memcontrol", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory) -> str:
+    """A tiny SD-shaped pipeline built from the tiny base's configs (random weights), saved like a Hub model."""
+    folder = str(tmp_path_factory.mktemp("tiny_pipeline"))
+    pipe = StableDiffusionPipeline(vae=tb.build_vae(), text_encoder=tb.build_text_encoder(),
+                                   tokenizer=tb.build_tokenizer(), unet=tb.build_unet(), scheduler=tb.build_scheduler(),
+                                   safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    pipe.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory) -> str:
+    return str(tmp_path_factory.mktemp("cache"))
+
+
+def _args(model_dir, cache_dir, output_dir, *extra) -> list[str]:
+    return ["--pretrained_model_name_or_path", model_dir, "--output_dir", str(output_dir), "--cache_dir", cache_dir,
+            "--max_train_samples", "48", "--train_batch_size", "8", "--max_train_steps", "2", "--report_to", "none",
+            "--no_progress", "--validation_prompts", *extra]
+
+
+def _all_text(folder) -> bytes:
+    blobs = []
+    for root, _, files in os.walk(folder):
+        for name in files:
+            if not name.endswith((".safetensors", ".png", ".bin", ".pkl")):
+                with open(os.path.join(root, name), "rb") as f:
+                    blobs.append(f.read())
+    return b"\n".join(blobs)
+
+
+def test_main_writes_adapter_config_summary_grid_and_checkpoints(script, model_dir, cache_dir, tmp_path):
+    out = tmp_path / "run"
+    argv = _args(model_dir, cache_dir, out, "--max_train_steps", "4", "--checkpointing_steps", "2",
+                 "--report_to", "tensorboard", "--mitigation", "threshold", "--peft_method", "difffit",
+                 "--num_validation_images", "1", "--hub_token", SECRET_TOKEN, "--validation_prompts", SECRET_PROMPT)
+    summary = script.main(argv)
+    for name in ("adapter_config.json", "adapter_model.safetensors", "mask.json", "training_config.json",
+                 "summary.json", "validation.png", "checkpoint-2", "checkpoint-4", "logs"):
+        assert os.path.exists(out / name), name
+    saved = json.loads((out / "summary.json").read_text())
+    assert saved["trainable_params"] == summary["trainable_params"] > 0
+    assert saved["losses"]["steps"] + saved["skipped_steps"] == 4 and saved["threshold"]["seen_samples"] == 32
+    assert saved["validation"] == "validation.png" and saved["train_samples"] == 48
+    config = json.loads((out / "training_config.json").read_text())
+    assert config["fine_tune"]["peft_method"] == "difffit" and config["run"]["num_validation_prompts"] == 1
+    assert "validation_prompts" not in config["run"] and "hub_token" not in config["run"]
+    # privacy: no prompt, caption or token in any JSON, config or tracker log
+    text = _all_text(out)
+    for private in (SECRET_PROMPT, "handwritten digit", SECRET_TOKEN):
+        assert private.encode() not in text, private
+    adapter = load_file(str(out / "adapter_model.safetensors"))
+    assert adapter and all(torch.isfinite(v).all() for v in adapter.values())
+
+
+def test_resume_latest_through_the_script_matches_an_uninterrupted_run(script, model_dir, cache_dir, tmp_path):
+    full, resumed = tmp_path / "full", tmp_path / "resumed"
+    common = ("--max_train_steps", "4", "--checkpointing_steps", "2", "--random_flip", "--seed", "7")
+    script.main(_args(model_dir, cache_dir, full, *common))
+    os.makedirs(resumed)
+    shutil.copytree(full / "checkpoint-2", resumed / "checkpoint-2")
+    summary = script.main(_args(model_dir, cache_dir, resumed, *common, "--resume_from_checkpoint", "latest"))
+    assert summary["resumed_from"] == "checkpoint-2" and summary["global_step"] == 4
+    a, b = load_file(str(full / "adapter_model.safetensors")), load_file(str(resumed / "adapter_model.safetensors"))
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=0, atol=1e-6)
+
+
+def test_embedded_default_runs_offline(script, tmp_path):
+    if not os.path.isfile(os.path.join(tb.tiny_base_path(), "model_index.json")):
+        pytest.skip("the shipped tiny base (assets/tiny_base/model_index.json) is not built yet")
+    out = tmp_path / "default"
+    eval_config = tmp_path / "eval.json"  # the real evaluation, at a tiny size
+    eval_config.write_text(json.dumps({"num_eval_prompts": 4, "extraction_generations": 3, "num_inference_steps": 3,
+                                       "max_train_images": 32, "max_reference_images": 32,
+                                       "cache_dir": str(tmp_path / "eval_cache")}))
+    summary = script.main(["--output_dir", str(out), "--max_train_steps", "2", "--train_batch_size", "8",
+                           "--max_train_samples", "32", "--report_to", "none", "--cache_dir", str(tmp_path / "c"),
+                           "--num_validation_images", "1", "--no_progress", "--eval", "--dmem_size", "2",
+                           "--eval_config", str(eval_config)])
+    assert summary["trainable_params"] > 0 and summary["validation"] == "validation.png"
+    assert os.path.isfile(out / "adapter_model.safetensors") and os.path.isfile(out / "summary.json")
+    metrics = json.loads((out / "metrics.json").read_text())
+    for key in ("fid", "amd", "agreement", "extracted_images", "dmem", "trainable_params"):
+        assert key in metrics, key
+    assert metrics["trainable_params"] == summary["trainable_params"]
+
+
+def _no_training_happened(out) -> None:
+    assert not os.path.exists(out / "adapter_model.safetensors") and not os.path.exists(out / "summary.json")
+
+
+@pytest.mark.parametrize("extra, error, message", [
+    (("--caption_column", "caption"), ValueError, r"\['caption'\] not found.*available columns: \['image', 'text'"),
+    (("--mask", "101"), ValueError, r"3 bits.*7 positions.*down_blocks\.0\.attentions\.0"),
+    (("--adapter_dir", "somewhere"), SystemExit, None),
+    (("--threshold", "high"), SystemExit, None),
+    (("--subject_column", "patient"), ValueError, r"\['patient'\] not found.*available columns"),
+])
+def test_bad_arguments_fail_before_training(script, model_dir, cache_dir, tmp_path, extra, error, message):
+    out = tmp_path / "bad"
+    with pytest.raises(error, match=message):
+        script.main(_args(model_dir, cache_dir, out, *extra))
+    _no_training_happened(out)
+
+
+def test_unreadable_image_in_a_csv_is_named(script, model_dir, cache_dir, tmp_path):
+    import io
+
+    from PIL import Image
+
+    rows = ["path,report"]
+    for i in range(6):
+        buf = io.BytesIO()
+        Image.new("RGB", (32, 32), (i * 30, 0, 0)).save(buf, format="PNG")
+        (tmp_path / f"img{i}.png").write_bytes(buf.getvalue())
+        rows.append(f"img{i}.png,report number {i}")
+    for i in range(1, 6):  # whatever the split, the training rows hold unreadable files
+        (tmp_path / f"img{i}.png").write_bytes(b"%PDF-1.4 not an image")
+    (tmp_path / "data.csv").write_text("\n".join(rows) + "\n")
+    out = tmp_path / "bad"
+    with pytest.raises(ValueError, match=r"img[1-5]\.png.*not a readable image file"):
+        script.main(_args(model_dir, cache_dir, out, "--train_data_dir", str(tmp_path / "data.csv"),
+                          "--image_column", "path", "--caption_column", "report"))
+    _no_training_happened(out)
+
+
+def test_eval_only_on_an_adapter_for_another_base_fails_clearly(script, model_dir, cache_dir, tmp_path):
+    from diffusers_memcontrol.training import FineTuneConfig, save_adapter
+    from tests.conftest import make_small_unet
+
+    other = make_small_unet()
+    other.add_adapter(FineTuneConfig().adapter_config())
+    save_adapter(other, str(tmp_path / "foreign"))
+    with pytest.raises(ValueError, match="trained for another base model"):
+        script.main(_args(model_dir, cache_dir, tmp_path / "out", "--eval", "--adapter_dir",
+                          str(tmp_path / "foreign")))
+
+
+def test_hpo_rwa_eval_and_push_to_hub(script, model_dir, cache_dir, tmp_path, monkeypatch):
+    from diffusers_memcontrol import evaluation, hub
+
+    calls = {}
+
+    def fake_evaluate(pipe, eval_dataset, dmem_dataset, reference_dataset, config, **kwargs):
+        calls["evaluate"] = (len(eval_dataset), len(dmem_dataset), len(reference_dataset), config, kwargs)
+        return {"fid": 1.5, "amd": 0.2, "agreement": 0.9, "extracted_images": 0, "dmem": 3.0,
+                "trainable_params": kwargs["trainable_params"]}
+
+    def fake_publish(output_dir, repo_id, **kwargs):
+        calls["publish"] = (output_dir, repo_id, kwargs)
+        return "https://hub.example/" + repo_id
+
+    monkeypatch.setattr(evaluation, "evaluate", fake_evaluate)
+    monkeypatch.setattr(hub, "publish", fake_publish)
+    out = tmp_path / "hpo"
+    summary = script.main(_args(model_dir, cache_dir, out, "--hpo", "--dmem_size", "4", "--dmem_repeats", "3",
+                                "--proxy_fraction", "0.05", "--mitigation", "rwa", "--eval", "--push_to_hub",
+                                "--hub_model_id", "me/tiny-memcontrol", "--hub_token", SECRET_TOKEN))
+    assert summary["train_samples"] == 2 + 4 * 3 and summary["rwa_augmented_captions"] > 0
+    n_eval, n_dmem, n_reference, config, kwargs = calls["evaluate"]
+    assert n_dmem == 4 and n_reference == 48 and n_eval == 360  # digits' fixed test split
+    assert config.feature_encoder == "tiny-domain" and kwargs["label_column"] == "label"
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["fid"] == 1.5 and metrics["trainable_params"] == summary["trainable_params"]
+    assert calls["publish"][1] == "me/tiny-memcontrol" and calls["publish"][2]["token"] == SECRET_TOKEN
+    assert SECRET_TOKEN.encode() not in _all_text(out)
+
+    # evaluation alone on the trained adapter: no training, metrics.json written
+    calls.clear()
+    again = tmp_path / "eval_only"
+    script.main(_args(model_dir, cache_dir, again, "--eval", "--adapter_dir", str(out), "--dmem_size", "4"))
+    assert calls["evaluate"][1] == 4 and os.path.isfile(again / "metrics.json")
+    assert not os.path.exists(again / "adapter_model.safetensors")
