@@ -171,10 +171,14 @@ def parse_threshold(value: float | str) -> float | str:
 # masks and adapters
 # --------------------------------------------------------------------------------------------------------------------
 def resolve_mask(spec: str | None, unet: torch.nn.Module, method: str, layout: str) -> Mask | None:
-    """Turn a `--mask` value (None, a bit string, a mask JSON file, or a folder holding one) into a Mask."""
+    """Turn a `--mask` value (None, a bit string, a mask JSON file, a folder or a Hub repo holding one) into a Mask."""
     if spec is None or spec == "":
         return None
     space = MaskSpace.from_unet(unet, method=method, layout=layout)
+    if not os.path.exists(spec) and re.fullmatch(r"[\w.-]+/[\w.-]+", spec):  # a Hub repo holding a published mask
+        from .hub import download_memcontrol
+
+        spec = download_memcontrol(spec, require_adapter=False)
     if os.path.exists(spec):
         if os.path.isdir(spec):
             candidates = [os.path.join(spec, n) for n in ("mask.json", "best_mask.json", "adapter_config.json")]

@@ -389,3 +389,21 @@ def test_config_json_round_trip_and_validation():
                 {"gradient_accumulation_steps": 0}, {"prediction_type": "sample"}, {"max_train_steps": None}):
         with pytest.raises(ValueError):
             FineTuneConfig(**bad)
+
+
+def test_mask_from_a_hub_repo_in_the_cache(tmp_path, monkeypatch):
+    """`--mask ORG/NAME` resolves a published mask through huggingface_hub (here: its offline cache)."""
+    from diffusers import UNet2DConditionModel
+
+    from diffusers_memcontrol import MaskSpace
+    from diffusers_memcontrol.tiny_base import tiny_base_path
+    from diffusers_memcontrol.training import resolve_mask
+    from tests.test_loaders import write_hf_cache
+
+    unet = UNet2DConditionModel.from_pretrained(tiny_base_path(), subfolder="unet")
+    mask = MaskSpace.from_unet(unet, "difffit", "paper").mask("10110")
+    write_hf_cache(str(tmp_path / "hub"), "hospital/cxr-mask", {"mask.json": mask.to_json().encode()})
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True)
+    assert resolve_mask("hospital/cxr-mask", unet, "difffit", "paper") == mask
