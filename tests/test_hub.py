@@ -379,6 +379,9 @@ def fake_hub(monkeypatch):
     monkeypatch.setattr(huggingface_hub.constants, "HUGGINGFACE_CO_URL_TEMPLATE",
                         hub.url + "/{repo_id}/resolve/{revision}/{filename}")
     monkeypatch.setenv("HF_HUB_DISABLE_TELEMETRY", "1")
+    # the fake Hub is on loopback: these tests run online even where HF_HUB_OFFLINE=1 (as in CI)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
     yield hub
     hub.close()
 
