@@ -10,10 +10,15 @@ Protocol (MemControl's HPO set at CPU scale, on the built-in ``digits`` domain):
 3. ``wen_detection_scores`` (cheap settings: ``--steps`` DDIM steps, ``--generations`` per prompt) for the D_mem
    prompts (positives) and for as many unseen prompts built the same way (a test-split caption + a fresh
    nonsense word; negatives), before and after fine-tuning; ``detection_auc`` scores the separation.
+   The headline ``auc`` is Wen et al.'s first-step variant; the trajectory mean and per-step AUCs are reported
+   too (at this scale only the first steps separate, see ``note`` in the JSON).
+
+Runs single-threaded by default (``--num_threads 1``): on shared cores, OpenMP spin-waiting of a 2-thread torch
+made the same run 5-10x slower.
 
 Writes ``benchmarks/results/wen_detection.json``. Usage::
 
-    python benchmarks/wen_detection.py    # defaults: 20 pairs x 50 + 1% proxy, 500 steps, batch 32, lr 1e-3
+    python benchmarks/wen_detection.py    # defaults: 20 pairs x 50 + 10% proxy, 1500 steps, batch 32, lr 1e-3
 """
 
 from __future__ import annotations
@@ -48,12 +53,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--dmem_size", type=int, default=20)
     p.add_argument("--dmem_repeats", type=int, default=50)
-    p.add_argument("--proxy_fraction", type=float, default=0.01)
-    p.add_argument("--max_train_steps", type=int, default=500)
+    p.add_argument("--proxy_fraction", type=float, default=0.1)
+    p.add_argument("--max_train_steps", type=int, default=1500)
     p.add_argument("--train_batch_size", type=int, default=32)
     p.add_argument("--learning_rate", type=float, default=1e-3)
     p.add_argument("--steps", type=int, default=10, help="Sampling steps of the detection trajectory.")
-    p.add_argument("--generations", type=int, default=2, help="Generations per prompt of the detection.")
+    p.add_argument("--generations", type=int, default=4, help="Generations per prompt (Wen et al.: 4).")
     p.add_argument("--guidance_scale", type=float, default=7.5, help="Wen et al.'s default.")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--num_threads", type=int, default=1,
@@ -70,8 +75,9 @@ def detection(pipe, positives: list[str], negatives: list[str], args: argparse.N
     initial noise, as ``wen_detection_scores(first_step_only=True)`` would draw).
     """
     per_step = {}
-    for label, prompts, offset in (("dmem", positives, 0), ("unseen", negatives, 1)):
-        generator = torch.Generator("cpu").manual_seed(args.seed * 1000 + offset)
+    for label, prompts in (("dmem", positives), ("unseen", negatives)):
+        # the same initial noises for both sets (common random numbers): scores differ only through the prompts
+        generator = torch.Generator("cpu").manual_seed(args.seed)
         per_step[label] = wen_detection_scores(
             pipe, prompts, num_inference_steps=args.steps, guidance_scale=args.guidance_scale,
             num_images_per_prompt=args.generations, generator=generator, batch_size=64, show_progress=False,
@@ -162,8 +168,13 @@ def main(argv: list[str] | None = None) -> dict:
         "proxy_rows": len(proxy_rows),
         "trainable_params": log["trainable_params"],
         "final_loss": log["final_loss"],
-        "auc": after["trajectory"]["auc"],
-        "auc_first_step": after["first_step"]["auc"],
+        "auc": after["first_step"]["auc"],
+        "auc_trajectory": after["trajectory"]["auc"],
+        "note": "auc = Wen et al.'s first-step variant (norm at the first sampling step, averaged over generations). "
+                "At this scale the mean over the whole guided trajectory does not separate: once a memorized "
+                "prompt's trajectory has reached its training image, the unconditional prediction (trained on a "
+                "set that is mostly D_mem) agrees with the conditional one, so later steps score memorized prompts "
+                "lower than unseen ones (see auc_per_step).",
         "after_fine_tuning": after,
         "before_fine_tuning": before,
         "dmem_search": {"before": {"max": dmem_before.max, "mean": dmem_before.mean},
@@ -178,8 +189,9 @@ def main(argv: list[str] | None = None) -> dict:
         json.dump(report, f, indent=2)
         f.write("\n")
     os.replace(tmp, args.output)
-    print(json.dumps({"auc": report["auc"], "auc_first_step": after["first_step"]["auc"],
-                      "auc_before": before["trajectory"]["auc"], "timings_s": report["timings_s"]}, indent=2))
+    print(json.dumps({"auc_first_step": report["auc"], "auc_trajectory": report["auc_trajectory"],
+                      "auc_first_step_before_fine_tuning": before["first_step"]["auc"],
+                      "auc_per_step": after["auc_per_step"], "timings_s": report["timings_s"]}, indent=2))
     return report
 
 

@@ -16,11 +16,14 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 from PIL import Image
+
+if TYPE_CHECKING:
+    from datasets import Dataset, DatasetDict
 
 
 def load_image_caption_dataset(
@@ -30,7 +33,7 @@ def load_image_caption_dataset(
     caption_column: str = "text",
     split: str = "train",
     max_samples: int | None = None,
-):
+) -> Dataset:
     """A `datasets.Dataset` of images and captions from a built-in domain, a Hub id, a folder or a CSV/JSONL file.
 
     Defaults to the built-in `digits` domain (the quickstart's sensitive data). A folder is read as an `imagefolder`
@@ -139,7 +142,7 @@ def _image_storage(dataset, image_column: str) -> Any:
     return dataset
 
 
-def validate_images(dataset, image_column: str = "image", batch_size: int = 256, full_decode: bool = False) -> int:
+def validate_images(dataset: Dataset, image_column: str = "image", batch_size: int = 256, full_decode: bool = False) -> int:
     """Open every image of `image_column` once and raise a ValueError naming the first unreadable file.
 
     Decoding is lazy in `datasets`, so a corrupt file otherwise surfaces in the middle of training. This walks
@@ -274,12 +277,12 @@ def _subjects_of(dataset, subject_column: str, what: str) -> list:
 
 
 def split_dataset(
-    dataset,
+    dataset: Dataset | DatasetDict | str,
     subject_column: str | None = None,
     validation_fraction: float = 0.1,
     test_fraction: float = 0.1,
     seed: int = 0,
-):
+) -> DatasetDict:
     """Deterministic train/validation/test `DatasetDict`, grouped by subject so that no subject leaks across splits.
 
     ``dataset`` is a `Dataset`, a `DatasetDict`, or the name of a built-in domain (:data:`tiny_base.DOMAINS`).
@@ -454,7 +457,7 @@ def _match_dmem_entries(dataset, entries: list, caption_column: str, image_colum
 
 
 def build_memorization_set(
-    dataset,
+    dataset: Dataset | DatasetDict,
     caption_column: str = "text",
     dmem_size: int = 100,
     selection: str = "random",
@@ -463,7 +466,7 @@ def build_memorization_set(
     dmem_file: str | None = None,
     *,
     image_column: str = "image",
-):
+) -> Dataset:
     """D_mem: the training pairs the search duplicates and expects memorized (MemControl Sec. 4.1), as a `Dataset`.
 
     ``dataset`` is the training split (or a `DatasetDict`, whose ``train`` split is used). ``selection``:
@@ -520,7 +523,7 @@ def build_memorization_set(
     return dmem.add_column("dmem_index", [int(r) for r in rows], feature=Value("int64"))
 
 
-def write_dmem_file(dmem, path: str) -> str:
+def write_dmem_file(dmem: Dataset, path: str) -> str:
     """Write the row indices of a D_mem set (its ``dmem_index`` column) as the JSON list `dmem_file` accepts."""
     _require_columns(dmem, ["dmem_index"], "the D_mem set")
     directory = os.path.dirname(os.path.abspath(path))
@@ -532,7 +535,9 @@ def write_dmem_file(dmem, path: str) -> str:
     return path
 
 
-def build_hpo_set(train, dmem, dmem_repeats: int = 50, proxy_fraction: float = 0.01, seed: int = 0):
+def build_hpo_set(
+    train: Dataset, dmem: Dataset, dmem_repeats: int = 50, proxy_fraction: float = 0.01, seed: int = 0
+) -> Dataset:
     """The search's training set: a seeded proxy subset of `train` (D_mem rows excluded) + D_mem x `dmem_repeats`.
 
     As in the paper: "D_mem = 100 pairs duplicated 50 times, added to 1% of the training set". The proxy has

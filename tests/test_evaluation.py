@@ -174,3 +174,25 @@ def test_write_metrics_is_atomic_and_strict_json(tmp_path):
         write_metrics({"fid": 2.0, "bad": object()}, path)
     assert json.loads(path.read_text())["fid"] == 1.5  # the previous file is intact
     assert os.listdir(tmp_path) == ["metrics.json"]
+
+
+_BASE_READY = os.path.isfile(os.path.join(tb.tiny_base_path(), "model_index.json"))
+
+
+@pytest.mark.skipif(not (_BASE_READY and os.environ.get("MEMCONTROL_SLOW_TESTS")),
+                    reason="minutes of CPU: set MEMCONTROL_SLOW_TESTS=1 (needs the shipped tiny base)")
+def test_wen_detection_separates_duplicated_prompts_on_tiny_base(tmp_path):
+    """After full fine-tuning on a duplicated D_mem, Wen's detection separates D_mem prompts from unseen ones."""
+    import importlib.util
+
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks", "wen_detection.py")
+    spec = importlib.util.spec_from_file_location("wen_detection_benchmark", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    threads = torch.get_num_threads()
+    try:
+        report = module.main(["--output", str(tmp_path / "wen_detection.json")])
+    finally:
+        torch.set_num_threads(threads)  # the benchmark runs single-threaded
+    assert report["auc"] >= 0.9, report["after_fine_tuning"]
+    assert report["before_fine_tuning"]["first_step"]["auc"] < report["auc"]
