@@ -8,7 +8,6 @@ mitigation, evaluates on the test split and writes the paper's Table 1 (`results
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import replace
 
@@ -25,6 +24,7 @@ from .search import (
     run_trainer,
     select_trial,
 )
+from .training import write_json_atomic
 
 BASELINES = ("freeze", "full", "svdiff", "difffit", "attention")
 MITIGATIONS = ("none", "rwa", "threshold")
@@ -69,7 +69,7 @@ def run_search(unet, train_args: list[str], output_dir: str, search_spaces: list
         "front": [row_of[(name, t.number)] for name, t in union],
         "trials": trials,
     }
-    _write_json(os.path.join(output_dir, "search_summary.json"), summary)
+    write_json_atomic(os.path.join(output_dir, "search_summary.json"), summary)
     return summary
 
 
@@ -119,16 +119,9 @@ def run_memcontrol(unet, train_args: list[str], output_dir: str, search_spaces: 
     if final:
         result["rows"] = run_final(train_args, output_dir, summary["chosen"], layout, scope, baselines, mitigations)
         result["results_md"] = os.path.join(output_dir, "results.md")
-    _write_json(os.path.join(output_dir, "memcontrol_run.json"),
+    write_json_atomic(os.path.join(output_dir, "memcontrol_run.json"),
                 {k: v for k, v in result.items() if k != "search"})
     return result
-
-
-def _write_json(path: str, data) -> None:
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(data, f, indent=2)
-    os.replace(tmp, path)
 
 
 def parse_search_args(argv: list[str]) -> tuple:

@@ -25,6 +25,7 @@ from optuna.study import MaxTrialsCallback
 from optuna.trial import FrozenTrial, TrialState
 
 from .masks import Mask, MaskSpace
+from .training import write_json_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -305,7 +306,7 @@ def export_study(study: optuna.Study, space: MaskSpace, output_dir: str, selecti
         "chosen_trial": chosen.number,
         "front": [_trial_row(t, space) for t in front],
     }
-    _atomic_write(os.path.join(output_dir, "pareto.json"), json.dumps(pareto, indent=2))
+    write_json_atomic(os.path.join(output_dir, "pareto.json"), pareto)
     fieldnames = sorted({k for r in rows for k in r})
     tmp = os.path.join(output_dir, f".trials.csv.tmp-{os.getpid()}")
     with open(tmp, "w", newline="", encoding="utf-8") as f:
@@ -328,13 +329,6 @@ def _trial_row(trial: FrozenTrial, space: MaskSpace) -> dict:
         if key != "mask" and isinstance(value, (int, float, str, bool)):
             row[key] = value
     return row
-
-
-def _atomic_write(path: str, text: str) -> None:
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-    os.replace(tmp, path)
 
 
 @dataclass
