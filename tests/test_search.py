@@ -40,6 +40,9 @@ def slow_toy_trial(mask, learning_rate, trial):
     """Like toy_trial, but blocks while a flag file exists (so a test can kill the worker mid-trial)."""
     flag = os.environ["MEMCONTROL_TEST_BLOCK_FILE"]
     if os.path.exists(flag):
+        # Optuna never marks a trial stale before its first heartbeat, and its heartbeat thread races this
+        # function; record one here so the kill always lands on a trial the retry logic can see.
+        trial.study._storage.record_heartbeat(trial._trial_id)
         open(flag + ".started", "w").close()
         while os.path.exists(flag):
             time.sleep(0.1)
