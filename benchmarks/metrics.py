@@ -6,6 +6,8 @@
     over pairs (and over the 16 tiles) in Python; the same clique finder runs on both matrices and must agree.
 (b') The clique finder alone on a dense random geometric graph (thousands of maximal cliques, verified).
 (c) The vectorized tiled l2 at 224 px (the MemControl evaluation size) vs the naive loop on a subset, scaled.
+(d) d_mem, search variant: cost per D_mem image (one batched cond + uncond forward) vs two forwards per image, on
+    the tiny base and on the SD1.5 UNet shape at 64x64 latents (random weights).
 
 Peak memory is the resident-set size above the pre-call baseline, sampled every 2 ms in a background thread.
 Run: ``python benchmarks/metrics.py`` (about a minute on 2 CPU cores; ``--quick`` for a smoke run).
@@ -19,6 +21,7 @@ import gc
 import json
 import os
 import platform
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -37,8 +40,6 @@ try:
         tiled_l2,
     )
 except ImportError:  # run from a source checkout without installing
-    import sys
-
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     from diffusers_memcontrol.metrics.distances import (
         average_min_cosine_distance,
@@ -253,6 +254,59 @@ def bench_tiled_224(rng: np.random.Generator, n_gen: int, loop_pairs: int) -> di
     }
 
 
+def bench_dmem(n_tiny: int, n_sd15: int, batch_size: int = 16) -> dict:
+    """d_mem, search variant: seconds per D_mem image, batched (cond + uncond in one forward, `dmem_search`) vs two
+    forwards per image; on the shipped tiny base and on the SD1.5 UNet shape (random weights, 64x64 latents)."""
+    from diffusers import DDPMScheduler, UNet2DConditionModel
+
+    from diffusers_memcontrol.tiny_base import tiny_base_path
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from train_step import SD15_UNET
+
+    torch.manual_seed(0)
+    tiny = UNet2DConditionModel.from_pretrained(tiny_base_path(), subfolder="unet").eval()
+    with open(os.path.join(tiny_base_path(), "text_encoder", "config.json"), encoding="utf-8") as f:
+        tiny_tokens = json.load(f)["max_position_embeddings"]
+    models = [("tiny base", tiny, n_tiny, tiny_tokens)]
+    if n_sd15:
+        models.append(("SD1.5 UNet shape, 64x64 latents", UNet2DConditionModel(**SD15_UNET).eval(), n_sd15, 77))
+    scheduler = DDPMScheduler(num_train_timesteps=1000)
+    return {name: _dmem_costs(unet, scheduler, n, tokens, min(batch_size, n)) for name, unet, n, tokens in models}
+
+
+def _dmem_costs(unet: Any, scheduler: Any, n: int, tokens: int, batch_size: int) -> dict:
+    """Seconds per image of `dmem_search` and of two plain forwards per image, on `n` random D_mem latents."""
+    from diffusers_memcontrol.metrics.memorization import dmem_search
+
+    size, channels = unet.config.sample_size, unet.config.in_channels
+    latents = torch.randn(n, channels, size, size)
+    prompts = torch.randn(n, tokens, unet.config.cross_attention_dim)
+    uncond = torch.randn(1, tokens, unet.config.cross_attention_dim)
+
+    def batched():
+        return dmem_search(unet, scheduler, latents, prompts, uncond, batch_size=batch_size,
+                           generator=torch.Generator().manual_seed(0))
+
+    @torch.no_grad()
+    def per_image():
+        norms = []
+        for i in range(n):
+            t = torch.randint(0, 1000, (1,))
+            x = scheduler.add_noise(latents[i:i + 1], torch.randn_like(latents[i:i + 1]), t)
+            cond = unet(x, t, encoder_hidden_states=prompts[i:i + 1]).sample
+            free = unet(x, t, encoder_hidden_states=uncond).sample
+            norms.append((cond - free).flatten().norm())
+        return torch.stack(norms)
+
+    batched()  # warm-up
+    _, fast_s, fast_mb = measure(batched)
+    _, slow_s, _ = measure(per_image)
+    return {"n_images": n, "latent": [channels, size, size], "batch_size": batch_size,
+            "batched_s_per_image": fast_s / n, "batched_peak_rss_mb": fast_mb,
+            "two_forwards_s_per_image": slow_s / n, "speedup": slow_s / fast_s}
+
+
 def markdown(results: dict) -> str:
     """A small markdown table of the key numbers."""
     a, b, c = results["amd"], results["extraction_500"], results["tiled_l2_224px"]
@@ -308,6 +362,9 @@ def markdown(results: dict) -> str:
             f"{c['speedup_estimated']:.0f}x",
         ),
     ]
+    for name, r in results.get("dmem_search", {}).items():
+        rows.append((f"d_mem search variant per D_mem image ({name}, batch {r['batch_size']})",
+                     r["batched_s_per_image"], r["batched_peak_rss_mb"], f"{r['speedup']:.1f}x"))
     lines = ["| step | time (s) | peak RSS delta (MB) | speed-up of the fast path |", "|---|---:|---:|---:|"]
     lines += [f"| {name} | {t:.3f} | {m:.1f} | {s} |" for name, t, m, s in rows]
     return "\n".join(lines)
@@ -328,11 +385,13 @@ def main() -> None:
         ext = bench_extraction(rng, 80, 15, (3, 32, 32))
         stress = bench_clique_stress(rng, 100, 0.25, 5)
         t224 = bench_tiled_224(rng, 40, 50)
+        dmem = bench_dmem(16, 0)
     else:
         amd = bench_amd(rng, 1000, 20000, 256, (20, 500))
         ext = bench_extraction(rng, 500, 40, (3, 64, 64))
         stress = bench_clique_stress(rng, 500, 0.25, 10)
         t224 = bench_tiled_224(rng, 500, 1000)
+        dmem = bench_dmem(100, 4, batch_size=4)
     results = {
         "environment": {
             "torch": torch.__version__,
@@ -347,6 +406,7 @@ def main() -> None:
         "extraction_500": ext,
         "clique_stress": stress,
         "tiled_l2_224px": t224,
+        "dmem_search": dmem,
         "total_time_s": time.perf_counter() - start,
         "notes": (
             "peak_rss_mb = RSS above the pre-call baseline, sampled every 2 ms. Fast paths: best of 2-3 runs after a "

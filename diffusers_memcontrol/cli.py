@@ -1,4 +1,4 @@
-"""The `memcontrol` command: inspect mask spaces and run fine-tunes (more subcommands arrive with the search)."""
+"""The `memcontrol` command: inspect mask spaces, fine-tune, search, transfer a mask, publish."""
 
 from __future__ import annotations
 
@@ -75,6 +75,8 @@ def main(argv: list[str] | None = None) -> int:
     pub.add_argument("--endpoint", default=None, help="Hub endpoint (default: HF_ENDPOINT or huggingface.co).")
     sub.add_parser("search", help="Run MemControl: search masks, final fine-tunes and the comparison table "
                    "(same arguments as training/train_memcontrol.py --search).", add_help=False)
+    sub.add_parser("transfer", help="Stage 2 and the table with a mask found elsewhere, no search (same arguments "
+                   "as training/train_memcontrol.py --final --mask MASK).", add_help=False)
     sub.add_parser("train", help="Fine-tune with a mask (same arguments as training/train_memcontrol.py).",
                    add_help=False)
     args, rest = parser.parse_known_args(argv)
@@ -84,6 +86,11 @@ def main(argv: list[str] | None = None) -> int:
         from .runner import main_search
 
         main_search(["--search", *rest])
+        return 0
+    if args.command == "transfer":
+        from .runner import main_search
+
+        main_search(["--final", *rest])
         return 0
     if rest:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")

@@ -523,6 +523,25 @@ def build_memorization_set(
     return dmem.add_column("dmem_index", [int(r) for r in rows], feature=Value("int64"))
 
 
+def with_dmem_captions(train: Dataset, dmem: Dataset, caption_column: str = "text") -> Dataset:
+    """`train` with each D_mem row's caption replaced by D_mem's (extended) caption.
+
+    With ``unique_captions`` the D_mem pairs carry new words; the final fine-tune must see the same pairs that the
+    search and the evaluation use, or the memorization measured on D_mem would be of captions never trained on.
+    """
+    _require_columns(dmem, ["dmem_index", caption_column], "the D_mem set")
+    _require_columns(train, [caption_column], "the training split")
+    captions = list(train[caption_column])
+    for index, caption in zip(dmem["dmem_index"], dmem[caption_column]):
+        if not 0 <= index < len(captions):
+            raise ValueError(f"D_mem row {index} is outside the {len(captions)} rows of the training split: D_mem "
+                             "must come from build_memorization_set on this split.")
+        captions[index] = caption
+    feature = train.features[caption_column]
+    return train.remove_columns(caption_column).add_column(caption_column, captions, feature=feature).select_columns(
+        train.column_names)
+
+
 def write_dmem_file(dmem: Dataset, path: str) -> str:
     """Write the row indices of a D_mem set (its ``dmem_index`` column) as the JSON list `dmem_file` accepts."""
     _require_columns(dmem, ["dmem_index"], "the D_mem set")

@@ -59,10 +59,11 @@ _CACHE_VERSION = 1
 
 
 def default_cache_dir() -> str:
-    """Where reference statistics/features are cached: ``$DIFFUSERS_MEMCONTROL_CACHE`` or ``~/.cache/...``."""
-    root = os.environ.get("DIFFUSERS_MEMCONTROL_CACHE") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "diffusers_memcontrol")
-    return os.path.join(root, "eval_reference")
+    """Where reference statistics/features are cached: `eval_reference/` under the project's cache root
+    (`cache.default_cache_dir()`: ``$MEMCONTROL_CACHE_DIR`` or ``~/.cache/diffusers_memcontrol``)."""
+    from .cache import default_cache_dir as cache_root
+
+    return os.path.join(cache_root(), "eval_reference")
 
 
 def _positive_int(value: Any, name: str, allow_zero: bool = False) -> None:

@@ -364,18 +364,12 @@ def _write_json(path: str, data: Any) -> None:
         json.dump(data, f, indent=2)
 
 
-def _find_mask(output_dir: str, adapter_config: dict) -> Mask:
-    for name in (MASK_FILE, "best_mask.json"):
-        path = os.path.join(output_dir, name)
-        if os.path.isfile(path):
-            data = _read_json(path)
-            return Mask.from_dict(data.get("mask", data) if "bits" not in data else data)
-    if adapter_config.get("mask"):
-        return Mask.from_dict(adapter_config["mask"])
-    raise MemControlRepoError(
-        f"{output_dir!r} has no {MASK_FILE} (nor best_mask.json, nor a mask in {ADAPTER_CONFIG_FILE}): nothing to "
-        "publish."
-    )
+def _find_mask(output_dir: str) -> Mask:
+    try:
+        return Mask.load(output_dir)
+    except FileNotFoundError:
+        raise MemControlRepoError(f"{output_dir!r} has no {MASK_FILE} (nor best_mask.json, nor a mask in "
+                                  f"{ADAPTER_CONFIG_FILE}): nothing to publish.") from None
 
 
 def _copy_samples(output_dir: str, staging: str, taken: set[str]) -> list[str]:
@@ -410,7 +404,7 @@ def _assemble(output_dir: str, staging: str, repo_id: str, include_adapter: bool
     config_path = os.path.join(output_dir, ADAPTER_CONFIG_FILE)
     weights_path = os.path.join(output_dir, ADAPTER_WEIGHTS_FILE)
     adapter_config = _read_json(config_path) if os.path.isfile(config_path) else {}
-    mask = _find_mask(output_dir, adapter_config)
+    mask = _find_mask(output_dir)
     if adapter_config.get("mask") and Mask.from_dict(adapter_config["mask"]) != mask:
         raise MemControlRepoError(f"{output_dir!r}: {MASK_FILE} and the mask in {ADAPTER_CONFIG_FILE} disagree.")
     pickles = sorted(n for n in os.listdir(output_dir) if _is_pickle(n) and n.startswith("adapter_model"))

@@ -45,6 +45,8 @@ from dataclasses import asdict, dataclass, field
 
 from torch import nn
 
+MASK_FILES = ("mask.json", "best_mask.json", "adapter_config.json")
+
 METHODS = ("svdiff", "difffit", "attention", "lora", "full", "freeze")
 LAYOUTS = ("blocks", "attention", "paper")
 SCOPES = ("reference", "strict")
@@ -152,12 +154,22 @@ class Mask:
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> Mask:
-        """Read a mask JSON file (a `mask.json` or a folder holding one)."""
+        """Read a mask from a JSON file (a mask, or an `adapter_config.json` holding one) or from a folder holding
+        one of MASK_FILES (the first found): what training, search and publishing write."""
         path = os.fspath(path)
-        if os.path.isdir(path):
-            path = os.path.join(path, "mask.json")
-        with open(path, encoding="utf-8") as f:
-            return cls.from_json(f.read())
+        files = [os.path.join(path, n) for n in MASK_FILES] if os.path.isdir(path) else [path]
+        for file in files:
+            if not os.path.isfile(file) and len(files) > 1:
+                continue
+            with open(file, encoding="utf-8") as f:
+                data = json.load(f)
+            if isinstance(data, dict) and "bits" not in data and "mask" in data:
+                data = data["mask"]  # an adapter_config.json (no mask: a full or freeze adapter)
+            if data is not None:
+                return cls.from_dict(data)
+            if len(files) == 1:
+                raise ValueError(f"{file!r} holds no mask (an adapter of a method without one, such as full).")
+        raise FileNotFoundError(f"No {', '.join(MASK_FILES)} holding a mask in folder {path!r}: no mask to read.")
 
 
 @dataclass

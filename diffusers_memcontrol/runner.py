@@ -9,6 +9,8 @@ mitigation, evaluates on the test split and writes the paper's Table 1 (`results
 from __future__ import annotations
 
 import os
+import threading
+from collections.abc import Sequence
 from dataclasses import replace
 
 from .masks import Mask, MaskSpace
@@ -78,13 +80,20 @@ def _dominates(a, b) -> bool:
 
 
 def run_final(train_args: list[str], output_dir: str, chosen: dict, layout: str, scope: str,
-              baselines: tuple[str, ...] | list[str] = BASELINES, mitigations: tuple[str, ...] | list[str] = MITIGATIONS) -> list[dict]:
+              baselines: Sequence[str] = BASELINES, mitigations: Sequence[str] = MITIGATIONS,
+              n_workers: int = 1) -> list[dict]:
     """Stage 2: fine-tune the chosen mask and each baseline on the full training split with each mitigation,
-    evaluate on the test split; write results.md / results.json and return the rows."""
-    rows = []
-    runs = [(name, name, None) for name in baselines]
-    runs.append(("memcontrol", chosen["method"], Mask.from_dict(chosen["mask"])))
-    for row_name, method, mask in runs:
+    evaluate on the test split; write results.md / results.json and return the rows.
+
+    The runs are independent: `n_workers` of them run at once (one GPU each, or a share of the CPU cores).
+    """
+    from concurrent.futures import ThreadPoolExecutor
+    from queue import SimpleQueue
+
+    runs = []
+    candidates = [(name, name, None) for name in baselines]
+    candidates.append(("memcontrol", chosen["method"], Mask.from_dict(chosen["mask"])))
+    for row_name, method, mask in candidates:
         for mitigation in mitigations:
             args = [*train_args, "--peft_method", method, "--mask_layout", layout, "--mask_scope", scope,
                     "--mitigation", mitigation, "--eval", "--eval_split", "test"]
@@ -92,12 +101,30 @@ def run_final(train_args: list[str], output_dir: str, chosen: dict, layout: str,
                 args += ["--mask", mask.bitstring]
             if row_name == "memcontrol" and chosen.get("learning_rate"):
                 args += ["--learning_rate", repr(chosen["learning_rate"])]
-            run_dir = os.path.join(output_dir, "final", f"{row_name}-{mitigation}")
-            metrics = run_trainer(args, run_dir)
-            rows.append({"method": row_name, "peft_method": method, "mitigation": mitigation,
-                         **{k: v for k, v in metrics.items() if isinstance(v, (int, float)) or v is None}})
-            write_results(rows, output_dir)  # partial tables survive an interrupted run
-    return rows
+            runs.append((row_name, method, mitigation, args))
+    slots: SimpleQueue = SimpleQueue()
+    for slot in range(n_workers):
+        slots.put(slot)
+    done: dict[int, dict] = {}
+    lock = threading.Lock()
+
+    def run(index: int) -> None:
+        row_name, method, mitigation, args = runs[index]
+        slot = slots.get()
+        try:
+            metrics = run_trainer(args, os.path.join(output_dir, "final", f"{row_name}-{mitigation}"),
+                                  worker=slot if n_workers > 1 else None, num_workers=n_workers)
+        finally:
+            slots.put(slot)
+        with lock:
+            done[index] = {"method": row_name, "peft_method": method, "mitigation": mitigation,
+                           **{k: v for k, v in metrics.items() if isinstance(v, (int, float)) or v is None}}
+            write_results([done[i] for i in sorted(done)], output_dir)  # partial tables survive an interrupted run
+
+    with ThreadPoolExecutor(max_workers=n_workers) as pool:
+        for future in [pool.submit(run, i) for i in range(len(runs))]:
+            future.result()
+    return [done[i] for i in sorted(done)]
 
 
 def run_memcontrol(unet, train_args: list[str], output_dir: str, search_spaces: list[str], layout: str, scope: str,
@@ -111,13 +138,15 @@ def run_memcontrol(unet, train_args: list[str], output_dir: str, search_spaces: 
             plot_baselines[f"{t['method']} (default)"] = (t["dmem"], t["fid"])
     if hpo_baselines:  # Full FT on the same HPO set, for the plot
         metrics = run_trainer([*train_args, "--peft_method", "full", "--mask_layout", layout, "--hpo", "--eval",
-                               "--eval_split", "validation"], os.path.join(output_dir, "trials", "full-ft"))
+                               "--eval_split", "validation", "--eval_preset", "search"],
+                              os.path.join(output_dir, "trials", "full-ft"))
         plot_baselines["Full FT"] = (metrics["dmem"], metrics["fid"])
     plot = pareto_plot(summary["trials"], summary["front"], summary["chosen"]["row"], os.path.join(output_dir, "pareto.png"),
                        baselines=plot_baselines)
     result = {"search": summary, "pareto_plot": plot, "pareto_baselines": plot_baselines}
     if final:
-        result["rows"] = run_final(train_args, output_dir, summary["chosen"], layout, scope, baselines, mitigations)
+        result["rows"] = run_final(train_args, output_dir, summary["chosen"], layout, scope, baselines, mitigations,
+                                   n_workers=config.n_workers)
         result["results_md"] = os.path.join(output_dir, "results.md")
     write_json_atomic(os.path.join(output_dir, "memcontrol_run.json"),
                 {k: v for k, v in result.items() if k != "search"})
@@ -130,6 +159,9 @@ def parse_search_args(argv: list[str]) -> tuple:
 
     p = argparse.ArgumentParser(prog="train_memcontrol.py --search", add_help=True)
     p.add_argument("--search", action="store_true")
+    p.add_argument("--mask", default=None,
+                   help="With --final instead of --search: reuse this mask (mask JSON, a folder holding mask.json or "
+                        "best_mask.json, or a Hub repo) on new data, with no search: the paper's transfer (Sec. 4.4).")
     p.add_argument("--search_space", default=None,
                    help="Comma-separated PEFT methods to search (default: --peft_method or svdiff); several = the "
                         "paper's global search (union of the Pareto fronts).")
@@ -141,16 +173,27 @@ def parse_search_args(argv: list[str]) -> tuple:
     p.add_argument("--search_learning_rate", action="store_true")
     p.add_argument("--storage", default=None, help="Optuna storage URL or journal file (default: output_dir/study.db).")
     p.add_argument("--study_name", default=None)
-    p.add_argument("--n_workers", type=int, default=1)
+    p.add_argument("--n_workers", type=int, default=1,
+                   help="Concurrent fine-tunes on this machine, in the search and in stage 2 (one GPU each, or a "
+                        "share of the CPU cores).")
     p.add_argument("--selection", default="mean", choices=["mean", "normalized_mean"])
-    p.add_argument("--final", dest="final", action="store_true", default=True)
+    p.add_argument("--final", dest="final", action="store_true", default=True,
+                   help="Stage 2 after the search (default), or alone with --mask.")
     p.add_argument("--no_final", dest="final", action="store_false", help="Stop after the search.")
     p.add_argument("--baselines", default=",".join(BASELINES))
     p.add_argument("--mitigations", default=",".join(MITIGATIONS))
     p.add_argument("--output_dir", default="memcontrol-output")
     p.add_argument("--seed", type=int, default=0)
     args, passthrough = p.parse_known_args(argv)
-    for flag in ("--mask", "--hpo", "--eval", "--eval_split", "--mitigation", "--adapter_dir"):
+    if args.mask and args.search:
+        p.error("--mask reuses a found mask and --search finds one: pass one of them.")
+    if not args.mask and not args.search:
+        p.error("pass --search (find a mask, then stage 2) or --final --mask MASK (stage 2 with a given mask).")
+    if args.n_workers < 1:
+        p.error(f"--n_workers must be >= 1, got {args.n_workers}.")
+    if args.mask and not args.final:
+        p.error("--mask with --no_final would do nothing: stage 2 is the run.")
+    for flag in ("--hpo", "--eval", "--eval_split", "--eval_preset", "--mitigation", "--adapter_dir"):
         if flag in passthrough:
             p.error(f"{flag} is set by the search for each run; remove it from a --search command line.")
     return args, passthrough + ["--seed", str(args.seed)]
@@ -158,22 +201,17 @@ def parse_search_args(argv: list[str]) -> tuple:
 
 def main_search(argv: list[str]) -> dict:
     """`train_memcontrol.py --search ...` / `memcontrol search ...`: the whole MemControl run."""
-    import torch
-    from diffusers import UNet2DConditionModel
-
     from .masks import METHODS
-    from .tiny_base import tiny_base_path
 
     args, train_args = parse_search_args(argv)
+    if args.mask:
+        return main_transfer(args, train_args)
     spaces = (args.search_space or args.peft_method or "svdiff").split(",")
     unknown = [s for s in spaces if s not in METHODS or s in ("full", "freeze")]
     if unknown:
         raise ValueError(f"Unknown or unsearchable search space(s) {unknown}; expected svdiff, difffit, attention "
                          "or lora (comma-separated).")
-    model = next((train_args[i + 1] for i, a in enumerate(train_args[:-1]) if a == "--pretrained_model_name_or_path"),
-                 None) or tiny_base_path()
-    with torch.device("meta"):  # the architecture is enough to list positions
-        unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(model, subfolder="unet"))
+    unet = _meta_unet(train_args)
     config = SearchConfig(n_trials=args.n_trials, population_size=args.population_size,
                           search_learning_rate=args.search_learning_rate, storage=args.storage,
                           study_name=args.study_name, seed=args.seed, n_workers=args.n_workers,
@@ -187,7 +225,41 @@ def main_search(argv: list[str]) -> dict:
           f"(d_mem {chosen['dmem']:.4g}, FID {chosen['fid']:.4g})")
     print(f"Pareto plot: {os.path.abspath(result['pareto_plot'])}")
     if args.final:
-        with open(result["results_md"], encoding="utf-8") as f:
-            print(f.read())
-        print(f"table: {os.path.abspath(result['results_md'])}")
+        _print_table(result["results_md"])
     return result
+
+
+def main_transfer(args, train_args: list[str]) -> dict:
+    """`train_memcontrol.py --final --mask MASK ...`: stage 2 and the table with a mask found elsewhere (Sec. 4.4)."""
+    from .training import resolve_mask
+
+    mask = resolve_mask(args.mask, _meta_unet(train_args), None, args.mask_layout)
+    chosen = {"method": mask.method, "mask": mask.to_dict(), "source": args.mask}
+    os.makedirs(args.output_dir, exist_ok=True)
+    rows = run_final(train_args, args.output_dir, chosen, mask.layout, args.mask_scope,
+                     [b for b in args.baselines.split(",") if b], [m for m in args.mitigations.split(",") if m],
+                     n_workers=args.n_workers)
+    result = {"transfer": chosen, "rows": rows, "results_md": os.path.join(args.output_dir, "results.md")}
+    write_json_atomic(os.path.join(args.output_dir, "memcontrol_run.json"), result)
+    print(f"transferred mask: {mask.method} {mask.bitstring} (from {args.mask})")
+    _print_table(result["results_md"])
+    return result
+
+
+def _meta_unet(train_args: list[str]):
+    """The UNet of --pretrained_model_name_or_path (default: the tiny base) on the meta device, to list positions."""
+    import torch
+    from diffusers import UNet2DConditionModel
+
+    from .tiny_base import tiny_base_path
+
+    model = next((train_args[i + 1] for i, a in enumerate(train_args[:-1]) if a == "--pretrained_model_name_or_path"),
+                 None) or tiny_base_path()
+    with torch.device("meta"):
+        return UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(model, subfolder="unet"))
+
+
+def _print_table(results_md: str) -> None:
+    with open(results_md, encoding="utf-8") as f:
+        print(f.read())
+    print(f"table: {os.path.abspath(results_md)}")

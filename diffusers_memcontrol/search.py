@@ -220,6 +220,7 @@ def run_worker(space: MaskSpace, config: SearchConfig, output_dir: str, run_tria
                worker_index: int = 0) -> None:
     """Run trials in this process until the study holds `config.n_trials` completed or running trials."""
     os.environ["MEMCONTROL_WORKER_INDEX"] = str(worker_index)
+    os.environ["MEMCONTROL_NUM_WORKERS"] = str(config.n_workers)
     storage = resolve_storage(config.storage, output_dir, config)
     name = config.study_name or f"memcontrol-{space.method}-{space.layout}"
     sampler = optuna.samplers.NSGAIISampler(population_size=config.effective_population_size,
@@ -352,15 +353,22 @@ class TrainerTrial:
     def __call__(self, mask: Mask, learning_rate: float | None, trial: optuna.Trial) -> dict:
         trial_dir = os.path.join(self.output_dir, "trials", trial.study.study_name, f"trial-{trial.number:04d}")
         args = [*self.train_args, "--peft_method", self.method, "--mask_layout", self.layout,
-                "--mask_scope", self.scope, "--mask", mask.bitstring, "--hpo", "--eval", "--eval_split", "validation"]
+                "--mask_scope", self.scope, "--mask", mask.bitstring, "--hpo", "--eval", "--eval_split", "validation",
+                "--eval_preset", "search"]
         if learning_rate is not None:
             args += ["--learning_rate", repr(learning_rate)]
         return run_trainer(args, trial_dir, script=self.script, python=self.python)
 
 
-def run_trainer(args: list[str], output_dir: str, script: str | None = None, python: str | None = None) -> dict:
+def run_trainer(args: list[str], output_dir: str, script: str | None = None, python: str | None = None,
+                worker: int | None = None, num_workers: int | None = None) -> dict:
     """Run `training/train_memcontrol.py` with `args` in a fresh process writing to `output_dir`; return its
-    metrics.json. The log goes to output_dir/train.log (it holds no captions or prompts)."""
+    metrics.json. The log goes to output_dir/train.log (it holds no captions or prompts).
+
+    `worker` of `num_workers` (default: this search worker's, from the environment) picks the GPU
+    (CUDA_VISIBLE_DEVICES, unless already set) and, on CPU, splits the cores between concurrent runs (OMP_NUM_THREADS,
+    unless already set).
+    """
     import subprocess
     import sys
 
@@ -372,9 +380,13 @@ def run_trainer(args: list[str], output_dir: str, script: str | None = None, pyt
     cmd = [python or sys.executable, script, *args, "--output_dir", output_dir, "--report_to", "none", "--no_progress",
            "--num_validation_images", "0"]
     env = dict(os.environ)
-    worker = os.environ.get("MEMCONTROL_WORKER_INDEX")
+    if worker is None and os.environ.get("MEMCONTROL_WORKER_INDEX") is not None:
+        worker = int(os.environ["MEMCONTROL_WORKER_INDEX"])
+    num_workers = num_workers or int(os.environ.get("MEMCONTROL_NUM_WORKERS", "1"))
     if worker is not None and "CUDA_VISIBLE_DEVICES" not in os.environ:
-        env["CUDA_VISIBLE_DEVICES"] = worker  # one GPU per worker
+        env["CUDA_VISIBLE_DEVICES"] = str(worker)  # one GPU per worker
+    if num_workers > 1 and "OMP_NUM_THREADS" not in os.environ:
+        env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // num_workers))
     with open(os.path.join(output_dir, "train.log"), "w", encoding="utf-8") as log:
         result = subprocess.run(cmd, check=False, stdout=log, stderr=subprocess.STDOUT, env=env)
     if result.returncode != 0:

@@ -170,32 +170,26 @@ def parse_threshold(value: float | str) -> float | str:
 # --------------------------------------------------------------------------------------------------------------------
 # masks and adapters
 # --------------------------------------------------------------------------------------------------------------------
-def resolve_mask(spec: str | None, unet: torch.nn.Module, method: str, layout: str) -> Mask | None:
-    """Turn a `--mask` value (None, a bit string, a mask JSON file, a folder or a Hub repo holding one) into a Mask."""
+def resolve_mask(spec: str | None, unet: torch.nn.Module, method: str | None, layout: str) -> Mask | None:
+    """Turn a `--mask` value (None, a bit string, a mask JSON file, a folder or a Hub repo holding one) into a Mask.
+
+    A stored mask is re-targeted to `method` when its positions fit; `method=None` keeps the stored method.
+    """
     if spec is None or spec == "":
         return None
-    space = MaskSpace.from_unet(unet, method=method, layout=layout)
     if not os.path.exists(spec) and re.fullmatch(r"[\w.-]+/[\w.-]+", spec):  # a Hub repo holding a published mask
         from .hub import download_memcontrol
 
         spec = download_memcontrol(spec, require_adapter=False)
     if os.path.exists(spec):
-        if os.path.isdir(spec):
-            candidates = [os.path.join(spec, n) for n in ("mask.json", "best_mask.json", "adapter_config.json")]
-            path = next((c for c in candidates if os.path.isfile(c)), None)
-            if path is None:
-                raise FileNotFoundError(f"No mask.json, best_mask.json or adapter_config.json in folder {spec!r}.")
-        else:
-            path = spec
-        with open(path, encoding="utf-8") as f:
-            data = json.load(f)
-        if "mask" in data and "bits" not in data:  # an adapter_config.json
-            data = data["mask"]
-        mask = Mask.from_dict(data)
-        if mask.method != method:
+        mask = Mask.load(spec)
+        if method is not None and mask.method != method:
             # a mask transfers across methods only when positions agree (same layout on the same architecture)
             mask = Mask(method, mask.layout, mask.positions, mask.bits)
-        return MaskSpace.from_unet(unet, method=method, layout=mask.layout).validate(mask)
+        return MaskSpace.from_unet(unet, method=mask.method, layout=mask.layout).validate(mask)
+    if method is None:
+        raise ValueError(f"--mask {spec!r} is not a mask file, folder or Hub repo; a bit string needs a PEFT method.")
+    space = MaskSpace.from_unet(unet, method=method, layout=layout)
     if set(spec) <= set("01, _"):
         return space.mask(spec)
     raise ValueError(f"--mask {spec!r} is neither a file, a folder, nor a bit string of length {len(space)}.")
@@ -261,31 +255,14 @@ def check_adapter_fits(unet: torch.nn.Module, adapter_dir: str) -> MemControlCon
 
 
 def load_adapter(unet: torch.nn.Module, adapter_dir: str, adapter_name: str = "default") -> MemControlConfig:
-    """Inject and load a saved MemControl adapter into `unet` (safetensors only); return its config.
+    """Load a saved MemControl adapter folder into `unet` (checked before any weight moves); return its config.
 
-    The mask positions and every tensor shape are checked against this UNet first, so an adapter trained for another
-    base fails with a message naming the expected positions (or the first mismatching tensor).
+    The same checks and loading as `pipe.load_memcontrol_adapter` (`loaders.load_unet_adapter`), local folder only.
     """
-    from peft import get_peft_model_state_dict, inject_adapter_in_model, set_peft_model_state_dict
-    from safetensors import safe_open
-    from safetensors.torch import load_file
+    from .loaders import load_unet_adapter
 
-    weights = os.path.join(adapter_dir, "adapter_model.safetensors")
-    if not os.path.isfile(weights):
-        raise FileNotFoundError(f"{adapter_dir!r} has no adapter_model.safetensors (only safetensors are loaded).")
-    config = check_adapter_fits(unet, adapter_dir)
-    inject_adapter_in_model(config, unet, adapter_name)
-    expected = {k: tuple(v.shape) for k, v in get_peft_model_state_dict(unet, adapter_name=adapter_name).items()}
-    with safe_open(weights, framework="pt") as f:
-        found = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}  # noqa: SIM118 - safe_open is not a dict
-    unexpected = sorted(set(found) - set(expected))
-    wrong = [(k, found[k], expected[k]) for k in sorted(set(found) & set(expected)) if found[k] != expected[k]]
-    if unexpected or wrong:
-        detail = f"unexpected tensors {unexpected[:3]}" if unexpected else \
-            f"tensor {wrong[0][0]} has shape {wrong[0][1]}, this UNet expects {wrong[0][2]}"
-        raise ValueError(f"The adapter in {adapter_dir!r} was trained for another base model: {detail}.")
-    set_peft_model_state_dict(unet, load_file(weights), adapter_name=adapter_name)
-    return config
+    name = load_unet_adapter(unet, adapter_dir, adapter_name=adapter_name, local_files_only=True)
+    return unet.peft_config[name]
 
 
 # --------------------------------------------------------------------------------------------------------------------

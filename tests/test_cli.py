@@ -34,3 +34,12 @@ def test_publish_dry_run(tmp_path, capsys):
 def test_unknown_command_fails():
     with pytest.raises(SystemExit):
         main(["bogus"])
+
+
+def test_transfer_and_search_reach_the_runner(capsys):
+    with pytest.raises(SystemExit):
+        main(["transfer", "--max_train_steps", "1"])  # no --mask: nothing to transfer
+    assert "--final --mask MASK" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["search", "--mask", "best_mask.json"])
+    assert "pass one of them" in capsys.readouterr().err

@@ -17,6 +17,7 @@ from diffusers_memcontrol.data import (
     nonsense_words,
     split_dataset,
     validate_images,
+    with_dmem_captions,
     write_dmem_file,
 )
 
@@ -152,6 +153,13 @@ def test_unique_captions_are_unique_and_extend_the_originals():
     assert again["text"] == dmem["text"]
     words = nonsense_words(500, seed=0, avoid=["digit"])
     assert len(set(words)) == 500 and "digit" not in words
+    final = with_dmem_captions(table, dmem)  # stage 2 trains on the captions the search used
+    assert final.column_names == table.column_names and len(final) == 80
+    changed = [i for i in range(80) if final["text"][i] != captions[i]]
+    assert changed == sorted(dmem["dmem_index"])
+    assert [final["text"][i] for i in dmem["dmem_index"]] == dmem["text"]
+    with pytest.raises(ValueError, match="outside the 10 rows"):
+        with_dmem_captions(table.select(range(10)), dmem)
 
 
 def test_dmem_file_fixes_the_rows(tmp_path):

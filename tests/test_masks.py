@@ -83,6 +83,21 @@ def test_mask_json_round_trip(small_unet, tmp_path):
     assert space.mask(mask.bitstring) == mask
 
 
+def test_mask_load_reads_what_training_search_and_publishing_write(small_unet, tmp_path):
+    space = MaskSpace.from_unet(small_unet, "svdiff", "paper")
+    mask = space.mask([1, 0] * (len(space) // 2) + [1] * (len(space) % 2))
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text(json.dumps({"peft_type": "MEMCONTROL", "mask": mask.to_dict()}))
+    assert Mask.load(adapter) == mask == Mask.load(adapter / "adapter_config.json")
+    search = tmp_path / "search"
+    search.mkdir()
+    mask.save(search / "best_mask.json")
+    assert Mask.load(search) == mask
+    with pytest.raises(FileNotFoundError, match="No mask.json, best_mask.json, adapter_config.json holding a mask in folder"):
+        Mask.load(tmp_path / "search" / "..")
+
+
 def test_wrong_length_names_space_size(small_unet):
     space = MaskSpace.from_unet(small_unet, "svdiff", "blocks")
     with pytest.raises(ValueError, match=f"len\\(space\\) = {len(space)}"):

@@ -11,6 +11,16 @@ import pytest
 from diffusers_memcontrol import Mask
 from diffusers_memcontrol.runner import main_search, parse_search_args
 
+
+def _read(path, mode="r"):
+    with open(path, mode) as f:
+        return f.read()
+
+
+def _json(path):
+    return json.loads(_read(path))
+
+
 TINY_RUN = ["--max_train_steps", "3", "--train_batch_size", "8", "--dmem_size", "4", "--dmem_repeats", "2",
             "--proxy_fraction", "0.05", "--dmem_unique_captions", "--eval_num_prompts", "4",
             "--eval_extraction_generations", "4", "--eval_inference_steps", "2"]
@@ -20,27 +30,58 @@ def test_search_final_and_table(tmp_path):
     out = str(tmp_path / "run")
     result = main_search(["--search", "--search_space", "difffit", "--mask_layout", "paper", "--n_trials", "2",
                           "--population_size", "2", "--baselines", "freeze", "--mitigations", "none",
-                          "--output_dir", out, *TINY_RUN])
+                          "--n_workers", "2", "--output_dir", out, *TINY_RUN])
     chosen = result["search"]["chosen"]
     best = Mask.load(os.path.join(out, "best_mask.json"))
     assert best.to_dict() == chosen["mask"] and best.method == "difffit"
     assert chosen["row"] in result["search"]["front"]  # the chosen mask is on the front
-    assert open(os.path.join(out, "pareto.png"), "rb").read(4) == b"\x89PNG"
+    assert _read(os.path.join(out, "pareto.png"), "rb")[:4] == b"\x89PNG"
     assert "Full FT" in result["pareto_baselines"]
-    rows = json.load(open(os.path.join(out, "results.json")))
+    rows = _json(os.path.join(out, "results.json"))
     assert [(r["method"], r["mitigation"]) for r in rows] == [("freeze", "none"), ("memcontrol", "none")]
     for row in rows:
         for key in ("fid", "amd", "dmem", "trainable_params", "extracted_images"):
             assert key in row
     assert rows[0]["trainable_params"] == 0 and rows[1]["trainable_params"] > 0
-    table = open(os.path.join(out, "results.md")).read()
+    table = _read(os.path.join(out, "results.md"))
     assert "| Freeze |" in table and "| MemControl |" in table
     for name in ("trials.csv", "pareto.json"):
         assert os.path.exists(os.path.join(out, "search", "difffit", name))
+    trial = _json(os.path.join(out, "trials", "memcontrol-difffit-paper", "trial-0000", "metrics.json"))
+    assert trial["extracted_images"] is None and trial["config"]["extraction_generations"] == 0  # search preset
+    assert rows[0]["extracted_images"] is not None  # stage 2: the full evaluation
 
 
-def test_search_arguments_are_checked():
-    with pytest.raises(SystemExit):
-        parse_search_args(["--search", "--mask", "101"])
+def test_transfer_runs_stage_two_with_a_given_mask(tmp_path):
+    from diffusers import UNet2DConditionModel
+
+    from diffusers_memcontrol import MaskSpace
+    from diffusers_memcontrol.tiny_base import tiny_base_path
+
+    unet = UNet2DConditionModel.from_pretrained(tiny_base_path(), subfolder="unet")
+    space = MaskSpace.from_unet(unet, "difffit", "paper")
+    found = tmp_path / "found"
+    found.mkdir()
+    space.mask("10" * (len(space) // 2) + "1" * (len(space) % 2)).save(str(found / "best_mask.json"))
+    out = str(tmp_path / "transfer")
+    result = main_search(["--final", "--mask", str(found), "--dataset_name", "animal-mnist", "--feature_encoder",
+                          "tiny-domain", "--baselines", "freeze",
+                          "--mitigations", "none", "--output_dir", out, *TINY_RUN])
+    assert result["transfer"]["mask"] == Mask.load(str(found)).to_dict()
+    rows = _json(os.path.join(out, "results.json"))
+    assert [(r["method"], r["peft_method"]) for r in rows] == [("freeze", "freeze"), ("memcontrol", "difffit")]
+    memcontrol = _json(os.path.join(out, "final", "memcontrol-none", "summary.json"))
+    assert memcontrol["mask"] == Mask.load(str(found)).to_dict()
+    assert not os.path.exists(os.path.join(out, "study.db"))  # no search ran
+
+
+def test_search_arguments_are_checked(capsys):
+    for argv, message in ((["--search", "--mask", "101"], "pass one of them"),
+                          (["--max_train_steps", "3"], "pass --search"),
+                          (["--final", "--mask", "m.json", "--no_final"], "would do nothing"),
+                          (["--search", "--eval_split", "test"], "--eval_split is set by the search")):
+        with pytest.raises(SystemExit):
+            parse_search_args(argv)
+        assert message in capsys.readouterr().err
     with pytest.raises(ValueError, match="Unknown or unsearchable"):
         main_search(["--search", "--search_space", "full", "--output_dir", "/tmp/unused-memcontrol"])

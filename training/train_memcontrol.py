@@ -136,6 +136,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--adapter_dir", default=None, help="With --eval: a trained adapter to evaluate (no training).")
     g.add_argument("--eval_split", default="test", choices=["validation", "test"])
     g.add_argument("--eval_config", default=None, help="JSON file of EvaluationConfig fields.")
+    g.add_argument("--eval_preset", default="full", choices=["full", "search"],
+                   help="Starting EvaluationConfig: 'full' (every metric, the paper's settings) or 'search' (the "
+                        "reference code's cheap trial settings: FID and d_mem; no extraction attack or agreement, "
+                        "whatever --eval_extraction_generations says).")
     g.add_argument("--feature_encoder", default=None,
                    help="FID/AMD features (default: tiny-domain on built-in domains, else inception).")
     g.add_argument("--eval_num_prompts", type=int, default=None)
@@ -248,6 +252,8 @@ def build_sets(args: argparse.Namespace, splits: Any) -> tuple[Any, Any]:
                                        proxy_fraction=args.proxy_fraction, seed=args.seed)
     else:
         train = splits["train"]
+        if dmem is not None and args.dmem_unique_captions:  # the D_mem pairs as the search trained on them
+            train = data_mod.with_dmem_captions(train, dmem, args.caption_column)
     return train, dmem
 
 
@@ -255,7 +261,8 @@ def evaluation_config(args: argparse.Namespace, domain: str | None) -> Any:
     """EvaluationConfig from --eval_config and the --eval_* / --feature_encoder overrides."""
     from diffusers_memcontrol.evaluation import EvaluationConfig
 
-    values: dict = {}
+    values: dict = EvaluationConfig.for_search().to_dict() if args.eval_preset == "search" else {}
+    values.pop("show_progress", None)
     if args.eval_config:
         with open(args.eval_config, encoding="utf-8") as f:
             values.update(json.load(f))
@@ -270,6 +277,8 @@ def evaluation_config(args: argparse.Namespace, domain: str | None) -> Any:
                       "extraction_generations"), ("eval_inference_steps", "num_inference_steps")):
         if getattr(args, arg) is not None:
             values[name] = getattr(args, arg)
+    if args.eval_preset == "search":  # trials score FID and d_mem only, whatever the stage-2 settings say
+        values.update(extraction_generations=0, agreement="none")
     values.setdefault("seed", args.seed)
     values.setdefault("show_progress", not args.no_progress)
     if args.resolution and "resolution" not in values:
@@ -310,7 +319,7 @@ def main(argv: list[str] | None = None) -> dict:
     """Load model and data, check them, fine-tune, save the adapter and outputs, optionally evaluate and publish."""
     import sys
 
-    if "--search" in (sys.argv[1:] if argv is None else argv):  # stage 1 + stage 2 + table
+    if {"--search", "--final"} & set(sys.argv[1:] if argv is None else argv):  # stage 1 and/or 2 + table
         from diffusers_memcontrol.runner import main_search
 
         return main_search(sys.argv[1:] if argv is None else argv)
@@ -325,8 +334,8 @@ def main(argv: list[str] | None = None) -> dict:
         FineTuneConfig,
         check_adapter_fits,
         generate_validation_grid,
-        merged_adapters,
         load_adapter,
+        merged_adapters,
         prepare_training_data,
         resolve_mask,
         save_adapter,
