@@ -23,6 +23,7 @@ from diffusers_memcontrol.search import (
     optimize,
     pareto_front,
     resolve_storage,
+    run_trainer,
     run_worker,
     select_trial,
 )
@@ -188,3 +189,26 @@ def test_always_failing_trials_stop_the_search(space, tmp_path):
     config = _config(None, n_trials=5, max_failed_trials=2)
     with pytest.raises(RuntimeError, match="2 trials of this worker failed.*the trainer could not start"):
         optimize(space, config, str(tmp_path), failing_trial)
+
+
+def test_run_trainer_gives_each_worker_its_gpu_and_a_share_of_the_cores(tmp_path, monkeypatch):
+    script = tmp_path / "fake_trainer.py"
+    script.write_text(
+        "import json, os, sys\n"
+        "out = sys.argv[sys.argv.index('--output_dir') + 1]\n"
+        "json.dump({k: os.environ.get(k) for k in ('CUDA_VISIBLE_DEVICES', 'OMP_NUM_THREADS')},\n"
+        "          open(os.path.join(out, 'metrics.json'), 'w'))\n")
+    for name in ("CUDA_VISIBLE_DEVICES", "OMP_NUM_THREADS", "MEMCONTROL_WORKER_INDEX", "MEMCONTROL_NUM_WORKERS"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr(os, "cpu_count", lambda: 8)
+    env = run_trainer([], str(tmp_path / "a"), script=str(script), worker=3, num_workers=4)
+    assert env == {"CUDA_VISIBLE_DEVICES": "3", "OMP_NUM_THREADS": "2"}
+    assert run_trainer([], str(tmp_path / "b"), script=str(script)) == {"CUDA_VISIBLE_DEVICES": None,
+                                                                        "OMP_NUM_THREADS": None}
+    monkeypatch.setenv("OMP_NUM_THREADS", "5")  # the user's settings win
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "7")
+    env = run_trainer([], str(tmp_path / "c"), script=str(script), worker=1, num_workers=2)
+    assert env == {"CUDA_VISIBLE_DEVICES": "7", "OMP_NUM_THREADS": "5"}
+    with pytest.raises(RuntimeError, match="see .*train.log"):
+        script.write_text("raise SystemExit(3)\n")
+        run_trainer([], str(tmp_path / "d"), script=str(script))
