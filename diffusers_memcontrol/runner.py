@@ -8,6 +8,7 @@ mitigation, evaluates on the test split and writes the paper's Table 1 (`results
 
 from __future__ import annotations
 
+import json
 import os
 import threading
 from collections.abc import Sequence
@@ -112,8 +113,8 @@ def run_final(train_args: list[str], output_dir: str, chosen: dict, layout: str,
         row_name, method, mitigation, args = runs[index]
         slot = slots.get()
         try:
-            metrics = run_trainer(args, os.path.join(output_dir, "final", f"{row_name}-{mitigation}"),
-                                  worker=slot if n_workers > 1 else None, num_workers=n_workers)
+            metrics = run_or_reuse(args, os.path.join(output_dir, "final", f"{row_name}-{mitigation}"),
+                                   worker=slot if n_workers > 1 else None, num_workers=n_workers)
         finally:
             slots.put(slot)
         with lock:
@@ -127,6 +128,23 @@ def run_final(train_args: list[str], output_dir: str, chosen: dict, layout: str,
     return [done[i] for i in sorted(done)]
 
 
+def run_or_reuse(args: list[str], run_dir: str, **kwargs) -> dict:
+    """`search.run_trainer`, unless `run_dir` already holds the metrics of a finished run with the same arguments:
+    a restarted command redoes only the fine-tunes that had not finished."""
+    args_path, metrics_path = os.path.join(run_dir, "run_args.json"), os.path.join(run_dir, "metrics.json")
+    if os.path.isfile(args_path) and os.path.isfile(metrics_path):
+        with open(args_path, encoding="utf-8") as f:
+            same = json.load(f) == list(args)
+        if same:
+            with open(metrics_path, encoding="utf-8") as f:
+                return json.load(f)
+    os.makedirs(run_dir, exist_ok=True)
+    if os.path.isfile(metrics_path):
+        os.remove(metrics_path)  # another run's figures must never pass for this one's
+    write_json_atomic(args_path, list(args))
+    return run_trainer(args, run_dir, **kwargs)
+
+
 def run_memcontrol(unet, train_args: list[str], output_dir: str, search_spaces: list[str], layout: str, scope: str,
                    config: SearchConfig, final: bool = True, baselines: tuple[str, ...] | list[str] = BASELINES,
                    mitigations: tuple[str, ...] | list[str] = MITIGATIONS, hpo_baselines: bool = True) -> dict:
@@ -137,9 +155,9 @@ def run_memcontrol(unet, train_args: list[str], output_dir: str, search_spaces: 
         if t["default_mask"]:
             plot_baselines[f"{t['method']} (default)"] = (t["dmem"], t["fid"])
     if hpo_baselines:  # Full FT on the same HPO set, for the plot
-        metrics = run_trainer([*train_args, "--peft_method", "full", "--mask_layout", layout, "--hpo", "--eval",
-                               "--eval_split", "validation", "--eval_preset", "search"],
-                              os.path.join(output_dir, "trials", "full-ft"))
+        metrics = run_or_reuse([*train_args, "--peft_method", "full", "--mask_layout", layout, "--hpo", "--eval",
+                                "--eval_split", "validation", "--eval_preset", "search"],
+                               os.path.join(output_dir, "trials", "full-ft"))
         plot_baselines["Full FT"] = (metrics["dmem"], metrics["fid"])
     plot = pareto_plot(summary["trials"], summary["front"], summary["chosen"]["row"], os.path.join(output_dir, "pareto.png"),
                        baselines=plot_baselines)

@@ -64,15 +64,24 @@ def test_transfer_runs_stage_two_with_a_given_mask(tmp_path):
     found.mkdir()
     space.mask("10" * (len(space) // 2) + "1" * (len(space) % 2)).save(str(found / "best_mask.json"))
     out = str(tmp_path / "transfer")
-    result = main_search(["--final", "--mask", str(found), "--dataset_name", "animal-mnist", "--feature_encoder",
-                          "tiny-domain", "--baselines", "freeze",
-                          "--mitigations", "none", "--output_dir", out, *TINY_RUN])
+    argv = ["--final", "--mask", str(found), "--dataset_name", "animal-mnist", "--feature_encoder", "tiny-domain",
+            "--baselines", "freeze", "--mitigations", "none", "--output_dir", out, *TINY_RUN]
+    result = main_search(argv)
     assert result["transfer"]["mask"] == Mask.load(str(found)).to_dict()
     rows = _json(os.path.join(out, "results.json"))
     assert [(r["method"], r["peft_method"]) for r in rows] == [("freeze", "freeze"), ("memcontrol", "difffit")]
     memcontrol = _json(os.path.join(out, "final", "memcontrol-none", "summary.json"))
     assert memcontrol["mask"] == Mask.load(str(found)).to_dict()
     assert not os.path.exists(os.path.join(out, "study.db"))  # no search ran
+    # a restarted command reuses finished fine-tunes with the same arguments and redoes the others
+    summaries = {name: os.path.join(out, "final", name, "summary.json") for name in ("freeze-none", "memcontrol-none")}
+    before = {name: os.stat(path).st_mtime_ns for name, path in summaries.items()}
+    os.remove(os.path.join(out, "final", "memcontrol-none", "metrics.json"))  # as if killed before its evaluation
+    again = main_search(argv)
+    assert os.stat(summaries["freeze-none"]).st_mtime_ns == before["freeze-none"]
+    assert os.stat(summaries["memcontrol-none"]).st_mtime_ns != before["memcontrol-none"]
+    assert again["rows"][0] == result["rows"][0]  # reused as it was
+    assert again["rows"][1]["trainable_params"] == result["rows"][1]["trainable_params"]
 
 
 def test_search_arguments_are_checked(capsys):
