@@ -262,7 +262,7 @@ def bench_dmem(n_tiny: int, n_sd15: int, batch_size: int = 16) -> dict:
     from diffusers_memcontrol.tiny_base import tiny_base_path
 
     sys.path.insert(0, str(Path(__file__).parent))
-    from train_step import SD15_UNET
+    from sd15 import SD15_UNET
 
     torch.manual_seed(0)
     tiny = UNet2DConditionModel.from_pretrained(tiny_base_path(), subfolder="unet").eval()

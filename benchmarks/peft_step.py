@@ -37,17 +37,7 @@ CONFIGS = [
     ("lora-masked-half", "lora", 0.5),
 ]
 
-SD15_UNET_CONFIG = dict(
-    sample_size=64,
-    in_channels=4,
-    out_channels=4,
-    down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
-    up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
-    block_out_channels=(320, 640, 1280, 1280),
-    layers_per_block=2,
-    cross_attention_dim=768,
-    attention_head_dim=8,
-)
+from sd15 import SD15_UNET
 
 
 def _build_unet(model: str, device):
@@ -57,7 +47,7 @@ def _build_unet(model: str, device):
     torch.manual_seed(0)
     if model == "sd15":
         with torch.device(device):  # initialise in place: no 3.4 GB host-to-device copy per configuration
-            return UNet2DConditionModel(**SD15_UNET_CONFIG)
+            return UNet2DConditionModel(**SD15_UNET)
     from diffusers_memcontrol.tiny_base import tiny_base_path
 
     return UNet2DConditionModel.from_pretrained(tiny_base_path(), subfolder="unet").to(device)
@@ -165,7 +155,7 @@ def _write_report(args, results: list[dict]) -> str:
 
         if args.device.startswith("cuda"):
             device_name = torch.cuda.get_device_name(0)
-    except Exception:  # noqa: BLE001 - informative only
+    except Exception:
         pass
     report = {
         "benchmark": "peft_step",
