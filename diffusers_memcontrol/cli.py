@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 
 
@@ -29,11 +28,11 @@ def _mask_space(args: argparse.Namespace) -> int:
 
 
 def _train(args: argparse.Namespace, rest: list[str]) -> int:
-    script = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "training",
-                          "train_memcontrol.py")
-    if not os.path.isfile(script):
-        raise FileNotFoundError(f"{script} not found: `memcontrol train` runs from a source checkout.")
     import runpy
+
+    from .search import trainer_script
+
+    script = trainer_script()
 
     sys.argv = [script] + rest
     runpy.run_path(script, run_name="__main__")

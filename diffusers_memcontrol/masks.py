@@ -157,19 +157,26 @@ class Mask:
         """Read a mask from a JSON file (a mask, or an `adapter_config.json` holding one) or from a folder holding
         one of MASK_FILES (the first found): what training, search and publishing write."""
         path = os.fspath(path)
-        files = [os.path.join(path, n) for n in MASK_FILES] if os.path.isdir(path) else [path]
-        for file in files:
-            if not os.path.isfile(file) and len(files) > 1:
-                continue
-            with open(file, encoding="utf-8") as f:
-                data = json.load(f)
-            if isinstance(data, dict) and "bits" not in data and "mask" in data:
-                data = data["mask"]  # an adapter_config.json (no mask: a full or freeze adapter)
-            if data is not None:
-                return cls.from_dict(data)
-            if len(files) == 1:
-                raise ValueError(f"{file!r} holds no mask (an adapter of a method without one, such as full).")
+        if not os.path.isdir(path):
+            mask = cls._read_file(path)
+            if mask is None:
+                raise ValueError(f"{path!r} holds no mask (an adapter of a method without one, such as full).")
+            return mask
+        for name in MASK_FILES:
+            file = os.path.join(path, name)
+            mask = cls._read_file(file) if os.path.isfile(file) else None
+            if mask is not None:
+                return mask
         raise FileNotFoundError(f"No {', '.join(MASK_FILES)} holding a mask in folder {path!r}: no mask to read.")
+
+    @classmethod
+    def _read_file(cls, path: str) -> Mask | None:
+        """The mask of a mask JSON or of an `adapter_config.json` (None when that adapter has no mask)."""
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+        if isinstance(data, dict) and "bits" not in data and "mask" in data:
+            data = data["mask"]
+        return None if data is None else cls.from_dict(data)
 
 
 @dataclass

@@ -360,6 +360,15 @@ class TrainerTrial:
         return run_trainer(args, trial_dir, script=self.script, python=self.python)
 
 
+def trainer_script() -> str:
+    """Path of `training/train_memcontrol.py` in this source checkout (searches and `memcontrol train` run it)."""
+    script = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "training",
+                          "train_memcontrol.py")
+    if not os.path.isfile(script):
+        raise FileNotFoundError(f"Trainer script {script} not found: the trainer runs from a source checkout.")
+    return script
+
+
 def run_trainer(args: list[str], output_dir: str, script: str | None = None, python: str | None = None,
                 worker: int | None = None, num_workers: int | None = None) -> dict:
     """Run `training/train_memcontrol.py` with `args` in a fresh process writing to `output_dir`; return its
@@ -372,10 +381,7 @@ def run_trainer(args: list[str], output_dir: str, script: str | None = None, pyt
     import subprocess
     import sys
 
-    script = script or os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "training",
-                                    "train_memcontrol.py")
-    if not os.path.isfile(script):
-        raise FileNotFoundError(f"Trainer script {script} not found: the search runs from a source checkout.")
+    script = script or trainer_script()
     os.makedirs(output_dir, exist_ok=True)
     cmd = [python or sys.executable, script, *args, "--output_dir", output_dir, "--report_to", "none", "--no_progress",
            "--num_validation_images", "0"]

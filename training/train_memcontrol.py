@@ -261,8 +261,7 @@ def evaluation_config(args: argparse.Namespace, domain: str | None) -> Any:
     """EvaluationConfig from --eval_config and the --eval_* / --feature_encoder overrides."""
     from diffusers_memcontrol.evaluation import EvaluationConfig
 
-    values: dict = EvaluationConfig.for_search().to_dict() if args.eval_preset == "search" else {}
-    values.pop("show_progress", None)
+    values: dict = {}
     if args.eval_config:
         with open(args.eval_config, encoding="utf-8") as f:
             values.update(json.load(f))
@@ -278,7 +277,8 @@ def evaluation_config(args: argparse.Namespace, domain: str | None) -> Any:
         if getattr(args, arg) is not None:
             values[name] = getattr(args, arg)
     if args.eval_preset == "search":  # trials score FID and d_mem only, whatever the stage-2 settings say
-        values.update(extraction_generations=0, agreement="none")
+        search = EvaluationConfig.for_search()
+        values.update(extraction_generations=search.extraction_generations, agreement=search.agreement)
     values.setdefault("seed", args.seed)
     values.setdefault("show_progress", not args.no_progress)
     if args.resolution and "resolution" not in values:
