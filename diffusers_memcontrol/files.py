@@ -1,0 +1,94 @@
+"""Atomic file writes: a crash mid-write never leaves a truncated file where a reader expects a whole one.
+
+Every file the package writes (metrics, masks, configs, tables, caches, plots) goes through here: the content is
+written to a temporary file in the destination folder, flushed to disk, given the usual permissions and moved in
+place with `os.replace`, which is atomic on POSIX and Windows within one filesystem.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import tempfile
+from collections.abc import Iterator
+from typing import IO, Any
+
+
+def _read_umask() -> int:
+    """The process umask, read without changing it (changing it races with other threads creating files)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    return 0o022
+
+
+def usual_mode(path: str) -> None:
+    """Give a file or folder made by mkstemp/mkdtemp (0600/0700) the permissions a plain `open` would give it."""
+    os.chmod(path, (0o777 if os.path.isdir(path) else 0o666) & ~_read_umask())
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike, suffix: str = ".tmp") -> Iterator[str]:
+    """Yield a temporary path next to `path` for a library that writes by file name; move it to `path` on success."""
+    path = os.fspath(path)
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(path)}.", suffix=suffix)
+    os.close(fd)
+    try:
+        yield tmp
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        usual_mode(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+@contextlib.contextmanager
+def atomic_open(path: str | os.PathLike, mode: str = "w", encoding: str | None = "utf-8") -> Iterator[IO]:
+    """Open a temporary file next to `path` for writing (`"w"` or `"wb"`); it replaces `path` when the block ends."""
+    if mode not in ("w", "wb"):
+        raise ValueError(f"atomic_open writes whole files: mode must be 'w' or 'wb', got {mode!r}.")
+    with atomic_path(path) as tmp:
+        with open(tmp, mode, encoding=None if "b" in mode else encoding) as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+
+
+def write_text_atomic(path: str | os.PathLike, text: str) -> str:
+    """Write `text` to `path` atomically; returns the path."""
+    with atomic_open(path) as f:
+        f.write(text)
+    return os.fspath(path)
+
+
+def to_jsonable(value: Any) -> Any:
+    """Plain JSON types for numpy/torch scalars and arrays; non-finite floats become None (strict JSON)."""
+    if isinstance(value, dict):
+        return {str(k): to_jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [to_jsonable(v) for v in value]
+    if hasattr(value, "tolist") and not isinstance(value, (str, bytes)):  # numpy arrays/scalars, torch tensors
+        return to_jsonable(value.tolist())
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if value is None or isinstance(value, (str, int, float, bool)):
+        return value
+    if isinstance(value, os.PathLike):
+        return os.fspath(value)
+    raise TypeError(f"value of type {type(value).__name__} is not JSON-serializable: {value!r}")
+
+
+def write_json_atomic(path: str | os.PathLike, data: Any, sort_keys: bool = False) -> str:
+    """Write `data` as strict JSON (no NaN/inf) to `path` atomically; returns the path."""
+    text = json.dumps(to_jsonable(data), indent=2, sort_keys=sort_keys, allow_nan=False)
+    return write_text_atomic(path, text + "\n")
