@@ -33,12 +33,18 @@ def load_image_caption_dataset(
     caption_column: str = "text",
     split: str = "train",
     max_samples: int | None = None,
+    dataset_config_name: str | None = None,
+    caption_template: str | None = None,
+    cache_dir: str | None = None,
 ) -> Dataset:
     """A `datasets.Dataset` of images and captions from a built-in domain, a Hub id, a folder or a CSV/JSONL file.
 
     Defaults to the built-in `digits` domain (the quickstart's sensitive data). A folder is read as an `imagefolder`
-    with `metadata.jsonl`/`metadata.csv` (file_name + caption); a `.csv`/`.jsonl` file lists image paths (absolute
-    or relative to the file) and captions, the way MIMIC-CXR users usually hold their data.
+    with `metadata.jsonl`/`metadata.csv` (file_name + caption), or with one sub-folder per class; a `.csv`/`.jsonl`
+    file lists image paths (absolute or relative to the file) and captions, the way MIMIC-CXR users usually hold
+    their data. `dataset_config_name` and `cache_dir` mean what they mean for `datasets.load_dataset`;
+    `caption_template` (e.g. "a photo of a {label}") writes the captions of a classification dataset into
+    `caption_column` (see :func:`captions_from_template`).
     """
     from datasets import Image as ImageFeature
     from datasets import load_dataset
@@ -54,8 +60,8 @@ def load_image_caption_dataset(
         builder = {".csv": "csv", ".jsonl": "json", ".json": "json"}.get(ext)
         if builder is None:
             raise ValueError(f"--train_data_dir {train_data_dir!r}: expected a folder or a .csv/.jsonl file.")
-        dataset = load_dataset(builder, data_files=train_data_dir, split="train")
-        _check_columns(dataset, image_column, caption_column, train_data_dir)
+        dataset = load_dataset(builder, data_files=train_data_dir, split="train", cache_dir=cache_dir)
+        _check_columns(dataset, image_column, caption_template is None and caption_column, train_data_dir)
         root = os.path.dirname(os.path.abspath(train_data_dir))
         paths = _resolve_image_paths(dataset[image_column], root, train_data_dir, image_column)
         dataset = dataset.remove_columns(image_column).add_column(image_column, paths)
@@ -63,9 +69,11 @@ def load_image_caption_dataset(
     elif train_data_dir is not None:
         if not os.path.isdir(train_data_dir):
             raise FileNotFoundError(f"--train_data_dir {train_data_dir!r} does not exist.")
-        dataset = load_dataset("imagefolder", data_dir=train_data_dir, split="train")
+        dataset = load_dataset("imagefolder", data_dir=train_data_dir, split="train", cache_dir=cache_dir)
     else:
-        dataset = load_dataset(dataset_name, split=split)
+        dataset = load_dataset(dataset_name, dataset_config_name, split=split, cache_dir=cache_dir)
+    if caption_template is not None:
+        dataset = captions_from_template(dataset, caption_template, caption_column)
     _check_columns(dataset, image_column, caption_column, dataset_name or train_data_dir)
     if max_samples is not None:
         dataset = dataset.shuffle(seed=0).select(range(min(max_samples, len(dataset))))
@@ -74,6 +82,33 @@ def load_image_caption_dataset(
         raise ValueError(f"{len(empty)} rows have an empty caption in column {caption_column!r} (first rows: "
                          f"{empty[:5]}); every training image needs a caption.")
     return dataset
+
+
+def captions_from_template(dataset: Dataset, template: str, caption_column: str = "text") -> Dataset:
+    """Write `template` filled from each row into `caption_column`: a `ClassLabel` column gives its class name.
+
+    Any column may be named in the template ("a photo of a {label}", "{finding} in the {view} view"); this makes a
+    caption-less image-classification dataset (Imagenette, an imagefolder of class folders) trainable.
+    """
+    import string
+
+    from datasets import ClassLabel
+
+    fields = [name for _, name, _, _ in string.Formatter().parse(template) if name is not None]
+    if not fields or any(not f.isidentifier() for f in fields):
+        raise ValueError(f"--caption_template {template!r}: expected column names in braces, e.g. "
+                         "'a photo of a {label}'.")
+    missing = [f for f in fields if f not in dataset.column_names]
+    if missing:
+        raise ValueError(f"--caption_template {template!r} names column(s) {missing} not in the dataset; available "
+                         f"columns: {dataset.column_names}.")
+    names = {f: dataset.features[f].names for f in fields if isinstance(dataset.features[f], ClassLabel)}
+    columns = dataset.select_columns(fields).to_dict()  # the named columns only: no image is decoded
+    captions = [template.format(**{f: names[f][columns[f][i]] if f in names else columns[f][i] for f in fields})
+                for i in range(len(dataset))]
+    if caption_column in dataset.column_names:
+        dataset = dataset.remove_columns(caption_column)
+    return dataset.add_column(caption_column, captions)
 
 
 def _resolve_image_paths(values: Sequence, root: str, source: str, image_column: str) -> list[str]:
@@ -100,8 +135,8 @@ def _resolve_image_paths(values: Sequence, root: str, source: str, image_column:
     return paths
 
 
-def _check_columns(dataset, image_column: str, caption_column: str, source) -> None:
-    missing = [c for c in (image_column, caption_column) if c not in dataset.column_names]
+def _check_columns(dataset, image_column: str, caption_column: str | bool, source) -> None:
+    missing = [c for c in (image_column, caption_column) if c and c not in dataset.column_names]
     if missing:
         raise ValueError(f"Column(s) {missing} not found in {source!r}; available columns: {dataset.column_names}. "
                          "Pass --image_column / --caption_column.")
