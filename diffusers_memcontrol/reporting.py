@@ -68,13 +68,10 @@ def pareto_plot(
     title: str = "MemControl search",
 ) -> str:
     """Figure 3: every trial (d_mem vs FID), the Pareto front, the chosen mask and the baselines; saved as PNG."""
-    try:
-        import matplotlib
+    import matplotlib
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError as err:
-        raise ImportError("pareto_plot needs matplotlib: pip install 'diffusers-memcontrol[plots]'") from err
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
     done = [t for t in trials if t.get("dmem") is not None and t.get("fid") is not None]
     if not done:
         raise ValueError("No completed trial with dmem and fid to plot.")
