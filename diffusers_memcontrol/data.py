@@ -71,7 +71,11 @@ def load_image_caption_dataset(
             raise FileNotFoundError(f"--train_data_dir {train_data_dir!r} does not exist.")
         dataset = load_dataset("imagefolder", data_dir=train_data_dir, split="train", cache_dir=cache_dir)
     else:
-        dataset = load_dataset(dataset_name, dataset_config_name, split=split, cache_dir=cache_dir)
+        try:
+            dataset = load_dataset(dataset_name, dataset_config_name, split=split, cache_dir=cache_dir)
+        except ValueError as error:
+            _raise_for_config(dataset_name, dataset_config_name, error)
+            raise
     if caption_template is not None:
         dataset = captions_from_template(dataset, caption_template, caption_column)
     _check_columns(dataset, image_column, caption_column, dataset_name or train_data_dir)
@@ -82,6 +86,22 @@ def load_image_caption_dataset(
         raise ValueError(f"{len(empty)} rows have an empty caption in column {caption_column!r} (first rows: "
                          f"{empty[:5]}); every training image needs a caption.")
     return dataset
+
+
+def _raise_for_config(dataset_name: str, config_name: str | None, error: ValueError) -> None:
+    """Turn datasets' multi-line error about a missing or unknown config into one line naming the accepted configs."""
+    from datasets import get_dataset_config_names
+
+    try:
+        configs = get_dataset_config_names(dataset_name)
+    except (OSError, ValueError):  # the configs cannot be listed either: keep datasets' own error
+        return
+    if config_name is None and len(configs) > 1:
+        raise ValueError(f"--dataset_name {dataset_name!r} has several configs: pass --dataset_config_name, one of "
+                         f"{configs}.") from error
+    if config_name is not None and config_name not in configs:
+        raise ValueError(f"--dataset_config_name {config_name!r} is not a config of {dataset_name!r}; available: "
+                         f"{configs}.") from error
 
 
 def captions_from_template(dataset: Dataset, template: str, caption_column: str = "text") -> Dataset:

@@ -40,7 +40,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from .cache import _usual_mode
-from .masks import Mask, MaskSpace
+from .masks import BUILTIN_PREFIX, Mask, MaskSpace, builtin_mask
 from .tuners import MemControlConfig
 
 PEFT_METHODS = ("svdiff", "difffit", "attention", "lora", "full", "freeze")
@@ -171,12 +171,15 @@ def parse_threshold(value: float | str) -> float | str:
 # masks and adapters
 # --------------------------------------------------------------------------------------------------------------------
 def resolve_mask(spec: str | None, unet: torch.nn.Module, method: str | None, layout: str) -> Mask | None:
-    """Turn a `--mask` value (None, a bit string, a mask JSON file, a folder or a Hub repo holding one) into a Mask.
+    """Turn a `--mask` value (None, a bit string, a mask JSON file, a folder or a Hub repo holding one, a built-in
+    mask `memcontrol:<name>`) into a Mask.
 
     A stored mask is re-targeted to `method` when its positions fit; `method=None` keeps the stored method.
     """
     if spec is None or spec == "":
         return None
+    if spec.startswith(BUILTIN_PREFIX):  # a mask shipped with the package (`memcontrol masks` lists them)
+        return builtin_mask(spec).fit(unet, method)
     if not os.path.exists(spec) and re.fullmatch(r"[\w.-]+/[\w.-]+", spec):  # a Hub repo holding a published mask
         from .hub import download_memcontrol
 
