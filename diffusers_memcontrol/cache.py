@@ -31,6 +31,8 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from .images import file_digest
+
 logger = logging.getLogger(__name__)
 
 CACHE_FORMAT = 1
@@ -145,11 +147,7 @@ class FileHashMemo:
         row = self._db.execute("SELECT size, mtime, digest FROM hashes WHERE path = ?", (real,)).fetchone()
         if row is not None and row[0] == st.st_size and row[1] == st.st_mtime_ns:
             return row[2]
-        h = hashlib.sha256()
-        with open(path, "rb") as f:
-            for chunk in iter(lambda: f.read(1 << 20), b""):
-                h.update(chunk)
-        digest = h.hexdigest()
+        digest = file_digest(path)
         self._pending.append((real, st.st_size, st.st_mtime_ns, digest))
         if len(self._pending) >= 1000:
             self.flush()
@@ -327,10 +325,11 @@ def _usual_mode(path: str) -> None:
     os.chmod(path, (0o777 if os.path.isdir(path) else 0o666) & ~umask)
 
 
-def latent_cache(root: str, vae_identity: dict, resolution: int, center_crop: bool) -> TensorCache:
-    """The cache of VAE latent distributions (scaled `mean`, `std`) of one model, resolution and crop mode."""
+def latent_cache(root: str, vae_identity: dict, resolution: int, center_crop: bool, interpolation: str = "lanczos"
+                 ) -> TensorCache:
+    """The cache of VAE latent distributions (scaled `mean`, `std`) of one model, resolution, crop and resize mode."""
     return TensorCache(root, "latents", {"vae": vae_identity, "resolution": int(resolution),
-                                         "center_crop": bool(center_crop), "resize": "shorter-side-bilinear"})
+                                         "center_crop": bool(center_crop), "resize": f"shorter-side-{interpolation}"})
 
 
 def text_cache(root: str, text_encoder_identity: dict) -> TensorCache:

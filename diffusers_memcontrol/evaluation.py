@@ -41,7 +41,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from .data import preprocess_images
+from .columns import check_captions, check_columns
+from .images import check_interpolation, image_source, pixel_batch
 from .metrics.fid import FeatureStatistics, cached_reference_statistics, content_key, frechet_distance_from_stats
 
 __all__ = [
@@ -90,7 +91,10 @@ class EvaluationConfig:
         "help": "Eval prompts drawn (seeded) from eval_dataset; None = every row."})
     resolution: int | None = field(default=None, metadata={
         "help": "Square generation size in pixels; None = the pipeline's default (unet sample_size x VAE factor)."})
-    center_crop: bool = field(default=True, metadata={"help": "Center-crop real images to a square before resizing."})
+    center_crop: bool = field(default=True, metadata={
+        "help": "Center-crop real images after resizing their shorter side (else a random crop seeded by seed)."})
+    image_interpolation_mode: str = field(default="lanczos", metadata={
+        "help": "Resampling of real images (as the trainer's image_interpolation_mode)."})
     max_reference_images: int | None = field(default=None, metadata={
         "help": "Cap on the real eval images of the FID reference (seeded subset); None = all."})
     max_train_images: int | None = field(default=None, metadata={
@@ -154,6 +158,7 @@ class EvaluationConfig:
             if not steps or not all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in steps):
                 raise ValueError(f"dmem_timesteps must be None or non-negative ints, got {self.dmem_timesteps!r}.")
             self.dmem_timesteps = steps
+        check_interpolation(self.image_interpolation_mode)
         if not 0.0 <= float(self.replication_threshold) <= 1.0:
             raise ValueError(f"replication_threshold must be in [0, 1], got {self.replication_threshold!r}.")
 
@@ -202,25 +207,13 @@ def _check_pipeline(pipe: Any) -> None:
                          f"and scheduler; missing {missing or ['__call__']}.")
 
 
-def _check_dataset(dataset: Any, columns: Sequence[str], what: str) -> None:
-    """The dataset must be a non-empty `datasets.Dataset` holding `columns` (the error lists the available ones)."""
-    names = getattr(dataset, "column_names", None)
-    if names is None or not hasattr(dataset, "select"):
+def _check_dataset(dataset: Any, columns: dict[str, str], what: str) -> None:
+    """The dataset must be a non-empty `datasets.Dataset` holding `columns` (flag -> column; see check_columns)."""
+    if not hasattr(dataset, "select"):
         raise ValueError(f"{what} must be a datasets.Dataset, got {type(dataset).__name__}.")
-    missing = [c for c in columns if c not in names]
-    if missing:
-        raise ValueError(f"Column(s) {missing} not found in {what}; available columns: {names}.")
+    check_columns(dataset, columns, what)
     if len(dataset) == 0:
         raise ValueError(f"{what} is empty.")
-
-
-def _captions(dataset: Any, column: str, what: str) -> list[str]:
-    """Captions of a dataset; ValueError naming the first empty one's row."""
-    captions = dataset[column]
-    for row, caption in enumerate(captions):
-        if not isinstance(caption, str) or not caption.strip():
-            raise ValueError(f"{what} row {row} has an empty caption in column {column!r}.")
-    return list(captions)
 
 
 def _subset(n: int, cap: int | None, seed: int, keep: Sequence[int] = ()) -> np.ndarray:
@@ -315,13 +308,13 @@ def _image_seed(seed: int, prompt_index: int, image_index: int) -> int:
     return int.from_bytes(digest, "little") & ((1 << 63) - 1)
 
 
-def _real_images(dataset: Any, column: str, rows: Sequence[int], resolution: int, center_crop: bool,
-                 batch_size: int) -> Any:
-    """Yield ``[B, 3, R, R]`` tensors in [-1, 1] of `rows` of an image column, decoding `batch_size` at a time."""
+def _real_images(dataset: Any, column: str, rows: Sequence[int], resolution: int, config: EvaluationConfig) -> Any:
+    """Yield ``[B, 3, R, R]`` tensors in [-1, 1] of `rows` of an image column, decoding a batch at a time."""
     rows = [int(r) for r in rows]
-    for start in range(0, len(rows), batch_size):
-        images = dataset.select(rows[start:start + batch_size])[column]
-        yield preprocess_images(images, resolution, center_crop=center_crop)
+    generator = torch.Generator().manual_seed(config.seed)  # random crops (center_crop False) are seeded
+    for start in range(0, len(rows), config.encoder_batch_size):
+        images = dataset.select(rows[start:start + config.encoder_batch_size])[column]
+        yield pixel_batch(images, resolution, config.center_crop, config.image_interpolation_mode, generator)
 
 
 def _encoder_identity(encoder: Any) -> str:
@@ -343,28 +336,20 @@ def _image_column_fingerprint(dataset: Any, column: str, rows: Sequence[int]) ->
     rows = [int(r) for r in rows]
     for start in range(0, len(rows), 1024):
         values = table.select(rows[start:start + 1024])[column].to_pylist()
-        for value in values:
-            data = path = None
-            if isinstance(value, dict):
-                data, path = value.get("bytes"), value.get("path")
-            elif isinstance(value, str):
-                path = value
-            elif isinstance(value, (bytes, bytearray)):
-                data = bytes(value)
+        for row, value in zip(rows[start:start + 1024], values):
+            source, _, data = image_source(value, row, column)
             if data is not None:
                 h.update(b"b")
                 h.update(len(data).to_bytes(8, "little"))
                 h.update(data)
-            elif path is not None:
+            else:  # a file: its path, size and modification time (cheap, unlike reading every file)
                 h.update(b"p")
-                h.update(path.encode())
+                h.update(source.encode())
                 try:
-                    st = os.stat(path)
+                    st = os.stat(source)
                     h.update(f"{st.st_size}:{st.st_mtime_ns}".encode())
                 except OSError:
                     pass
-            else:
-                h.update(b"n" + repr(value).encode())
     return h.hexdigest()
 
 
@@ -402,14 +387,14 @@ def _fid_reference(encoder: Any, eval_dataset: Any, image_column: str, config: E
     """Cached feature statistics of the real eval images: (statistics, from_cache, number of images)."""
     rows = _subset(len(eval_dataset), config.max_reference_images, config.seed)
     key = content_key("fid-reference", _CACHE_VERSION, _encoder_identity(encoder),
-                      _image_column_fingerprint(eval_dataset, image_column, rows), resolution, config.center_crop)
+                      _image_column_fingerprint(eval_dataset, image_column, rows), resolution, config.center_crop,
+                      config.image_interpolation_mode)
     computed = []
 
     def compute() -> FeatureStatistics:
         stats = FeatureStatistics()
         bar = _progress(len(rows), "FID reference features", config.show_progress)
-        for batch in _real_images(eval_dataset, image_column, rows, resolution, config.center_crop,
-                                  config.encoder_batch_size):
+        for batch in _real_images(eval_dataset, image_column, rows, resolution, config):
             stats.update(encoder.features(batch, batch_size=config.encoder_batch_size))
             bar.update(len(batch))
         bar.close()
@@ -426,13 +411,13 @@ def _train_features(encoder: Any, dataset: Any, image_column: str, config: Evalu
     """Cached features of the training images (AMD / replication reference)."""
     rows = _subset(len(dataset), config.max_train_images, config.seed, keep=keep)
     key = content_key("train-features", _CACHE_VERSION, _encoder_identity(encoder),
-                      _image_column_fingerprint(dataset, image_column, rows), resolution, config.center_crop)
+                      _image_column_fingerprint(dataset, image_column, rows), resolution, config.center_crop,
+                      config.image_interpolation_mode)
 
     def compute() -> np.ndarray:
         out = []
         bar = _progress(len(rows), "training-set features", config.show_progress)
-        for batch in _real_images(dataset, image_column, rows, resolution, config.center_crop,
-                                  config.encoder_batch_size):
+        for batch in _real_images(dataset, image_column, rows, resolution, config):
             out.append(encoder.features(batch, batch_size=config.encoder_batch_size).numpy())
             bar.update(len(batch))
         bar.close()
@@ -457,9 +442,8 @@ def _dmem(pipe: Any, dmem_dataset: Any, image_column: str, caption_column: str, 
     from .metrics.memorization import dmem_search
     from .training import encode_images, encode_prompts
 
-    captions = _captions(dmem_dataset, caption_column, "dmem_dataset")
-    images = torch.cat(list(_real_images(dmem_dataset, image_column, range(len(dmem_dataset)), resolution,
-                                         config.center_crop, config.encoder_batch_size)))
+    captions = check_captions(dmem_dataset[caption_column], caption_column, "dmem_dataset")
+    images = torch.cat(list(_real_images(dmem_dataset, image_column, range(len(dmem_dataset)), resolution, config)))
     generator = torch.Generator("cpu").manual_seed(config.seed)
     with torch.no_grad():
         latents = encode_images(pipe.vae, images, batch_size=config.encoder_batch_size, generator=generator)
@@ -508,7 +492,7 @@ def _labels(dataset: Any, rows: np.ndarray, label_column: str | None, config: Ev
             raise ValueError("agreement='classifier' needs class labels: pass label_column (available columns: "
                              f"{dataset.column_names}) or choose agreement 'clip', 'biovil' or 'none'.")
         label_column = "label"
-    _check_dataset(dataset, [label_column], "eval_dataset")
+    _check_dataset(dataset, {"label_column": label_column}, "eval_dataset")
     labels = dataset.select(rows)[label_column]
     if not all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) for v in labels):
         raise ValueError(f"label_column {label_column!r} must hold integer class ids.")
@@ -564,9 +548,9 @@ def evaluate(
     if not isinstance(config, EvaluationConfig):
         raise TypeError(f"config must be an EvaluationConfig, got {type(config).__name__}.")
     _check_pipeline(pipe)
-    _check_dataset(eval_dataset, [image_column, caption_column], "eval_dataset")
-    _check_dataset(dmem_dataset, [image_column, caption_column], "dmem_dataset")
-    _check_dataset(reference_dataset, [image_column], "reference_dataset")
+    _check_dataset(eval_dataset, {"image_column": image_column, "caption_column": caption_column}, "eval_dataset")
+    _check_dataset(dmem_dataset, {"image_column": image_column, "caption_column": caption_column}, "dmem_dataset")
+    _check_dataset(reference_dataset, {"image_column": image_column}, "reference_dataset")
     timings: dict[str, float] = {}
     clock = time.perf_counter()
     resolution = config.resolution or _pipe_default_resolution(pipe)
@@ -576,7 +560,7 @@ def evaluate(
 
     # eval prompts: FID, agreement, amd_eval
     rows = _subset(len(eval_dataset), config.num_eval_prompts, config.seed)
-    prompts = _captions(eval_dataset.select(rows), caption_column, "eval_dataset")
+    prompts = check_captions(eval_dataset.select(rows)[caption_column], caption_column, "eval_dataset")
     labels = _labels(eval_dataset, rows, label_column, config)
     eval_images = generate_images(
         pipe, prompts, config.images_per_prompt, num_inference_steps=config.num_inference_steps,
@@ -598,7 +582,7 @@ def evaluate(
     from .metrics.distances import average_min_cosine_distance, extraction_attack, replication_scores
 
     clock = time.perf_counter()
-    dmem_captions = _captions(dmem_dataset, caption_column, "dmem_dataset")
+    dmem_captions = check_captions(dmem_dataset[caption_column], caption_column, "dmem_dataset")
     keep = [int(i) for i in dmem_dataset["dmem_index"]] if "dmem_index" in dmem_dataset.column_names else []
     keep = [i for i in keep if 0 <= i < len(reference_dataset)]
     train_feats, train_cached = _train_features(encoder, reference_dataset, image_column, config, resolution, keep)
@@ -621,7 +605,7 @@ def evaluate(
         timings["amd_replication"] = time.perf_counter() - clock
         clock = time.perf_counter()
         training_images = torch.cat(list(_real_images(dmem_dataset, image_column, range(len(dmem_dataset)),
-                                                      resolution, config.center_crop, config.encoder_batch_size)))
+                                                      resolution, config)))
         result = extraction_attack(
             dmem_images.reshape(len(dmem_captions), g, *dmem_images.shape[1:]), training_images,
             threshold=config.extraction_threshold, min_clique_size=config.extraction_min_clique_size,
@@ -681,13 +665,14 @@ def evaluate_search_objectives(
     if not isinstance(config, EvaluationConfig):
         raise TypeError(f"config must be an EvaluationConfig, got {type(config).__name__}.")
     _check_pipeline(pipe)
-    _check_dataset(dmem_dataset, [image_column, caption_column], "dmem_dataset")
-    _check_dataset(validation_dataset, [image_column, caption_column], "validation_dataset")
+    _check_dataset(dmem_dataset, {"image_column": image_column, "caption_column": caption_column}, "dmem_dataset")
+    _check_dataset(validation_dataset, {"image_column": image_column, "caption_column": caption_column},
+                   "validation_dataset")
     resolution = config.resolution or _pipe_default_resolution(pipe)
     if encoder is None:
         encoder = _load_feature_encoder(config, pipe.unet.device)
     rows = _subset(len(validation_dataset), config.num_eval_prompts, config.seed)
-    prompts = _captions(validation_dataset.select(rows), caption_column, "validation_dataset")
+    prompts = check_captions(validation_dataset.select(rows)[caption_column], caption_column, "validation_dataset")
     images = generate_images(
         pipe, prompts, config.images_per_prompt, num_inference_steps=config.num_inference_steps,
         guidance_scale=config.guidance_scale, resolution=resolution, batch_size=config.generation_batch_size,
