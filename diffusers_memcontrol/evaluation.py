@@ -43,15 +43,16 @@ import torch
 
 from .columns import check_captions, check_columns
 from .images import check_interpolation, image_source, pixel_batch
+from .masks import trainable_parameters
 from .metrics.fid import FeatureStatistics, cached_reference_statistics, content_key, frechet_distance_from_stats
 
 __all__ = [
     "AGREEMENT_KINDS",
     "EvaluationConfig",
-    "default_cache_dir",
     "evaluate",
     "evaluate_search_objectives",
     "generate_images",
+    "reference_cache_dir",
     "write_metrics",
 ]
 
@@ -59,12 +60,12 @@ AGREEMENT_KINDS = ("classifier", "clip", "biovil", "none")
 _CACHE_VERSION = 1
 
 
-def default_cache_dir() -> str:
+def reference_cache_dir() -> str:
     """Where reference statistics/features are cached: `eval_reference/` under the project's cache root
     (`cache.default_cache_dir()`: ``$MEMCONTROL_CACHE_DIR`` or ``~/.cache/diffusers_memcontrol``)."""
-    from .cache import default_cache_dir as cache_root
+    from .cache import default_cache_dir
 
-    return os.path.join(cache_root(), "eval_reference")
+    return os.path.join(default_cache_dir(), "eval_reference")
 
 
 def _positive_int(value: Any, name: str, allow_zero: bool = False) -> None:
@@ -125,7 +126,7 @@ class EvaluationConfig:
     encoder_batch_size: int = field(default=64, metadata={"help": "Images per encoder forward."})
     seed: int = field(default=0, metadata={"help": "Seed of prompt selection, generators and d_mem noise."})
     cache_dir: str | None = field(default=None, metadata={
-        "help": "Reference statistics/features cache (None: default_cache_dir())."})
+        "help": "Reference statistics/features cache (None: reference_cache_dir())."})
     show_progress: bool = field(default=True, metadata={"help": "tqdm progress bars."})
 
     def __post_init__(self) -> None:
@@ -401,7 +402,7 @@ def _fid_reference(encoder: Any, eval_dataset: Any, image_column: str, config: E
         computed.append(True)
         return stats
 
-    cache_dir = config.cache_dir or default_cache_dir()
+    cache_dir = config.cache_dir or reference_cache_dir()
     stats = cached_reference_statistics(cache_dir, key, compute)
     return stats, not computed, len(rows)
 
@@ -423,7 +424,7 @@ def _train_features(encoder: Any, dataset: Any, image_column: str, config: Evalu
         bar.close()
         return np.concatenate(out)
 
-    return _cached_features(config.cache_dir or default_cache_dir(), key, compute)
+    return _cached_features(config.cache_dir or reference_cache_dir(), key, compute)
 
 
 def _stats_of(feats: torch.Tensor, what: str) -> FeatureStatistics:
@@ -497,11 +498,6 @@ def _labels(dataset: Any, rows: np.ndarray, label_column: str | None, config: Ev
     if not all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) for v in labels):
         raise ValueError(f"label_column {label_column!r} must hold integer class ids.")
     return [int(v) for v in labels]
-
-
-def _count_trainable(unet: Any) -> int:
-    """Parameters of the UNet with requires_grad (the adapter's after a MemControl fine-tune)."""
-    return int(sum(p.numel() for p in unet.parameters() if p.requires_grad))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -631,7 +627,7 @@ def evaluate(
         "dmem": float(dmem.max),
         "dmem_mean": float(dmem.mean),
         "replication": replication,
-        "trainable_params": int(trainable_params) if trainable_params is not None else _count_trainable(pipe.unet),
+        "trainable_params": int(trainable_params) if trainable_params is not None else trainable_parameters(pipe.unet),
         "num_eval_prompts": len(prompts),
         "num_eval_images": int(eval_images.shape[0]),
         "num_fid_reference_images": int(n_ref),

@@ -41,11 +41,11 @@ from tqdm.auto import tqdm
 from .cache import _usual_mode
 from .columns import check_captions, check_columns
 from .images import ImageLoader, check_interpolation, scan_images, transform_image
-from .masks import Mask, MaskSpace
+from .masks import METHODS as PEFT_METHODS
+from .masks import Mask, MaskSpace, trainable_parameters
+from .mitigation import MITIGATIONS
 from .tuners import MemControlConfig
 
-PEFT_METHODS = ("svdiff", "difffit", "attention", "lora", "full", "freeze")
-MITIGATIONS = ("none", "rwa", "threshold")
 LR_SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup")
 DEFAULT_LR = {"svdiff": 1e-3, "difffit": 1e-3, "lora": 1e-4, "attention": 1e-5, "full": 1e-5, "freeze": 1e-3}
 CHECKPOINT_PREFIX = "checkpoint-"
@@ -980,7 +980,7 @@ def train(
         "losses": list(state.losses),
         "loss_summary": summarize_losses(state.losses),
         "final_loss": float(np.mean(state.losses[-50:])) if state.losses else math.nan,
-        "trainable_params": int(sum(p.numel() for p in params)),
+        "trainable_params": trainable_parameters(unet),
         "global_step": state.global_step,
         "max_train_steps": max_steps,
         "num_train_epochs": math.ceil(max_steps / steps_per_epoch) if steps_per_epoch else 0,
