@@ -24,13 +24,13 @@ import json
 import logging
 import os
 import sqlite3
-import tempfile
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 from tqdm.auto import tqdm
 
+from .files import atomic_path, write_text_atomic
 from .images import file_digest
 
 logger = logging.getLogger(__name__)
@@ -247,20 +247,13 @@ class TensorCache:
         os.makedirs(self.folder, exist_ok=True)
         meta_path = os.path.join(self.folder, "namespace.json")
         if not os.path.exists(meta_path):
-            _write_text_atomic(meta_path, json.dumps(self.namespace, indent=2, sort_keys=True, default=str))
+            write_text_atomic(meta_path, json.dumps(self.namespace, indent=2, sort_keys=True, default=str))
         key_bytes = torch.tensor([list(bytes.fromhex(k)) for k in keys], dtype=torch.uint8)
         name = hashlib.sha256(key_bytes.numpy().tobytes()).hexdigest()[:40] + ".safetensors"
         path = os.path.join(self.folder, name)
         data = {"keys": key_bytes, **{k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}}
-        fd, tmp = tempfile.mkstemp(prefix=".shard-", suffix=".tmp", dir=self.folder)
-        os.close(fd)
-        try:
+        with atomic_path(path) as tmp:
             save_file(data, tmp, metadata={"format": str(CACHE_FORMAT), "namespace": self.namespace_digest})
-            _usual_mode(tmp)
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.remove(tmp)
         if self._index is not None:
             for row, key in enumerate(keys):
                 self._index.setdefault(bytes.fromhex(key), (path, row))
@@ -304,25 +297,6 @@ class TensorCache:
         if pending_keys:
             self.write(pending_keys, {n: torch.cat(v) for n, v in pending.items()})
         return self.load(keys, names) if keys else {}
-
-
-def _write_text_atomic(path: str, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=os.path.dirname(path) or ".")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        _usual_mode(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
-def _usual_mode(path: str) -> None:
-    """mkstemp/mkdtemp make 0600 files and 0700 folders: give them the usual permissions (umask applied)."""
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(path, (0o777 if os.path.isdir(path) else 0o666) & ~umask)
 
 
 def latent_cache(root: str, vae_identity: dict, resolution: int, center_crop: bool, interpolation: str = "lanczos"

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from .columns import check_captions, check_columns
+from .files import write_text_atomic
 from .images import undecoded_column
 
 if TYPE_CHECKING:
@@ -480,13 +481,7 @@ def with_dmem_captions(train: Dataset, dmem: Dataset, caption_column: str = "tex
 def write_dmem_file(dmem: Dataset, path: str) -> str:
     """Write the row indices of a D_mem set (its ``dmem_index`` column) as the JSON list `dmem_file` accepts."""
     check_columns(dmem, ["dmem_index"], "the D_mem set")
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump([int(i) for i in dmem["dmem_index"]], f)
-    os.replace(tmp, path)
-    return path
+    return write_text_atomic(path, json.dumps([int(i) for i in dmem["dmem_index"]]))
 
 
 def build_hpo_set(

@@ -32,7 +32,6 @@ import hashlib
 import json
 import math
 import os
-import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -42,6 +41,7 @@ import numpy as np
 import torch
 
 from .columns import check_captions, check_columns
+from .files import atomic_open, write_json_atomic
 from .images import check_interpolation, image_source, pixel_batch
 from .masks import trainable_parameters
 from .metrics.fid import FeatureStatistics, cached_reference_statistics, content_key, frechet_distance_from_stats
@@ -364,15 +364,8 @@ def _cached_features(cache_dir: str, key: str, compute: Any) -> tuple[np.ndarray
         except (OSError, ValueError, EOFError):
             pass  # unreadable: recompute and overwrite
     feats = np.ascontiguousarray(np.asarray(compute(), dtype=np.float32))
-    fd, tmp = tempfile.mkstemp(dir=cache_dir, prefix=".features-", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            np.save(fh, feats)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    with atomic_open(path, "wb") as fh:
+        np.save(fh, feats)
     return feats, False
 
 
@@ -680,47 +673,8 @@ def evaluate_search_objectives(
     return {"dmem": float(dmem.max), "fid": float(fid)}
 
 
-def _jsonable(value: Any) -> Any:
-    """Plain JSON types: numpy/torch scalars and arrays to Python, non-finite floats to None."""
-    if isinstance(value, dict):
-        return {str(k): _jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
-    if torch.is_tensor(value):
-        return _jsonable(value.detach().cpu().tolist())
-    if isinstance(value, np.ndarray):
-        return _jsonable(value.tolist())
-    if isinstance(value, np.generic):
-        value = value.item()
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if value is None or isinstance(value, (bool, int, float, str)):
-        return value
-    if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        return _jsonable(asdict(value))
-    raise TypeError(f"metrics value of type {type(value).__name__} is not JSON-serializable: {value!r}")
-
-
 def write_metrics(metrics: dict[str, Any], path: str | os.PathLike) -> str:
-    """Write `metrics` as JSON atomically (temporary file in the same folder, then ``os.replace``); returns the path.
-
-    A crash mid-write never leaves a truncated ``metrics.json``. NaN/inf become ``null`` (strict JSON).
-    """
+    """Write `metrics` as strict JSON (NaN/inf become ``null``, keys sorted) atomically; returns the path."""
     if not isinstance(metrics, dict):
         raise TypeError(f"metrics must be a dict, got {type(metrics).__name__}.")
-    path = os.fspath(path)
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    text = json.dumps(_jsonable(metrics), indent=2, sort_keys=True, allow_nan=False)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text + "\n")
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
+    return write_json_atomic(path, metrics, sort_keys=True)

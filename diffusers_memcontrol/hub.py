@@ -20,6 +20,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from .files import usual_mode, write_json_atomic
 from .masks import Mask
 
 logger = logging.getLogger(__name__)
@@ -359,11 +360,6 @@ def _read_json(path: str) -> Any:
         return json.load(f)
 
 
-def _write_json(path: str, data: Any) -> None:
-    with open(path, "w", encoding="utf-8") as f:
-        json.dump(data, f, indent=2)
-
-
 def _find_mask(output_dir: str) -> Mask:
     try:
         return Mask.load(output_dir)
@@ -434,7 +430,7 @@ def _assemble(output_dir: str, staging: str, repo_id: str, include_adapter: bool
         metrics = _read_json(metrics_path)
         if not include_samples:
             metrics = sanitize_metrics(metrics)
-        _write_json(os.path.join(staging, METRICS_FILE), metrics)
+        write_json_atomic(os.path.join(staging, METRICS_FILE), metrics)
         files.append(METRICS_FILE)
         if not isinstance(metrics, dict):
             metrics = {}
@@ -460,6 +456,7 @@ def _place_atomically(staging: str, local_dir: str, output_dir: str) -> None:
     source = os.path.realpath(output_dir)
     if target == source or os.path.commonpath([target, source]) in (target, source):
         raise ValueError(f"local_dir {local_dir!r} must not be, contain or lie inside output_dir {output_dir!r}.")
+    usual_mode(staging)  # mkdtemp made it 0700
     if not os.path.exists(local_dir):
         os.replace(staging, local_dir)
         return

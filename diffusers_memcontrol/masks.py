@@ -45,6 +45,8 @@ from dataclasses import asdict, dataclass, field
 
 from torch import nn
 
+from .files import write_text_atomic
+
 MASK_FILES = ("mask.json", "best_mask.json", "adapter_config.json")
 
 METHODS = ("svdiff", "difffit", "attention", "lora", "full", "freeze")
@@ -146,11 +148,7 @@ class Mask:
 
     def save(self, path: str | os.PathLike) -> None:
         """Write the mask JSON atomically, so a crash never leaves a half-written file."""
-        path = os.fspath(path)
-        tmp = f"{path}.tmp-{os.getpid()}"
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(self.to_json(indent=2))
-        os.replace(tmp, path)
+        write_text_atomic(path, self.to_json(indent=2))
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> Mask:

@@ -14,6 +14,7 @@ import threading
 from collections.abc import Sequence
 from dataclasses import replace
 
+from .files import write_json_atomic
 from .masks import LAYOUTS, SCOPES, Mask, MaskSpace
 from .mitigation import MITIGATIONS
 from .reporting import pareto_plot, write_results
@@ -28,7 +29,6 @@ from .search import (
     run_trainer,
     select_trial,
 )
-from .training import write_json_atomic
 
 BASELINES = ("freeze", "full", "svdiff", "difffit", "attention")
 

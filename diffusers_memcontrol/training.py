@@ -38,8 +38,12 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from .cache import _usual_mode
 from .columns import check_captions, check_columns
+from .files import (
+    atomic_path,
+    usual_mode,
+    write_json_atomic,  # noqa: F401 (the name training/train_memcontrol.py imports)
+)
 from .images import ImageLoader, check_interpolation, scan_images, transform_image
 from .masks import METHODS as PEFT_METHODS
 from .masks import Mask, MaskSpace, trainable_parameters
@@ -228,7 +232,7 @@ def save_adapter(unet: torch.nn.Module, output_dir: str, adapter_name: str = "de
             with open(os.path.join(tmp, name), "w", encoding="utf-8") as f:
                 f.write(text)
         for name in os.listdir(tmp):
-            _usual_mode(os.path.join(tmp, name))
+            usual_mode(os.path.join(tmp, name))
             os.replace(os.path.join(tmp, name), os.path.join(output_dir, name))
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -604,7 +608,7 @@ def _save_checkpoint(accelerator, output_dir: str, step: int, total_limit: int |
     tmp = tempfile.mkdtemp(prefix=f".{CHECKPOINT_PREFIX}{step}-", dir=output_dir)
     try:
         accelerator.save_state(tmp)
-        _usual_mode(tmp)
+        usual_mode(tmp)
         if os.path.isdir(final):
             shutil.rmtree(final)
         os.replace(tmp, final)
@@ -1075,32 +1079,6 @@ def fixed_batch_loss(unet: torch.nn.Module, noise_scheduler: Any, data: Training
 # --------------------------------------------------------------------------------------------------------------------
 # outputs
 # --------------------------------------------------------------------------------------------------------------------
-def write_json_atomic(path: str, data: Any) -> None:
-    """Write JSON through a temporary file + rename, so a crash never leaves a half-written file."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".json", dir=folder)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(data, f, indent=2, default=_json_default)
-            f.write("\n")
-        _usual_mode(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
-def _json_default(value: Any) -> Any:
-    if isinstance(value, (np.integer,)):
-        return int(value)
-    if isinstance(value, (np.floating,)):
-        return float(value)
-    if isinstance(value, torch.Tensor):
-        return value.tolist()
-    return str(value)
-
-
 @contextlib.contextmanager
 def merged_adapters(unet: torch.nn.Module):
     """Fold the adapters into the UNet's weights while sampling (no adapter overhead per step), then restore them."""
@@ -1135,14 +1113,6 @@ def generate_validation_grid(pipe: Any, prompts: Sequence[str], num_images_per_p
                       generator=torch.Generator(device="cpu").manual_seed(seed), output_type="pil").images
     grid = make_image_grid(images, rows=len(prompts), cols=num_images_per_prompt)
     if output_path is not None:
-        folder = os.path.dirname(os.path.abspath(output_path))
-        fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".png", dir=folder)
-        os.close(fd)
-        try:
+        with atomic_path(output_path, suffix=".png") as tmp:
             grid.save(tmp, format="PNG")
-            _usual_mode(tmp)
-            os.replace(tmp, output_path)
-        finally:
-            if os.path.exists(tmp):
-                os.remove(tmp)
     return grid
