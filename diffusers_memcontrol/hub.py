@@ -20,7 +20,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from .files import write_json_atomic
+from .files import usual_mode, write_json_atomic
 from .masks import Mask
 
 logger = logging.getLogger(__name__)
@@ -496,6 +496,7 @@ def _place_atomically(staging: str, local_dir: str, output_dir: str) -> None:
     source = os.path.realpath(output_dir)
     if target == source or os.path.commonpath([target, source]) in (target, source):
         raise ValueError(f"local_dir {local_dir!r} must not be, contain or lie inside output_dir {output_dir!r}.")
+    usual_mode(staging)  # mkdtemp made it 0700
     if not os.path.exists(local_dir):
         os.replace(staging, local_dir)
         return

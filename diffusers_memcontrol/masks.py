@@ -422,6 +422,11 @@ def _ends_with_projection(name: str) -> bool:
     return any(name.endswith(f".{a}.{p}") for a in ("attn1", "attn2") for p in _ATTENTION_PROJECTIONS)
 
 
+def trainable_parameters(model: nn.Module) -> int:
+    """Number of parameters of `model` that train (`requires_grad`): the adapter's after injection."""
+    return int(sum(p.numel() for p in model.parameters() if p.requires_grad))
+
+
 def role_numel(role: str, module: nn.Module, lora_rank: int = 4) -> int:
     """Number of trainable scalars that `role` adds to `module`."""
     if role == ROLE_SPECTRAL:

@@ -14,7 +14,9 @@ import threading
 from collections.abc import Sequence
 from dataclasses import replace
 
-from .masks import Mask, MaskSpace
+from .files import write_json_atomic
+from .masks import LAYOUTS, SCOPES, Mask, MaskSpace
+from .mitigation import MITIGATIONS
 from .reporting import pareto_plot, write_results
 from .search import (
     OBJECTIVES,
@@ -27,10 +29,8 @@ from .search import (
     run_trainer,
     select_trial,
 )
-from .training import write_json_atomic
 
 BASELINES = ("freeze", "full", "svdiff", "difffit", "attention")
-MITIGATIONS = ("none", "rwa", "threshold")
 
 
 def run_search(unet, train_args: list[str], output_dir: str, search_spaces: list[str], layout: str, scope: str,
@@ -184,8 +184,8 @@ def parse_search_args(argv: list[str]) -> tuple:
                    help="Comma-separated PEFT methods to search (default: --peft_method or svdiff); several = the "
                         "paper's global search (union of the Pareto fronts).")
     p.add_argument("--peft_method", default=None)
-    p.add_argument("--mask_layout", default="paper", choices=["blocks", "attention", "paper"])
-    p.add_argument("--mask_scope", default="reference", choices=["reference", "strict"])
+    p.add_argument("--mask_layout", default="paper", choices=LAYOUTS)
+    p.add_argument("--mask_scope", default="reference", choices=SCOPES)
     p.add_argument("--n_trials", type=int, default=20)
     p.add_argument("--population_size", type=int, default=None)
     p.add_argument("--search_learning_rate", action="store_true")
