@@ -152,21 +152,32 @@ class MemControlLayer(BaseTunerLayer):
             self._svd = layer_svd(self.get_base_layer().weight)
         return self._svd
 
-    def _compute_basis(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """U and Vh in `dtype` when it is half precision (cached), else the fp32 master."""
-        u, _, vh = self._spectral_basis()
-        if dtype not in _HALF:
-            return u, vh
-        if self._svd_compute is None or self._svd_compute[0].dtype != dtype or self._svd_compute[0].device != u.device:
-            self._svd_compute = (u.to(dtype), vh.to(dtype))
-        return self._svd_compute
+    def _compute_basis(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """U and Vh on the base weight's device, in its dtype when that is half precision, else the fp32 master.
+
+        With a half-precision base, the fp32 master of U and Vh waits on the CPU (casting back to fp32 restores it
+        unrounded) and only the half copy occupies the accelerator.
+        """
+        weight = self.get_base_layer().weight
+        u, s, vh = self._spectral_basis()
+        if weight.dtype in _HALF:
+            compute = self._svd_compute
+            if compute is None or compute[0].dtype != weight.dtype or compute[0].device != weight.device:
+                compute = self._svd_compute = (u.to(weight.device, weight.dtype), vh.to(weight.device, weight.dtype))
+                self._svd = (u.cpu(), s, vh.cpu())
+            return compute
+        if u.device != weight.device:
+            u, vh = u.to(weight.device), vh.to(weight.device)
+            self._svd = (u, s, vh)
+        self._svd_compute = None
+        return u, vh
 
     def _apply(self, fn, recurse=True):
         # the fp32 SVD follows the layer's device but never its dtype: casting to half and back must not round it
         result = super()._apply(fn, recurse)
         if self._svd is not None:
-            device = fn(torch.empty(0, device=self._svd[0].device)).device
-            self._svd = tuple(t.to(device) for t in self._svd)
+            u, s, vh = self._svd
+            self._svd = (u, s.to(fn(torch.empty(0, device=s.device)).device), vh)  # U, Vh: placed at the next use
             self._svd_compute = None
         return result
 
@@ -191,8 +202,8 @@ class MemControlLayer(BaseTunerLayer):
         if adapter in self.memcontrol_weight:
             delta = self.memcontrol_weight[adapter] * self.memcontrol_scale[adapter]
         if spectral and adapter in self.memcontrol_spectral_shift:
-            u, _, vh = self._spectral_basis()
-            change = ((u * self._spectral_delta(adapter)) @ vh).reshape(weight.shape)
+            u, vh = self._compute_basis()
+            change = ((u * self._spectral_delta(adapter).to(u.dtype)) @ vh).reshape(weight.shape)
             delta = change if delta is None else delta + change
         if lora and adapter in self.memcontrol_lora_A:
             change = self._lora_delta(adapter)
@@ -397,7 +408,7 @@ class Linear(_ProjectionLayer):
         return F.linear(x, weight, bias)
 
     def _factored_correction(self, x, adapter):
-        u, vh = self._compute_basis(self.get_base_layer().weight.dtype)
+        u, vh = self._compute_basis()
         z = F.linear(x.to(vh.dtype), vh) * self._spectral_delta(adapter).to(vh.dtype)
         return F.linear(z, u)
 
@@ -419,7 +430,7 @@ class Conv2d(_ProjectionLayer):
 
     def _factored_correction(self, x, adapter):
         base = self.get_base_layer()
-        u, vh = self._compute_basis(base.weight.dtype)
+        u, vh = self._compute_basis()
         kernel = vh.reshape(vh.shape[0], *base.weight.shape[1:])
         z = F.conv2d(x.to(vh.dtype), kernel, None, base.stride, base.padding, base.dilation, base.groups)
         z = z * self._spectral_delta(adapter).to(vh.dtype).view(1, -1, 1, 1)
