@@ -10,7 +10,8 @@ baselines measured in that same invocation.
     python benchmarks/peft_step.py --model sd15 --device cuda --mixed_precision bf16 --gradient_checkpointing
 
 `--mixed_precision bf16` trains as the trainer does: frozen weights in bf16, trainable tensors in fp32, the step under
-`torch.autocast(bf16)`.
+`torch.autocast(bf16)`. `--fake_svd` replaces SV-DIFF's SVD by random factors of the same shapes (in a throw-away SVD
+cache): step time and memory depend only on the shapes, and the SD1.5 SVD takes ~25 minutes on one CPU thread.
 
 Writes `benchmarks/results/peft_step_<model>_<device>_latent<N>_b<batch>[_bf16][_gc].json` and prints a markdown table.
 """
@@ -82,11 +83,30 @@ def _apply(unet, method: str, fraction: float | None):
     unet.add_adapter(MemControlConfig(method=method, mask=space.mask(bits)))
 
 
+def _fake_svd() -> None:
+    """Random factors of the shapes `torch.linalg.svd` would return (timing only; never written to the real cache)."""
+    import tempfile
+
+    import torch
+
+    os.environ["MEMCONTROL_CACHE_DIR"] = tempfile.mkdtemp(prefix="fake_svd_")
+
+    def fake(a, full_matrices=True):
+        m, n = a.shape[-2:]
+        k = min(m, n)
+        return (torch.randn(m, k, device=a.device), torch.rand(k, device=a.device) + 0.1,
+                torch.randn(k, n, device=a.device))
+
+    torch.linalg.svd = fake
+
+
 def run_single(args) -> dict:
     """Build, adapt and time one configuration (runs inside the subprocess)."""
     import torch
 
     torch.set_num_threads(args.threads) if args.threads else None
+    if args.fake_svd:
+        _fake_svd()
     name, method, fraction = next(c for c in CONFIGS if c[0] == args.single)
     device = torch.device(args.device)
     unet = _build_unet(args.model, device)
@@ -180,6 +200,7 @@ def _write_report(args, results: list[dict]) -> str:
         "steps": args.steps,
         "mixed_precision": args.mixed_precision,
         "gradient_checkpointing": args.gradient_checkpointing,
+        "fake_svd": args.fake_svd,
         "command": " ".join(["python", "benchmarks/peft_step.py"] + sys.argv[1:]),
         "results": results,
     }
@@ -203,6 +224,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=0)
     parser.add_argument("--mixed_precision", choices=["no", "bf16"], default="no")
     parser.add_argument("--gradient_checkpointing", action="store_true")
+    parser.add_argument("--fake_svd", action="store_true", help="random SV-DIFF factors (timing only)")
     parser.add_argument("--configs", default=",".join(c[0] for c in CONFIGS))
     parser.add_argument("--output", default=None)
     parser.add_argument("--single", default=None, help=argparse.SUPPRESS)
@@ -221,8 +243,8 @@ def main() -> None:
             continue
         cmd = [sys.executable, __file__, "--single", name] + [
             f"--{k}={v}" for k, v in vars(args).items()
-            if k not in ("single", "configs", "output", "gradient_checkpointing") and v is not None
-        ] + (["--gradient_checkpointing"] if args.gradient_checkpointing else [])
+            if k not in ("single", "configs", "output", "gradient_checkpointing", "fake_svd") and v is not None
+        ] + [f"--{flag}" for flag in ("gradient_checkpointing", "fake_svd") if getattr(args, flag)]
         proc = subprocess.run(cmd, capture_output=True, text=True)
         line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
         if proc.returncode != 0 or line is None:

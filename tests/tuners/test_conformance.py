@@ -18,6 +18,11 @@ METHODS = ["svdiff", "difffit", "attention", "lora", "full"]
 ATOL = 1e-4
 
 
+def _unet():
+    """The small SD1.5-shaped UNet with one layer per block: every module type, half the modules."""
+    return make_small_unet(layers_per_block=1)
+
+
 def _perturb(model, seed: int, scale: float = 0.05) -> None:
     """Give every adapter tensor a random non-zero value (a trained adapter)."""
     generator = torch.Generator().manual_seed(seed)
@@ -28,7 +33,7 @@ def _perturb(model, seed: int, scale: float = 0.05) -> None:
 
 
 def _adapter(method, unet_inputs, seed=0, name="default"):
-    model = get_peft_model(make_small_unet(), MemControlConfig(method=method), adapter_name=name)
+    model = get_peft_model(_unet(), MemControlConfig(method=method), adapter_name=name)
     _perturb(model, seed)
     return model
 
@@ -40,7 +45,7 @@ def _out(model, inputs):
 
 @pytest.fixture(scope="module")
 def reference(unet_inputs_module):
-    return _out(make_small_unet(), unet_inputs_module)
+    return _out(_unet(), unet_inputs_module)
 
 
 @pytest.fixture(scope="module")
@@ -52,7 +57,7 @@ def unet_inputs_module():
 
 @pytest.mark.parametrize("method", METHODS)
 def test_identity_at_init_and_layer_features(method, unet_inputs_module, reference):
-    model = get_peft_model(make_small_unet(), MemControlConfig(method=method))
+    model = get_peft_model(_unet(), MemControlConfig(method=method))
     torch.testing.assert_close(_out(model, unet_inputs_module), reference, atol=1e-5, rtol=0)
     layers = [m for m in model.modules() if isinstance(m, MemControlLayer)]
     assert layers
@@ -64,7 +69,7 @@ def test_identity_at_init_and_layer_features(method, unet_inputs_module, referen
 
 @pytest.mark.parametrize("method", METHODS)
 def test_adapter_tensors_use_the_peft_prefix(method):
-    model = get_peft_model(make_small_unet(), MemControlConfig(method=method))
+    model = get_peft_model(_unet(), MemControlConfig(method=method))
     trainable = [n for n, p in model.named_parameters() if p.requires_grad]
     assert trainable and all(".memcontrol_" in n for n in trainable)
 
@@ -75,7 +80,7 @@ def test_save_load_round_trip_low_cpu_mem_usage(method, unet_inputs_module, tmp_
     expected = _out(model, unet_inputs_module)
     model.save_pretrained(tmp_path)
     assert os.path.exists(tmp_path / "adapter_model.safetensors")
-    loaded = PeftModel.from_pretrained(make_small_unet(), tmp_path, low_cpu_mem_usage=True)
+    loaded = PeftModel.from_pretrained(_unet(), tmp_path, low_cpu_mem_usage=True)
     assert not any(p.device.type == "meta" for p in loaded.parameters())
     torch.testing.assert_close(_out(loaded, unet_inputs_module), expected, atol=1e-5, rtol=0)
 
@@ -130,7 +135,7 @@ def test_several_active_adapters_merge_like_forward(method, unet_inputs_module):
 def test_merge_unmerge_disable(method, unet_inputs_module, reference):
     model = _adapter(method, unet_inputs_module)
     adapted = _out(model, unet_inputs_module)
-    base_state = {k: v.clone() for k, v in make_small_unet().state_dict().items()}
+    base_state = {k: v.clone() for k, v in _unet().state_dict().items()}
 
     model.merge_adapter()
     torch.testing.assert_close(_out(model, unet_inputs_module), adapted, atol=ATOL, rtol=0)
@@ -156,7 +161,7 @@ def test_merge_unmerge_disable(method, unet_inputs_module, reference):
 
 @pytest.mark.parametrize("method", METHODS)
 def test_diffusers_fuse_then_disable(method, unet_inputs_module, reference):
-    unet = make_small_unet()
+    unet = _unet()
     unet.add_adapter(MemControlConfig(method=method))
     _perturb(unet, seed=0)
     adapted = _out(unet, unet_inputs_module)
@@ -211,7 +216,7 @@ def wide_inputs():
 
 @pytest.mark.parametrize("method", METHODS)
 def test_training_step_changes_only_adapter_tensors(method, wide_inputs):
-    unet = make_small_unet()
+    unet = _unet()
     unet.add_adapter(MemControlConfig(method=method))
     unet.train()
     before = {k: v.clone() for k, v in unet.state_dict().items()}
@@ -231,7 +236,7 @@ def test_training_step_changes_only_adapter_tensors(method, wide_inputs):
 def test_gradient_checkpointing_gives_the_same_gradients(method, unet_inputs_module):
     grads = []
     for checkpointing in (False, True):
-        unet = make_small_unet()
+        unet = _unet()
         unet.add_adapter(MemControlConfig(method=method))
         _perturb(unet, seed=0)
         if checkpointing:
@@ -246,7 +251,7 @@ def test_gradient_checkpointing_gives_the_same_gradients(method, unet_inputs_mod
 
 @pytest.mark.parametrize("method", METHODS)
 def test_every_trainable_parameter_gets_a_gradient(method, wide_inputs):
-    unet = make_small_unet()
+    unet = _unet()
     unet.add_adapter(MemControlConfig(method=method))
     _perturb(unet, seed=0)  # away from init, where some gradients are structurally zero (LoRA's A)
     unet(*wide_inputs).sample.pow(2).mean().backward()
