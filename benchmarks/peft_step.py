@@ -7,8 +7,13 @@ baselines measured in that same invocation.
     python benchmarks/peft_step.py --model tiny                 # the shipped tiny base, CPU
     python benchmarks/peft_step.py --model sd15 --steps 3       # SD1.5-shaped UNet (random init), 16x16 latent, batch 1
     python benchmarks/peft_step.py --model sd15 --device cuda --latent_size 64 --batch_size 4
+    python benchmarks/peft_step.py --model sd15 --device cuda --mixed_precision bf16 --gradient_checkpointing
 
-Writes `benchmarks/results/peft_step_<model>_<device>_latent<N>_b<batch>.json` and prints a markdown table.
+`--mixed_precision bf16` trains as the trainer does: frozen weights in bf16, trainable tensors in fp32, the step under
+`torch.autocast(bf16)`. `--fake_svd` replaces SV-DIFF's SVD by random factors of the same shapes (in a throw-away SVD
+cache): step time and memory depend only on the shapes, and the SD1.5 SVD takes ~25 minutes on one CPU thread.
+
+Writes `benchmarks/results/peft_step_<model>_<device>_latent<N>_b<batch>[_bf16][_gc].json` and prints a markdown table.
 """
 
 from __future__ import annotations
@@ -38,6 +43,8 @@ CONFIGS = [
 ]
 
 from sd15 import SD15_UNET
+
+from diffusers_memcontrol.files import write_json_atomic
 
 
 def _build_unet(model: str, device):
@@ -76,11 +83,30 @@ def _apply(unet, method: str, fraction: float | None):
     unet.add_adapter(MemControlConfig(method=method, mask=space.mask(bits)))
 
 
+def _fake_svd() -> None:
+    """Random factors of the shapes `torch.linalg.svd` would return (timing only; never written to the real cache)."""
+    import tempfile
+
+    import torch
+
+    os.environ["MEMCONTROL_CACHE_DIR"] = tempfile.mkdtemp(prefix="fake_svd_")
+
+    def fake(a, full_matrices=True):
+        m, n = a.shape[-2:]
+        k = min(m, n)
+        return (torch.randn(m, k, device=a.device), torch.rand(k, device=a.device) + 0.1,
+                torch.randn(k, n, device=a.device))
+
+    torch.linalg.svd = fake
+
+
 def run_single(args) -> dict:
     """Build, adapt and time one configuration (runs inside the subprocess)."""
     import torch
 
     torch.set_num_threads(args.threads) if args.threads else None
+    if args.fake_svd:
+        _fake_svd()
     name, method, fraction = next(c for c in CONFIGS if c[0] == args.single)
     device = torch.device(args.device)
     unet = _build_unet(args.model, device)
@@ -89,6 +115,11 @@ def run_single(args) -> dict:
     setup_s = time.perf_counter() - t0
     unet.train()
     params = [p for p in unet.parameters() if p.requires_grad]
+    dtype = torch.bfloat16 if args.mixed_precision == "bf16" else torch.float32
+    for p in unet.parameters():  # as the trainer: trainable tensors in fp32, the frozen rest in the compute dtype
+        p.data = p.data.float() if p.requires_grad else p.data.to(dtype)
+    if args.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
     trainable = sum(p.numel() for p in params)
     optimizer = torch.optim.AdamW(params, lr=1e-5)
     cross_dim = unet.config.cross_attention_dim
@@ -100,7 +131,8 @@ def run_single(args) -> dict:
     timesteps = torch.randint(0, 1000, (args.batch_size,), generator=generator).to(device)
 
     def step():
-        prediction = unet(latents, timesteps, text).sample
+        with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
+            prediction = unet(latents, timesteps, text).sample
         loss = torch.nn.functional.mse_loss(prediction.float(), noise.float())
         loss.backward()
         optimizer.step()
@@ -166,17 +198,18 @@ def _write_report(args, results: list[dict]) -> str:
         "latent_size": args.latent_size,
         "batch_size": args.batch_size,
         "steps": args.steps,
+        "mixed_precision": args.mixed_precision,
+        "gradient_checkpointing": args.gradient_checkpointing,
+        "fake_svd": args.fake_svd,
         "command": " ".join(["python", "benchmarks/peft_step.py"] + sys.argv[1:]),
         "results": results,
     }
     out = args.output or os.path.join(
         os.path.dirname(__file__), "results",
-        f"peft_step_{args.model}_{args.device.split(':')[0]}_latent{args.latent_size}_b{args.batch_size}.json",
+        f"peft_step_{args.model}_{args.device.split(':')[0]}_latent{args.latent_size}_b{args.batch_size}"
+        f"{'_bf16' if args.mixed_precision == 'bf16' else ''}{'_gc' if args.gradient_checkpointing else ''}.json",
     )
-    from diffusers_memcontrol.files import write_json_atomic
-
     write_json_atomic(out, report)
-
     return out
 
 
@@ -189,6 +222,9 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--threads", type=int, default=0)
+    parser.add_argument("--mixed_precision", choices=["no", "bf16"], default="no")
+    parser.add_argument("--gradient_checkpointing", action="store_true")
+    parser.add_argument("--fake_svd", action="store_true", help="random SV-DIFF factors (timing only)")
     parser.add_argument("--configs", default=",".join(c[0] for c in CONFIGS))
     parser.add_argument("--output", default=None)
     parser.add_argument("--single", default=None, help=argparse.SUPPRESS)
@@ -206,8 +242,9 @@ def main() -> None:
         if name not in wanted:
             continue
         cmd = [sys.executable, __file__, "--single", name] + [
-            f"--{k}={v}" for k, v in vars(args).items() if k not in ("single", "configs", "output") and v is not None
-        ]
+            f"--{k}={v}" for k, v in vars(args).items()
+            if k not in ("single", "configs", "output", "gradient_checkpointing", "fake_svd") and v is not None
+        ] + [f"--{flag}" for flag in ("gradient_checkpointing", "fake_svd") if getattr(args, flag)]
         proc = subprocess.run(cmd, capture_output=True, text=True)
         line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
         if proc.returncode != 0 or line is None:

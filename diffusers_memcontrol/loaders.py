@@ -134,7 +134,7 @@ def _active_adapters(unet: nn.Module) -> list[str]:
 
 
 def _remove(unet: nn.Module, adapter_name: str) -> None:
-    """Unmerge and delete one adapter; unwrap layers left without any adapter."""
+    """Unmerge and delete one adapter (through diffusers' `delete_adapters`); unwrap layers left without any adapter."""
     for _, layer in _tuner_layers(unet):
         if adapter_name in layer.merged_adapters:
             others = [a for a in layer.merged_adapters if a != adapter_name]
@@ -142,15 +142,9 @@ def _remove(unet: nn.Module, adapter_name: str) -> None:
             if others:
                 layer.merge(adapter_names=others)
         layer.delete_adapter(adapter_name)
-    peft_config = getattr(unet, "peft_config", None)
-    if isinstance(peft_config, dict):
-        peft_config.pop(adapter_name, None)
+    if adapter_name in (getattr(unet, "peft_config", None) or {}):
+        unet.delete_adapters(adapter_name)
     _unwrap_empty_layers(unet)
-    if not getattr(unet, "peft_config", None):
-        if hasattr(unet, "peft_config"):
-            del unet.peft_config
-        if hasattr(unet, "_hf_peft_config_loaded"):
-            unet._hf_peft_config_loaded = False
 
 
 def _holds_nothing(layer) -> bool:
@@ -197,7 +191,7 @@ def load_unet_adapter(
     Every check (mask positions, tensor keys and shapes, safetensors only) runs before the UNet is modified, so a
     mismatched adapter leaves the UNet exactly as it was.
     """
-    from peft import inject_adapter_in_model, set_peft_model_state_dict
+    from peft import set_peft_model_state_dict
     from safetensors.torch import load_file
 
     source = os.fspath(repo_id_or_path)
@@ -217,15 +211,10 @@ def load_unet_adapter(
 
     previously_active = _active_adapters(unet)
     grads_before = {id(p): p.requires_grad for p in unet.parameters()}
-    if not hasattr(unet, "peft_config") or unet.peft_config is None:
-        unet.peft_config = {}
-    unet.peft_config[name] = config
-    if hasattr(unet, "_hf_peft_config_loaded"):
-        unet._hf_peft_config_loaded = True
     try:
         with warnings.catch_warnings():  # peft warns whenever a model already holds a peft_config: expected here
             warnings.filterwarnings("ignore", message="Already found a `peft_config` attribute")
-            inject_adapter_in_model(config, unet, name)
+            unet.add_adapter(config, adapter_name=name)
         if expected is None:  # no meta twin: check shapes against the injected layers, before copying values
             from peft import get_peft_model_state_dict
 
