@@ -1,5 +1,7 @@
 """Shared fixtures: real diffusers UNets at tiny size, and the SD1.5 layout on the meta device."""
 
+import os
+
 import pytest
 import torch
 from diffusers import UNet2DConditionModel
@@ -18,6 +20,18 @@ SD15_UNET_CONFIG = dict(
     cross_attention_dim=768,
     attention_head_dim=8,
 )
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _cache_in_tmp(tmp_path_factory):
+    """Keep the tests' caches (latents, text embeddings, SVDs, FID statistics) out of the user's cache folder."""
+    previous = os.environ.get("MEMCONTROL_CACHE_DIR")
+    os.environ["MEMCONTROL_CACHE_DIR"] = str(tmp_path_factory.mktemp("memcontrol_cache"))
+    yield
+    if previous is None:
+        os.environ.pop("MEMCONTROL_CACHE_DIR", None)
+    else:
+        os.environ["MEMCONTROL_CACHE_DIR"] = previous
 
 
 def make_small_unet(seed: int = 0, **overrides) -> UNet2DConditionModel:
