@@ -186,7 +186,7 @@ def _within_budget(others: list[FrozenTrial], number: int, n_trials: int) -> boo
     return None if running else False
 
 
-def _wait(study: optuna.Study, trial: FrozenTrial, decide: Callable[[list[FrozenTrial]], object]):
+def _wait(study: optuna.Study, trial: FrozenTrial | optuna.Trial, decide: Callable[[list[FrozenTrial]], object]):
     """Poll the storage until `decide(the other trials)` is not None; meanwhile keep this trial's heartbeat and fail
     stale trials (a killed worker's trial would block the others forever)."""
     storage = study._storage
@@ -275,8 +275,7 @@ def make_objective(space: MaskSpace, config: SearchConfig, run_trial: TrialFunct
 
     def objective(trial: optuna.Trial) -> tuple[float, float]:
         # two workers may both start a trial when one is missing: the later-numbered one stands down
-        frozen = trial.study._storage.get_trial(trial._trial_id)
-        if not _wait(trial.study, frozen, lambda others: _within_budget(others, trial.number, config.n_trials)):
+        if not _wait(trial.study, trial, lambda others: _within_budget(others, trial.number, config.n_trials)):
             trial.study.stop()
             trial.set_user_attr("skipped", f"the study already had n_trials={config.n_trials} completed trials")
             raise optuna.TrialPruned("budget reached")
@@ -448,14 +447,25 @@ class TrainerTrial:
 
 def dmem_exposures(run_dir: str) -> dict:
     """How often a trainer run showed each D_mem pair (samples trained on x dmem_repeats / training-set size), read
-    from its training_config.json and summary.json, with the training-set size."""
+    from its training_config.json and summary.json, with the training-set size (`train_samples`)."""
     with open(os.path.join(run_dir, "training_config.json"), encoding="utf-8") as f:
         config = json.load(f)
     with open(os.path.join(run_dir, "summary.json"), encoding="utf-8") as f:
         steps = json.load(f)["global_step"]
     fine_tune, images = config["fine_tune"], config["data"]["train_samples"]
     samples = steps * fine_tune["train_batch_size"] * fine_tune["gradient_accumulation_steps"]
-    return {"num_train_images": images, "dmem_exposures": round(samples * config["run"]["dmem_repeats"] / images, 1)}
+    return {"train_samples": images, "dmem_exposures": round(samples * config["run"]["dmem_repeats"] / images, 1)}
+
+
+def exposure_report(exposures: Sequence[float]) -> dict:
+    """The D_mem exposures of a search's trials next to the paper's; warn when they are below a tenth of it (trials
+    that short cannot memorize, so d_mem cannot tell masks that memorize from those that do not)."""
+    report = {"per_trial": min(exposures) if exposures else None, "paper": PAPER_DMEM_EXPOSURES}
+    if exposures and min(exposures) < PAPER_DMEM_EXPOSURES / 10:
+        logger.warning("Each search trial shows each D_mem pair %s times, below a tenth of the paper's %d: trials this "
+                       "short do not memorize. Raise --max_train_steps or lower --dmem_size.", report["per_trial"],
+                       PAPER_DMEM_EXPOSURES)
+    return report
 
 
 def trainer_script() -> str:
