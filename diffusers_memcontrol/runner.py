@@ -23,6 +23,7 @@ from .search import (
     SearchConfig,
     TrainerTrial,
     export_study,
+    exposure_report,
     mask_of_trial,
     optimize,
     pareto_front,
@@ -50,7 +51,8 @@ def run_search(unet, train_args: list[str], output_dir: str, search_spaces: list
                 trials.append({"study": study.study_name, "method": method, "number": len(trials), "trial": t.number,
                                "dmem": t.values[0], "fid": t.values[1], "mask": mask_of_trial(t, space).bitstring,
                                "default_mask": bool(t.user_attrs.get("seeded")),
-                               "trainable_params": t.user_attrs.get("trainable_params")})
+                               "trainable_params": t.user_attrs.get("trainable_params"),
+                               "dmem_exposures": t.user_attrs.get("dmem_exposures")})
                 row_of[(study.study_name, t.number)] = len(trials) - 1
         front.extend((study.study_name, t) for t in pareto_front(study))
     if not row_of:
@@ -70,6 +72,7 @@ def run_search(unet, train_args: list[str], output_dir: str, search_spaces: list
         "chosen": {"method": chosen_method, "mask": mask.to_dict(), "dmem": chosen.values[0], "fid": chosen.values[1],
                    "learning_rate": chosen.params.get("learning_rate"), "row": chosen_row},
         "front": [row_of[(name, t.number)] for name, t in union],
+        "dmem_exposures": exposure_report([t["dmem_exposures"] for t in trials if t["dmem_exposures"] is not None]),
         "trials": trials,
     }
     write_json_atomic(os.path.join(output_dir, "search_summary.json"), summary)

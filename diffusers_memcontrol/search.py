@@ -5,6 +5,9 @@ position (and optionally a learning rate), fine-tunes on the HPO set and reports
 memorization metric d_mem on D_mem and FID on the validation split. Studies live in any Optuna storage (SQLite file by
 default, PostgreSQL/MySQL for many machines, a journal file on a shared filesystem), so several workers on one or many
 machines share a study; with an RDB storage, heartbeats fail the trials of a killed worker and re-queue them.
+
+The search is reproducible: the same seed gives the same trials and the same chosen mask whatever the number of workers
+(see `ReproducibleNSGAIISampler`).
 """
 
 from __future__ import annotations
@@ -15,12 +18,15 @@ import logging
 import math
 import multiprocessing
 import os
+import time
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 
+import numpy as np
 import optuna
-from optuna.storages import RetryHeartbeatStaleTrialCallback
+from optuna.storages import RetryHeartbeatStaleTrialCallback, fail_stale_trials
+from optuna.storages._heartbeat import is_heartbeat_enabled
 from optuna.study import MaxTrialsCallback
 from optuna.trial import FrozenTrial, TrialState
 
@@ -32,6 +38,10 @@ logger = logging.getLogger(__name__)
 OBJECTIVES = ("dmem", "fid")
 SELECTIONS = ("mean", "normalized_mean")
 _SPACE_ATTR = "memcontrol_search_space"
+_POLL_SECONDS = 0.5
+# The paper's stage 1 (the authors' scripts): 3,000 steps at batch 128 on 1% of MIMIC's 110k training rows plus
+# 100 D_mem pairs x 50 repeats, so each pair is seen 3000 * 128 * 50 / (1100 + 5000) times.
+PAPER_DMEM_EXPOSURES = round(3000 * 128 * 50 / (0.01 * 110_000 + 100 * 50))
 
 
 @dataclass
@@ -126,6 +136,77 @@ def _space_record(space: MaskSpace, config: SearchConfig) -> dict:
             "search_learning_rate": config.search_learning_rate}
 
 
+class ReproducibleNSGAIISampler(optuna.samplers.NSGAIISampler):
+    """NSGA-II whose trials depend on the seed and the objectives only, not on the workers or the finishing order.
+
+    Trial n draws its random numbers (first population, crossover, mutation) from a state derived from (seed, n)
+    instead of the worker's sampler state. Its generation is decided from the trials before it: it waits, polling the
+    storage, while the current generation has no free slot but still runs trials, so a generation starts once the
+    previous one has finished and its parents are the same whatever the timing. Every trial gets a generation,
+    enqueued ones too (the default mask is a member of the first population).
+    """
+
+    def __init__(self, *, population_size: int, seed: int) -> None:
+        super().__init__(population_size=population_size, seed=seed)
+        self._seed = seed
+
+    def before_trial(self, study: optuna.Study, trial: FrozenTrial) -> None:
+        key = self._get_generation_key()
+        generation = _wait(study, trial, lambda others: _generation(others, trial.number, key, self.population_size))
+        study._storage.set_trial_system_attr(trial._trial_id, key, generation)
+        trial.system_attrs[key] = generation  # the copy that sample_relative reads
+        study._thread_local.cached_all_trials = None  # trials finished while this one waited
+        state = np.random.SeedSequence([self._seed, trial.number]).generate_state(4)
+        self._rng.rng.seed(state)
+        self._random_sampler._rng.rng.seed(state)
+        super().before_trial(study, trial)
+
+
+def _generation(others: list[FrozenTrial], number: int, key: str, population_size: int) -> int | None:
+    """The generation of trial `number` given the other trials, or None while it cannot be decided yet."""
+    if any(t.state == TrialState.RUNNING and key not in t.system_attrs and t.number < number for t in others):
+        return None  # an earlier trial has not taken its place yet
+    placed = [t for t in others if key in t.system_attrs]
+    if not placed:
+        return 0
+    current = max(t.system_attrs[key] for t in placed)
+    states = [t.state for t in placed if t.system_attrs[key] == current]
+    complete, running = states.count(TrialState.COMPLETE), states.count(TrialState.RUNNING)
+    if complete + running < population_size:
+        return current
+    return None if running else current + 1
+
+
+def _within_budget(others: list[FrozenTrial], number: int, n_trials: int) -> bool | None:
+    """Whether trial `number` is needed to reach `n_trials` completed trials, or None while earlier ones run."""
+    states = [t.state for t in others if t.number < number]
+    complete, running = states.count(TrialState.COMPLETE), states.count(TrialState.RUNNING)
+    if complete + running < n_trials:
+        return True
+    return None if running else False
+
+
+def _wait(study: optuna.Study, trial: FrozenTrial | optuna.Trial, decide: Callable[[list[FrozenTrial]], object]):
+    """Poll the storage until `decide(the other trials)` is not None; meanwhile keep this trial's heartbeat and fail
+    stale trials (a killed worker's trial would block the others forever)."""
+    storage = study._storage
+    while True:
+        if is_heartbeat_enabled(storage):
+            storage.record_heartbeat(trial._trial_id)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                fail_stale_trials(study)
+        others = [t for t in storage.get_all_trials(study._study_id, deepcopy=False) if t.number != trial.number]
+        decision = decide(others)
+        if decision is not None:
+            return decision
+        time.sleep(_POLL_SECONDS)
+
+
+def _sampler(config: SearchConfig) -> ReproducibleNSGAIISampler:
+    return ReproducibleNSGAIISampler(population_size=config.effective_population_size, seed=config.seed)
+
+
 def create_study(space: MaskSpace, config: SearchConfig, output_dir: str) -> optuna.Study:
     """Create or resume the study of `space`; refuse a study of the same name built for another space."""
     storage = resolve_storage(config.storage, output_dir, config)
@@ -137,8 +218,7 @@ def create_study(space: MaskSpace, config: SearchConfig, output_dir: str) -> opt
             "every trial is then drawn at random from the initial population and no evolution happens.",
             stacklevel=2,
         )
-    sampler = optuna.samplers.NSGAIISampler(population_size=population, seed=config.seed)
-    study = optuna.create_study(study_name=name, storage=storage, sampler=sampler,
+    study = optuna.create_study(study_name=name, storage=storage, sampler=_sampler(config),
                                 directions=["minimize", "minimize"], load_if_exists=True)
     record = _space_record(space, config)
     existing = study.user_attrs.get(_SPACE_ATTR)
@@ -194,6 +274,11 @@ def make_objective(space: MaskSpace, config: SearchConfig, run_trial: TrialFunct
     """
 
     def objective(trial: optuna.Trial) -> tuple[float, float]:
+        # two workers may both start a trial when one is missing: the later-numbered one stands down
+        if not _wait(trial.study, trial, lambda others: _within_budget(others, trial.number, config.n_trials)):
+            trial.study.stop()
+            trial.set_user_attr("skipped", f"the study already had n_trials={config.n_trials} completed trials")
+            raise optuna.TrialPruned("budget reached")
         mask = suggest_mask(trial, space)
         lr = suggest_learning_rate(trial, config)
         trial.set_user_attr("mask", mask.to_dict())
@@ -218,14 +303,13 @@ def make_objective(space: MaskSpace, config: SearchConfig, run_trial: TrialFunct
 
 def run_worker(space: MaskSpace, config: SearchConfig, output_dir: str, run_trial: TrialFunction,
                worker_index: int = 0) -> None:
-    """Run trials in this process until the study holds `config.n_trials` completed or running trials."""
+    """Run trials in this process until the study holds `config.n_trials` completed trials (the sampler keeps the
+    trials the same whatever the number of workers)."""
     os.environ["MEMCONTROL_WORKER_INDEX"] = str(worker_index)
     os.environ["MEMCONTROL_NUM_WORKERS"] = str(config.n_workers)
     storage = resolve_storage(config.storage, output_dir, config)
     name = config.study_name or f"memcontrol-{space.method}-{space.layout}"
-    sampler = optuna.samplers.NSGAIISampler(population_size=config.effective_population_size,
-                                            seed=config.seed + worker_index)
-    study = optuna.load_study(study_name=name, storage=storage, sampler=sampler)
+    study = optuna.load_study(study_name=name, storage=storage, sampler=_sampler(config))
     budget = MaxTrialsCallback(config.n_trials, states=(TrialState.COMPLETE, TrialState.RUNNING))
     if _counted(study) >= config.n_trials:
         return
@@ -355,7 +439,31 @@ class TrainerTrial:
                 "--eval_preset", "search"]
         if learning_rate is not None:
             args += ["--learning_rate", repr(learning_rate)]
-        return run_trainer(args, trial_dir, script=self.script, python=self.python)
+        metrics = run_trainer(args, trial_dir, script=self.script, python=self.python)
+        return {**metrics, **dmem_exposures(trial_dir)}
+
+
+def dmem_exposures(run_dir: str) -> dict:
+    """How often a trainer run showed each D_mem pair (samples trained on x dmem_repeats / training-set size), read
+    from its training_config.json and summary.json, with the training-set size (`train_samples`)."""
+    with open(os.path.join(run_dir, "training_config.json"), encoding="utf-8") as f:
+        config = json.load(f)
+    with open(os.path.join(run_dir, "summary.json"), encoding="utf-8") as f:
+        steps = json.load(f)["global_step"]
+    fine_tune, images = config["fine_tune"], config["data"]["train_samples"]
+    samples = steps * fine_tune["train_batch_size"] * fine_tune["gradient_accumulation_steps"]
+    return {"train_samples": images, "dmem_exposures": round(samples * config["run"]["dmem_repeats"] / images, 1)}
+
+
+def exposure_report(exposures: Sequence[float]) -> dict:
+    """The D_mem exposures of a search's trials next to the paper's; warn when they are below a tenth of it (trials
+    that short cannot memorize, so d_mem cannot tell masks that memorize from those that do not)."""
+    report = {"per_trial": min(exposures) if exposures else None, "paper": PAPER_DMEM_EXPOSURES}
+    if exposures and min(exposures) < PAPER_DMEM_EXPOSURES / 10:
+        logger.warning("Each search trial shows each D_mem pair %s times, below a tenth of the paper's %d: trials this "
+                       "short do not memorize. Raise --max_train_steps or lower --dmem_size.", report["per_trial"],
+                       PAPER_DMEM_EXPOSURES)
+    return report
 
 
 def trainer_script() -> str:

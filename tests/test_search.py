@@ -17,9 +17,13 @@ from optuna.trial import TrialState
 
 from diffusers_memcontrol import MaskSpace
 from diffusers_memcontrol.search import (
+    PAPER_DMEM_EXPOSURES,
+    ReproducibleNSGAIISampler,
     SearchConfig,
     create_study,
+    dmem_exposures,
     export_study,
+    exposure_report,
     optimize,
     pareto_front,
     resolve_storage,
@@ -35,6 +39,12 @@ def toy_trial(mask, learning_rate, trial):
     on = sum(mask.bits)
     weighted = sum(b * (i + 1) for i, b in enumerate(mask.bits))
     return {"dmem": on + 0.01 * weighted, "fid": (len(mask) - on) ** 2 + 0.001 * weighted, "trainable_params": on}
+
+
+def shuffled_toy_trial(mask, learning_rate, trial):
+    """toy_trial after a mask-dependent sleep, so that concurrent trials finish in a shuffled order."""
+    time.sleep(0.02 * (int(mask.bitstring, 2) % 11))
+    return toy_trial(mask, learning_rate, trial)
 
 
 def slow_toy_trial(mask, learning_rate, trial):
@@ -110,21 +120,44 @@ def test_pareto_selection_and_exports(space, tmp_path):
     assert len(lines) == 1 + len(study.trials)
 
 
+def _history(study):
+    """{number: (parameters, generation)} of the completed trials."""
+    key = ReproducibleNSGAIISampler._get_generation_key()
+    return {t.number: (t.params, t.system_attrs[key]) for t in study.get_trials(states=(TrialState.COMPLETE,))}
+
+
 def test_restart_resumes(space, storage_url, tmp_path):
-    config = _config(storage_url, n_trials=4)
+    config = _config(storage_url, n_trials=4, population_size=3)
     optimize(space, config, str(tmp_path), toy_trial)
     config.n_trials = 7
     study = optimize(space, config, str(tmp_path), toy_trial)
     numbers = [t.number for t in study.get_trials(states=(TrialState.COMPLETE,))]
     assert len(numbers) == 7 and len(set(numbers)) == 7
     assert sum(1 for t in study.trials if t.user_attrs.get("seeded")) == 1  # seeded once, not per restart
+    straight = optimize(space, _config(storage_url, n_trials=7, population_size=3), str(tmp_path), toy_trial)
+    assert _history(study) == _history(straight)  # resuming does not change the trials
+
+
+def test_same_trials_and_mask_whatever_the_number_of_workers(space, storage_url, tmp_path):
+    runs = []
+    for workers in (1, 2, 3):
+        config = _config(storage_url, n_trials=9, population_size=3, seed=3, n_workers=workers)
+        study = optimize(space, config, str(tmp_path), shuffled_toy_trial)
+        runs.append((_history(study), export_study(study, space, str(tmp_path / f"w{workers}"))["mask"]))
+    assert runs[0] == runs[1] == runs[2]
+    history = runs[0][0]
+    assert sorted(history) == list(range(9))
+    assert [generation for _, generation in history.values()] == [0, 0, 0, 1, 1, 1, 2, 2, 2]
+    assert set(history[0][0].values()) == {1}  # the default mask stays trial 0, a member of the first population
+    assert len({tuple(params.values()) for params, _ in history.values()}) > 3
 
 
 def test_two_workers_share_one_study(space, storage_url, tmp_path):
     config = _config(storage_url, n_trials=10, n_workers=2)
     study = optimize(space, config, str(tmp_path), toy_trial)
-    complete = study.get_trials(states=(TrialState.COMPLETE,))
-    assert 10 <= len(complete) <= 11  # two workers may each start the last trial
+    assert len(study.get_trials(states=(TrialState.COMPLETE,))) == 10
+    extra = study.get_trials(states=(TrialState.PRUNED,))  # when both workers started the last trial
+    assert len(extra) <= 1 and all("skipped" in t.user_attrs and not t.params for t in extra)
     assert len({t.number for t in study.trials}) == len(study.trials)
     assert not study.get_trials(states=(TrialState.RUNNING, TrialState.FAIL))
 
@@ -153,6 +186,23 @@ def test_killed_worker_trial_is_retried(space, storage_url, tmp_path, monkeypatc
     assert len(retried) == 1 and retried[0].state == TrialState.COMPLETE
     assert retried[0].params == failed[0].params
     assert len(study.get_trials(states=(TrialState.COMPLETE,))) == 3
+
+
+def test_dmem_exposures_and_the_warning(tmp_path, caplog):
+    (tmp_path / "training_config.json").write_text(json.dumps({
+        "fine_tune": {"train_batch_size": 8, "gradient_accumulation_steps": 2}, "run": {"dmem_repeats": 5},
+        "data": {"train_samples": 40}}))
+    (tmp_path / "summary.json").write_text(json.dumps({"global_step": 30}))
+    figures = dmem_exposures(str(tmp_path))
+    assert figures == {"train_samples": 40, "dmem_exposures": 30 * 8 * 2 * 5 / 40}
+    with caplog.at_level("WARNING", logger="diffusers_memcontrol.search"):
+        report = exposure_report([figures["dmem_exposures"], 200.0])
+    assert report == {"per_trial": 60.0, "paper": PAPER_DMEM_EXPOSURES}
+    assert "below a tenth of the paper's" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="diffusers_memcontrol.search"):
+        exposure_report([PAPER_DMEM_EXPOSURES / 2])
+    assert not caplog.text
 
 
 def test_journal_storage(space, tmp_path):
