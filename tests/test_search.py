@@ -140,11 +140,11 @@ def test_restart_resumes(space, storage_url, tmp_path):
 
 def test_same_trials_and_mask_whatever_the_number_of_workers(space, storage_url, tmp_path):
     runs = []
-    for workers in (1, 2, 3):
+    for workers in (1, 2):
         config = _config(storage_url, n_trials=9, population_size=3, seed=3, n_workers=workers)
         study = optimize(space, config, str(tmp_path), shuffled_toy_trial)
         runs.append((_history(study), export_study(study, space, str(tmp_path / f"w{workers}"))["mask"]))
-    assert runs[0] == runs[1] == runs[2]
+    assert runs[0] == runs[1]
     history = runs[0][0]
     assert sorted(history) == list(range(9))
     assert [generation for _, generation in history.values()] == [0, 0, 0, 1, 1, 1, 2, 2, 2]
