@@ -5,7 +5,7 @@ Protocol (MemControl's HPO set at CPU scale, on the built-in ``digits`` domain):
 1. D_mem = ``--dmem_size`` training pairs whose captions get a distinct nonsense word each
    (``build_memorization_set(unique_captions=True)``), duplicated ``--dmem_repeats`` times and added to a
    ``--proxy_fraction`` subset of the training split (``build_hpo_set``).
-2. Full fine-tuning of the tiny base's UNet (``training.fine_tune``, method ``full``) on cached latents and text
+2. Full fine-tuning of the tiny base's UNet (``training.train``, method ``full``) on cached latents and text
    embeddings (``encode_images`` / ``encode_prompts``; each image is encoded once, so duplicates are exact).
 3. ``wen_detection_scores`` (cheap settings: ``--steps`` DDIM steps, ``--generations`` per prompt) for the D_mem
    prompts (positives) and for as many unseen prompts built the same way (a test-split caption + a fresh
@@ -44,7 +44,13 @@ from diffusers_memcontrol.files import write_json_atomic
 from diffusers_memcontrol.images import pixel_batch
 from diffusers_memcontrol.metrics.memorization import detection_auc, dmem_search, wen_detection_scores
 from diffusers_memcontrol.tiny_base import IMAGE_SIZE, load_domain, tiny_base_path
-from diffusers_memcontrol.training import FineTuneConfig, encode_images, encode_prompts, fine_tune
+from diffusers_memcontrol.training import (
+    FineTuneConfig,
+    encode_images,
+    encode_prompts,
+    train,
+    training_data_from_tensors,
+)
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "wen_detection.json")
 
@@ -110,13 +116,13 @@ def main(argv: list[str] | None = None) -> dict:
     pipe.set_progress_bar_config(disable=True)
     noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
 
-    train = load_domain("digits", "train")
+    train_split = load_domain("digits", "train")
     test = load_domain("digits", "test")
-    dmem = build_memorization_set(train, dmem_size=args.dmem_size, unique_captions=True, seed=args.seed)
-    hpo = build_hpo_set(train, dmem, dmem_repeats=args.dmem_repeats, proxy_fraction=args.proxy_fraction,
+    dmem = build_memorization_set(train_split, dmem_size=args.dmem_size, unique_captions=True, seed=args.seed)
+    hpo = build_hpo_set(train_split, dmem, dmem_repeats=args.dmem_repeats, proxy_fraction=args.proxy_fraction,
                         seed=args.seed)
     positives = list(dmem["text"])
-    vocabulary = sorted({w for c in train["text"] for w in c.split()} | {c.split()[-1] for c in positives})
+    vocabulary = sorted({w for c in train_split["text"] for w in c.split()} | {c.split()[-1] for c in positives})
     words = nonsense_words(args.dmem_size, seed=args.seed + 1, avoid=vocabulary)
     rng = np.random.default_rng(args.seed)
     unseen_rows = rng.choice(len(test), size=args.dmem_size, replace=False)
@@ -148,8 +154,8 @@ def main(argv: list[str] | None = None) -> dict:
     config = FineTuneConfig(peft_method="full", learning_rate=args.learning_rate,
                             max_train_steps=args.max_train_steps, train_batch_size=args.train_batch_size,
                             caption_dropout=0.1, seed=args.seed)
-    log = fine_tune(pipe.unet, noise_scheduler, latents.to(args.device), embeds, uncond[0], config,
-                    progress=sys.stderr.isatty())
+    data = training_data_from_tensors(latents.to(args.device), embeds, uncond[0])
+    log = train(pipe.unet, noise_scheduler, data, config, progress=sys.stderr.isatty())
     timings["fine_tune"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()

@@ -30,8 +30,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from .files import atomic_path, write_text_atomic
-from .images import file_digest
+from .files import atomic_path, file_digest, write_text_atomic
 
 logger = logging.getLogger(__name__)
 

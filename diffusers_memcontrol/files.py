@@ -8,6 +8,7 @@ place with `os.replace`, which is atomic on POSIX and Windows within one filesys
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import math
 import os
@@ -72,6 +73,15 @@ def write_text_atomic(path: str | os.PathLike, text: str) -> str:
     with atomic_open(path) as f:
         f.write(text)
     return os.fspath(path)
+
+
+def file_digest(path: str | os.PathLike, algorithm: str = "sha256") -> str:
+    """Hex digest of a file's bytes (`hashlib` algorithm name), read in 1 MiB chunks."""
+    h = hashlib.new(algorithm)
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
 
 
 def to_jsonable(value: Any) -> Any:

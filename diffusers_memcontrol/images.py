@@ -21,6 +21,8 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from tqdm.auto import tqdm
 
+from .files import file_digest
+
 # The names of torchvision's InterpolationMode (diffusers' --image_interpolation_mode choices) -> PIL resampling, as
 # torchvision maps them for PIL images.
 INTERPOLATIONS = {
@@ -102,15 +104,6 @@ def open_image(value: Any, row: int | None = None, column: str = "image") -> Ima
     """An image value (path, bytes, PIL image, datasets Image dict) as an RGB PIL image; errors name the row/file."""
     source, name, _ = image_source(value, row, column)
     return _open(source, name, decode=True).convert("RGB")
-
-
-def file_digest(path: str) -> str:
-    """SHA-256 hex digest of a file's bytes, read in 1 MiB chunks."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def image_digest(value: Any, memo: Any = None) -> str:

@@ -540,7 +540,7 @@ def _generator(*parts: int) -> torch.Generator:
     return torch.Generator().manual_seed(_seed_from(*parts))
 
 
-_STREAM_STEP, _STREAM_EPOCH, _STREAM_CROP, _STREAM_EVAL = 0, 1, 2, 3
+_STREAM_STEP, _STREAM_EPOCH, _STREAM_CROP = 0, 1, 2
 
 
 class TrainState:
@@ -645,14 +645,6 @@ def summarize_losses(losses: Sequence[float]) -> dict:
     tail = arr[-max(1, len(arr) // 10):]
     return {"steps": len(arr), "first": float(arr[0]), "last": float(arr[-1]), "min": float(arr.min()),
             "mean": float(arr.mean()), "mean_last_10pct": float(tail.mean())}
-
-
-def _release(accelerator, objects: Sequence[Any]) -> None:
-    """Forget what train() handed to the accelerator, so one process can run many trials."""
-    for attr in ("_models", "_optimizers", "_schedulers", "_custom_objects"):
-        items = getattr(accelerator, attr, None)
-        if isinstance(items, list):
-            items[:] = [o for o in items if not any(o is x for x in objects)]
 
 
 class _Batch:
@@ -823,18 +815,15 @@ def train(
         lr = lr * config.gradient_accumulation_steps * config.train_batch_size * num_processes
 
     optimizer = lr_scheduler = None
-    created: list[Any] = []
     if params:
         optimizer = _make_optimizer(params, config, lr)
         lr_scheduler = get_scheduler(config.lr_scheduler, optimizer=optimizer,
                                      num_warmup_steps=config.lr_warmup_steps * num_processes,
                                      num_training_steps=max(1, max_steps) * num_processes)
         model, optimizer, lr_scheduler = accelerator.prepare(unet, optimizer, lr_scheduler)
-        created += [model, optimizer, lr_scheduler]
     else:  # nothing trains (freeze, or an empty mask in strict scope): forward only
-        model = unet.to(accelerator.device)
-        accelerator._models.append(model)  # so checkpoints still carry the (empty) adapter and the position
-        created.append(model)
+        # registered all the same, so checkpoints still carry the (empty) adapter and the position
+        model = accelerator.prepare_model(unet, evaluation_mode=True)
     ema = None
     if config.use_ema and params:
         from diffusers.training_utils import EMAModel
@@ -863,9 +852,7 @@ def train(
 
     handles = [accelerator.register_save_state_pre_hook(save_hook),
                accelerator.register_load_state_pre_hook(load_hook)]
-    custom = [state] + ([ema] if ema is not None else [])
-    accelerator.register_for_checkpointing(*custom)
-    created += custom
+    accelerator.register_for_checkpointing(state, *([ema] if ema is not None else []))
 
     try:
         resumed_from = resolve_checkpoint(output_dir, resume_from_checkpoint)
@@ -975,10 +962,9 @@ def train(
     finally:
         for h in handles:
             h.remove()
-        _release(accelerator, created)
     if ema is not None:
         ema.copy_to(params)
-    if optimizer is not None and weight_dtype != torch.float32:
+    if weight_dtype != torch.float32:
         accelerator.unwrap_model(model, keep_fp32_wrapper=False)  # drop the autocast wrapper of prepare()
     if config.gradient_checkpointing:
         unet.disable_gradient_checkpointing()
@@ -1023,60 +1009,6 @@ def _load_checkpoint_adapter(unet: torch.nn.Module, folder: str, adapter_name: s
                                        adapter_name=adapter_name)
     if result.unexpected_keys:
         raise ValueError(f"Checkpoint {folder!r} does not fit this UNet: unexpected keys {result.unexpected_keys[:3]}.")
-
-
-def fine_tune(
-    unet: torch.nn.Module,
-    noise_scheduler: Any,
-    latents: torch.Tensor,
-    prompt_embeds: torch.Tensor,
-    uncond_embeds: torch.Tensor,
-    config: FineTuneConfig,
-    accelerator: Any = None,
-    mask: Mask | None = None,
-    progress: bool = True,
-) -> dict:
-    """Inject the adapter of `config` into `unet` and train it on fixed latents/embeddings; return a loss log.
-
-    `prompt_embeds[i]` is the embedding of the caption of `latents[i]`; `uncond_embeds` is the embedding of "".
-    (Kept for callers holding tensors; `prepare_training_data` + `train` is the full path.)
-    """
-    data = training_data_from_tensors(latents, prompt_embeds, uncond_embeds)
-    return train(unet, noise_scheduler, data, config, accelerator=accelerator, mask=mask, progress=progress)
-
-
-@torch.no_grad()
-def fixed_batch_loss(unet: torch.nn.Module, noise_scheduler: Any, data: TrainingData, num_samples: int = 8, seed: int = 0,
-                     prediction_type: str | None = None) -> float:
-    """Denoising loss on a fixed batch (first samples, latent means, fixed noise and timesteps): for before/after."""
-    from diffusers import DDPMScheduler
-
-    scheduler = DDPMScheduler.from_config(noise_scheduler.config)
-    if prediction_type is not None:
-        scheduler.register_to_config(prediction_type=prediction_type)
-    idx = torch.arange(min(num_samples, data.num_samples))
-    gen = _generator(seed, _STREAM_EVAL)
-    device = next(unet.parameters()).device
-    if data.cached_latents:
-        x0 = data.latent_mean[data.latent_rows[idx, 0]].float()
-    else:
-        pixels = torch.stack([transform_image(data.images(int(i)), data.resolution, True,
-                                              interpolation=data.interpolation) for i in idx])
-        x0 = encode_latent_distribution(data.vae, pixels)[0]
-    if data.cached_text:
-        cond = data.prompt_embeds[data.caption_rows[idx]].float()
-    else:
-        cond = encode_prompts(data.tokenizer, data.text_encoder, [data.captions[int(i)] for i in idx])
-    noise = torch.randn(x0.shape, generator=gen)
-    t = torch.randint(0, scheduler.config.num_train_timesteps, (len(idx),), generator=gen)
-    x0, noise, t, cond = x0.to(device), noise.to(device), t.to(device), cond.to(device)
-    noisy = scheduler.add_noise(x0, noise, t)
-    target = noise if scheduler.config.prediction_type == "epsilon" else scheduler.get_velocity(x0, noise, t)
-    was_training = unet.training
-    unet.eval()
-    pred = unet(noisy, t, encoder_hidden_states=cond, return_dict=False)[0]
-    unet.train(was_training)
-    return float(F.mse_loss(pred.float(), target.float()).item())
 
 
 # --------------------------------------------------------------------------------------------------------------------

@@ -16,8 +16,6 @@ from diffusers_memcontrol import tiny_base as tb
 from diffusers_memcontrol.training import (
     FineTuneConfig,
     check_adapter_fits,
-    fine_tune,
-    fixed_batch_loss,
     list_checkpoints,
     load_adapter,
     parse_threshold,
@@ -26,6 +24,7 @@ from diffusers_memcontrol.training import (
     resolve_mask,
     save_adapter,
     train,
+    training_data_from_tensors,
 )
 
 LEARNING_RATES = {"svdiff": 1e-2, "difffit": 1e-2, "attention": 1e-3, "lora": 3e-3, "full": 1e-3}
@@ -64,6 +63,25 @@ def data8(pipe, digits):
 @pytest.fixture(scope="module")
 def data_flip(pipe, digits):
     return prepare_training_data(pipe, digits, cache="memory", random_flip=True, progress=False)
+
+
+@torch.no_grad()
+def fixed_batch_loss(unet, noise_scheduler, data, num_samples: int = 8, seed: int = 0) -> float:
+    """Denoising loss on a fixed batch (first samples' cached latent means, fixed noise and timesteps)."""
+    from diffusers import DDPMScheduler
+
+    scheduler = DDPMScheduler.from_config(noise_scheduler.config)
+    idx = torch.arange(min(num_samples, data.num_samples))
+    gen = torch.Generator().manual_seed(seed)
+    x0 = data.latent_mean[data.latent_rows[idx, 0]].float()
+    cond = data.prompt_embeds[data.caption_rows[idx]].float()
+    noise = torch.randn(x0.shape, generator=gen)
+    t = torch.randint(0, scheduler.config.num_train_timesteps, (len(idx),), generator=gen)
+    was_training = unet.training
+    unet.eval()
+    pred = unet(scheduler.add_noise(x0, noise, t), t, encoder_hidden_states=cond, return_dict=False)[0]
+    unet.train(was_training)
+    return float(torch.nn.functional.mse_loss(pred.float(), noise).item())
 
 
 def _adapter_state(unet) -> dict[str, torch.Tensor]:
@@ -155,12 +173,12 @@ def test_epochs_set_the_number_of_steps(pipe, data8):
     assert log["steps_per_epoch"] == 3 and log["global_step"] == 6 and log["num_train_epochs"] == 2
 
 
-def test_legacy_fine_tune_on_tensors(pipe, data8):
+def test_training_on_fixed_tensors(pipe, data8):
     unet = copy.deepcopy(pipe.unet)
     latents = data8.latent_mean[data8.latent_rows[:, 0]]
     embeds = data8.prompt_embeds[data8.caption_rows]
-    log = fine_tune(unet, pipe.scheduler, latents, embeds, data8.uncond_embeds,
-                    FineTuneConfig(max_train_steps=2, train_batch_size=4), progress=False)
+    data = training_data_from_tensors(latents, embeds, data8.uncond_embeds)
+    log = train(unet, pipe.scheduler, data, FineTuneConfig(max_train_steps=2, train_batch_size=4), progress=False)
     assert log["trainable_params"] > 0 and len(log["losses"]) == 2 and "final_loss" in log
 
 

