@@ -35,7 +35,7 @@ setup(
         "networkx",  # maximal cliques of the extraction attack
     ],
     extras_require={
-        "dev": ["pytest", "ruff", "psycopg2-binary"],
+        "dev": ["pytest", "ruff", "psycopg2-binary", "tensorboard"],
         "postgres": ["psycopg2-binary"],
         "mysql": ["pymysql"],
         "xray": ["torchxrayvision"],
