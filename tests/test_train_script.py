@@ -1,8 +1,7 @@
-"""End to end: training/train_memcontrol.py main(argv) on a tiny pipeline (CPU accelerate, a few steps)."""
+"""End to end: the installed trainer's main(argv) (diffusers_memcontrol.train) on a tiny pipeline (CPU, a few steps)."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import shutil
@@ -13,8 +12,8 @@ from diffusers import StableDiffusionPipeline
 from safetensors.torch import load_file
 
 from diffusers_memcontrol import tiny_base as tb
+from diffusers_memcontrol.errors import InputError
 
-SCRIPT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "training", "train_memcontrol.py")
 SECRET_PROMPT = "a secret validation prompt qqzx"
 SECRET_TOKEN = "hf_secret_token_never_written"
 
@@ -29,10 +28,9 @@ def _one_thread():
 
 @pytest.fixture(scope="module")
 def script():
-    spec = importlib.util.spec_from_file_location("train_memcontrol", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    from diffusers_memcontrol import train
+
+    return train
 
 
 @pytest.fixture(scope="module")
@@ -52,7 +50,7 @@ def cache_dir(tmp_path_factory) -> str:
 
 
 def _args(model_dir, cache_dir, output_dir, *extra) -> list[str]:
-    return ["--pretrained_model_name_or_path", model_dir, "--output_dir", str(output_dir), "--cache_dir", cache_dir,
+    return ["--pretrained_model_name_or_path", model_dir, "--output_dir", str(output_dir), "--latent_cache_dir", cache_dir,
             "--max_train_samples", "48", "--train_batch_size", "8", "--max_train_steps", "2", "--report_to", "none",
             "--no_progress", "--validation_prompts", *extra]
 
@@ -114,7 +112,7 @@ def test_embedded_default_runs_offline(script, tmp_path):
                                        "max_train_images": 32, "max_reference_images": 32,
                                        "cache_dir": str(tmp_path / "eval_cache")}))
     summary = script.main(["--output_dir", str(out), "--max_train_steps", "2", "--train_batch_size", "8",
-                           "--max_train_samples", "32", "--report_to", "none", "--cache_dir", str(tmp_path / "c"),
+                           "--max_train_samples", "32", "--report_to", "none", "--latent_cache_dir", str(tmp_path / "c"),
                            "--num_validation_images", "1", "--no_progress", "--eval", "--dmem_size", "2",
                            "--eval_config", str(eval_config)])
     assert summary["trainable_params"] > 0 and summary["validation"] == "validation.png"
@@ -131,9 +129,9 @@ def _no_training_happened(out) -> None:
 
 @pytest.mark.parametrize("extra, error, message", [
     (("--caption_column", "caption"), ValueError, r"\['caption'\] not found.*available columns: \['image', 'text'"),
-    (("--mask", "101"), ValueError, r"3 bits.*7 positions.*down_blocks\.0\.attentions\.0"),
-    (("--adapter_dir", "somewhere"), SystemExit, None),
-    (("--threshold", "high"), SystemExit, None),
+    (("--mask", "101"), ValueError, r"3 bits.*5 positions.*down_blocks\.0\.attentions\.0"),
+    (("--adapter_dir", "somewhere"), InputError, "pass --eval with it"),
+    (("--threshold", "high"), InputError, "positive number or"),
     (("--subject_column", "patient"), ValueError, r"\['patient'\] not found.*available columns"),
 ])
 def test_bad_arguments_fail_before_training(script, model_dir, cache_dir, tmp_path, extra, error, message):
