@@ -14,8 +14,8 @@ import threading
 from collections.abc import Sequence
 from dataclasses import replace
 
-from .masks import Mask, MaskSpace
 from .errors import ArgumentParser, InputError, user_input
+from .masks import Mask, MaskSpace
 from .reporting import pareto_plot, write_results
 from .search import (
     OBJECTIVES,
@@ -254,7 +254,7 @@ def main_search(argv: list[str]) -> dict:
     """`train_memcontrol.py --search ...` / `memcontrol search ...`: the whole MemControl run."""
     from .masks import METHODS
     from .search import resolve_storage
-    from .train import load_splits, parse_args
+    from .train import check_inputs, parse_args
 
     args, train_args = parse_search_args(argv)
     if args.mask:
@@ -272,7 +272,8 @@ def main_search(argv: list[str]) -> dict:
                               selection=args.selection)
     with user_input(f"--storage {args.storage!r}", catch=(ValueError, ConnectionError)):
         resolve_storage(args.storage, args.output_dir, config)
-    load_splits(parse_args(train_args))  # a dataset that does not fit fails here, not in every trial
+    # a dataset or a flag that does not fit fails here, not in every trial
+    check_inputs(parse_args([*train_args, "--hpo", "--eval", "--eval_split", "validation", "--eval_preset", "search"]))
     os.makedirs(args.output_dir, exist_ok=True)
     result = run_memcontrol(unet, train_args, args.output_dir, spaces, args.mask_layout, args.mask_scope, config,
                             final=args.final, baselines=[b for b in args.baselines.split(",") if b],
@@ -288,12 +289,12 @@ def main_search(argv: list[str]) -> dict:
 
 def main_transfer(args, train_args: list[str]) -> dict:
     """`train_memcontrol.py --final --mask MASK ...`: stage 2 and the table with a mask found elsewhere (Sec. 4.4)."""
-    from .train import load_splits, parse_args
+    from .train import check_inputs, parse_args
     from .training import resolve_mask
 
     with user_input("--mask", catch=(ValueError, FileNotFoundError, ConnectionError)):
         mask = resolve_mask(args.mask, _meta_unet(train_args), None, args.mask_layout)
-    load_splits(parse_args(train_args))  # a dataset that does not fit fails here, not in every fine-tune
+    check_inputs(parse_args([*train_args, "--eval"]))  # a dataset that does not fit fails here, not in every run
     chosen = {"method": mask.method, "mask": mask.to_dict(), "source": args.mask}
     os.makedirs(args.output_dir, exist_ok=True)
     rows = run_final(train_args, args.output_dir, chosen, mask.layout, args.mask_scope,

@@ -318,9 +318,8 @@ def evaluation_config(args: argparse.Namespace, domain: str | None) -> Any:
     values: dict = {}
     known = {f.name for f in dataclasses.fields(EvaluationConfig)}
     if args.eval_config:
-        with user_input(f"--eval_config {args.eval_config!r}"):
-            with open(args.eval_config, encoding="utf-8") as f:
-                values.update(json.load(f))
+        with user_input(f"--eval_config {args.eval_config!r}"), open(args.eval_config, encoding="utf-8") as f:
+            values.update(json.load(f))
         unknown = sorted(set(values) - known)
         if unknown:
             raise InputError(f"--eval_config {args.eval_config!r} has unknown field(s) {unknown}; EvaluationConfig "
@@ -360,6 +359,83 @@ def run_evaluation(args: argparse.Namespace, pipe: Any, splits: Any, dmem: Any, 
     return metrics
 
 
+@dataclasses.dataclass
+class CheckedInputs:
+    """What the command line names, checked before any weight is loaded."""
+
+    model_path: str
+    mask: Any
+    splits: Any
+    domain: str | None
+    train_set: Any
+    dmem: Any
+    eval_config: Any
+    config: Any
+
+
+def check_inputs(args: argparse.Namespace) -> CheckedInputs:
+    """Check the model, mask, adapter, data and configs a command line names; a mistake raises InputError.
+
+    The mask and the adapter are checked on the UNet's architecture (its config, on the meta device), so a user's
+    mistake is reported in a second, before any model weight is loaded.
+    """
+    import torch
+    from diffusers import UNet2DConditionModel
+
+    from .tiny_base import tiny_base_path
+    from .training import DEFAULT_LR, FineTuneConfig, check_adapter_fits, resolve_checkpoint, resolve_mask, scan_images
+
+    model_path = args.pretrained_model_name_or_path or tiny_base_path()
+    if args.pretrained_model_name_or_path is None and not os.path.isfile(os.path.join(model_path, "model_index.json")):
+        raise FileNotFoundError(f"The shipped tiny base is missing ({model_path}); build it with "
+                                "training/pretrain_tiny_base.py or pass --pretrained_model_name_or_path.")
+    with user_input(f"--pretrained_model_name_or_path {model_path!r}", catch=(OSError, ValueError)):
+        unet_config = UNet2DConditionModel.load_config(model_path, subfolder="unet", revision=args.revision,
+                                                       cache_dir=args.cache_dir)
+    with torch.device("meta"):
+        unet = UNet2DConditionModel.from_config(unet_config)
+    mask = None
+    if args.adapter_dir:
+        with user_input(f"--adapter_dir {args.adapter_dir!r}"):
+            check_adapter_fits(unet, args.adapter_dir)
+    else:
+        with user_input("--mask", catch=(ValueError, FileNotFoundError, ConnectionError)):
+            mask = resolve_mask(args.mask, unet, args.peft_method, args.mask_layout)
+    with user_input("--resume_from_checkpoint"):
+        resolve_checkpoint(args.output_dir, args.resume_from_checkpoint)
+    splits, domain = load_splits(args)
+    with user_input():
+        train_set, dmem = build_sets(args, splits)
+    eval_config = None
+    if args.eval:  # the evaluation reads these images too: name an unreadable file now, not after training
+        eval_config = evaluation_config(args, domain)
+        for name, dataset in ((args.eval_split, splits.get(args.eval_split)), ("D_mem", dmem)):
+            if dataset is None or len(dataset) == 0:
+                raise InputError(f"There is no {name!r} split to evaluate on: raise --validation_fraction / "
+                                 "--test_fraction or pick another --eval_split.")
+            with user_input():
+                scan_images(dataset, args.image_column, progress=False)
+    with user_input():
+        config = FineTuneConfig(
+            peft_method=args.peft_method, mask=mask.to_dict() if mask else None, mask_layout=args.mask_layout,
+            mask_scope=args.mask_scope, learning_rate=args.learning_rate or DEFAULT_LR[args.peft_method],
+            scale_lr=args.scale_lr,
+            max_train_steps=args.max_train_steps if args.max_train_steps is not None or args.num_train_epochs
+            else DEFAULT_MAX_TRAIN_STEPS,
+            num_train_epochs=args.num_train_epochs, train_batch_size=args.train_batch_size,
+            gradient_accumulation_steps=args.gradient_accumulation_steps, caption_dropout=args.caption_dropout,
+            lr_scheduler=args.lr_scheduler, lr_warmup_steps=args.lr_warmup_steps, max_grad_norm=args.max_grad_norm,
+            adam_beta1=args.adam_beta1, adam_beta2=args.adam_beta2, adam_epsilon=args.adam_epsilon,
+            adam_weight_decay=args.adam_weight_decay, use_8bit_adam=args.use_8bit_adam, snr_gamma=args.snr_gamma,
+            noise_offset=args.noise_offset, prediction_type=args.prediction_type, use_ema=args.use_ema,
+            gradient_checkpointing=args.gradient_checkpointing, random_flip=args.random_flip,
+            mitigation=args.mitigation, rwa_num_words=args.rwa_num_words, rwa_prob=args.rwa_prob,
+            threshold=args.threshold, threshold_quantile=args.threshold_quantile, lora_rank=args.lora_rank,
+            seed=args.seed,
+        )
+    return CheckedInputs(model_path, mask, splits, domain, train_set, dmem, eval_config, config)
+
+
 def _log_images(accelerator, grid, step: int) -> None:
     import numpy as np
 
@@ -388,25 +464,22 @@ def main(argv: list[str] | None = None) -> dict:
     from diffusers import StableDiffusionPipeline
 
     from .files import write_json_atomic
-    from .tiny_base import DOMAINS, tiny_base_path
+    from .tiny_base import DOMAINS
     from .training import (
-        DEFAULT_LR,
-        FineTuneConfig,
-        check_adapter_fits,
         generate_validation_grid,
         load_adapter,
         merged_adapters,
         prepare_training_data,
-        resolve_checkpoint,
-        resolve_mask,
         save_adapter,
-        scan_images,
         train,
     )
 
     args = parse_args(argv)
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     started = time.time()
+    inputs = check_inputs(args)
+    mask, splits, domain, dmem, eval_config = inputs.mask, inputs.splits, inputs.domain, inputs.dmem, inputs.eval_config
+    model_path = inputs.model_path
     os.makedirs(args.output_dir, exist_ok=True)
     if args.allow_tf32 and torch.cuda.is_available():
         torch.backends.cuda.matmul.allow_tf32 = True
@@ -420,14 +493,9 @@ def main(argv: list[str] | None = None) -> dict:
     set_seed(args.seed)
 
     # model (the frozen encoders stay fp32 for the cache; the UNet's frozen weights get the mixed-precision dtype)
-    model_path = args.pretrained_model_name_or_path or tiny_base_path()
-    if args.pretrained_model_name_or_path is None and not os.path.isfile(os.path.join(model_path, "model_index.json")):
-        raise FileNotFoundError(f"The shipped tiny base is missing ({model_path}); build it with "
-                                "training/pretrain_tiny_base.py or pass --pretrained_model_name_or_path.")
-    with user_input(f"--pretrained_model_name_or_path {model_path!r}", catch=(OSError, ValueError)):
-        pipe = StableDiffusionPipeline.from_pretrained(model_path, revision=args.revision, variant=args.variant,
-                                                       cache_dir=args.cache_dir, safety_checker=None,
-                                                       requires_safety_checker=False)
+    pipe = StableDiffusionPipeline.from_pretrained(model_path, revision=args.revision, variant=args.variant,
+                                                   cache_dir=args.cache_dir, safety_checker=None,
+                                                   requires_safety_checker=False)
     if args.prediction_type is not None:
         pipe.scheduler.register_to_config(prediction_type=args.prediction_type)
     if args.enable_xformers_memory_efficient_attention:
@@ -436,29 +504,6 @@ def main(argv: list[str] | None = None) -> dict:
     for module in (pipe.unet, pipe.vae, pipe.text_encoder):
         module.requires_grad_(False)
     pipe.set_progress_bar_config(disable=True)
-
-    # everything that can be wrong with the inputs fails here, before any training
-    mask = None
-    if args.adapter_dir:
-        with user_input(f"--adapter_dir {args.adapter_dir!r}"):
-            check_adapter_fits(pipe.unet, args.adapter_dir)
-    else:
-        with user_input():
-            mask = resolve_mask(args.mask, pipe.unet, args.peft_method, args.mask_layout)
-    with user_input("--resume_from_checkpoint"):
-        resolve_checkpoint(args.output_dir, args.resume_from_checkpoint)
-    splits, domain = load_splits(args)
-    with user_input():
-        train_set, dmem = build_sets(args, splits)
-    eval_config = None
-    if args.eval:  # the evaluation reads these images too: name an unreadable file now, not after training
-        eval_config = evaluation_config(args, domain)
-        for name, dataset in ((args.eval_split, splits.get(args.eval_split)), ("D_mem", dmem)):
-            if dataset is None or len(dataset) == 0:
-                raise InputError(f"There is no {name!r} split to evaluate on: raise --validation_fraction / "
-                                 "--test_fraction or pick another --eval_split.")
-            with user_input():
-                scan_images(dataset, args.image_column, progress=False)
 
     if args.adapter_dir:  # evaluation of a trained adapter only
         load_adapter(pipe.unet, args.adapter_dir)
@@ -474,27 +519,10 @@ def main(argv: list[str] | None = None) -> dict:
                                                       "trainable_params")}, indent=2))
         return summary
 
-    with user_input():
-        config = FineTuneConfig(
-            peft_method=args.peft_method, mask=mask.to_dict() if mask else None, mask_layout=args.mask_layout,
-            mask_scope=args.mask_scope, learning_rate=args.learning_rate or DEFAULT_LR[args.peft_method],
-            scale_lr=args.scale_lr,
-            max_train_steps=args.max_train_steps if args.max_train_steps is not None or args.num_train_epochs
-            else DEFAULT_MAX_TRAIN_STEPS,
-            num_train_epochs=args.num_train_epochs, train_batch_size=args.train_batch_size,
-            gradient_accumulation_steps=args.gradient_accumulation_steps, caption_dropout=args.caption_dropout,
-            lr_scheduler=args.lr_scheduler, lr_warmup_steps=args.lr_warmup_steps, max_grad_norm=args.max_grad_norm,
-            adam_beta1=args.adam_beta1, adam_beta2=args.adam_beta2, adam_epsilon=args.adam_epsilon,
-            adam_weight_decay=args.adam_weight_decay, use_8bit_adam=args.use_8bit_adam, snr_gamma=args.snr_gamma,
-            noise_offset=args.noise_offset, prediction_type=args.prediction_type, use_ema=args.use_ema,
-            gradient_checkpointing=args.gradient_checkpointing, random_flip=args.random_flip,
-            mitigation=args.mitigation, rwa_num_words=args.rwa_num_words, rwa_prob=args.rwa_prob,
-            threshold=args.threshold, threshold_quantile=args.threshold_quantile, lora_rank=args.lora_rank,
-            seed=args.seed,
-        )
+    config = inputs.config
     with user_input():  # columns, captions and every image are checked before anything is encoded
         data = prepare_training_data(
-            pipe, train_set, args.image_column, args.caption_column, resolution=args.resolution,
+            pipe, inputs.train_set, args.image_column, args.caption_column, resolution=args.resolution,
             center_crop=args.center_crop, random_flip=args.random_flip, cache=args.latent_cache,
             cache_dir=args.latent_cache_dir, model_path=model_path, revision=args.revision,
             progress=not args.no_progress)

@@ -209,3 +209,32 @@ def test_hpo_rwa_eval_and_push_to_hub(script, model_dir, cache_dir, tmp_path, mo
     script.main(_args(model_dir, cache_dir, again, "--eval", "--adapter_dir", str(out), "--dmem_size", "4"))
     assert calls["evaluate"][1] == 4 and os.path.isfile(again / "metrics.json")
     assert not os.path.exists(again / "adapter_model.safetensors")
+
+
+def test_every_flag_has_help_and_a_row_in_docs_flags(script):
+    with open(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "docs", "flags.md")) as f:
+        docs = f.read()
+    for action in script.build_parser()._actions:
+        flag = action.option_strings[0]
+        if flag != "-h":
+            assert action.help, flag
+            assert f"`{flag}`" in docs or f"`{flag} " in docs, f"{flag} is missing from docs/flags.md"
+
+
+def test_cache_dir_is_the_download_cache_and_dataset_flags_reach_load_dataset(script, monkeypatch, tmp_path):
+    from diffusers_memcontrol import data
+
+    seen = {}
+
+    def fake_load(*args, **kwargs):
+        seen.update(args=args, **kwargs)
+        raise InputError("stop here")
+
+    monkeypatch.setattr(data, "load_image_caption_dataset", fake_load)
+    with pytest.raises(InputError, match="stop here"):
+        script.main(["--dataset_name", "frgfm/imagenette", "--dataset_config_name", "160px", "--caption_template",
+                     "a photo of a {label}", "--cache_dir", str(tmp_path / "hf"), "--output_dir", str(tmp_path)])
+    assert seen["args"][0] == "frgfm/imagenette" and seen["dataset_config_name"] == "160px"
+    assert seen["caption_template"] == "a photo of a {label}" and seen["cache_dir"] == str(tmp_path / "hf")
+    args = script.parse_args([])
+    assert args.caption_dropout == 0 and args.latent_cache_dir is None and args.mask_layout == "paper"
