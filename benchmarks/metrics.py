@@ -414,10 +414,9 @@ def main() -> None:
             "measured on a subset of pairs and scaled linearly to all pairs. Tiled l2 uses reduction='rms', 16 tiles."
         ),
     }
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    tmp = args.output.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(results, indent=2))
-    os.replace(tmp, args.output)
+    from diffusers_memcontrol.files import write_json_atomic
+
+    write_json_atomic(args.output, results)
     print(markdown(results))
     print(f"\nwrote {args.output} in {results['total_time_s']:.1f} s")
 

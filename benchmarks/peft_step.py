@@ -173,11 +173,9 @@ def _write_report(args, results: list[dict]) -> str:
         os.path.dirname(__file__), "results",
         f"peft_step_{args.model}_{args.device.split(':')[0]}_latent{args.latent_size}_b{args.batch_size}.json",
     )
-    os.makedirs(os.path.dirname(out), exist_ok=True)
-    tmp = out + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(report, f, indent=2)
-    os.replace(tmp, out)
+    from diffusers_memcontrol.files import write_json_atomic
+
+    write_json_atomic(out, report)
 
     return out
 

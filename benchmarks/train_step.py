@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import os
 import platform
 import statistics
@@ -138,12 +137,9 @@ def main(argv: list[str] | None = None) -> dict:
         "note": "Loop time only (train_time_s of training.train: injection and SVD excluded); median of the "
                 "interleaved repeats. The cache is filled once per dataset and reused across runs and trials.",
     }
-    os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
-    tmp = args.output + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(result, f, indent=2)
-        f.write("\n")
-    os.replace(tmp, args.output)
+    from diffusers_memcontrol.files import write_json_atomic
+
+    write_json_atomic(args.output, result)
 
     print()
     print("| method | batch | cached steps/s | on-the-fly steps/s | speedup |")

@@ -39,8 +39,9 @@ from diffusers_memcontrol.data import (
     build_hpo_set,
     build_memorization_set,
     nonsense_words,
-    preprocess_images,
 )
+from diffusers_memcontrol.files import write_json_atomic
+from diffusers_memcontrol.images import pixel_batch
 from diffusers_memcontrol.metrics.memorization import detection_auc, dmem_search, wen_detection_scores
 from diffusers_memcontrol.tiny_base import IMAGE_SIZE, load_domain, tiny_base_path
 from diffusers_memcontrol.training import FineTuneConfig, encode_images, encode_prompts, fine_tune
@@ -128,8 +129,8 @@ def main(argv: list[str] | None = None) -> dict:
     proxy = hpo.select(proxy_rows)
     generator = torch.Generator("cpu").manual_seed(args.seed)
     with torch.no_grad():
-        dmem_latents = encode_images(pipe.vae, preprocess_images(dmem["image"], IMAGE_SIZE), generator=generator)
-        proxy_latents = encode_images(pipe.vae, preprocess_images(proxy["image"], IMAGE_SIZE), generator=generator)
+        dmem_latents = encode_images(pipe.vae, pixel_batch(dmem["image"], IMAGE_SIZE), generator=generator)
+        proxy_latents = encode_images(pipe.vae, pixel_batch(proxy["image"], IMAGE_SIZE), generator=generator)
         dmem_embeds = encode_prompts(pipe.tokenizer, pipe.text_encoder, positives)
         proxy_embeds = encode_prompts(pipe.tokenizer, pipe.text_encoder, list(proxy["text"]))
         uncond = encode_prompts(pipe.tokenizer, pipe.text_encoder, [""])
@@ -183,12 +184,7 @@ def main(argv: list[str] | None = None) -> dict:
         "machine": {"torch": torch.__version__, "threads": torch.get_num_threads(), "device": args.device,
                     "cpu_count": os.cpu_count(), "platform": platform.platform()},
     }
-    os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
-    tmp = f"{args.output}.tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(report, f, indent=2)
-        f.write("\n")
-    os.replace(tmp, args.output)
+    write_json_atomic(args.output, report)
     print(json.dumps({"auc_first_step": report["auc"], "auc_trajectory": report["auc_trajectory"],
                       "auc_first_step_before_fine_tuning": before["first_step"]["auc"],
                       "auc_per_step": after["auc_per_step"], "timings_s": report["timings_s"]}, indent=2))

@@ -24,12 +24,14 @@ import json
 import logging
 import os
 import sqlite3
-import tempfile
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 from tqdm.auto import tqdm
+
+from .files import atomic_path, write_text_atomic
+from .images import file_digest
 
 logger = logging.getLogger(__name__)
 
@@ -145,11 +147,7 @@ class FileHashMemo:
         row = self._db.execute("SELECT size, mtime, digest FROM hashes WHERE path = ?", (real,)).fetchone()
         if row is not None and row[0] == st.st_size and row[1] == st.st_mtime_ns:
             return row[2]
-        h = hashlib.sha256()
-        with open(path, "rb") as f:
-            for chunk in iter(lambda: f.read(1 << 20), b""):
-                h.update(chunk)
-        digest = h.hexdigest()
+        digest = file_digest(path)
         self._pending.append((real, st.st_size, st.st_mtime_ns, digest))
         if len(self._pending) >= 1000:
             self.flush()
@@ -249,20 +247,13 @@ class TensorCache:
         os.makedirs(self.folder, exist_ok=True)
         meta_path = os.path.join(self.folder, "namespace.json")
         if not os.path.exists(meta_path):
-            _write_text_atomic(meta_path, json.dumps(self.namespace, indent=2, sort_keys=True, default=str))
+            write_text_atomic(meta_path, json.dumps(self.namespace, indent=2, sort_keys=True, default=str))
         key_bytes = torch.tensor([list(bytes.fromhex(k)) for k in keys], dtype=torch.uint8)
         name = hashlib.sha256(key_bytes.numpy().tobytes()).hexdigest()[:40] + ".safetensors"
         path = os.path.join(self.folder, name)
         data = {"keys": key_bytes, **{k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}}
-        fd, tmp = tempfile.mkstemp(prefix=".shard-", suffix=".tmp", dir=self.folder)
-        os.close(fd)
-        try:
+        with atomic_path(path) as tmp:
             save_file(data, tmp, metadata={"format": str(CACHE_FORMAT), "namespace": self.namespace_digest})
-            _usual_mode(tmp)
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.remove(tmp)
         if self._index is not None:
             for row, key in enumerate(keys):
                 self._index.setdefault(bytes.fromhex(key), (path, row))
@@ -308,29 +299,11 @@ class TensorCache:
         return self.load(keys, names) if keys else {}
 
 
-def _write_text_atomic(path: str, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=os.path.dirname(path) or ".")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        _usual_mode(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
-def _usual_mode(path: str) -> None:
-    """mkstemp/mkdtemp make 0600 files and 0700 folders: give them the usual permissions (umask applied)."""
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(path, (0o777 if os.path.isdir(path) else 0o666) & ~umask)
-
-
-def latent_cache(root: str, vae_identity: dict, resolution: int, center_crop: bool) -> TensorCache:
-    """The cache of VAE latent distributions (scaled `mean`, `std`) of one model, resolution and crop mode."""
+def latent_cache(root: str, vae_identity: dict, resolution: int, center_crop: bool, interpolation: str = "lanczos"
+                 ) -> TensorCache:
+    """The cache of VAE latent distributions (scaled `mean`, `std`) of one model, resolution, crop and resize mode."""
     return TensorCache(root, "latents", {"vae": vae_identity, "resolution": int(resolution),
-                                         "center_crop": bool(center_crop), "resize": "shorter-side-bilinear"})
+                                         "center_crop": bool(center_crop), "resize": f"shorter-side-{interpolation}"})
 
 
 def text_cache(root: str, text_encoder_identity: dict) -> TensorCache:

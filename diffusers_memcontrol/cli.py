@@ -29,6 +29,21 @@ def _mask_space(args: argparse.Namespace) -> int:
     return 0
 
 
+def _masks(args: argparse.Namespace) -> int:
+    from .masks import builtin_masks
+
+    masks = [m.to_dict() for m in builtin_masks().values()]
+    if args.json:
+        print(json.dumps(masks, indent=2))
+        return 0
+    for m in masks:
+        share = 100 * m["trainable_params"] / m["unet_params"]
+        print(f"{m['name']}\n  source: {m['source']}\n  method: {m['method']}, layout: {m['layout']}, scope: "
+              f"{m['scope']}\n  trainable: {m['trainable_params']:,} of {m['unet_params']:,} UNet parameters "
+              f"({share:.4f}%) on {m['base_model']}\n  bits: {m['bitstring']}\n  {m['description']}\n")
+    return 0
+
+
 def _train(args: argparse.Namespace, rest: list[str]) -> int:
     from .train import main as train_main
 
@@ -61,6 +76,8 @@ def _run(argv: list[str] | None) -> int:
     space.add_argument("--mask_layout", default="blocks")
     space.add_argument("--mask_scope", default="reference")
     space.add_argument("--mask", default=None, help="Bit string; default all ones.")
+    listing = sub.add_parser("masks", help="List the built-in masks (use one with --mask memcontrol:NAME).")
+    listing.add_argument("--json", action="store_true", help="Print the list as JSON.")
     pub = sub.add_parser("publish", help="Publish a mask (and adapter) with a model card to the Hub.")
     pub.add_argument("output_dir", help="A training or search output folder.")
     pub.add_argument("--repo_id", required=True, help="ORG/NAME on the Hub.")
@@ -94,6 +111,8 @@ def _run(argv: list[str] | None) -> int:
         return 0
     if rest:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    if args.command == "masks":
+        return _masks(args)
     return _publish(args) if args.command == "publish" else _mask_space(args)
 
 

@@ -7,8 +7,7 @@ Also the MemControl data protocol (paper Sec. 4.1):
 * :func:`build_memorization_set` -- ``D_mem``, the image-caption pairs the search expects to be memorized
   (random, or the longest captions as the MemControl authors' code does; or fixed by a JSON file);
 * :func:`build_hpo_set` -- the search's training set: a proxy subset of the training split plus ``D_mem``
-  duplicated ``dmem_repeats`` times ("100 pairs duplicated 50 times, added to 1% of the training set");
-* :func:`validate_images` -- open every image once and name the first unreadable file.
+  duplicated ``dmem_repeats`` times ("100 pairs duplicated 50 times, added to 1% of the training set").
 """
 
 from __future__ import annotations
@@ -16,11 +15,13 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
-from PIL import Image
+
+from .columns import check_captions, check_columns
+from .files import write_text_atomic
+from .images import undecoded_column
 
 if TYPE_CHECKING:
     from datasets import Dataset, DatasetDict
@@ -61,7 +62,8 @@ def load_image_caption_dataset(
         if builder is None:
             raise ValueError(f"--train_data_dir {train_data_dir!r}: expected a folder or a .csv/.jsonl file.")
         dataset = load_dataset(builder, data_files=train_data_dir, split="train", cache_dir=cache_dir)
-        _check_columns(dataset, image_column, caption_template is None and caption_column, train_data_dir)
+        check_columns(dataset, {"image_column": image_column,
+                                "caption_column": caption_column if caption_template is None else None}, train_data_dir)
         root = os.path.dirname(os.path.abspath(train_data_dir))
         paths = _resolve_image_paths(dataset[image_column], root, train_data_dir, image_column)
         dataset = dataset.remove_columns(image_column).add_column(image_column, paths)
@@ -71,17 +73,35 @@ def load_image_caption_dataset(
             raise FileNotFoundError(f"--train_data_dir {train_data_dir!r} does not exist.")
         dataset = load_dataset("imagefolder", data_dir=train_data_dir, split="train", cache_dir=cache_dir)
     else:
-        dataset = load_dataset(dataset_name, dataset_config_name, split=split, cache_dir=cache_dir)
+        try:
+            dataset = load_dataset(dataset_name, dataset_config_name, split=split, cache_dir=cache_dir)
+        except ValueError as error:
+            _raise_for_config(dataset_name, dataset_config_name, error)
+            raise
     if caption_template is not None:
         dataset = captions_from_template(dataset, caption_template, caption_column)
-    _check_columns(dataset, image_column, caption_column, dataset_name or train_data_dir)
+    check_columns(dataset, {"image_column": image_column, "caption_column": caption_column},
+                  dataset_name or train_data_dir)
     if max_samples is not None:
         dataset = dataset.shuffle(seed=0).select(range(min(max_samples, len(dataset))))
-    empty = [i for i, c in enumerate(dataset[caption_column]) if not isinstance(c, str) or not c.strip()]
-    if empty:
-        raise ValueError(f"{len(empty)} rows have an empty caption in column {caption_column!r} (first rows: "
-                         f"{empty[:5]}); every training image needs a caption.")
+    check_captions(dataset[caption_column], caption_column, dataset_name or train_data_dir)
     return dataset
+
+
+def _raise_for_config(dataset_name: str, config_name: str | None, error: ValueError) -> None:
+    """Turn datasets' multi-line error about a missing or unknown config into one line naming the accepted configs."""
+    from datasets import get_dataset_config_names
+
+    try:
+        configs = get_dataset_config_names(dataset_name)
+    except (OSError, ValueError):  # the configs cannot be listed either: keep datasets' own error
+        return
+    if config_name is None and len(configs) > 1:
+        raise ValueError(f"--dataset_name {dataset_name!r} has several configs: pass --dataset_config_name, one of "
+                         f"{configs}.") from error
+    if config_name is not None and config_name not in configs:
+        raise ValueError(f"--dataset_config_name {config_name!r} is not a config of {dataset_name!r}; available: "
+                         f"{configs}.") from error
 
 
 def captions_from_template(dataset: Dataset, template: str, caption_column: str = "text") -> Dataset:
@@ -115,7 +135,7 @@ def _resolve_image_paths(values: Sequence, root: str, source: str, image_column:
     """Absolute image paths of a CSV/JSONL table; a clear error naming the row/file when one is empty or missing.
 
     Only existence is checked here (cheap); whether a file really is an image is checked when it is decoded
-    (PIL names the file) or up front with :func:`validate_images`.
+    (PIL names the file) or up front with :func:`images.scan_images`.
     """
     paths = []
     missing = []
@@ -135,108 +155,9 @@ def _resolve_image_paths(values: Sequence, root: str, source: str, image_column:
     return paths
 
 
-def _check_columns(dataset, image_column: str, caption_column: str | bool, source) -> None:
-    missing = [c for c in (image_column, caption_column) if c and c not in dataset.column_names]
-    if missing:
-        raise ValueError(f"Column(s) {missing} not found in {source!r}; available columns: {dataset.column_names}. "
-                         "Pass --image_column / --caption_column.")
-
-
-def preprocess_images(images: Sequence, resolution: int, center_crop: bool = False) -> torch.Tensor:
-    """PIL images (or paths) -> float tensor [N, 3, resolution, resolution] in [-1, 1], as SD training expects."""
-    out = np.empty((len(images), resolution, resolution, 3), dtype=np.uint8)
-    for i, image in enumerate(images):
-        if isinstance(image, str):
-            try:
-                image = Image.open(image)
-            except OSError as err:
-                raise ValueError(f"Cannot read image file {image!r}: {err}") from err
-        image = image.convert("RGB")
-        if center_crop:
-            side = min(image.size)
-            left, top = (image.width - side) // 2, (image.height - side) // 2
-            image = image.crop((left, top, left + side, top + side))
-        if image.size != (resolution, resolution):
-            image = image.resize((resolution, resolution), Image.BILINEAR)
-        out[i] = np.asarray(image)
-    return torch.from_numpy(out).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
-
-
-# --------------------------------------------------------------------------------------------------
-# validation of image files
-# --------------------------------------------------------------------------------------------------
-
-
-def _image_storage(dataset, image_column: str) -> Any:
-    """The undecoded values of `image_column` (``{"bytes", "path"}`` dicts or plain path strings), row by row."""
-    from datasets import Image as ImageFeature
-
-    feature = dataset.features.get(image_column)
-    if isinstance(feature, ImageFeature):
-        return dataset.cast_column(image_column, ImageFeature(decode=False))
-    return dataset
-
-
-def validate_images(dataset: Dataset, image_column: str = "image", batch_size: int = 256, full_decode: bool = False) -> int:
-    """Open every image of `image_column` once and raise a ValueError naming the first unreadable file.
-
-    Decoding is lazy in `datasets`, so a corrupt file otherwise surfaces in the middle of training. This walks
-    the undecoded storage (file paths or encoded bytes) and opens each image with PIL (``verify()``; with
-    ``full_decode=True`` the pixels are decoded too, which also catches truncated files). Returns the number of
-    images checked.
-    """
-    from io import BytesIO
-
-    _require_columns(dataset, [image_column], "dataset")
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
-    raw = _image_storage(dataset, image_column)
-    checked = 0
-    for start in range(0, len(raw), batch_size):
-        values = raw[start:start + batch_size][image_column]
-        for offset, value in enumerate(values):
-            row = start + offset
-            if isinstance(value, Image.Image):
-                checked += 1
-                continue
-            name, source = _describe_image_value(value)
-            if source is None:
-                raise ValueError(f"Row {row} of column {image_column!r} holds no image ({value!r}).")
-            try:
-                with Image.open(BytesIO(source) if isinstance(source, bytes) else source) as image:
-                    if full_decode:
-                        image.load()
-                    else:
-                        image.verify()
-            except (OSError, SyntaxError, ValueError) as err:  # PIL raises these for unreadable/non-image data
-                raise ValueError(f"Row {row}: cannot read image {name} of column {image_column!r}: {err}") from err
-            checked += 1
-    return checked
-
-
-def _describe_image_value(value: Any) -> tuple[str, Any]:
-    """(human-readable name, openable source: path or bytes) of one undecoded image value."""
-    if isinstance(value, str):
-        return repr(value), value
-    if isinstance(value, dict):
-        path, data = value.get("path"), value.get("bytes")
-        if data is not None:
-            return (repr(path) if path else "<embedded bytes>"), data
-        if path:
-            return repr(path), path
-    return repr(value), None
-
-
 # --------------------------------------------------------------------------------------------------
 # splits without subject leakage
 # --------------------------------------------------------------------------------------------------
-
-
-def _require_columns(dataset, columns: Sequence[str], what: str) -> None:
-    """ValueError listing the available columns when one of `columns` is missing."""
-    missing = [c for c in columns if c not in dataset.column_names]
-    if missing:
-        raise ValueError(f"Column(s) {missing} not found in {what}; available columns: {dataset.column_names}.")
 
 
 def _check_fraction(value: float, name: str) -> float:
@@ -301,7 +222,7 @@ def _split_indices(
 
 def _subjects_of(dataset, subject_column: str, what: str) -> list:
     """The subject ids of every row; ValueError when the column is missing or a value is empty."""
-    _require_columns(dataset, [subject_column], what)
+    check_columns(dataset, {"subject_column": subject_column}, what)
     values = dataset[subject_column]
     empty = [i for i, v in enumerate(values) if v is None or (isinstance(v, str) and not v.strip())
              or (isinstance(v, float) and np.isnan(v))]
@@ -457,9 +378,9 @@ def _match_dmem_entries(dataset, entries: list, caption_column: str, image_colum
     captions = dataset[caption_column] if any({"caption", "text"} & set(e) for e in entries) else None
     names: list | None = None
     if any("file_name" in e for e in entries):
-        _require_columns(dataset, [image_column], "the training split")
+        check_columns(dataset, {"image_column": image_column}, "the training split")
         names = []
-        raw = _image_storage(dataset, image_column)[image_column]
+        raw = undecoded_column(dataset, image_column)[image_column]
         for value in raw:
             p = value if isinstance(value, str) else (value.get("path") if isinstance(value, dict) else None)
             names.append(p or "")
@@ -523,7 +444,7 @@ def build_memorization_set(
         if "train" not in dataset:
             raise ValueError(f"The DatasetDict has no 'train' split (splits: {sorted(dataset)}).")
         dataset = dataset["train"]
-    _require_columns(dataset, [caption_column], "the training split")
+    check_columns(dataset, {"caption_column": caption_column}, "the training split")
     n = len(dataset)
     if dmem_file is not None:
         rows = _match_dmem_entries(dataset, _load_dmem_file(dmem_file), caption_column, image_column, dmem_file)
@@ -564,8 +485,8 @@ def with_dmem_captions(train: Dataset, dmem: Dataset, caption_column: str = "tex
     With ``unique_captions`` the D_mem pairs carry new words; the final fine-tune must see the same pairs that the
     search and the evaluation use, or the memorization measured on D_mem would be of captions never trained on.
     """
-    _require_columns(dmem, ["dmem_index", caption_column], "the D_mem set")
-    _require_columns(train, [caption_column], "the training split")
+    check_columns(dmem, ["dmem_index", caption_column], "the D_mem set")
+    check_columns(train, {"caption_column": caption_column}, "the training split")
     captions = list(train[caption_column])
     for index, caption in zip(dmem["dmem_index"], dmem[caption_column]):
         if not 0 <= index < len(captions):
@@ -579,14 +500,8 @@ def with_dmem_captions(train: Dataset, dmem: Dataset, caption_column: str = "tex
 
 def write_dmem_file(dmem: Dataset, path: str) -> str:
     """Write the row indices of a D_mem set (its ``dmem_index`` column) as the JSON list `dmem_file` accepts."""
-    _require_columns(dmem, ["dmem_index"], "the D_mem set")
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump([int(i) for i in dmem["dmem_index"]], f)
-    os.replace(tmp, path)
-    return path
+    check_columns(dmem, ["dmem_index"], "the D_mem set")
+    return write_text_atomic(path, json.dumps([int(i) for i in dmem["dmem_index"]]))
 
 
 def build_hpo_set(
@@ -606,7 +521,7 @@ def build_hpo_set(
         raise ValueError(f"dmem_repeats must be a positive int, got {dmem_repeats!r}.")
     if not isinstance(proxy_fraction, (int, float)) or not 0.0 <= float(proxy_fraction) <= 1.0:
         raise ValueError(f"proxy_fraction must be a number in [0, 1], got {proxy_fraction!r}.")
-    _require_columns(dmem, ["dmem_index"], "the D_mem set (build it with build_memorization_set)")
+    check_columns(dmem, ["dmem_index"], "the D_mem set (build it with build_memorization_set)")
     extra = sorted(set(train.column_names) ^ (set(dmem.column_names) - {"dmem_index"}))
     if extra:
         raise ValueError(f"train and dmem have different columns ({extra}); dmem must come from "

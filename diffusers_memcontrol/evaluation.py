@@ -32,7 +32,6 @@ import hashlib
 import json
 import math
 import os
-import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -41,16 +40,19 @@ from typing import Any
 import numpy as np
 import torch
 
-from .data import preprocess_images
+from .columns import check_captions, check_columns
+from .files import atomic_open, write_json_atomic
+from .images import check_interpolation, image_source, pixel_batch
+from .masks import trainable_parameters
 from .metrics.fid import FeatureStatistics, cached_reference_statistics, content_key, frechet_distance_from_stats
 
 __all__ = [
     "AGREEMENT_KINDS",
     "EvaluationConfig",
-    "default_cache_dir",
     "evaluate",
     "evaluate_search_objectives",
     "generate_images",
+    "reference_cache_dir",
     "write_metrics",
 ]
 
@@ -58,12 +60,12 @@ AGREEMENT_KINDS = ("classifier", "clip", "biovil", "none")
 _CACHE_VERSION = 1
 
 
-def default_cache_dir() -> str:
+def reference_cache_dir() -> str:
     """Where reference statistics/features are cached: `eval_reference/` under the project's cache root
     (`cache.default_cache_dir()`: ``$MEMCONTROL_CACHE_DIR`` or ``~/.cache/diffusers_memcontrol``)."""
-    from .cache import default_cache_dir as cache_root
+    from .cache import default_cache_dir
 
-    return os.path.join(cache_root(), "eval_reference")
+    return os.path.join(default_cache_dir(), "eval_reference")
 
 
 def _positive_int(value: Any, name: str, allow_zero: bool = False) -> None:
@@ -90,7 +92,10 @@ class EvaluationConfig:
         "help": "Eval prompts drawn (seeded) from eval_dataset; None = every row."})
     resolution: int | None = field(default=None, metadata={
         "help": "Square generation size in pixels; None = the pipeline's default (unet sample_size x VAE factor)."})
-    center_crop: bool = field(default=True, metadata={"help": "Center-crop real images to a square before resizing."})
+    center_crop: bool = field(default=True, metadata={
+        "help": "Center-crop real images after resizing their shorter side (else a random crop seeded by seed)."})
+    image_interpolation_mode: str = field(default="lanczos", metadata={
+        "help": "Resampling of real images (as the trainer's image_interpolation_mode)."})
     max_reference_images: int | None = field(default=None, metadata={
         "help": "Cap on the real eval images of the FID reference (seeded subset); None = all."})
     max_train_images: int | None = field(default=None, metadata={
@@ -121,7 +126,7 @@ class EvaluationConfig:
     encoder_batch_size: int = field(default=64, metadata={"help": "Images per encoder forward."})
     seed: int = field(default=0, metadata={"help": "Seed of prompt selection, generators and d_mem noise."})
     cache_dir: str | None = field(default=None, metadata={
-        "help": "Reference statistics/features cache (None: default_cache_dir())."})
+        "help": "Reference statistics/features cache (None: reference_cache_dir())."})
     show_progress: bool = field(default=True, metadata={"help": "tqdm progress bars."})
 
     def __post_init__(self) -> None:
@@ -154,6 +159,7 @@ class EvaluationConfig:
             if not steps or not all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in steps):
                 raise ValueError(f"dmem_timesteps must be None or non-negative ints, got {self.dmem_timesteps!r}.")
             self.dmem_timesteps = steps
+        check_interpolation(self.image_interpolation_mode)
         if not 0.0 <= float(self.replication_threshold) <= 1.0:
             raise ValueError(f"replication_threshold must be in [0, 1], got {self.replication_threshold!r}.")
 
@@ -202,25 +208,13 @@ def _check_pipeline(pipe: Any) -> None:
                          f"and scheduler; missing {missing or ['__call__']}.")
 
 
-def _check_dataset(dataset: Any, columns: Sequence[str], what: str) -> None:
-    """The dataset must be a non-empty `datasets.Dataset` holding `columns` (the error lists the available ones)."""
-    names = getattr(dataset, "column_names", None)
-    if names is None or not hasattr(dataset, "select"):
+def _check_dataset(dataset: Any, columns: dict[str, str], what: str) -> None:
+    """The dataset must be a non-empty `datasets.Dataset` holding `columns` (flag -> column; see check_columns)."""
+    if not hasattr(dataset, "select"):
         raise ValueError(f"{what} must be a datasets.Dataset, got {type(dataset).__name__}.")
-    missing = [c for c in columns if c not in names]
-    if missing:
-        raise ValueError(f"Column(s) {missing} not found in {what}; available columns: {names}.")
+    check_columns(dataset, columns, what)
     if len(dataset) == 0:
         raise ValueError(f"{what} is empty.")
-
-
-def _captions(dataset: Any, column: str, what: str) -> list[str]:
-    """Captions of a dataset; ValueError naming the first empty one's row."""
-    captions = dataset[column]
-    for row, caption in enumerate(captions):
-        if not isinstance(caption, str) or not caption.strip():
-            raise ValueError(f"{what} row {row} has an empty caption in column {column!r}.")
-    return list(captions)
 
 
 def _subset(n: int, cap: int | None, seed: int, keep: Sequence[int] = ()) -> np.ndarray:
@@ -315,13 +309,13 @@ def _image_seed(seed: int, prompt_index: int, image_index: int) -> int:
     return int.from_bytes(digest, "little") & ((1 << 63) - 1)
 
 
-def _real_images(dataset: Any, column: str, rows: Sequence[int], resolution: int, center_crop: bool,
-                 batch_size: int) -> Any:
-    """Yield ``[B, 3, R, R]`` tensors in [-1, 1] of `rows` of an image column, decoding `batch_size` at a time."""
+def _real_images(dataset: Any, column: str, rows: Sequence[int], resolution: int, config: EvaluationConfig) -> Any:
+    """Yield ``[B, 3, R, R]`` tensors in [-1, 1] of `rows` of an image column, decoding a batch at a time."""
     rows = [int(r) for r in rows]
-    for start in range(0, len(rows), batch_size):
-        images = dataset.select(rows[start:start + batch_size])[column]
-        yield preprocess_images(images, resolution, center_crop=center_crop)
+    generator = torch.Generator().manual_seed(config.seed)  # random crops (center_crop False) are seeded
+    for start in range(0, len(rows), config.encoder_batch_size):
+        images = dataset.select(rows[start:start + config.encoder_batch_size])[column]
+        yield pixel_batch(images, resolution, config.center_crop, config.image_interpolation_mode, generator)
 
 
 def _encoder_identity(encoder: Any) -> str:
@@ -343,28 +337,20 @@ def _image_column_fingerprint(dataset: Any, column: str, rows: Sequence[int]) ->
     rows = [int(r) for r in rows]
     for start in range(0, len(rows), 1024):
         values = table.select(rows[start:start + 1024])[column].to_pylist()
-        for value in values:
-            data = path = None
-            if isinstance(value, dict):
-                data, path = value.get("bytes"), value.get("path")
-            elif isinstance(value, str):
-                path = value
-            elif isinstance(value, (bytes, bytearray)):
-                data = bytes(value)
+        for row, value in zip(rows[start:start + 1024], values):
+            source, _, data = image_source(value, row, column)
             if data is not None:
                 h.update(b"b")
                 h.update(len(data).to_bytes(8, "little"))
                 h.update(data)
-            elif path is not None:
+            else:  # a file: its path, size and modification time (cheap, unlike reading every file)
                 h.update(b"p")
-                h.update(path.encode())
+                h.update(source.encode())
                 try:
-                    st = os.stat(path)
+                    st = os.stat(source)
                     h.update(f"{st.st_size}:{st.st_mtime_ns}".encode())
                 except OSError:
                     pass
-            else:
-                h.update(b"n" + repr(value).encode())
     return h.hexdigest()
 
 
@@ -378,15 +364,8 @@ def _cached_features(cache_dir: str, key: str, compute: Any) -> tuple[np.ndarray
         except (OSError, ValueError, EOFError):
             pass  # unreadable: recompute and overwrite
     feats = np.ascontiguousarray(np.asarray(compute(), dtype=np.float32))
-    fd, tmp = tempfile.mkstemp(dir=cache_dir, prefix=".features-", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            np.save(fh, feats)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    with atomic_open(path, "wb") as fh:
+        np.save(fh, feats)
     return feats, False
 
 
@@ -402,21 +381,21 @@ def _fid_reference(encoder: Any, eval_dataset: Any, image_column: str, config: E
     """Cached feature statistics of the real eval images: (statistics, from_cache, number of images)."""
     rows = _subset(len(eval_dataset), config.max_reference_images, config.seed)
     key = content_key("fid-reference", _CACHE_VERSION, _encoder_identity(encoder),
-                      _image_column_fingerprint(eval_dataset, image_column, rows), resolution, config.center_crop)
+                      _image_column_fingerprint(eval_dataset, image_column, rows), resolution, config.center_crop,
+                      config.image_interpolation_mode)
     computed = []
 
     def compute() -> FeatureStatistics:
         stats = FeatureStatistics()
         bar = _progress(len(rows), "FID reference features", config.show_progress)
-        for batch in _real_images(eval_dataset, image_column, rows, resolution, config.center_crop,
-                                  config.encoder_batch_size):
+        for batch in _real_images(eval_dataset, image_column, rows, resolution, config):
             stats.update(encoder.features(batch, batch_size=config.encoder_batch_size))
             bar.update(len(batch))
         bar.close()
         computed.append(True)
         return stats
 
-    cache_dir = config.cache_dir or default_cache_dir()
+    cache_dir = config.cache_dir or reference_cache_dir()
     stats = cached_reference_statistics(cache_dir, key, compute)
     return stats, not computed, len(rows)
 
@@ -426,19 +405,19 @@ def _train_features(encoder: Any, dataset: Any, image_column: str, config: Evalu
     """Cached features of the training images (AMD / replication reference)."""
     rows = _subset(len(dataset), config.max_train_images, config.seed, keep=keep)
     key = content_key("train-features", _CACHE_VERSION, _encoder_identity(encoder),
-                      _image_column_fingerprint(dataset, image_column, rows), resolution, config.center_crop)
+                      _image_column_fingerprint(dataset, image_column, rows), resolution, config.center_crop,
+                      config.image_interpolation_mode)
 
     def compute() -> np.ndarray:
         out = []
         bar = _progress(len(rows), "training-set features", config.show_progress)
-        for batch in _real_images(dataset, image_column, rows, resolution, config.center_crop,
-                                  config.encoder_batch_size):
+        for batch in _real_images(dataset, image_column, rows, resolution, config):
             out.append(encoder.features(batch, batch_size=config.encoder_batch_size).numpy())
             bar.update(len(batch))
         bar.close()
         return np.concatenate(out)
 
-    return _cached_features(config.cache_dir or default_cache_dir(), key, compute)
+    return _cached_features(config.cache_dir or reference_cache_dir(), key, compute)
 
 
 def _stats_of(feats: torch.Tensor, what: str) -> FeatureStatistics:
@@ -457,9 +436,8 @@ def _dmem(pipe: Any, dmem_dataset: Any, image_column: str, caption_column: str, 
     from .metrics.memorization import dmem_search
     from .training import encode_images, encode_prompts
 
-    captions = _captions(dmem_dataset, caption_column, "dmem_dataset")
-    images = torch.cat(list(_real_images(dmem_dataset, image_column, range(len(dmem_dataset)), resolution,
-                                         config.center_crop, config.encoder_batch_size)))
+    captions = check_captions(dmem_dataset[caption_column], caption_column, "dmem_dataset")
+    images = torch.cat(list(_real_images(dmem_dataset, image_column, range(len(dmem_dataset)), resolution, config)))
     generator = torch.Generator("cpu").manual_seed(config.seed)
     with torch.no_grad():
         latents = encode_images(pipe.vae, images, batch_size=config.encoder_batch_size, generator=generator)
@@ -508,16 +486,11 @@ def _labels(dataset: Any, rows: np.ndarray, label_column: str | None, config: Ev
             raise ValueError("agreement='classifier' needs class labels: pass label_column (available columns: "
                              f"{dataset.column_names}) or choose agreement 'clip', 'biovil' or 'none'.")
         label_column = "label"
-    _check_dataset(dataset, [label_column], "eval_dataset")
+    _check_dataset(dataset, {"label_column": label_column}, "eval_dataset")
     labels = dataset.select(rows)[label_column]
     if not all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) for v in labels):
         raise ValueError(f"label_column {label_column!r} must hold integer class ids.")
     return [int(v) for v in labels]
-
-
-def _count_trainable(unet: Any) -> int:
-    """Parameters of the UNet with requires_grad (the adapter's after a MemControl fine-tune)."""
-    return int(sum(p.numel() for p in unet.parameters() if p.requires_grad))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -564,9 +537,9 @@ def evaluate(
     if not isinstance(config, EvaluationConfig):
         raise TypeError(f"config must be an EvaluationConfig, got {type(config).__name__}.")
     _check_pipeline(pipe)
-    _check_dataset(eval_dataset, [image_column, caption_column], "eval_dataset")
-    _check_dataset(dmem_dataset, [image_column, caption_column], "dmem_dataset")
-    _check_dataset(reference_dataset, [image_column], "reference_dataset")
+    _check_dataset(eval_dataset, {"image_column": image_column, "caption_column": caption_column}, "eval_dataset")
+    _check_dataset(dmem_dataset, {"image_column": image_column, "caption_column": caption_column}, "dmem_dataset")
+    _check_dataset(reference_dataset, {"image_column": image_column}, "reference_dataset")
     timings: dict[str, float] = {}
     clock = time.perf_counter()
     resolution = config.resolution or _pipe_default_resolution(pipe)
@@ -576,7 +549,7 @@ def evaluate(
 
     # eval prompts: FID, agreement, amd_eval
     rows = _subset(len(eval_dataset), config.num_eval_prompts, config.seed)
-    prompts = _captions(eval_dataset.select(rows), caption_column, "eval_dataset")
+    prompts = check_captions(eval_dataset.select(rows)[caption_column], caption_column, "eval_dataset")
     labels = _labels(eval_dataset, rows, label_column, config)
     eval_images = generate_images(
         pipe, prompts, config.images_per_prompt, num_inference_steps=config.num_inference_steps,
@@ -598,7 +571,7 @@ def evaluate(
     from .metrics.distances import average_min_cosine_distance, extraction_attack, replication_scores
 
     clock = time.perf_counter()
-    dmem_captions = _captions(dmem_dataset, caption_column, "dmem_dataset")
+    dmem_captions = check_captions(dmem_dataset[caption_column], caption_column, "dmem_dataset")
     keep = [int(i) for i in dmem_dataset["dmem_index"]] if "dmem_index" in dmem_dataset.column_names else []
     keep = [i for i in keep if 0 <= i < len(reference_dataset)]
     train_feats, train_cached = _train_features(encoder, reference_dataset, image_column, config, resolution, keep)
@@ -621,7 +594,7 @@ def evaluate(
         timings["amd_replication"] = time.perf_counter() - clock
         clock = time.perf_counter()
         training_images = torch.cat(list(_real_images(dmem_dataset, image_column, range(len(dmem_dataset)),
-                                                      resolution, config.center_crop, config.encoder_batch_size)))
+                                                      resolution, config)))
         result = extraction_attack(
             dmem_images.reshape(len(dmem_captions), g, *dmem_images.shape[1:]), training_images,
             threshold=config.extraction_threshold, min_clique_size=config.extraction_min_clique_size,
@@ -647,7 +620,7 @@ def evaluate(
         "dmem": float(dmem.max),
         "dmem_mean": float(dmem.mean),
         "replication": replication,
-        "trainable_params": int(trainable_params) if trainable_params is not None else _count_trainable(pipe.unet),
+        "trainable_params": int(trainable_params) if trainable_params is not None else trainable_parameters(pipe.unet),
         "num_eval_prompts": len(prompts),
         "num_eval_images": int(eval_images.shape[0]),
         "num_fid_reference_images": int(n_ref),
@@ -681,13 +654,14 @@ def evaluate_search_objectives(
     if not isinstance(config, EvaluationConfig):
         raise TypeError(f"config must be an EvaluationConfig, got {type(config).__name__}.")
     _check_pipeline(pipe)
-    _check_dataset(dmem_dataset, [image_column, caption_column], "dmem_dataset")
-    _check_dataset(validation_dataset, [image_column, caption_column], "validation_dataset")
+    _check_dataset(dmem_dataset, {"image_column": image_column, "caption_column": caption_column}, "dmem_dataset")
+    _check_dataset(validation_dataset, {"image_column": image_column, "caption_column": caption_column},
+                   "validation_dataset")
     resolution = config.resolution or _pipe_default_resolution(pipe)
     if encoder is None:
         encoder = _load_feature_encoder(config, pipe.unet.device)
     rows = _subset(len(validation_dataset), config.num_eval_prompts, config.seed)
-    prompts = _captions(validation_dataset.select(rows), caption_column, "validation_dataset")
+    prompts = check_captions(validation_dataset.select(rows)[caption_column], caption_column, "validation_dataset")
     images = generate_images(
         pipe, prompts, config.images_per_prompt, num_inference_steps=config.num_inference_steps,
         guidance_scale=config.guidance_scale, resolution=resolution, batch_size=config.generation_batch_size,
@@ -699,47 +673,8 @@ def evaluate_search_objectives(
     return {"dmem": float(dmem.max), "fid": float(fid)}
 
 
-def _jsonable(value: Any) -> Any:
-    """Plain JSON types: numpy/torch scalars and arrays to Python, non-finite floats to None."""
-    if isinstance(value, dict):
-        return {str(k): _jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
-    if torch.is_tensor(value):
-        return _jsonable(value.detach().cpu().tolist())
-    if isinstance(value, np.ndarray):
-        return _jsonable(value.tolist())
-    if isinstance(value, np.generic):
-        value = value.item()
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if value is None or isinstance(value, (bool, int, float, str)):
-        return value
-    if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        return _jsonable(asdict(value))
-    raise TypeError(f"metrics value of type {type(value).__name__} is not JSON-serializable: {value!r}")
-
-
 def write_metrics(metrics: dict[str, Any], path: str | os.PathLike) -> str:
-    """Write `metrics` as JSON atomically (temporary file in the same folder, then ``os.replace``); returns the path.
-
-    A crash mid-write never leaves a truncated ``metrics.json``. NaN/inf become ``null`` (strict JSON).
-    """
+    """Write `metrics` as strict JSON (NaN/inf become ``null``, keys sorted) atomically; returns the path."""
     if not isinstance(metrics, dict):
         raise TypeError(f"metrics must be a dict, got {type(metrics).__name__}.")
-    path = os.fspath(path)
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    text = json.dumps(_jsonable(metrics), indent=2, sort_keys=True, allow_nan=False)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text + "\n")
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
+    return write_json_atomic(path, metrics, sort_keys=True)

@@ -53,12 +53,15 @@ def atomic_path(path: str | os.PathLike, suffix: str = ".tmp") -> Iterator[str]:
 
 
 @contextlib.contextmanager
-def atomic_open(path: str | os.PathLike, mode: str = "w", encoding: str | None = "utf-8") -> Iterator[IO]:
-    """Open a temporary file next to `path` for writing (`"w"` or `"wb"`); it replaces `path` when the block ends."""
+def atomic_open(path: str | os.PathLike, mode: str = "w", encoding: str | None = "utf-8", newline: str | None = None
+                ) -> Iterator[IO]:
+    """Open a temporary file next to `path` for writing (`"w"` or `"wb"`); it replaces `path` when the block ends.
+
+    `newline` means what it means for `open` (text mode; "" for the csv module)."""
     if mode not in ("w", "wb"):
         raise ValueError(f"atomic_open writes whole files: mode must be 'w' or 'wb', got {mode!r}.")
     with atomic_path(path) as tmp:
-        with open(tmp, mode, encoding=None if "b" in mode else encoding) as f:
+        with open(tmp, mode, encoding=None if "b" in mode else encoding, newline=None if "b" in mode else newline) as f:
             yield f
             f.flush()
             os.fsync(f.fileno())

@@ -20,6 +20,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from .files import usual_mode, write_json_atomic
 from .masks import Mask
 
 logger = logging.getLogger(__name__)
@@ -30,6 +31,10 @@ ADAPTER_WEIGHTS_FILE = "adapter_model.safetensors"
 METRICS_FILE = "metrics.json"
 PARETO_FILE = "pareto.png"
 CARD_FILE = "README.md"
+SUMMARY_FILE = "summary.json"  # the trainer's run summary: publish adds `hub_url` to it
+TRAINING_CONFIG_FILE = "training_config.json"  # the trainer's arguments: `run.pretrained_model_name_or_path`
+# the base model of runs without --pretrained_model_name_or_path (diffusers_memcontrol.tiny_base.tiny_base_path())
+TINY_BASE_NAME = "diffusers-memcontrol/tiny_base"
 CARD_TEMPLATE = "memcontrol_card.md"
 # what download_memcontrol fetches from a Hub repository: never pickles
 DOWNLOAD_PATTERNS = ["*.json", "*.safetensors", CARD_FILE]
@@ -276,12 +281,43 @@ def _trainable_parameters(weights: str | None, metrics: dict) -> int | None:
     return None
 
 
-def _base_model(explicit: str | None, adapter_config: dict) -> str | None:
-    candidate = explicit or adapter_config.get("base_model_name_or_path")
-    # only Hub ids go into the card: a local path would leak the publisher's file system layout
-    if candidate and _HUB_ID.match(candidate) and not os.path.exists(candidate):
-        return candidate
+def base_model_name(pretrained_model_name_or_path: str | None) -> str:
+    """The base model a run records: its `--pretrained_model_name_or_path`, or TINY_BASE_NAME for the shipped base."""
+    return pretrained_model_name_or_path or TINY_BASE_NAME
+
+
+def recorded_base_model(output_dir: str) -> str | None:
+    """The base model recorded in a run's outputs (`summary.json` `base_model`, else `training_config.json`), or in
+    its trial / final runs for a search folder; None when nothing records it."""
+    summary = os.path.join(output_dir, SUMMARY_FILE)
+    if os.path.isfile(summary):
+        data = _read_json(summary)
+        if isinstance(data, dict) and isinstance(data.get("base_model"), str):
+            return data["base_model"]
+    configs = [os.path.join(output_dir, TRAINING_CONFIG_FILE)]
+    for runs in ("final", "trials"):  # a search folder: every run of it fine-tunes the same base
+        folder = os.path.join(output_dir, runs)
+        if os.path.isdir(folder):
+            configs += [os.path.join(folder, d, TRAINING_CONFIG_FILE) for d in sorted(os.listdir(folder))]
+    for path in configs:
+        if os.path.isfile(path):
+            run = _read_json(path).get("run", {})
+            if "pretrained_model_name_or_path" in run:
+                return base_model_name(run["pretrained_model_name_or_path"])
     return None
+
+
+def _base_model(explicit: str | None, adapter_config: dict) -> dict:
+    """How the card names the base model: `hub_id` (the card's `base_model:` metadata), `tiny_base`, `local` (the
+    folder's name only: a local path would leak the publisher's file system layout) or nothing known."""
+    candidate = explicit or adapter_config.get("base_model_name_or_path")
+    if candidate == TINY_BASE_NAME:
+        return {"name": TINY_BASE_NAME, "tiny_base": True}
+    if candidate and _HUB_ID.match(candidate) and not os.path.exists(candidate):
+        return {"name": candidate, "hub_id": candidate}
+    if candidate:
+        return {"name": os.path.basename(os.path.normpath(candidate)), "local": True}
+    return {}
 
 
 def render_card(
@@ -301,6 +337,7 @@ def render_card(
     adapter_config = adapter_config or {}
     metrics = metrics or {}
     base = _base_model(base_model, adapter_config)
+    hub_base = base.get("hub_id")
     trainable = _trainable_parameters(weights_path, metrics)
     has_adapter = weights_path is not None
     scope = adapter_config.get("mask_scope", "reference")
@@ -316,6 +353,8 @@ def render_card(
         "bitstring": mask.bitstring,
         "has_adapter": has_adapter,
     }
+    if base:
+        memcontrol_meta["base_model"] = base["name"]
     if trainable is not None:
         memcontrol_meta["trainable_parameters"] = trainable
     model_name = repo_id.split("/")[-1]
@@ -324,7 +363,7 @@ def render_card(
         library_name="diffusers",
         pipeline_tag="text-to-image",
         tags=tags,
-        base_model=base,
+        base_model=hub_base,
         model_name=model_name,
         eval_results=eval_results,
         memcontrol=memcontrol_meta,
@@ -347,7 +386,8 @@ def render_card(
         has_pareto=has_pareto,
         has_metrics=bool(metrics),
         include_samples=include_samples,
-        base_model=base,
+        base_model=hub_base,
+        base=base,
     )
 
 
@@ -357,11 +397,6 @@ def render_card(
 def _read_json(path: str) -> Any:
     with open(path, encoding="utf-8") as f:
         return json.load(f)
-
-
-def _write_json(path: str, data: Any) -> None:
-    with open(path, "w", encoding="utf-8") as f:
-        json.dump(data, f, indent=2)
 
 
 def _find_mask(output_dir: str) -> Mask:
@@ -434,7 +469,7 @@ def _assemble(output_dir: str, staging: str, repo_id: str, include_adapter: bool
         metrics = _read_json(metrics_path)
         if not include_samples:
             metrics = sanitize_metrics(metrics)
-        _write_json(os.path.join(staging, METRICS_FILE), metrics)
+        write_json_atomic(os.path.join(staging, METRICS_FILE), metrics)
         files.append(METRICS_FILE)
         if not isinstance(metrics, dict):
             metrics = {}
@@ -447,7 +482,8 @@ def _assemble(output_dir: str, staging: str, repo_id: str, include_adapter: bool
     card = render_card(
         repo_id, mask, adapter_config=adapter_config if publish_adapter else {},
         weights_path=os.path.join(staging, ADAPTER_WEIGHTS_FILE) if publish_adapter else None,
-        metrics=metrics, base_model=base_model, has_pareto=has_pareto, include_samples=include_samples,
+        metrics=metrics, base_model=base_model or recorded_base_model(output_dir), has_pareto=has_pareto,
+        include_samples=include_samples,
     )
     card.save(os.path.join(staging, CARD_FILE))
     files.append(CARD_FILE)
@@ -460,6 +496,7 @@ def _place_atomically(staging: str, local_dir: str, output_dir: str) -> None:
     source = os.path.realpath(output_dir)
     if target == source or os.path.commonpath([target, source]) in (target, source):
         raise ValueError(f"local_dir {local_dir!r} must not be, contain or lie inside output_dir {output_dir!r}.")
+    usual_mode(staging)  # mkdtemp made it 0700
     if not os.path.exists(local_dir):
         os.replace(staging, local_dir)
         return
@@ -473,6 +510,16 @@ def _place_atomically(staging: str, local_dir: str, output_dir: str) -> None:
     os.replace(local_dir, old)
     os.replace(staging, local_dir)
     shutil.rmtree(old, ignore_errors=True)
+
+
+def _record_hub_url(output_dir: str, url: str) -> None:
+    """Add `hub_url` to the run's summary.json (the trainer writes it before publishing), keeping everything else."""
+    path = os.path.join(output_dir, SUMMARY_FILE)
+    summary = _read_json(path) if os.path.isfile(path) else {}
+    if not isinstance(summary, dict):
+        logger.warning("%s is not a JSON object; not recording hub_url %s in it.", path, url)
+        return
+    write_json_atomic(path, {**summary, "hub_url": url})
 
 
 def publish(
@@ -531,6 +578,7 @@ def publish(
             token=token,
             commit_message=commit_message or f"Publish MemControl {'adapter' if ADAPTER_WEIGHTS_FILE in files else 'mask'}",
         )
+        _record_hub_url(output_dir, str(url))
         return str(url)
     finally:
         shutil.rmtree(staging, ignore_errors=True)

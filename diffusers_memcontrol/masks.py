@@ -34,6 +34,9 @@ Scopes:
   every position (e.g. SV-DIFF shifts of resnets, conv_in/out, time embedding; the up blocks' last transformers in the
   `paper` layout) always train, and unmasked parameters (DiffFit's biases and norms) train everywhere.
 - `strict`: only parameters inside positions whose bit is 1 train; everything else is frozen.
+
+Built-in masks: published masks shipped with the package (`assets/masks/<name>.json`), named `memcontrol:<name>`
+wherever a mask is accepted (`Mask.load`, the trainer's `--mask`); `memcontrol masks` lists them with their source.
 """
 
 from __future__ import annotations
@@ -45,11 +48,15 @@ from dataclasses import asdict, dataclass, field
 
 from torch import nn
 
+from .files import write_text_atomic
+
 MASK_FILES = ("mask.json", "best_mask.json", "adapter_config.json")
 
 METHODS = ("svdiff", "difffit", "attention", "lora", "full", "freeze")
 LAYOUTS = ("blocks", "attention", "paper")
 SCOPES = ("reference", "strict")
+BUILTIN_PREFIX = "memcontrol:"
+BUILTIN_MASKS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "masks")
 _PAPER_SUBSET_METHODS = ("svdiff", "difffit", "full")
 _ATTENTION_PROJECTIONS = ("to_q", "to_k", "to_v", "to_out.0")
 
@@ -146,17 +153,16 @@ class Mask:
 
     def save(self, path: str | os.PathLike) -> None:
         """Write the mask JSON atomically, so a crash never leaves a half-written file."""
-        path = os.fspath(path)
-        tmp = f"{path}.tmp-{os.getpid()}"
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(self.to_json(indent=2))
-        os.replace(tmp, path)
+        write_text_atomic(path, self.to_json(indent=2))
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> Mask:
-        """Read a mask from a JSON file (a mask, or an `adapter_config.json` holding one) or from a folder holding
-        one of MASK_FILES (the first found): what training, search and publishing write."""
+        """Read a mask from a JSON file (a mask, or an `adapter_config.json` holding one), from a folder holding
+        one of MASK_FILES (the first found): what training, search and publishing write, or a built-in mask
+        `memcontrol:<name>`."""
         path = os.fspath(path)
+        if path.startswith(BUILTIN_PREFIX):
+            path = builtin_mask(path).path
         if not os.path.isdir(path):
             mask = cls._read_file(path)
             if mask is None:
@@ -177,6 +183,73 @@ class Mask:
         if isinstance(data, dict) and "bits" not in data and "mask" in data:
             data = data["mask"]
         return None if data is None else cls.from_dict(data)
+
+
+@dataclass(frozen=True)
+class BuiltinMask:
+    """A published mask shipped with the package: the mask, where it comes from and what it trains."""
+
+    name: str
+    source: str
+    description: str
+    base_model: str  # the architecture the positions belong to (a Hub id)
+    scope: str  # the scope under which `trainable_params` holds
+    trainable_params: int  # on `base_model`'s UNet, counted by MaskSpace.count_trainable
+    unet_params: int
+    mask: Mask
+    path: str
+
+    @classmethod
+    def from_file(cls, path: str) -> BuiltinMask:
+        """Read `assets/masks/<name>.json`."""
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+        fields = {k: data[k] for k in ("source", "description", "base_model", "scope", "trainable_params",
+                                       "unet_params")}
+        name = os.path.splitext(os.path.basename(path))[0]
+        return cls(name=name, mask=Mask.from_dict(data["mask"]), path=path, **fields)
+
+    @property
+    def spec(self) -> str:
+        """The name to pass as `--mask`, e.g. 'memcontrol:paper-mimic-svdiff'."""
+        return BUILTIN_PREFIX + self.name
+
+    def to_dict(self) -> dict:
+        """Plain-JSON listing entry (what `memcontrol masks --json` prints)."""
+        return {"name": self.spec, "source": self.source, "description": self.description,
+                "method": self.mask.method, "layout": self.mask.layout, "scope": self.scope,
+                "base_model": self.base_model, "trainable_params": self.trainable_params,
+                "unet_params": self.unet_params, "bitstring": self.mask.bitstring}
+
+    def fit(self, unet: nn.Module, method: str | None = None) -> Mask:
+        """The mask, after checking that it belongs to `unet`'s architecture and to the PEFT `method` (if given)."""
+        mask = self.mask
+        if method is not None and method != mask.method:
+            raise ValueError(f"Built-in mask {self.spec!r} is for PEFT method {mask.method!r} ({mask.layout} layout); "
+                             f"PEFT method {method!r} does not accept it: use --peft_method {mask.method}.")
+        space = MaskSpace.from_unet(unet, method=mask.method, layout=mask.layout)
+        if list(space.positions) != list(mask.positions):
+            raise ValueError(
+                f"Built-in mask {self.spec!r} ({mask.method}, {mask.layout} layout, {len(mask)} positions) is for the "
+                f"UNet of {self.base_model}; this UNet's {mask.layout} layout has {len(space)} positions "
+                f"({space.positions[:2]}...). Use a mask of this UNet's space (`memcontrol mask-space`).")
+        return mask
+
+
+def builtin_masks() -> dict[str, BuiltinMask]:
+    """The built-in masks by name (without the `memcontrol:` prefix)."""
+    files = sorted(f for f in os.listdir(BUILTIN_MASKS_DIR) if f.endswith(".json"))
+    return {os.path.splitext(f)[0]: BuiltinMask.from_file(os.path.join(BUILTIN_MASKS_DIR, f)) for f in files}
+
+
+def builtin_mask(spec: str) -> BuiltinMask:
+    """The built-in mask named `memcontrol:<name>` (or `<name>`); ValueError listing the built-in masks otherwise."""
+    name = spec.removeprefix(BUILTIN_PREFIX)
+    masks = builtin_masks()
+    if name not in masks:
+        raise ValueError(f"Unknown built-in mask {spec!r}; built-in masks: "
+                         f"{', '.join(m.spec for m in masks.values())} (`memcontrol masks` lists them).")
+    return masks[name]
 
 
 @dataclass
@@ -347,6 +420,11 @@ def _in_attention(name: str) -> bool:
 
 def _ends_with_projection(name: str) -> bool:
     return any(name.endswith(f".{a}.{p}") for a in ("attn1", "attn2") for p in _ATTENTION_PROJECTIONS)
+
+
+def trainable_parameters(model: nn.Module) -> int:
+    """Number of parameters of `model` that train (`requires_grad`): the adapter's after injection."""
+    return int(sum(p.numel() for p in model.parameters() if p.requires_grad))
 
 
 def role_numel(role: str, module: nn.Module, lora_rank: int = 4) -> int:

@@ -18,7 +18,9 @@ import torch
 
 from diffusers_memcontrol.metrics.memorization import _conditional_delta_norms
 
-__all__ = ["RandomWordAugmentation", "ThresholdMitigation", "threshold_mask"]
+__all__ = ["MITIGATIONS", "RandomWordAugmentation", "ThresholdMitigation", "threshold_mask"]
+
+MITIGATIONS = ("none", "rwa", "threshold")
 
 RngLike = np.random.Generator | random.Random | int | None
 

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from collections.abc import Sequence
+
+from .files import atomic_path, write_json_atomic, write_text_atomic
 
 TABLE_COLUMNS = (
     ("fid", "FID ↓"),
@@ -51,11 +52,8 @@ def write_results(rows: Sequence[dict], output_dir: str) -> tuple[str, str]:
     os.makedirs(output_dir, exist_ok=True)
     md_path = os.path.join(output_dir, "results.md")
     json_path = os.path.join(output_dir, "results.json")
-    for path, text in ((md_path, results_markdown(rows)), (json_path, json.dumps(list(rows), indent=2))):
-        tmp = f"{path}.tmp-{os.getpid()}"
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
+    write_text_atomic(md_path, results_markdown(rows))
+    write_json_atomic(json_path, list(rows))
     return md_path, json_path
 
 
@@ -68,13 +66,10 @@ def pareto_plot(
     title: str = "MemControl search",
 ) -> str:
     """Figure 3: every trial (d_mem vs FID), the Pareto front, the chosen mask and the baselines; saved as PNG."""
-    try:
-        import matplotlib
+    import matplotlib
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError as err:
-        raise ImportError("pareto_plot needs matplotlib: pip install 'diffusers-memcontrol[plots]'") from err
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
     done = [t for t in trials if t.get("dmem") is not None and t.get("fid") is not None]
     if not done:
         raise ValueError("No completed trial with dmem and fid to plot.")
@@ -94,8 +89,7 @@ def pareto_plot(
     ax.set_title(title)
     ax.legend(fontsize=7, loc="best")
     fig.tight_layout()
-    tmp = f"{path}.tmp-{os.getpid()}.png"
-    fig.savefig(tmp)
+    with atomic_path(path, suffix=".png") as tmp:
+        fig.savefig(tmp, format="png")
     plt.close(fig)
-    os.replace(tmp, path)
     return path

@@ -15,7 +15,9 @@ from collections.abc import Sequence
 from dataclasses import replace
 
 from .errors import ArgumentParser, InputError, user_input
+from .files import write_json_atomic
 from .masks import Mask, MaskSpace
+from .mitigation import MITIGATIONS
 from .reporting import pareto_plot, write_results
 from .search import (
     OBJECTIVES,
@@ -29,10 +31,8 @@ from .search import (
     run_trainer,
     select_trial,
 )
-from .training import write_json_atomic
 
 BASELINES = ("freeze", "full", "svdiff", "difffit", "attention")
-MITIGATIONS = ("none", "rwa", "threshold")
 
 
 def run_search(unet, train_args: list[str], output_dir: str, search_spaces: list[str], layout: str, scope: str,

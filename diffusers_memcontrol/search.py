@@ -25,8 +25,8 @@ from optuna.study import MaxTrialsCallback
 from optuna.trial import FrozenTrial, TrialState
 
 from .errors import InputError
+from .files import atomic_open, write_json_atomic
 from .masks import Mask, MaskSpace
-from .training import write_json_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -310,12 +310,10 @@ def export_study(study: optuna.Study, space: MaskSpace, output_dir: str, selecti
     }
     write_json_atomic(os.path.join(output_dir, "pareto.json"), pareto)
     fieldnames = sorted({k for r in rows for k in r})
-    tmp = os.path.join(output_dir, f".trials.csv.tmp-{os.getpid()}")
-    with open(tmp, "w", newline="", encoding="utf-8") as f:
+    with atomic_open(os.path.join(output_dir, "trials.csv"), newline="") as f:
         writer = csv.DictWriter(f, fieldnames=fieldnames)
         writer.writeheader()
         writer.writerows(rows)
-    os.replace(tmp, os.path.join(output_dir, "trials.csv"))
     return {"trial": chosen.number, "values": dict(zip(OBJECTIVES, chosen.values)), "mask": mask.to_dict()}
 
 

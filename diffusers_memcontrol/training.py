@@ -21,7 +21,6 @@ from (seed, epoch), so a run resumed from a checkpoint continues exactly where t
 from __future__ import annotations
 
 import contextlib
-import io
 import json
 import math
 import os
@@ -39,12 +38,18 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from .cache import _usual_mode
-from .masks import Mask, MaskSpace
+from .columns import check_captions, check_columns
+from .files import (
+    atomic_path,
+    usual_mode,
+    write_json_atomic,  # noqa: F401 (the name training/train_memcontrol.py imports)
+)
+from .images import ImageLoader, check_interpolation, scan_images, transform_image
+from .masks import METHODS as PEFT_METHODS
+from .masks import BUILTIN_PREFIX, Mask, MaskSpace, builtin_mask, trainable_parameters
+from .mitigation import MITIGATIONS
 from .tuners import MemControlConfig
 
-PEFT_METHODS = ("svdiff", "difffit", "attention", "lora", "full", "freeze")
-MITIGATIONS = ("none", "rwa", "threshold")
 LR_SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup")
 DEFAULT_LR = {"svdiff": 1e-3, "difffit": 1e-3, "lora": 1e-4, "attention": 1e-5, "full": 1e-5, "freeze": 1e-3}
 CHECKPOINT_PREFIX = "checkpoint-"
@@ -91,6 +96,9 @@ class FineTuneConfig:
     ema_decay: float = field(default=0.9999, metadata={"help": "EMA decay (diffusers' EMAModel warm-up applies)."})
     gradient_checkpointing: bool = field(default=False, metadata={"help": "Trade compute for UNet activation memory."})
     random_flip: bool = field(default=False, metadata={"help": "Flip images horizontally with probability 0.5."})
+    image_interpolation_mode: str = field(default="lanczos", metadata={
+        "help": "Resampling of the shorter-side resize: lanczos, bilinear, bicubic, nearest, nearest_exact, box or "
+                "hamming (as diffusers' train_text_to_image.py)."})
     mitigation: str = field(default="none", metadata={"help": "none, rwa or threshold."})
     rwa_num_words: int = field(default=4, metadata={"help": "RWA: random words inserted per caption."})
     rwa_prob: float = field(default=1.0, metadata={"help": "RWA: probability a caption is augmented."})
@@ -130,6 +138,7 @@ class FineTuneConfig:
         if self.rwa_num_words < 0:
             raise ValueError(f"rwa_num_words must be >= 0, got {self.rwa_num_words}.")
         self.threshold = parse_threshold(self.threshold)
+        check_interpolation(self.image_interpolation_mode)
         if not 0.0 < self.threshold_quantile <= 1.0:
             raise ValueError(f"threshold_quantile must be in (0, 1], got {self.threshold_quantile}.")
         if not 0.0 <= self.ema_decay <= 1.0:
@@ -171,12 +180,15 @@ def parse_threshold(value: float | str) -> float | str:
 # masks and adapters
 # --------------------------------------------------------------------------------------------------------------------
 def resolve_mask(spec: str | None, unet: torch.nn.Module, method: str | None, layout: str) -> Mask | None:
-    """Turn a `--mask` value (None, a bit string, a mask JSON file, a folder or a Hub repo holding one) into a Mask.
+    """Turn a `--mask` value (None, a bit string, a mask JSON file, a folder or a Hub repo holding one, a built-in
+    mask `memcontrol:<name>`) into a Mask.
 
     A stored mask is re-targeted to `method` when its positions fit; `method=None` keeps the stored method.
     """
     if spec is None or spec == "":
         return None
+    if spec.startswith(BUILTIN_PREFIX):  # a mask shipped with the package (`memcontrol masks` lists them)
+        return builtin_mask(spec).fit(unet, method)
     if not os.path.exists(spec) and re.fullmatch(r"[\w.-]+/[\w.-]+", spec):  # a Hub repo holding a published mask
         from .hub import download_memcontrol
 
@@ -223,7 +235,7 @@ def save_adapter(unet: torch.nn.Module, output_dir: str, adapter_name: str = "de
             with open(os.path.join(tmp, name), "w", encoding="utf-8") as f:
                 f.write(text)
         for name in os.listdir(tmp):
-            _usual_mode(os.path.join(tmp, name))
+            usual_mode(os.path.join(tmp, name))
             os.replace(os.path.join(tmp, name), os.path.join(output_dir, name))
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -309,170 +321,6 @@ def default_resolution(unet: Any, vae: Any) -> int:
 
 
 # --------------------------------------------------------------------------------------------------------------------
-# data checks, images
-# --------------------------------------------------------------------------------------------------------------------
-def check_columns(dataset: Any, columns: Sequence[str | None], source: str = "the dataset") -> None:
-    """Raise, listing the available columns, when one of `columns` is missing."""
-    missing = [c for c in columns if c is not None and c not in dataset.column_names]
-    if missing:
-        raise ValueError(f"Column(s) {missing} not found in {source}; available columns: {dataset.column_names}.")
-
-
-def check_captions(captions: Sequence[Any], column: str = "text") -> None:
-    """Raise (naming rows, never caption text) when a caption is empty or not a string."""
-    bad = [i for i, c in enumerate(captions) if not isinstance(c, str) or not c.strip()]
-    if bad:
-        raise ValueError(f"{len(bad)} rows have an empty or non-text caption in column {column!r} (first rows: "
-                         f"{bad[:5]}); every training image needs a caption.")
-
-
-@dataclass
-class ImageInfo:
-    """Content key (SHA-256 of the file bytes), size and a printable name of one dataset image."""
-
-    key: str
-    size: tuple[int, int]
-    name: str
-
-
-def _image_feature_column(dataset, column: str):
-    """The column without decoding (dicts of bytes/path) when it is a datasets Image feature."""
-    try:
-        from datasets import Image as ImageFeature
-    except ImportError:  # pragma: no cover - datasets is a dependency
-        return dataset
-    feature = getattr(dataset, "features", {}).get(column) if hasattr(dataset, "features") else None
-    if isinstance(feature, ImageFeature) and feature.decode:
-        return dataset.cast_column(column, ImageFeature(decode=False))
-    return dataset
-
-
-def _open_image(value: Any, name: str, decode: bool):
-    from PIL import Image, UnidentifiedImageError
-
-    try:
-        if isinstance(value, Image.Image):
-            image = value
-        elif isinstance(value, (bytes, bytearray)):
-            image = Image.open(io.BytesIO(value))
-        else:
-            image = Image.open(value)
-        if decode:
-            image.load()
-        return image
-    except FileNotFoundError:
-        raise FileNotFoundError(f"Image file {name} does not exist.") from None
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as err:
-        raise ValueError(f"Cannot read image {name}: not a readable image file ({err}).") from None
-
-
-def _row_image(value: Any, row: int, column: str) -> tuple[Any, str, bytes | None]:
-    """(openable source, printable name, raw bytes or None) of one stored image value."""
-    from PIL import Image
-
-    if isinstance(value, dict):
-        data, path = value.get("bytes"), value.get("path")
-        if data is not None:
-            return data, f"{path!r} (row {row})" if path else f"in row {row} of column {column!r}", data
-        if path:
-            return path, f"{path!r} (row {row})", None
-        raise ValueError(f"Row {row} of column {column!r} holds no image (neither bytes nor a path).")
-    if isinstance(value, str):
-        return value, f"{value!r} (row {row})", None
-    if isinstance(value, (bytes, bytearray)):
-        return bytes(value), f"in row {row} of column {column!r}", bytes(value)
-    if isinstance(value, Image.Image):
-        return value, f"in row {row} of column {column!r}", None
-    raise ValueError(f"Row {row} of column {column!r} holds a {type(value).__name__}, not an image.")
-
-
-def scan_images(dataset: Any, image_column: str, memo: Any = None, decode: bool = False, progress: bool = True
-                ) -> list[ImageInfo]:
-    """Content key and size of every image, checking each can be opened (all of it when `decode`); names bad files.
-
-    Files given by path are hashed through `memo` (a `cache.FileHashMemo`) when given, so large folders are read once.
-    """
-    from .cache import sha256_bytes
-
-    raw = _image_feature_column(dataset, image_column)
-    infos: list[ImageInfo] = []
-    bar = tqdm(total=len(raw), desc="check images", disable=not progress, unit="img", leave=False)
-    row = 0
-    for batch in raw.iter(batch_size=256):
-        for value in batch[image_column]:
-            source, name, data = _row_image(value, row, image_column)
-            if isinstance(source, str) and not os.path.isfile(source):
-                raise FileNotFoundError(f"Image file {name} does not exist.")
-            image = _open_image(source, name, decode)
-            if data is not None:
-                key = sha256_bytes(data)
-            elif isinstance(source, str):
-                key = memo.digest(source) if memo is not None else _file_digest(source)
-            else:  # an in-memory PIL image
-                key = sha256_bytes(f"{image.mode}|{image.size}|".encode() + image.tobytes())
-            infos.append(ImageInfo(key, tuple(image.size), name))
-            row += 1
-        bar.update(len(batch[image_column]))
-    bar.close()
-    if memo is not None:
-        memo.flush()
-    return infos
-
-
-def _file_digest(path: str) -> str:
-    import hashlib
-
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-class ImageLoader:
-    """Decoded PIL image of a dataset row, with errors that name the file."""
-
-    def __init__(self, dataset, image_column: str):
-        self.raw = _image_feature_column(dataset, image_column)
-        self.column = image_column
-
-    def __call__(self, row: int):
-        source, name, _ = _row_image(self.raw[int(row)][self.column], int(row), self.column)
-        return _open_image(source, name, decode=True)
-
-    def __len__(self) -> int:
-        return len(self.raw)
-
-
-def transform_image(image: Any, resolution: int, center_crop: bool = True, flip: bool = False,
-                    generator: torch.Generator | None = None) -> torch.Tensor:
-    """diffusers' training transform without torchvision: resize the shorter side, crop, flip, scale to [-1, 1].
-
-    The crop is centred when `center_crop`, else random (drawn from `generator`); square images are not cropped.
-    """
-    from PIL import Image
-
-    image = image.convert("RGB")
-    w, h = image.size
-    if min(w, h) != resolution:
-        scale = resolution / min(w, h)
-        size = (resolution, int(h * scale)) if w <= h else (int(w * scale), resolution)
-        image = image.resize(size, Image.BILINEAR)
-        w, h = image.size
-    if (w, h) != (resolution, resolution):
-        if center_crop:
-            left, top = round((w - resolution) / 2.0), round((h - resolution) / 2.0)
-        else:
-            left = int(torch.randint(0, w - resolution + 1, (1,), generator=generator))
-            top = int(torch.randint(0, h - resolution + 1, (1,), generator=generator))
-        image = image.crop((left, top, left + resolution, top + resolution))
-    if flip:
-        image = image.transpose(Image.FLIP_LEFT_RIGHT)
-    array = np.asarray(image, dtype=np.uint8)
-    return torch.from_numpy(array.copy()).permute(2, 0, 1).float().div(127.5).sub(1.0)
-
-
-# --------------------------------------------------------------------------------------------------------------------
 # training data
 # --------------------------------------------------------------------------------------------------------------------
 @dataclass
@@ -497,6 +345,7 @@ class TrainingData:
     images: Callable[[int], Any] | None = field(default=None, repr=False)
     resolution: int | None = None
     center_crop: bool = True
+    interpolation: str = "lanczos"
     vae: Any = field(default=None, repr=False)
     tokenizer: Any = field(default=None, repr=False)
     text_encoder: Any = field(default=None, repr=False)
@@ -557,6 +406,7 @@ def prepare_training_data(
     resolution: int | None = None,
     center_crop: bool = False,
     random_flip: bool = False,
+    interpolation: str = "lanczos",
     cache: str = "disk",
     cache_dir: str | None = None,
     model_path: str | None = None,
@@ -566,6 +416,7 @@ def prepare_training_data(
 ) -> TrainingData:
     """Check a dataset (columns, captions, every image) and encode it once, through the disk cache when possible.
 
+    `interpolation` is the resampling of the resize (`FineTuneConfig.image_interpolation_mode`).
     `cache`: "disk" (content-addressed cache under `cache_dir`, reused across runs and search trials), "memory"
     (encode once per run, write nothing) or "off" (encode every step). Non-square images without `center_crop` are
     randomly cropped at every step, so their latents are encoded on the fly whatever `cache` says.
@@ -574,9 +425,9 @@ def prepare_training_data(
 
     if cache not in ("disk", "memory", "off"):
         raise ValueError(f"cache must be disk, memory or off, got {cache!r}.")
-    check_columns(dataset, [image_column, caption_column])
-    captions = list(dataset[caption_column])
-    check_captions(captions, caption_column)
+    check_interpolation(interpolation)
+    check_columns(dataset, {"image_column": image_column, "caption_column": caption_column})
+    captions = check_captions(dataset[caption_column], caption_column)
     vae, tokenizer, text_encoder = pipe.vae, pipe.tokenizer, pipe.text_encoder
     resolution = int(resolution or default_resolution(pipe.unet, vae))
     root = cache_dir or cache_mod.default_cache_dir()
@@ -591,7 +442,7 @@ def prepare_training_data(
     uncond = encode_prompts(tokenizer, text_encoder, [""])[0]
     stats = {"samples": len(infos), "cache": cache, "random_crop": random_crop}
     data = {"num_samples": len(infos), "uncond_embeds": uncond, "captions": captions, "resolution": resolution,
-            "center_crop": center_crop or not random_crop, "vae": vae, "tokenizer": tokenizer,
+            "interpolation": interpolation, "center_crop": center_crop or not random_crop, "vae": vae, "tokenizer": tokenizer,
             "text_encoder": text_encoder}
 
     if cache == "off" or random_crop:
@@ -616,7 +467,8 @@ def prepare_training_data(
                 rows[i, v] = order[key]
 
         def encode(positions: list[int]) -> dict[str, torch.Tensor]:
-            pixels = torch.stack([transform_image(loader(first[keys[p]][0]), resolution, True, first[keys[p]][1])
+            pixels = torch.stack([transform_image(loader(first[keys[p]][0]), resolution, True, first[keys[p]][1],
+                                                  interpolation=interpolation)
                                   for p in positions])
             mean, std = encode_latent_distribution(vae, pixels)
             return {"mean": mean, "std": std}
@@ -624,7 +476,7 @@ def prepare_training_data(
         if cache == "disk":
             # every cached latent is a centre crop (square images are not cropped at all), whatever center_crop says
             store = cache_mod.latent_cache(root, cache_mod.model_identity(vae, model_path, revision), resolution,
-                                           True)
+                                           True, interpolation)
             tensors = store.get_or_compute(keys, encode, ("mean", "std"), encode_batch_size, "cache latents",
                                            progress)
             stats["latent_cache"] = {"hits": store.hits, "misses": store.misses, "folder": store.folder}
@@ -759,7 +611,7 @@ def _save_checkpoint(accelerator, output_dir: str, step: int, total_limit: int |
     tmp = tempfile.mkdtemp(prefix=f".{CHECKPOINT_PREFIX}{step}-", dir=output_dir)
     try:
         accelerator.save_state(tmp)
-        _usual_mode(tmp)
+        usual_mode(tmp)
         if os.path.isdir(final):
             shutil.rmtree(final)
         os.replace(tmp, final)
@@ -848,7 +700,7 @@ def _micro_batch(data: TrainingData, idx: torch.Tensor, config: FineTuneConfig, 
         std = data.latent_std[rows].float() if data.latent_std is not None else None
     else:
         pixels = torch.stack([transform_image(data.images(int(i)), data.resolution, data.center_crop, bool(f),
-                                              crop_gen) for i, f in zip(idx, flips)])
+                                              crop_gen, data.interpolation) for i, f in zip(idx, flips)])
         mean, std = encode_latent_distribution(data.vae, pixels)
     x0 = mean + std * torch.randn(mean.shape, generator=gen) if std is not None else mean
     cond, augmented = _conditioning(data, idx, drop, rwa, rwa_seed)
@@ -929,6 +781,10 @@ def train(
                     shutil.rmtree(os.path.join(output_dir, name), ignore_errors=True)
     if getattr(unet, "peft_config", None) and adapter_name in unet.peft_config:
         raise ValueError(f"The UNet already holds an adapter named {adapter_name!r}; train a fresh copy of the base.")
+    if (data.images is not None or data.latent_std is not None) and data.interpolation != config.image_interpolation_mode:
+        raise ValueError(f"The data was prepared with interpolation {data.interpolation!r} but the config asks for "
+                         f"{config.image_interpolation_mode!r}; pass interpolation=config.image_interpolation_mode to "
+                         "prepare_training_data.")
     if config.mitigation == "rwa" and data.tokenizer is None:
         raise ValueError("RWA needs the tokenizer and text encoder in TrainingData (prepare_training_data sets them).")
     if config.mitigation == "rwa" and (data.captions is None or data.text_encoder is None):
@@ -1131,7 +987,7 @@ def train(
         "losses": list(state.losses),
         "loss_summary": summarize_losses(state.losses),
         "final_loss": float(np.mean(state.losses[-50:])) if state.losses else math.nan,
-        "trainable_params": int(sum(p.numel() for p in params)),
+        "trainable_params": trainable_parameters(unet),
         "global_step": state.global_step,
         "max_train_steps": max_steps,
         "num_train_epochs": math.ceil(max_steps / steps_per_epoch) if steps_per_epoch else 0,
@@ -1204,7 +1060,8 @@ def fixed_batch_loss(unet: torch.nn.Module, noise_scheduler: Any, data: Training
     if data.cached_latents:
         x0 = data.latent_mean[data.latent_rows[idx, 0]].float()
     else:
-        pixels = torch.stack([transform_image(data.images(int(i)), data.resolution, True) for i in idx])
+        pixels = torch.stack([transform_image(data.images(int(i)), data.resolution, True,
+                                              interpolation=data.interpolation) for i in idx])
         x0 = encode_latent_distribution(data.vae, pixels)[0]
     if data.cached_text:
         cond = data.prompt_embeds[data.caption_rows[idx]].float()
@@ -1225,32 +1082,6 @@ def fixed_batch_loss(unet: torch.nn.Module, noise_scheduler: Any, data: Training
 # --------------------------------------------------------------------------------------------------------------------
 # outputs
 # --------------------------------------------------------------------------------------------------------------------
-def write_json_atomic(path: str, data: Any) -> None:
-    """Write JSON through a temporary file + rename, so a crash never leaves a half-written file."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".json", dir=folder)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(data, f, indent=2, default=_json_default)
-            f.write("\n")
-        _usual_mode(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
-def _json_default(value: Any) -> Any:
-    if isinstance(value, (np.integer,)):
-        return int(value)
-    if isinstance(value, (np.floating,)):
-        return float(value)
-    if isinstance(value, torch.Tensor):
-        return value.tolist()
-    return str(value)
-
-
 @contextlib.contextmanager
 def merged_adapters(unet: torch.nn.Module):
     """Fold the adapters into the UNet's weights while sampling (no adapter overhead per step), then restore them."""
@@ -1285,14 +1116,6 @@ def generate_validation_grid(pipe: Any, prompts: Sequence[str], num_images_per_p
                       generator=torch.Generator(device="cpu").manual_seed(seed), output_type="pil").images
     grid = make_image_grid(images, rows=len(prompts), cols=num_images_per_prompt)
     if output_path is not None:
-        folder = os.path.dirname(os.path.abspath(output_path))
-        fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".png", dir=folder)
-        os.close(fd)
-        try:
+        with atomic_path(output_path, suffix=".png") as tmp:
             grid.save(tmp, format="PNG")
-            _usual_mode(tmp)
-            os.replace(tmp, output_path)
-        finally:
-            if os.path.exists(tmp):
-                os.remove(tmp)
     return grid

@@ -49,3 +49,50 @@ def unet_inputs():
         torch.tensor([10, 700]),
         torch.randn(2, 5, 32, generator=generator),
     )
+
+
+IMAGENETTE_LIKE_CLASSES = ("tench", "church", "parachute")
+IMAGENETTE_LIKE_CONFIGS = {"160px": 16, "320px": 32}  # config name -> side of its images
+
+
+def _imagenette_readme() -> str:
+    configs, infos = [], []
+    names = "".join(f"          '{i}': {name}\n" for i, name in enumerate(IMAGENETTE_LIKE_CLASSES))
+    for config in IMAGENETTE_LIKE_CONFIGS:
+        configs.append(f"- config_name: {config}\n  data_files:\n"
+                       f"  - split: train\n    path: {config}/train-*.parquet\n"
+                       f"  - split: validation\n    path: {config}/validation-*.parquet\n")
+        infos.append(f"- config_name: {config}\n  features:\n  - name: image\n    dtype: image\n"
+                     f"  - name: label\n    dtype:\n      class_label:\n        names:\n{names}")
+    return "---\nconfigs:\n" + "".join(configs) + "dataset_info:\n" + "".join(infos) + "---\n# imagenette-like\n"
+
+
+@pytest.fixture(scope="session")
+def imagenette_like_dir(tmp_path_factory) -> str:
+    """A local dataset repo shaped like frgfm/imagenette's parquet conversion, for `load_dataset(folder, config)`.
+
+    Configs "160px" (16x16 images) and "320px" (32x32): parquet files with an `image` column (PNG bytes) and an int
+    `label` column, 12 train and 6 validation rows each; the README's YAML declares the configs' data files and the
+    `ClassLabel` names (IMAGENETTE_LIKE_CLASSES), the way a Hub dataset repo does. Row i has class i % 3 and its
+    pixels are all equal to 10 * i, so a test can tell rows and configs apart.
+    """
+    import io
+
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from PIL import Image
+
+    root = tmp_path_factory.mktemp("imagenette_like")
+    for config, side in IMAGENETTE_LIKE_CONFIGS.items():
+        (root / config).mkdir()
+        for split, rows in (("train", 12), ("validation", 6)):
+            images = []
+            for i in range(rows):
+                buffer = io.BytesIO()
+                Image.fromarray(np.full((side, side, 3), 10 * i, dtype=np.uint8)).save(buffer, format="PNG")
+                images.append({"bytes": buffer.getvalue(), "path": f"{split}_{i}.png"})
+            table = pa.table({"image": images, "label": [i % len(IMAGENETTE_LIKE_CLASSES) for i in range(rows)]})
+            pq.write_table(table, root / config / f"{split}-00000-of-00001.parquet")
+    (root / "README.md").write_text(_imagenette_readme())
+    return str(root)

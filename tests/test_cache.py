@@ -21,12 +21,12 @@ from diffusers_memcontrol.cache import (
     model_identity,
     sha256_bytes,
 )
+from diffusers_memcontrol.images import transform_image
 from diffusers_memcontrol.training import (
     FineTuneConfig,
     encode_latent_distribution,
     prepare_training_data,
     train,
-    transform_image,
 )
 
 
@@ -121,6 +121,7 @@ def test_namespaces_follow_weights_and_resolution(pipe):
     assert before["config"] == after["config"] and before["weights"] != after["weights"]
     folders = {latent_cache("/c", before, r, c).folder for r in (32, 64) for c in (False, True)}
     assert len(folders | {latent_cache("/c", after, 32, False).folder}) == 5
+    assert latent_cache("/c", before, 32, True, "bilinear").folder != latent_cache("/c", before, 32, True).folder
 
 
 # ------------------------------------------------------------------------------------------------ with the trainer
@@ -179,6 +180,12 @@ def test_random_crops_fall_back_to_on_the_fly_encoding(pipe, tmp_path):
     log = train(copy.deepcopy(pipe.unet), pipe.scheduler, data, FineTuneConfig(max_train_steps=2, train_batch_size=2),
                 progress=False)
     assert log["latents"].startswith("on the fly") and len(log["losses"]) == 2
+    with pytest.raises(ValueError, match="prepared with interpolation 'lanczos' but the config asks for 'bicubic'"):
+        train(copy.deepcopy(pipe.unet), pipe.scheduler, data,
+              FineTuneConfig(max_train_steps=2, train_batch_size=2, image_interpolation_mode="bicubic"), progress=False)
+    resized = prepare_training_data(pipe, dataset, cache_dir=str(tmp_path / "c"), center_crop=True,
+                                    interpolation="nearest", progress=False)
+    assert resized.stats["latent_cache"]["misses"] == 3  # another resize is another cache entry
 
 
 def test_cached_and_on_the_fly_training_agree(pipe, digits):

@@ -67,3 +67,30 @@ def test_the_search_runs_the_installed_module_not_a_checkout_path():
     from diffusers_memcontrol.search import trainer_command
 
     assert trainer_command() == [sys.executable, "-m", "diffusers_memcontrol.train"]
+
+
+def test_masks_lists_the_builtin_masks_through_the_real_command():
+    import subprocess
+    import sys
+
+    from diffusers_memcontrol.masks import builtin_masks
+
+    done = subprocess.run([sys.executable, "-m", "diffusers_memcontrol.cli", "masks"], capture_output=True, text=True,
+                          check=True)
+    for builtin in builtin_masks().values():
+        entry = done.stdout.split(builtin.spec + "\n", 1)[1].split("\n\n", 1)[0]
+        assert builtin.source in entry and "Sec. 4.5" in entry
+        assert f"method: {builtin.mask.method}, layout: {builtin.mask.layout}, scope: {builtin.scope}" in entry
+        assert f"trainable: {builtin.trainable_params:,} of {builtin.unet_params:,}" in entry
+        assert builtin.description in entry and builtin.mask.bitstring in entry
+
+
+def test_masks_json(capsys):
+    from diffusers_memcontrol.masks import Mask, builtin_masks
+
+    assert main(["masks", "--json"]) == 0
+    listed = json.loads(capsys.readouterr().out)
+    assert [m["name"] for m in listed] == [b.spec for b in builtin_masks().values()]
+    for entry in listed:
+        assert Mask.load(entry["name"]).bitstring == entry["bitstring"]
+        assert {"source", "description", "method", "layout", "scope", "base_model", "trainable_params"} <= set(entry)

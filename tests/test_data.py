@@ -13,13 +13,14 @@ from PIL import Image
 from diffusers_memcontrol.data import (
     build_hpo_set,
     build_memorization_set,
+    captions_from_template,
     load_image_caption_dataset,
     nonsense_words,
     split_dataset,
-    validate_images,
     with_dmem_captions,
     write_dmem_file,
 )
+from diffusers_memcontrol.images import scan_images
 
 
 def make_table(n: int = 1000, seed: int = 0) -> Dataset:
@@ -250,7 +251,7 @@ def test_csv_and_jsonl_load_relative_paths(image_table):
     dataset = load_image_caption_dataset(train_data_dir=str(image_table / "data.csv"), image_column="path",
                                          caption_column="report")
     assert dataset[1]["path"].size == (8, 8) and dataset[0]["report"] == "clear lungs"
-    assert validate_images(dataset, "path", full_decode=True) == 2
+    assert len(scan_images(dataset, "path", decode=True, progress=False)) == 2
     rows = [{"file_name": str(image_table / "ok.png"), "text": "absolute path"}]
     (image_table / "data.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
     dataset = load_image_caption_dataset(train_data_dir=str(image_table / "data.jsonl"), image_column="file_name")
@@ -259,7 +260,8 @@ def test_csv_and_jsonl_load_relative_paths(image_table):
 
 def test_missing_column_lists_available_ones(image_table):
     (image_table / "data.csv").write_text("path,report\nok.png,clear lungs\n")
-    with pytest.raises(ValueError, match=r"\['image', 'text'\] not found.*available columns: \['path', 'report'\]"):
+    with pytest.raises(ValueError, match=r"\['image', 'text'\] not found.*available columns: \['path', 'report'\]\. "
+                                         r"Pass --image_column / --caption_column"):
         load_image_caption_dataset(train_data_dir=str(image_table / "data.csv"))
 
 
@@ -269,19 +271,67 @@ def test_missing_and_unreadable_files_are_named(image_table):
         load_image_caption_dataset(train_data_dir=str(image_table / "missing.csv"))
     (image_table / "bad.csv").write_text("image,text\nok.png,a\nnotes.png,b\n")
     dataset = load_image_caption_dataset(train_data_dir=str(image_table / "bad.csv"))
-    with pytest.raises(ValueError, match=r"Row 1: cannot read image .*notes\.png"):
-        validate_images(dataset, "image")
+    with pytest.raises(ValueError, match=r"Cannot read image .*notes\.png.* \(row 1\)"):
+        scan_images(dataset, "image", progress=False)
     with pytest.raises(Exception, match=r"notes\.png"):  # decoding names the file too
         dataset[1]["image"]
     (image_table / "empty.csv").write_text("image,text\nok.png,a\n,b\n")
     with pytest.raises(ValueError, match="row 1: column 'image' is empty"):
         load_image_caption_dataset(train_data_dir=str(image_table / "empty.csv"))
-    with pytest.raises(ValueError, match=r"\['picture'\] not found"):
-        validate_images(dataset, "picture")
 
 
-def test_validate_images_on_embedded_bytes():
-    from diffusers_memcontrol.tiny_base import load_domain
+# ---------------------------------------------------------------------------- classification data: configs, templates
 
-    digits = load_domain("digits", "test").select(range(20))
-    assert validate_images(digits) == 20
+
+def test_imagenette_structured_repo_loads_by_config_with_template_captions(imagenette_like_dir, tmp_path):
+    from tests.conftest import IMAGENETTE_LIKE_CLASSES, IMAGENETTE_LIKE_CONFIGS
+
+    for config, side in IMAGENETTE_LIKE_CONFIGS.items():
+        dataset = load_image_caption_dataset(dataset_name=imagenette_like_dir, dataset_config_name=config,
+                                             caption_template="a photo of a {label}", cache_dir=str(tmp_path))
+        assert len(dataset) == 12
+        assert dataset["text"] == [f"a photo of a {IMAGENETTE_LIKE_CLASSES[i % 3]}" for i in range(12)]
+        assert {image.size for image in dataset["image"]} == {(side, side)}  # this config's images
+        assert [int(np.asarray(image)[0, 0, 0]) for image in dataset["image"]] == [10 * i for i in range(12)]
+    validation = load_image_caption_dataset(dataset_name=imagenette_like_dir, dataset_config_name="160px",
+                                            split="validation", caption_template="{label}", cache_dir=str(tmp_path))
+    assert validation["text"] == [IMAGENETTE_LIKE_CLASSES[i % 3] for i in range(6)]
+    assert any(os.scandir(tmp_path))  # datasets' download/preparation cache went where cache_dir said
+
+
+def test_template_fills_any_column_and_keeps_other_columns():
+    from datasets import ClassLabel, Features, Value
+
+    features = Features({"label": ClassLabel(names=["cat", "dog"]), "view": Value("string"), "text": Value("string")})
+    table = Dataset.from_dict({"label": [1, 0], "view": ["side", "front"], "text": ["old", "old"]}, features=features)
+    captioned = captions_from_template(table, "a {view} view of a {label}", "text")
+    assert captioned["text"] == ["a side view of a dog", "a front view of a cat"]
+    assert captioned["label"] == [1, 0]  # the class ids stay usable (e.g. for splits)
+
+
+def test_imagefolder_of_class_folders_gets_captions_from_folder_names(tmp_path):
+    for klass, shade in (("cassette_player", 40), ("golf_ball", 200)):
+        (tmp_path / klass).mkdir()
+        for i in range(3):
+            Image.new("RGB", (8, 8), (shade, shade, shade)).save(tmp_path / klass / f"{i}.png")
+    dataset = load_image_caption_dataset(train_data_dir=str(tmp_path), caption_template="a photo of a {label}",
+                                         cache_dir=str(tmp_path / ".cache"))
+    assert len(dataset) == 6
+    for row in dataset:
+        klass = "golf_ball" if np.asarray(row["image"])[0, 0, 0] == 200 else "cassette_player"
+        assert row["text"] == f"a photo of a {klass}"
+
+
+def test_unknown_config_and_absent_template_column_name_what_is_accepted(imagenette_like_dir, tmp_path):
+    with pytest.raises(ValueError, match=r"config_name '999px' is not a config .*available: \['160px', '320px'\]"):
+        load_image_caption_dataset(dataset_name=imagenette_like_dir, dataset_config_name="999px",
+                                   caption_template="a photo of a {label}", cache_dir=str(tmp_path))
+    with pytest.raises(ValueError, match=r"dataset_config_name.*\['160px', '320px'\]"):
+        load_image_caption_dataset(dataset_name=imagenette_like_dir, caption_template="{label}",
+                                   cache_dir=str(tmp_path))
+    with pytest.raises(ValueError, match=r"\{breed\}.*\['breed'\].*available columns: \['image', 'label'\]"):
+        load_image_caption_dataset(dataset_name=imagenette_like_dir, dataset_config_name="160px",
+                                   caption_template="a photo of a {breed}", cache_dir=str(tmp_path))
+    with pytest.raises(ValueError, match=r"'a photo'.*expected column names in braces"):
+        load_image_caption_dataset(dataset_name=imagenette_like_dir, dataset_config_name="160px",
+                                   caption_template="a photo", cache_dir=str(tmp_path))

@@ -36,3 +36,12 @@ def test_atomic_path_for_writers_by_name(tmp_path):
     with pytest.raises(TypeError):
         write_json_atomic(tmp_path / "bad.json", {"x": object()})
     assert not (tmp_path / "bad.json").exists()
+
+
+def test_atomic_open_passes_newline_for_csv(tmp_path):
+    import csv
+
+    path = tmp_path / "rows.csv"
+    with atomic_open(path, newline="") as f:
+        csv.writer(f).writerows([["a", "b"], [1, 2]])
+    assert path.read_bytes() == b"a,b\r\n1,2\r\n"

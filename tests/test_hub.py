@@ -440,3 +440,63 @@ def test_unreachable_hub_falls_back_to_the_cache(output_dir, tmp_path):
     closed = "http://127.0.0.1:9"  # nothing listens on the discard port
     got = download_memcontrol("org/cached", cache_dir=tmp_path / "cache", endpoint=closed)
     assert os.path.samefile(got, snapshot)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# what a publication records: the Hub URL in the run's summary, the base model in the card
+# ----------------------------------------------------------------------------------------------------------------
+def test_publish_saves_hub_url_into_the_runs_summary(output_dir, fake_hub, tmp_path):
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(output_dir[0], run)
+    (run / "summary.json").write_text(json.dumps({"validation_prompts": [SECRET_CAPTION]}))  # as the trainer wrote it
+    publish(run, "org/x", dry_run=True, local_dir=tmp_path / "repo")
+    assert "hub_url" not in json.loads((run / "summary.json").read_text())  # a dry run uploads nothing
+    url = publish(run, "org/x", token="hf_test")
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary == {"validation_prompts": [SECRET_CAPTION], "hub_url": url} and url.endswith("/org/x")
+    assert "summary.json" not in fake_hub.repos["org/x"]["files"]  # recorded at home, never uploaded
+
+
+@pytest.mark.parametrize("recorded, hub_id, shown", [
+    ("org/sd-base", "org/sd-base", 'from_pretrained("org/sd-base")'),
+    (None, None, "from_pretrained(tiny_base_path(), safety_checker=None)"),
+    ("/data/models/my-sd15", None, 'from_pretrained("my-sd15")'),
+])
+def test_card_names_the_base_model_the_run_recorded(output_dir, tmp_path, recorded, hub_id, shown):
+    import shutil
+
+    from diffusers_memcontrol.hub import TINY_BASE_NAME
+
+    run = tmp_path / "run"
+    shutil.copytree(output_dir[0], run)
+    (run / "training_config.json").write_text(json.dumps({"run": {"pretrained_model_name_or_path": recorded}}))
+    publish(run, "org/x", dry_run=True, local_dir=tmp_path / "repo")
+    card = ModelCard.load(tmp_path / "repo" / "README.md")
+    assert card.data.base_model == hub_id  # only Hub ids: the Hub links an adapter to its base through it
+    assert card.data.memcontrol["base_model"] == (recorded.rsplit("/", 1)[-1] if recorded and not hub_id
+                                                  else recorded or TINY_BASE_NAME)
+    assert shown in card.text and "BASE_MODEL" not in card.text
+    assert "/data/models" not in card.text  # a local path never leaves the machine
+
+
+def test_trainer_push_to_hub_records_url_and_tiny_base(fake_hub, tmp_path, monkeypatch):
+    """The real trainer (tiny base, 2 steps) publishing to the loopback Hub: summary.json keeps the URL, the card
+    names the shipped tiny base and its usage loads it."""
+    import subprocess
+    import sys
+
+    from diffusers_memcontrol.hub import TINY_BASE_NAME
+
+    monkeypatch.setenv("HF_TOKEN", "hf_test")
+    out = tmp_path / "run"
+    subprocess.run([sys.executable, "-m", "diffusers_memcontrol.cli", "train", "--max_train_steps", "2",
+                    "--train_batch_size", "4", "--max_train_samples", "32", "--dmem_size", "4",
+                    "--num_validation_images", "0", "--no_progress", "--push_to_hub", "--hub_model_id", "org/run",
+                    "--output_dir", str(out)], check=True, capture_output=True, text=True, timeout=600)
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["hub_url"] == f"{fake_hub.url}/org/run"
+    card = ModelCard(fake_hub.repos["org/run"]["files"]["README.md"].decode())
+    assert card.data.memcontrol["base_model"] == TINY_BASE_NAME and card.data.base_model is None
+    assert "from_pretrained(tiny_base_path(), safety_checker=None)" in card.text

@@ -127,3 +127,88 @@ def test_positions_follow_the_architecture(small_unet):
     # 3 cross-attention down/up levels with 1 layer: 3 down + 1 mid + 3*2 up
     assert len(MaskSpace.from_unet(bigger, "svdiff", "blocks")) == 10
     assert len(MaskSpace.from_unet(bigger, "svdiff", "paper")) == 7
+
+
+# ---------------------------------------------------------------------------- built-in masks
+
+
+def _paper_bits(space: MaskSpace, down: set[int], up: set[int]) -> list[int]:
+    """The paper's Sec. 4.5 mask read with block numbers `down` / `up` for the self-attentions left frozen."""
+    bits = []
+    for position in space.positions:
+        stage, index = position.split(".")[:2]
+        frozen = position.endswith(".attn1") and (
+            (stage == "down_blocks" and int(index) in down) or (stage == "up_blocks" and int(index) in up))
+        bits.append(0 if frozen else 1)
+    return bits
+
+
+def test_paper_mask_is_the_reading_closest_to_the_papers_share(sd15_meta_unet):
+    from diffusers_memcontrol.masks import builtin_mask
+
+    builtin = builtin_mask("memcontrol:paper-mimic-svdiff")
+    space = MaskSpace.from_unet(sd15_meta_unet, method="svdiff", layout="attention")
+    unet_params = sum(p.numel() for p in sd15_meta_unet.parameters())
+    assert builtin.unet_params == unet_params
+    target = 0.019 / 100 * unet_params  # "fine-tuning 0.019% of the parameters in Stable Diffusion U-Net"
+    readings = {}  # (numbering, scope) -> (bits, trainable count)
+    for numbering, down, up in (("1-based", {1, 2}, {2, 3}), ("0-based", {2, 3}, {3, 4})):
+        bits = _paper_bits(space, down, up)
+        for scope in ("reference", "strict"):
+            readings[numbering, scope] = bits, space.count_trainable(space.mask(bits), sd15_meta_unet, scope=scope)
+    closest = min(readings, key=lambda r: abs(readings[r][1] - target))
+    bits, count = readings[closest]
+    assert closest == ("1-based", builtin.scope)  # the reading the anchors call most likely is also the closest
+    assert list(builtin.mask.bits) == bits and builtin.mask.positions == tuple(space.positions)
+    assert builtin.trainable_params == count == space.count_trainable(builtin.mask, sd15_meta_unet, scope="reference")
+    assert all(attn2 == 1 for p, attn2 in zip(space.positions, builtin.mask.bits) if p.endswith(".attn2"))
+    # the description states the shipped count and every other reading's count
+    assert all(f"{n:,}" in builtin.description for _, n in readings.values())
+    assert f"{100 * count / unet_params:.4f}%" in builtin.description
+
+
+def test_builtin_mask_resolves_where_a_mask_file_does(sd15_meta_unet, tmp_path):
+    from diffusers_memcontrol.masks import builtin_mask
+    from diffusers_memcontrol.training import resolve_mask
+
+    builtin = builtin_mask("paper-mimic-svdiff")
+    spec = "memcontrol:paper-mimic-svdiff"
+    assert Mask.load(spec) == builtin.mask == Mask.load(builtin.path)  # the shipped file reads like a mask file
+    assert resolve_mask(spec, sd15_meta_unet, "svdiff", "blocks") == builtin.mask  # the trainer's --mask
+    assert resolve_mask(spec, sd15_meta_unet, None, "blocks") == builtin.mask  # transfer: the mask's own method
+    builtin.mask.save(tmp_path / "mask.json")
+    assert resolve_mask(str(tmp_path), sd15_meta_unet, "svdiff", "blocks") == builtin.mask
+
+
+def test_builtin_mask_trains_what_it_says(sd15_meta_unet):
+    """Injected into an SD1.5-shaped UNet (same blocks, small width): frozen attn1s get no shifts, attn2s do."""
+    from diffusers_memcontrol import MemControlConfig
+    from diffusers_memcontrol.training import resolve_mask
+    from tests.conftest import make_small_unet
+
+    unet = make_small_unet()
+    mask = resolve_mask("memcontrol:paper-mimic-svdiff", unet, "svdiff", "blocks")
+    unet.add_adapter(MemControlConfig(method="svdiff", mask=mask))
+    trainable = [n for n, p in unet.named_parameters() if p.requires_grad]
+    assert sum(p.numel() for p in unet.parameters() if p.requires_grad) == MaskSpace.from_unet(
+        unet, "svdiff", "attention").count_trainable(mask, make_small_unet())
+    for position, bit in zip(mask.positions, mask.bits):
+        assert any(n.startswith(position + ".") for n in trainable) == bool(bit), position
+
+
+def test_builtin_mask_refuses_another_method_or_architecture(sd15_meta_unet):
+    from diffusers_memcontrol.training import resolve_mask
+    from tests.conftest import make_small_unet
+
+    spec = "memcontrol:paper-mimic-svdiff"
+    with pytest.raises(ValueError, match=r"'memcontrol:paper-mimic-svdiff' is for PEFT method 'svdiff'.*'difffit'.*"
+                                         r"--peft_method svdiff"):
+        resolve_mask(spec, sd15_meta_unet, "difffit", "blocks")
+    other = make_small_unet(layers_per_block=1)
+    n = len(MaskSpace.from_unet(other, "svdiff", "attention"))
+    with pytest.raises(ValueError, match=rf"'memcontrol:paper-mimic-svdiff' \(svdiff, attention layout, 32 positions\) "
+                                         rf"is for the UNet of stable-diffusion-v1-5/.*has {n} positions"):
+        resolve_mask(spec, other, "svdiff", "blocks")
+    with pytest.raises(ValueError, match=r"Unknown built-in mask 'memcontrol:nope'; built-in masks: .*"
+                                         r"memcontrol:paper-mimic-svdiff"):
+        Mask.load("memcontrol:nope")

@@ -99,6 +99,17 @@ def test_freeze_trains_nothing_and_keeps_the_loss(pipe, data8):
     assert fixed_batch_loss(unet, pipe.scheduler, data8) == pytest.approx(before, abs=1e-7)
 
 
+def test_trainable_params_is_the_count_the_mask_space_predicts(pipe, data8):
+    from diffusers_memcontrol import MaskSpace
+
+    space = MaskSpace.from_unet(pipe.unet, "difffit", "blocks")
+    mask = space.mask("1" + "0" * (len(space.positions) - 1))
+    unet = copy.deepcopy(pipe.unet)
+    log = train(unet, pipe.scheduler, data8, FineTuneConfig(peft_method="difffit", mask=mask.to_dict(),
+                                                            max_train_steps=1, train_batch_size=8), progress=False)
+    assert log["trainable_params"] == space.count_trainable(mask, pipe.unet) > 0
+
+
 @pytest.mark.parametrize("method", ["svdiff", "difffit", "attention", "lora", "full"])
 def test_gradient_checkpointing_gives_the_same_adapter(pipe, data8, method):
     states = []

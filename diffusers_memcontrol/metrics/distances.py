@@ -7,8 +7,8 @@ Everything quadratic is chunked so that its memory is bounded by the chunk sizes
   ``chunk_size x train_chunk_size`` blocks with a running minimum.
 - :func:`tiled_l2` is the "modified l2" of Carlini et al. (USENIX Security 2023): the maximum over
   ``grid x grid`` non-overlapping tiles of the l2 distance between corresponding tiles.
-- :func:`find_cliques` enumerates true maximal cliques (Bron-Kerbosch with pivoting on bitsets, after
-  k-core pruning), not connected components.
+- :func:`find_cliques` enumerates true maximal cliques (networkx, after k-core pruning), not connected
+  components.
 - :func:`extraction_attack` combines the two into Carlini et al.'s generate-and-filter attack.
 """
 
@@ -390,28 +390,6 @@ def tiled_l2(
 # ----------------------------------------------------------------------------------------------
 
 
-def _iter_bits(x: int):
-    """Yield the indices of the set bits of ``x``, lowest first."""
-    while x:
-        low = x & -x
-        yield low.bit_length() - 1
-        x ^= low
-
-
-def _k_core(adj: np.ndarray, k: int) -> np.ndarray:
-    """Boolean mask of the nodes in the k-core of ``adj`` (iteratively drop nodes of degree < k)."""
-    alive = np.ones(adj.shape[0], dtype=bool)
-    if k <= 0:
-        return alive
-    degree = adj.sum(axis=1)
-    while True:
-        drop = alive & (degree < k)
-        if not drop.any():
-            return alive
-        alive &= ~drop
-        degree = degree - adj[:, drop].sum(axis=1)
-
-
 def find_cliques(
     distances: ArrayLike,
     threshold: float,
@@ -422,9 +400,8 @@ def find_cliques(
     """All maximal cliques of size >= ``min_size`` in the graph with an edge where ``d < threshold`` (i != j).
 
     These are true cliques (every pair within ``threshold``), not connected components: a chain a-b-c without
-    an a-c edge is two cliques {a, b} and {b, c}. The graph is first pruned to its (min_size - 1)-core (a node
-    of a clique of size k has degree >= k - 1), then Bron-Kerbosch with Tomita pivoting runs iteratively on
-    integer bitsets, skipping branches that cannot reach ``min_size``.
+    an a-c edge is two cliques {a, b} and {b, c}. networkx finds them (Bron-Kerbosch with pivoting) on the
+    (min_size - 1)-core of the graph (a node of a clique of size k has degree >= k - 1).
 
     Args:
         distances: square ``[N, N]`` matrix (numpy or torch). It is symmetrized with ``max(d, d.T)`` (an edge
@@ -436,6 +413,8 @@ def find_cliques(
     Returns:
         Cliques as sorted index lists, largest first (ties: lexicographic).
     """
+    import networkx as nx
+
     d = distances.detach().cpu().numpy() if isinstance(distances, torch.Tensor) else np.asarray(distances)
     if d.ndim != 2 or d.shape[0] != d.shape[1]:
         raise ValueError(f"distances must be a square [N, N] matrix; got shape {tuple(d.shape)}")
@@ -451,37 +430,20 @@ def find_cliques(
     if np.isnan(d[off_diag]).any():
         raise ValueError("distances contains NaN off the diagonal; expected finite or +inf distances")
     adj = (np.maximum(d, d.T) < threshold) & off_diag
-
-    keep = np.flatnonzero(_k_core(adj, min_size - 1))
-    if keep.size < min_size:
-        return []
-    sub = adj[np.ix_(keep, keep)]
-    # neighbour bitsets over the kept nodes (bit i = keep[i])
-    packed = np.packbits(sub, axis=1, bitorder="little")
-    nbrs = [int.from_bytes(row.tobytes(), "little") for row in packed]
-
+    degree = adj.sum(axis=1)
+    alive = np.ones(n, dtype=bool)
+    while (drop := alive & (degree < min_size - 1)).any():  # the (min_size - 1)-core
+        alive &= ~drop
+        degree = degree - adj[:, drop].sum(axis=1)
+    graph = nx.Graph()
+    graph.add_nodes_from(np.flatnonzero(alive).tolist())
+    graph.add_edges_from(np.argwhere(np.triu(adj & alive & alive[:, None], 1)).tolist())
     found: list[list[int]] = []
-    stack: list[tuple[tuple[int, ...], int, int]] = [((), (1 << keep.size) - 1, 0)]
-    while stack:
-        r, p, x = stack.pop()
-        if not p:
-            if not x and len(r) >= min_size:
-                found.append(sorted(int(keep[i]) for i in r))
-                if max_cliques is not None and len(found) > max_cliques:
-                    raise RuntimeError(f"more than max_cliques={max_cliques} maximal cliques; raise the limit")
-            continue
-        if len(r) + p.bit_count() < min_size:
-            continue
-        # pivot: the node of P | X with the most neighbours in P; branch only on P \ N(pivot)
-        pivot = max(_iter_bits(p | x), key=lambda u: (p & nbrs[u]).bit_count())
-        for v in _iter_bits(p & ~nbrs[pivot]):
-            nv = nbrs[v]
-            new_p = p & nv
-            if len(r) + 1 + new_p.bit_count() >= min_size:
-                stack.append((r + (v,), new_p, x & nv))
-            bit = 1 << v
-            p &= ~bit
-            x |= bit
+    for clique in nx.find_cliques(graph):
+        if len(clique) >= min_size:
+            found.append(sorted(int(i) for i in clique))
+            if max_cliques is not None and len(found) > max_cliques:
+                raise RuntimeError(f"more than max_cliques={max_cliques} maximal cliques; raise the limit")
     found.sort(key=lambda c: (-len(c), c))
     return found
 

@@ -16,12 +16,13 @@ import hashlib
 import json
 import os
 import re
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from ..files import atomic_open
 
 __all__ = [
     "FeatureStatistics",
@@ -270,7 +271,8 @@ def cached_reference_statistics(
     """Reference statistics from ``cache_dir`` under ``key``, computed once by ``compute_fn`` and reused.
 
     Search trials share one reference set: compute its statistics once, store them atomically (temporary
-    file in the same directory, then ``os.replace``) so concurrent workers never read a partial file.
+    file in the same directory, then ``os.replace``: `files.atomic_open`) so concurrent workers never read a
+    partial file.
     ``compute_fn`` returns a :class:`FeatureStatistics` or an ``[N, D]`` feature array. ``key`` should
     identify the content (see :func:`content_key`); unreadable cache files are recomputed.
     """
@@ -287,13 +289,6 @@ def cached_reference_statistics(
             pass  # corrupted or foreign file: recompute and overwrite
     result = compute_fn()
     stats = result if isinstance(result, FeatureStatistics) else FeatureStatistics.from_features(result)
-    fd, tmp = tempfile.mkstemp(dir=cache_dir, prefix=f".{path.stem}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            np.savez(fh, key=np.array(key), **stats._to_arrays())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    with atomic_open(path, "wb") as fh:
+        np.savez(fh, key=np.array(key), **stats._to_arrays())
     return stats
