@@ -35,15 +35,23 @@ logger = logging.getLogger(__name__)
 
 # arguments never written to training_config.json or to trackers (prompts are private data, tokens are secrets)
 PRIVATE_ARGS = ("validation_prompts", "hub_token")
-DEFAULT_MAX_TRAIN_STEPS = 400
+# FineTuneConfig fields given as flags, by --help group: each flag's type, default, choices and help come from the field
+CONFIG_FLAGS = {
+    "data": ("random_flip", "image_interpolation_mode", "caption_dropout"),
+    "memcontrol": ("peft_method", "mask_layout", "mask_scope", "lora_rank", "mitigation", "rwa_num_words", "rwa_prob",
+                   "threshold", "threshold_quantile"),
+    "training": ("seed", "train_batch_size", "num_train_epochs", "max_train_steps", "gradient_accumulation_steps",
+                 "gradient_checkpointing", "learning_rate", "scale_lr", "lr_scheduler", "lr_warmup_steps", "snr_gamma",
+                 "noise_offset", "input_perturbation", "dream_training", "dream_detail_preservation",
+                 "prediction_type", "use_8bit_adam", "adam_beta1", "adam_beta2", "adam_weight_decay", "adam_epsilon",
+                 "max_grad_norm", "use_ema", "ema_decay"),
+}
 SEARCH_GROUP = "search (with --search, or --final --mask MASK: the whole method, see diffusers_memcontrol.runner)"
 
 
 def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     """The trainer's flags (diffusers' names and meanings where they exist) and, for --help, the search's."""
-    from .masks import LAYOUTS, SCOPES
     from .runner import add_search_arguments
-    from .training import LR_SCHEDULERS, MITIGATIONS, PEFT_METHODS
 
     p = ArgumentParser(prog=prog, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     g = p.add_argument_group("model")
@@ -51,8 +59,6 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
                    help="Hub id or folder of a diffusers Stable Diffusion pipeline (default: the shipped tiny base).")
     g.add_argument("--revision", default=None, help="Revision of the pretrained model (a branch, tag or commit).")
     g.add_argument("--variant", default=None, help="Variant of the model files, e.g. fp16.")
-    g.add_argument("--prediction_type", default=None, choices=["epsilon", "v_prediction"],
-                   help="Training target; default: the scheduler's.")
     g.add_argument("--cache_dir", default=None,
                    help="Download cache of models and datasets (from_pretrained / load_dataset), as in diffusers.")
     g.add_argument("--enable_xformers_memory_efficient_attention", action="store_true",
@@ -79,10 +85,6 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     g.add_argument("--max_train_samples", type=int, default=None, help="Truncate the train split (seeded).")
     g.add_argument("--resolution", type=int, default=None, help="Default: the UNet's sample size x VAE factor.")
     g.add_argument("--center_crop", action="store_true", help="Center crop (default: random crop, as diffusers).")
-    g.add_argument("--random_flip", action="store_true", help="Random horizontal flips.")
-    g.add_argument("--caption_dropout", type=float, default=0.0,
-                   help="Probability of replacing a caption by the empty one (classifier-free guidance); diffusers' "
-                        "script has none, so 0 by default.")
     g.add_argument("--latent_cache", default="disk", choices=["disk", "memory", "off"],
                    help="Latent/text-embedding cache: disk (content-addressed, reused across runs and search "
                         "trials), memory (encode once, write nothing) or off (encode every step).")
@@ -102,50 +104,19 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     g.add_argument("--hpo", action="store_true",
                    help="Train on the HPO set (proxy subset + D_mem x repeats) instead of the full train split.")
 
+    add_config_arguments(g, CONFIG_FLAGS["data"])
+
     g = p.add_argument_group("memcontrol")
-    g.add_argument("--peft_method", default="svdiff", choices=list(PEFT_METHODS), help="The PEFT method to train.")
+    add_config_arguments(g, CONFIG_FLAGS["memcontrol"])
     g.add_argument("--mask", default=None,
                    help="Bit string, mask JSON file, folder holding mask.json, or a Hub repo (default: all ones).")
-    g.add_argument("--mask_layout", default="paper", choices=list(LAYOUTS),
-                   help="Mask positions: paper (the paper's search space), blocks (one per transformer block) or "
-                        "attention (self/cross attention of each block).")
-    g.add_argument("--mask_scope", default="reference", choices=list(SCOPES),
-                   help="reference (the reference code's parameter set) or strict (only the masked blocks).")
-    g.add_argument("--lora_rank", type=int, default=4, help="LoRA rank (--peft_method lora).")
-    g.add_argument("--mitigation", default="none", choices=list(MITIGATIONS),
-                   help="Memorization mitigation during training: none, rwa (random word addition) or threshold.")
-    g.add_argument("--rwa_num_words", type=int, default=4, help="RWA: random words inserted (reference code: 4).")
-    g.add_argument("--rwa_prob", type=float, default=1.0, help="RWA: probability a caption is augmented.")
-    g.add_argument("--threshold", default="auto",
-                   help='Threshold mitigation: a norm (Wen et al.: 2) or "auto" (batch quantile, reference code).')
-    g.add_argument("--threshold_quantile", type=float, default=0.9, help='Quantile of threshold "auto".')
 
     g = p.add_argument_group("training")
     g.add_argument("--output_dir", default="memcontrol-output", help="Where the adapter and every output go.")
-    g.add_argument("--seed", type=int, default=0, help="Seed of splits, data order, noise and augmentation.")
-    g.add_argument("--train_batch_size", type=int, default=32, help="Batch size per device.")
-    g.add_argument("--num_train_epochs", type=int, default=None, help="Epochs, when --max_train_steps is not given.")
-    g.add_argument("--max_train_steps", type=int, default=None,
-                   help=f"Optimizer steps; overrides --num_train_epochs (default when neither is given: "
-                        f"{DEFAULT_MAX_TRAIN_STEPS}).")
-    g.add_argument("--gradient_accumulation_steps", type=int, default=1, help="Micro-batches per optimizer step.")
-    g.add_argument("--gradient_checkpointing", action="store_true", help="Trade compute for activation memory.")
-    g.add_argument("--learning_rate", type=float, default=None,
-                   help="Default: 1e-3 for svdiff/difffit, 1e-4 for lora, 1e-5 for attention/full.")
-    g.add_argument("--scale_lr", action="store_true",
-                   help="Scale the learning rate by accumulation steps x batch size x processes.")
-    g.add_argument("--lr_scheduler", default="constant", choices=list(LR_SCHEDULERS), help="Learning-rate schedule.")
-    g.add_argument("--lr_warmup_steps", type=int, default=0, help="Warm-up steps of the learning-rate schedule.")
-    g.add_argument("--snr_gamma", type=float, default=None, help="Min-SNR weighting gamma (5.0 recommended).")
-    g.add_argument("--noise_offset", type=float, default=0.0, help="Scale of the per-channel noise offset.")
-    g.add_argument("--use_8bit_adam", action="store_true", help="bitsandbytes' 8-bit AdamW.")
-    g.add_argument("--adam_beta1", type=float, default=0.9, help="Adam beta1.")
-    g.add_argument("--adam_beta2", type=float, default=0.999, help="Adam beta2.")
-    g.add_argument("--adam_weight_decay", type=float, default=0.0,
-                   help="diffusers uses 1e-2; 0 here, as decay pulls DiffFit's gammas (init 1) towards 0.")
-    g.add_argument("--adam_epsilon", type=float, default=1e-8, help="Adam epsilon.")
-    g.add_argument("--max_grad_norm", type=float, default=1.0, help="Gradient clipping norm.")
-    g.add_argument("--use_ema", action="store_true", help="EMA of the trainable adapter tensors (saved adapter).")
+    add_config_arguments(g, CONFIG_FLAGS["training"])
+    g.add_argument("--dataloader_num_workers", type=int, default=0,
+                   help="Threads that decode and transform the next micro-batches while the current one trains "
+                        "(images that are not cached); 0 decodes in the training loop.")
     g.add_argument("--mixed_precision", default=None, choices=["no", "fp16", "bf16"],
                    help="Default: accelerate's config.")
     g.add_argument("--allow_tf32", action="store_true", help="Allow TF32 matmuls on Ampere GPUs.")
@@ -159,6 +130,9 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
                         "user data).")
     g.add_argument("--num_validation_images", type=int, default=4,
                    help="Images per validation prompt (0 skips the grid).")
+    g.add_argument("--validation_epochs", type=int, default=None,
+                   help="Also generate the validation grid every N epochs during training (logged to the trackers, "
+                        "written as validation-epoch-<N>.png); default: only after training.")
     g.add_argument("--eval", action="store_true", help="Evaluate after training (or alone with --adapter_dir).")
     g.add_argument("--adapter_dir", default=None, help="With --eval: a trained adapter to evaluate (no training).")
     g.add_argument("--eval_split", default="test", choices=["validation", "test"], help="Split scored for FID.")
@@ -183,6 +157,33 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
 
     add_search_arguments(p.add_argument_group(SEARCH_GROUP))
     return p
+
+
+def add_config_arguments(group: Any, names: tuple[str, ...]) -> None:
+    """Add the FineTuneConfig fields `names` as flags: type, default, choices and help come from the field.
+
+    --learning_rate and --max_train_steps default to None: the learning rate then depends on --peft_method, and the
+    field's step count applies when --num_train_epochs is not given either.
+    """
+    from .training import DEFAULT_LR, FineTuneConfig
+
+    fields = {f.name: f for f in dataclasses.fields(FineTuneConfig)}
+    for name in names:
+        f = fields[name]
+        help_text = f.metadata["help"]
+        if f.type == "bool":
+            group.add_argument(f"--{name}", action="store_true", help=help_text)
+            continue
+        default = f.default
+        if name == "learning_rate":
+            default = None
+            help_text += " Default: " + ", ".join(f"{lr:g} for {m}" for m, lr in DEFAULT_LR.items()) + "."
+        elif name == "max_train_steps":
+            default = None
+            help_text += f" Default when --num_train_epochs is not given either: {f.default}."
+        kind = None if "str" in f.type else int if f.type.startswith("int") else float
+        group.add_argument(f"--{name}", type=kind, default=default, choices=f.metadata.get("choices"),
+                           help=help_text)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -231,13 +232,12 @@ def _validate_args(parser: argparse.ArgumentParser, args: argparse.Namespace) ->
         args.threshold = parse_threshold(args.threshold)
     except ValueError as err:
         parser.error(f"--threshold: {err}")
-    for name in ("train_batch_size", "gradient_accumulation_steps"):
-        if getattr(args, name) < 1:
-            parser.error(f"--{name} must be >= 1, got {getattr(args, name)}.")
+    if args.dataloader_num_workers < 0:
+        parser.error(f"--dataloader_num_workers must be >= 0, got {args.dataloader_num_workers}.")
     if args.num_validation_images < 0:
         parser.error(f"--num_validation_images must be >= 0 (0 skips the validation grid), got "
                      f"{args.num_validation_images}.")
-    for name in ("checkpointing_steps", "checkpoints_total_limit", "max_train_samples", "num_train_epochs"):
+    for name in ("checkpointing_steps", "checkpoints_total_limit", "max_train_samples", "validation_epochs"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             parser.error(f"--{name} must be >= 1, got {getattr(args, name)}.")
 
@@ -415,24 +415,12 @@ def check_inputs(args: argparse.Namespace) -> CheckedInputs:
                                  "--test_fraction or pick another --eval_split.")
             with user_input():
                 scan_images(dataset, args.image_column, progress=False)
+    values = {name: getattr(args, name) for names in CONFIG_FLAGS.values() for name in names}
+    values["learning_rate"] = args.learning_rate or DEFAULT_LR[args.peft_method]
+    if args.max_train_steps is None and args.num_train_epochs is None:
+        del values["max_train_steps"]  # the config's default step count
     with user_input():
-        config = FineTuneConfig(
-            peft_method=args.peft_method, mask=mask.to_dict() if mask else None, mask_layout=args.mask_layout,
-            mask_scope=args.mask_scope, learning_rate=args.learning_rate or DEFAULT_LR[args.peft_method],
-            scale_lr=args.scale_lr,
-            max_train_steps=args.max_train_steps if args.max_train_steps is not None or args.num_train_epochs
-            else DEFAULT_MAX_TRAIN_STEPS,
-            num_train_epochs=args.num_train_epochs, train_batch_size=args.train_batch_size,
-            gradient_accumulation_steps=args.gradient_accumulation_steps, caption_dropout=args.caption_dropout,
-            lr_scheduler=args.lr_scheduler, lr_warmup_steps=args.lr_warmup_steps, max_grad_norm=args.max_grad_norm,
-            adam_beta1=args.adam_beta1, adam_beta2=args.adam_beta2, adam_epsilon=args.adam_epsilon,
-            adam_weight_decay=args.adam_weight_decay, use_8bit_adam=args.use_8bit_adam, snr_gamma=args.snr_gamma,
-            noise_offset=args.noise_offset, prediction_type=args.prediction_type, use_ema=args.use_ema,
-            gradient_checkpointing=args.gradient_checkpointing, random_flip=args.random_flip,
-            mitigation=args.mitigation, rwa_num_words=args.rwa_num_words, rwa_prob=args.rwa_prob,
-            threshold=args.threshold, threshold_quantile=args.threshold_quantile, lora_rank=args.lora_rank,
-            seed=args.seed,
-        )
+        config = FineTuneConfig(mask=mask.to_dict() if mask else None, **values)
     return CheckedInputs(model_path, mask, splits, domain, train_set, dmem, eval_config, config)
 
 
@@ -525,7 +513,7 @@ def main(argv: list[str] | None = None) -> dict:
             pipe, inputs.train_set, args.image_column, args.caption_column, resolution=args.resolution,
             center_crop=args.center_crop, random_flip=args.random_flip, cache=args.latent_cache,
             cache_dir=args.latent_cache_dir, model_path=model_path, revision=args.revision,
-            progress=not args.no_progress)
+            interpolation=config.image_interpolation_mode, progress=not args.no_progress)
     training_config = {"fine_tune": json.loads(config.to_json()), "run": run_config(args),
                        "data": {"train_samples": data.num_samples, "hpo": args.hpo,
                                 "dmem_pairs": len(dmem) if dmem is not None else 0,
@@ -537,10 +525,25 @@ def main(argv: list[str] | None = None) -> dict:
             accelerator.init_trackers(args.tracker_project_name,
                                       config=_scalars({**training_config["fine_tune"], **training_config["run"]}))
 
+    prompts = args.validation_prompts
+    if prompts is None and domain is not None:
+        prompts = list(DOMAINS[domain].captions[:4])
+
+    def validate(epoch: int, step: int) -> None:
+        if epoch % args.validation_epochs == 0 and accelerator.is_main_process:
+            pipe.unet.eval()
+            grid = generate_validation_grid(pipe, prompts, args.num_validation_images, seed=args.seed,
+                                            output_path=os.path.join(args.output_dir, f"validation-epoch-{epoch}.png"),
+                                            progress=False)
+            pipe.unet.train()
+            _log_images(accelerator, grid, step)
+
     log = train(pipe.unet, pipe.scheduler, data, config, accelerator=accelerator, mask=mask,
                 output_dir=args.output_dir, checkpointing_steps=args.checkpointing_steps,
                 checkpoints_total_limit=args.checkpoints_total_limit,
-                resume_from_checkpoint=args.resume_from_checkpoint, progress=not args.no_progress)
+                resume_from_checkpoint=args.resume_from_checkpoint, progress=not args.no_progress,
+                num_workers=args.dataloader_num_workers,
+                on_epoch_end=validate if args.validation_epochs and prompts and args.num_validation_images else None)
     accelerator.wait_for_everyone()
     if any(p.dtype != torch.float32 for p in pipe.unet.parameters()):
         pipe.unet.to(torch.float32)  # inference below in fp32: the adapter and the frozen weights share one dtype
@@ -569,9 +572,6 @@ def main(argv: list[str] | None = None) -> dict:
     }
     if accelerator.is_main_process:
         save_adapter(pipe.unet, args.output_dir)
-        prompts = args.validation_prompts
-        if prompts is None and domain is not None:
-            prompts = list(DOMAINS[domain].captions[:4])
         if prompts and args.num_validation_images:
             with merged_adapters(pipe.unet):
                 grid = generate_validation_grid(pipe, prompts, args.num_validation_images, seed=args.seed,
@@ -587,8 +587,8 @@ def main(argv: list[str] | None = None) -> dict:
                              and not isinstance(v, bool)}, step=log["global_step"])
         summary["wall_time_s"] = round(time.time() - started, 1)
         write_json_atomic(os.path.join(args.output_dir, "summary.json"), summary)
-        if args.push_to_hub:
-            from diffusers_memcontrol.hub import publish
+        if args.push_to_hub:  # publish adds hub_url to summary.json
+            from .hub import publish
 
             repo_id = args.hub_model_id or os.path.basename(os.path.abspath(args.output_dir))
             summary["hub_url"] = publish(args.output_dir, repo_id, token=args.hub_token,

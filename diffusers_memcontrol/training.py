@@ -44,9 +44,9 @@ from .files import (
     usual_mode,
     write_json_atomic,  # noqa: F401 (the name training/train_memcontrol.py imports)
 )
-from .images import ImageLoader, check_interpolation, scan_images, transform_image
+from .images import INTERPOLATIONS, ImageLoader, check_interpolation, scan_images, transform_image
+from .masks import BUILTIN_PREFIX, LAYOUTS, SCOPES, Mask, MaskSpace, builtin_mask, trainable_parameters
 from .masks import METHODS as PEFT_METHODS
-from .masks import BUILTIN_PREFIX, Mask, MaskSpace, builtin_mask, trainable_parameters
 from .mitigation import MITIGATIONS
 from .tuners import MemControlConfig
 
@@ -65,21 +65,28 @@ class FineTuneConfig:
     Names and meanings follow diffusers' train_text_to_image.py where it has them.
     """
 
-    peft_method: str = field(default="svdiff", metadata={"help": "svdiff, difffit, attention, lora, full or freeze."})
+    peft_method: str = field(default="svdiff", metadata={"help": "The PEFT method to train.", "choices": PEFT_METHODS})
     mask: dict | None = field(default=None, metadata={"help": "Mask JSON dict; None = all ones."})
-    mask_layout: str = field(default="blocks", metadata={"help": "blocks, attention or paper."})
-    mask_scope: str = field(default="reference", metadata={"help": "reference or strict."})
+    mask_layout: str = field(default="paper", metadata={
+        "help": "Mask positions: paper (the paper's search space), blocks (one per transformer block) or attention "
+                "(self/cross attention of each block).", "choices": LAYOUTS})
+    mask_scope: str = field(default="reference", metadata={
+        "help": "reference (the reference code's parameter set) or strict (only the masked blocks).",
+        "choices": SCOPES})
     learning_rate: float = field(default=1e-3, metadata={"help": "Initial learning rate (after warm-up)."})
     scale_lr: bool = field(default=False, metadata={
         "help": "Scale the learning rate by gradient accumulation steps x batch size x number of processes."})
-    max_train_steps: int | None = field(default=500, metadata={
+    max_train_steps: int | None = field(default=400, metadata={
         "help": "Optimizer steps; None = num_train_epochs x steps per epoch."})
     num_train_epochs: int | None = field(default=None, metadata={
         "help": "Epochs, used when max_train_steps is None."})
     train_batch_size: int = field(default=32, metadata={"help": "Samples per device per micro-batch."})
     gradient_accumulation_steps: int = field(default=1, metadata={"help": "Micro-batches per optimizer step."})
-    caption_dropout: float = field(default=0.1, metadata={"help": "Probability of an empty caption (for CFG)."})
-    lr_scheduler: str = field(default="constant", metadata={"help": f"One of {', '.join(LR_SCHEDULERS)}."})
+    caption_dropout: float = field(default=0.0, metadata={
+        "help": "Probability of replacing a caption by the empty one (classifier-free guidance); diffusers' script "
+                "has none, so 0 by default."})
+    lr_scheduler: str = field(default="constant", metadata={"help": "Learning-rate schedule.",
+                                                            "choices": LR_SCHEDULERS})
     lr_warmup_steps: int = field(default=0, metadata={"help": "Warm-up steps of the learning-rate scheduler."})
     max_grad_norm: float = field(default=1.0, metadata={"help": "Gradient clipping norm."})
     adam_beta1: float = field(default=0.9, metadata={"help": "Adam beta1."})
@@ -90,16 +97,26 @@ class FineTuneConfig:
     use_8bit_adam: bool = field(default=False, metadata={"help": "bitsandbytes' 8-bit AdamW."})
     snr_gamma: float | None = field(default=None, metadata={"help": "Min-SNR weighting gamma (5.0 recommended)."})
     noise_offset: float = field(default=0.0, metadata={"help": "Scale of the per-channel noise offset."})
+    input_perturbation: float = field(default=0.0, metadata={
+        "help": "Scale of the input perturbation: the noisy latents get noise + this x N(0, 1), the target keeps the "
+                "noise (diffusers recommends 0.1)."})
+    dream_training: bool = field(default=False, metadata={
+        "help": "DREAM (Zhou et al. 2024): a no-grad prediction corrects the noisy latents and the target "
+                "(diffusers.training_utils.compute_dream_and_update_latents)."})
+    dream_detail_preservation: float = field(default=1.0, metadata={
+        "help": "DREAM's detail preservation factor p (>= 0)."})
     prediction_type: str | None = field(default=None, metadata={
-        "help": "epsilon or v_prediction; None = the scheduler's."})
+        "help": "Training target; default: the scheduler's.", "choices": ("epsilon", "v_prediction")})
     use_ema: bool = field(default=False, metadata={"help": "Keep an EMA of the trainable adapter tensors; saved."})
     ema_decay: float = field(default=0.9999, metadata={"help": "EMA decay (diffusers' EMAModel warm-up applies)."})
     gradient_checkpointing: bool = field(default=False, metadata={"help": "Trade compute for UNet activation memory."})
     random_flip: bool = field(default=False, metadata={"help": "Flip images horizontally with probability 0.5."})
     image_interpolation_mode: str = field(default="lanczos", metadata={
-        "help": "Resampling of the shorter-side resize: lanczos, bilinear, bicubic, nearest, nearest_exact, box or "
-                "hamming (as diffusers' train_text_to_image.py)."})
-    mitigation: str = field(default="none", metadata={"help": "none, rwa or threshold."})
+        "help": "Resampling of the shorter-side resize (as diffusers' train_text_to_image.py).",
+        "choices": tuple(INTERPOLATIONS)})
+    mitigation: str = field(default="none", metadata={
+        "help": "Memorization mitigation during training: none, rwa (random word addition) or threshold.",
+        "choices": MITIGATIONS})
     rwa_num_words: int = field(default=4, metadata={"help": "RWA: random words inserted per caption."})
     rwa_prob: float = field(default=1.0, metadata={"help": "RWA: probability a caption is augmented."})
     threshold: float | str = field(default="auto", metadata={
@@ -143,6 +160,9 @@ class FineTuneConfig:
             raise ValueError(f"threshold_quantile must be in (0, 1], got {self.threshold_quantile}.")
         if not 0.0 <= self.ema_decay <= 1.0:
             raise ValueError(f"ema_decay must be in [0, 1], got {self.ema_decay}.")
+        if self.input_perturbation < 0 or self.dream_detail_preservation < 0:
+            raise ValueError(f"input_perturbation and dream_detail_preservation must be >= 0, got "
+                             f"{self.input_perturbation} and {self.dream_detail_preservation}.")
 
     def to_json(self) -> str:
         """JSON text of every field."""
@@ -658,8 +678,9 @@ def _release(accelerator, objects: Sequence[Any]) -> None:
 class _Batch:
     """One micro-batch on the device, plus bookkeeping."""
 
-    def __init__(self, noisy, timesteps, cond, target, augmented):
+    def __init__(self, noisy, timesteps, cond, target, augmented, noise):
         self.noisy, self.timesteps, self.cond, self.target, self.augmented = noisy, timesteps, cond, target, augmented
+        self.noise = noise
 
 
 def _conditioning(data: TrainingData, idx: torch.Tensor, drop: torch.Tensor, rwa, rwa_seed: int | None
@@ -685,9 +706,48 @@ def _conditioning(data: TrainingData, idx: torch.Tensor, drop: torch.Tensor, rwa
     return cond, sum(1 for j in range(n) if changed[j] and not drop[j])
 
 
+def _pixels(data: TrainingData, config: FineTuneConfig, idx: torch.Tensor, micro: int, process_index: int
+            ) -> torch.Tensor:
+    """The transformed images of one micro-batch, with the flips and crops its seeds draw (encoding on the fly)."""
+    n = len(idx)
+    gen = _generator(config.seed, _STREAM_STEP, micro, process_index)  # flips: the first draws of the step's generator
+    flips = torch.rand(n, generator=gen) < 0.5 if config.random_flip else torch.zeros(n, dtype=torch.bool)
+    crop_gen = _generator(config.seed, _STREAM_CROP, micro, process_index)
+    return torch.stack([transform_image(data.images(int(i)), data.resolution, data.center_crop, bool(f), crop_gen,
+                                        data.interpolation) for i, f in zip(idx, flips)])
+
+
+class _Prefetcher:
+    """`produce(key)` for the keys `first, first + 1, ...` in order, computed up to 2 x `num_workers` keys ahead by
+    threads (num_workers 0: computed when asked)."""
+
+    def __init__(self, produce: Callable[[int], Any], stop: int, num_workers: int):
+        from concurrent.futures import ThreadPoolExecutor
+
+        self.produce, self.stop, self.futures = produce, stop, {}
+        self.pool = ThreadPoolExecutor(num_workers) if num_workers > 0 else None
+        self.ahead = 2 * num_workers
+
+    def get(self, key: int) -> Any:
+        """The value of `key`, queueing the keys that follow it."""
+        if self.pool is None:
+            return self.produce(key)
+        for upcoming in range(key, min(key + self.ahead + 1, self.stop)):
+            if upcoming not in self.futures:
+                self.futures[upcoming] = self.pool.submit(self.produce, upcoming)
+        return self.futures.pop(key).result()
+
+    def close(self) -> None:
+        """Stop the threads (queued work is dropped)."""
+        if self.pool is not None:
+            self.pool.shutdown(wait=True, cancel_futures=True)
+
+
 def _micro_batch(data: TrainingData, idx: torch.Tensor, config: FineTuneConfig, noise_scheduler, gen: torch.Generator,
-                 crop_gen: torch.Generator, rwa, device) -> _Batch:
-    """Draw everything random of one micro-batch from `gen` in a fixed order, so cached and on-the-fly runs agree."""
+                 pixels: torch.Tensor | None, rwa, device) -> _Batch:
+    """Draw everything random of one micro-batch from `gen` in a fixed order, so cached and on-the-fly runs agree.
+
+    `pixels`: the micro-batch's transformed images (`_pixels`) when latents are encoded on the fly."""
     n = len(idx)
     flips = torch.rand(n, generator=gen) < 0.5 if config.random_flip else torch.zeros(n, dtype=torch.bool)
     drop = torch.rand(n, generator=gen) < config.caption_dropout
@@ -699,8 +759,6 @@ def _micro_batch(data: TrainingData, idx: torch.Tensor, config: FineTuneConfig, 
         mean = data.latent_mean[rows].float()
         std = data.latent_std[rows].float() if data.latent_std is not None else None
     else:
-        pixels = torch.stack([transform_image(data.images(int(i)), data.resolution, data.center_crop, bool(f),
-                                              crop_gen, data.interpolation) for i, f in zip(idx, flips)])
         mean, std = encode_latent_distribution(data.vae, pixels)
     x0 = mean + std * torch.randn(mean.shape, generator=gen) if std is not None else mean
     cond, augmented = _conditioning(data, idx, drop, rwa, rwa_seed)
@@ -708,23 +766,31 @@ def _micro_batch(data: TrainingData, idx: torch.Tensor, config: FineTuneConfig, 
     if config.noise_offset:
         noise = noise + config.noise_offset * torch.randn((n, x0.shape[1], 1, 1), generator=gen)
     timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (n,), generator=gen)
+    input_noise = noise
+    if config.input_perturbation:  # drawn last, so runs without it draw exactly what they drew before
+        input_noise = noise + config.input_perturbation * torch.randn(noise.shape, generator=gen)
     x0, noise, timesteps = x0.to(device), noise.to(device), timesteps.to(device)
-    noisy = noise_scheduler.add_noise(x0, noise, timesteps)
+    noisy = noise_scheduler.add_noise(x0, input_noise.to(device), timesteps)
     if noise_scheduler.config.prediction_type == "epsilon":
         target = noise
     elif noise_scheduler.config.prediction_type == "v_prediction":
         target = noise_scheduler.get_velocity(x0, noise, timesteps)
     else:
         raise ValueError(f"Unknown prediction type {noise_scheduler.config.prediction_type!r}.")
-    return _Batch(noisy, timesteps, cond.to(device), target, augmented)
+    return _Batch(noisy, timesteps, cond.to(device), target, augmented, noise)
 
 
 def _batch_loss(model, batch: _Batch, noise_scheduler, config: FineTuneConfig,
                 keep: torch.Tensor | None = None) -> torch.Tensor:
-    """MSE (min-SNR weighted when snr_gamma) over the kept samples."""
-    noisy, t, cond, target = batch.noisy, batch.timesteps, batch.cond, batch.target
+    """MSE (min-SNR weighted when snr_gamma; DREAM-corrected when dream_training) over the kept samples."""
+    noisy, t, cond, target, noise = batch.noisy, batch.timesteps, batch.cond, batch.target, batch.noise
     if keep is not None:
-        noisy, t, cond, target = noisy[keep], t[keep], cond[keep], target[keep]
+        noisy, t, cond, target, noise = noisy[keep], t[keep], cond[keep], target[keep], noise[keep]
+    if config.dream_training:
+        from diffusers.training_utils import compute_dream_and_update_latents
+
+        noisy, target = compute_dream_and_update_latents(model, noise_scheduler, t, noise, noisy, target, cond,
+                                                         config.dream_detail_preservation)
     pred = model(noisy, t, encoder_hidden_states=cond, return_dict=False)[0]
     per_sample = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=list(range(1, pred.ndim)))
     if config.snr_gamma is not None:
@@ -751,8 +817,13 @@ def train(
     checkpoints_total_limit: int | None = None,
     resume_from_checkpoint: str | None = None,
     progress: bool = True,
+    on_epoch_end: Callable[[int, int], None] | None = None,
+    num_workers: int = 0,
 ) -> dict:
     """Inject the adapter of `config` into `unet` and train it on `data`; return the run's log (numbers only).
+
+    `on_epoch_end(epoch, global_step)` is called after the optimizer step that completes each epoch (validation).
+    `num_workers` threads decode and transform the next micro-batches' images while one trains (uncached latents).
 
     Only the adapter's tensors train (fp32 master copies; the frozen UNet is cast to the mixed-precision dtype).
     Checkpoints (`accelerator.save_state`: adapter, optimizer, scheduler, EMA, RNG and data position) go to
@@ -867,6 +938,7 @@ def train(
     accelerator.register_for_checkpointing(*custom)
     created += custom
 
+    pixels: _Prefetcher | None = None
     try:
         resumed_from = resolve_checkpoint(output_dir, resume_from_checkpoint)
         if resumed_from is not None:
@@ -884,7 +956,8 @@ def train(
         device = accelerator.device
         step_started = time.time()
         first_step = state.global_step
-        for micro in range(state.micro_step, total_micro):
+        epochs_done = state.micro_step // batches_per_epoch
+        def indices(micro: int) -> torch.Tensor:
             epoch, k = divmod(micro, batches_per_epoch)
             if epoch not in permutations:
                 permutations.clear()
@@ -892,15 +965,20 @@ def train(
                     config.seed, _STREAM_EPOCH, epoch))
             perm = permutations[epoch]
             if num_processes == 1:
-                idx = perm[k * batch:(k + 1) * batch]
-            else:  # every process gets a full batch (the last one wraps around), as accelerate's even_batches
-                idx = perm[(k * batch * num_processes + process_index * batch + torch.arange(batch))
-                           % data.num_samples]
+                return perm[k * batch:(k + 1) * batch]
+            # every process gets a full batch (the last one wraps around), as accelerate's even_batches
+            return perm[(k * batch * num_processes + process_index * batch + torch.arange(batch)) % data.num_samples]
+
+        def pixels_of(micro: int) -> torch.Tensor | None:
+            return None if data.cached_latents else _pixels(data, config, indices(micro), micro, process_index)
+
+        pixels = _Prefetcher(pixels_of, total_micro, num_workers if not data.cached_latents else 0)
+        for micro in range(state.micro_step, total_micro):
+            idx = indices(micro)
             gen = _generator(config.seed, _STREAM_STEP, micro, process_index)
-            crop_gen = _generator(config.seed, _STREAM_CROP, micro, process_index)
             context = accelerator.accumulate(model) if optimizer is not None else contextlib.nullcontext()
             with context:
-                b = _micro_batch(data, idx, config, noise_scheduler, gen, crop_gen, rwa, device)
+                b = _micro_batch(data, idx, config, noise_scheduler, gen, pixels.get(micro), rwa, device)
                 state.augmented_captions += b.augmented
                 keep = None
                 skip = False
@@ -969,10 +1047,15 @@ def train(
                 if accelerator.is_main_process:
                     _save_checkpoint(accelerator, output_dir, state.global_step, checkpoints_total_limit)
                 accelerator.wait_for_everyone()
+            if on_epoch_end is not None and state.micro_step // batches_per_epoch > epochs_done:
+                epochs_done = state.micro_step // batches_per_epoch
+                on_epoch_end(epochs_done, state.global_step)
         bar.close()
         steps_run = state.global_step - first_step
         train_time = time.time() - step_started
     finally:
+        if pixels is not None:
+            pixels.close()
         for h in handles:
             h.remove()
         _release(accelerator, created)

@@ -238,3 +238,23 @@ def test_cache_dir_is_the_download_cache_and_dataset_flags_reach_load_dataset(sc
     assert seen["caption_template"] == "a photo of a {label}" and seen["cache_dir"] == str(tmp_path / "hf")
     args = script.parse_args([])
     assert args.caption_dropout == 0 and args.latent_cache_dir is None and args.mask_layout == "paper"
+
+
+def test_diffusers_training_flags_and_prefetch_workers(script, model_dir, cache_dir, tmp_path):
+    """--dataloader_num_workers decodes ahead without changing a single draw; DREAM, input perturbation, the
+    interpolation mode and the validation grid every epoch run through the real loop."""
+    common = ("--latent_cache", "off", "--max_train_samples", "16", "--max_train_steps", "4", "--random_flip",
+              "--input_perturbation", "0.1", "--dream_training", "--image_interpolation_mode", "bilinear")
+    script.main(_args(model_dir, cache_dir, tmp_path / "inline", *common))
+    summary = script.main(_args(model_dir, cache_dir, tmp_path / "workers", *common, "--dataloader_num_workers", "2",
+                                "--validation_epochs", "1", "--validation_prompts", SECRET_PROMPT,
+                                "--num_validation_images", "1"))
+    a = load_file(str(tmp_path / "inline" / "adapter_model.safetensors"))
+    b = load_file(str(tmp_path / "workers" / "adapter_model.safetensors"))
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=0, atol=0)
+    epochs = summary["num_train_epochs"]
+    assert epochs == 2 and all(os.path.isfile(tmp_path / "workers" / f"validation-epoch-{e}.png") for e in (1, 2))
+    config = json.loads((tmp_path / "workers" / "training_config.json").read_text())["fine_tune"]
+    assert config["dream_training"] and config["input_perturbation"] == 0.1
+    assert config["image_interpolation_mode"] == "bilinear"

@@ -370,7 +370,7 @@ def test_an_adapter_for_another_base_is_refused_before_loading(pipe, tmp_path):
     from tests.conftest import make_small_unet
 
     other = make_small_unet()  # SD1.5-shaped (more transformer blocks)
-    other.add_adapter(FineTuneConfig(peft_method="svdiff").adapter_config())
+    other.add_adapter(FineTuneConfig(peft_method="svdiff", mask_layout="blocks").adapter_config())
     save_adapter(other, str(tmp_path))
     unet = copy.deepcopy(pipe.unet)
     with pytest.raises(ValueError, match="trained for another base model.*expected layout 'blocks' with 7"):
