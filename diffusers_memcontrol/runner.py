@@ -289,8 +289,8 @@ def main_search(argv: list[str]) -> dict:
 
 def main_transfer(args, train_args: list[str]) -> dict:
     """`train_memcontrol.py --final --mask MASK ...`: stage 2 and the table with a mask found elsewhere (Sec. 4.4)."""
+    from .adapters import resolve_mask
     from .train import check_inputs, parse_args
-    from .training import resolve_mask
 
     with user_input("--mask", catch=(ValueError, FileNotFoundError, ConnectionError)):
         mask = resolve_mask(args.mask, _meta_unet(train_args), None, args.mask_layout)

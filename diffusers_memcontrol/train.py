@@ -92,6 +92,13 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
                    help="Root of the latent/text-embedding cache (default: $MEMCONTROL_CACHE_DIR or "
                         "~/.cache/diffusers_memcontrol).")
 
+    _add_run_arguments(p)
+    add_search_arguments(p.add_argument_group(SEARCH_GROUP))
+    return p
+
+
+def _add_run_arguments(p: argparse.ArgumentParser) -> None:
+    """The memorization set, the adapter, the training run, validation, evaluation, logging and hub flags."""
     g = p.add_argument_group("memorization set and HPO set")
     g.add_argument("--dmem_size", type=int, default=100, help="D_mem: number of image-caption pairs.")
     g.add_argument("--dmem_repeats", type=int, default=50, help="Duplicates of each D_mem pair in the HPO set.")
@@ -155,9 +162,6 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     g.add_argument("--hub_token", default=None, help="Hub token (default: the logged-in one).")
     g.add_argument("--no_progress", action="store_true", help="Disable progress bars.")
 
-    add_search_arguments(p.add_argument_group(SEARCH_GROUP))
-    return p
-
 
 def add_config_arguments(group: Any, names: tuple[str, ...]) -> None:
     """Add the FineTuneConfig fields `names` as flags: type, default, choices and help come from the field.
@@ -165,7 +169,7 @@ def add_config_arguments(group: Any, names: tuple[str, ...]) -> None:
     --learning_rate and --max_train_steps default to None: the learning rate then depends on --peft_method, and the
     field's step count applies when --num_train_epochs is not given either.
     """
-    from .training import DEFAULT_LR, FineTuneConfig
+    from .config import DEFAULT_LR, FineTuneConfig
 
     fields = {f.name: f for f in dataclasses.fields(FineTuneConfig)}
     for name in names:
@@ -198,8 +202,8 @@ def _validate_args(parser: argparse.ArgumentParser, args: argparse.Namespace) ->
     """Argument combinations that cannot work: fail before loading anything."""
     import importlib.util
 
+    from .config import parse_threshold
     from .tiny_base import DOMAINS
-    from .training import parse_threshold
 
     search_group = next(g for g in parser._action_groups if g.title == SEARCH_GROUP)
     for action in search_group._group_actions:
@@ -274,9 +278,9 @@ def load_dataset_source(args: argparse.Namespace) -> Any:
 
 def load_splits(args: argparse.Namespace) -> tuple[Any, str | None]:
     """train / validation / test splits (subject-grouped with --subject_column); train truncated by max_train_samples."""
+    from .columns import check_columns
     from .data import split_dataset
     from .tiny_base import DOMAINS
-    from .training import check_columns
 
     builtin = args.train_data_dir is None and (args.dataset_name or "digits") in DOMAINS
     source = (args.dataset_name or "digits") if builtin else load_dataset_source(args)
@@ -382,8 +386,11 @@ def check_inputs(args: argparse.Namespace) -> CheckedInputs:
     import torch
     from diffusers import UNet2DConditionModel
 
+    from .adapters import check_adapter_fits, resolve_mask
+    from .checkpoints import resolve_checkpoint
+    from .config import DEFAULT_LR, FineTuneConfig
+    from .images import scan_images
     from .tiny_base import tiny_base_path
-    from .training import DEFAULT_LR, FineTuneConfig, check_adapter_fits, resolve_checkpoint, resolve_mask, scan_images
 
     model_path = args.pretrained_model_name_or_path or tiny_base_path()
     if args.pretrained_model_name_or_path is None and not os.path.isfile(os.path.join(model_path, "model_index.json")):
@@ -451,16 +458,11 @@ def main(argv: list[str] | None = None) -> dict:
     from accelerate.utils import ProjectConfiguration, set_seed
     from diffusers import StableDiffusionPipeline
 
+    from .adapters import load_adapter, merged_adapters, save_adapter
     from .files import write_json_atomic
     from .tiny_base import DOMAINS
-    from .training import (
-        generate_validation_grid,
-        load_adapter,
-        merged_adapters,
-        prepare_training_data,
-        save_adapter,
-        train,
-    )
+    from .training import generate_validation_grid, train
+    from .training_data import prepare_training_data
 
     args = parse_args(argv)
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)

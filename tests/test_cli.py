@@ -5,9 +5,9 @@ import pytest
 from diffusers import UNet2DConditionModel
 
 from diffusers_memcontrol import MaskSpace, MemControlConfig
+from diffusers_memcontrol.adapters import save_adapter
 from diffusers_memcontrol.cli import main
 from diffusers_memcontrol.tiny_base import tiny_base_path
-from diffusers_memcontrol.training import save_adapter
 
 
 def test_mask_space_lists_positions(capsys):

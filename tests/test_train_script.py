@@ -163,7 +163,8 @@ def test_unreadable_image_in_a_csv_is_named(script, model_dir, cache_dir, tmp_pa
 
 
 def test_eval_only_on_an_adapter_for_another_base_fails_clearly(script, model_dir, cache_dir, tmp_path):
-    from diffusers_memcontrol.training import FineTuneConfig, save_adapter
+    from diffusers_memcontrol.adapters import save_adapter
+    from diffusers_memcontrol.config import FineTuneConfig
     from tests.conftest import make_small_unet
 
     other = make_small_unet()
