@@ -34,7 +34,7 @@ def _xformers_missing() -> bool:
 CASES = [
     ("a column that is not in the dataset", TRAIN, ["--caption_column", "caption"],
      "Column(s) ['caption'] not found"),
-    ("a mask of the wrong length", TRAIN, ["--mask", "101"], "Mask has 3 bits for 5 positions"),
+    ("a mask of the wrong length", TRAIN, ["--mask", "101"], "3 bits"),
     ("a mask made for another UNet", TRAIN, ["--mask", "DATA/foreign_mask.json"], "positions"),
     ("an adapter trained for another base model", TRAIN, ["--eval", "--adapter_dir", "DATA/foreign_adapter"],
      "trained for another base model"),
