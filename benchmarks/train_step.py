@@ -78,8 +78,10 @@ def main(argv: list[str] | None = None) -> dict:
     if args.threads:
         torch.set_num_threads(args.threads)
 
+    from diffusers_memcontrol.config import FineTuneConfig
     from diffusers_memcontrol.tiny_base import load_domain
-    from diffusers_memcontrol.training import FineTuneConfig, prepare_training_data, train
+    from diffusers_memcontrol.training import train
+    from diffusers_memcontrol.training_data import prepare_training_data
 
     pipe, model = _pipeline(args.model)
     pipe.to(device)

@@ -6,6 +6,8 @@ import argparse
 import json
 import sys
 
+from .errors import ArgumentParser, run_command
+
 
 def _mask_space(args: argparse.Namespace) -> int:
     from diffusers import UNet2DConditionModel
@@ -43,14 +45,9 @@ def _masks(args: argparse.Namespace) -> int:
 
 
 def _train(args: argparse.Namespace, rest: list[str]) -> int:
-    import runpy
+    from .train import main as train_main
 
-    from .search import trainer_script
-
-    script = trainer_script()
-
-    sys.argv = [script] + rest
-    runpy.run_path(script, run_name="__main__")
+    train_main(rest)
     return 0
 
 
@@ -65,8 +62,12 @@ def _publish(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of the `memcontrol` console script."""
-    parser = argparse.ArgumentParser(prog="memcontrol", description="MemControl for diffusers: memorization-aware "
+    """Entry point of the `memcontrol` console script (a user's mistake: one `error: ...` line, exit status 2)."""
+    return run_command(_run, argv)
+
+
+def _run(argv: list[str] | None) -> int:
+    parser = ArgumentParser(prog="memcontrol", description="MemControl for diffusers: memorization-aware "
                                      "parameter-efficient fine-tuning of Stable Diffusion.")
     sub = parser.add_subparsers(dest="command", required=True)
     space = sub.add_parser("mask-space", help="List the mask positions of a UNet and count trainable parameters.")
@@ -90,10 +91,10 @@ def main(argv: list[str] | None = None) -> int:
     pub.add_argument("--revision", default=None)
     pub.add_argument("--endpoint", default=None, help="Hub endpoint (default: HF_ENDPOINT or huggingface.co).")
     sub.add_parser("search", help="Run MemControl: search masks, final fine-tunes and the comparison table "
-                   "(same arguments as training/train_memcontrol.py --search).", add_help=False)
+                   "(same arguments as python -m diffusers_memcontrol.train --search).", add_help=False)
     sub.add_parser("transfer", help="Stage 2 and the table with a mask found elsewhere, no search (same arguments "
-                   "as training/train_memcontrol.py --final --mask MASK).", add_help=False)
-    sub.add_parser("train", help="Fine-tune with a mask (same arguments as training/train_memcontrol.py).",
+                   "as python -m diffusers_memcontrol.train --final --mask MASK).", add_help=False)
+    sub.add_parser("train", help="Fine-tune with a mask (same arguments as python -m diffusers_memcontrol.train).",
                    add_help=False)
     args, rest = parser.parse_known_args(argv)
     if args.command == "train":

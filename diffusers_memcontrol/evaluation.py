@@ -434,7 +434,7 @@ def _dmem(pipe: Any, dmem_dataset: Any, image_column: str, caption_column: str, 
     from diffusers import DDPMScheduler
 
     from .metrics.memorization import dmem_search
-    from .training import encode_images, encode_prompts
+    from .training_data import encode_images, encode_prompts
 
     captions = check_captions(dmem_dataset[caption_column], caption_column, "dmem_dataset")
     images = torch.cat(list(_real_images(dmem_dataset, image_column, range(len(dmem_dataset)), resolution, config)))

@@ -452,7 +452,7 @@ def _assemble(output_dir: str, staging: str, repo_id: str, include_adapter: bool
         elif pickles:
             raise MemControlRepoError(
                 f"{output_dir!r} holds pickle weights {pickles}: only safetensors are published. Save the adapter "
-                "with diffusers_memcontrol.training.save_adapter (safetensors) or pass include_adapter=False."
+                "with diffusers_memcontrol.adapters.save_adapter (safetensors) or pass include_adapter=False."
             )
         elif adapter_config:
             raise MemControlRepoError(f"{output_dir!r} has {ADAPTER_CONFIG_FILE} but no {ADAPTER_WEIGHTS_FILE}.")

@@ -14,12 +14,14 @@ import threading
 from collections.abc import Sequence
 from dataclasses import replace
 
+from .errors import ArgumentParser, InputError, user_input
 from .files import write_json_atomic
-from .masks import LAYOUTS, SCOPES, Mask, MaskSpace
+from .masks import Mask, MaskSpace
 from .mitigation import MITIGATIONS
 from .reporting import pareto_plot, write_results
 from .search import (
     OBJECTIVES,
+    SELECTIONS,
     SearchConfig,
     TrainerTrial,
     export_study,
@@ -174,55 +176,88 @@ def run_memcontrol(unet, train_args: list[str], output_dir: str, search_spaces: 
     return result
 
 
-def parse_search_args(argv: list[str]) -> tuple:
-    """Split a `--search` command line into the search's own arguments and those passed to every fine-tune."""
-    import argparse
+def add_search_arguments(parser) -> None:
+    """The search's own flags (a parser or an argument group): `parse_search_args` and the trainer's --help share them."""
+    from dataclasses import fields
 
-    p = argparse.ArgumentParser(prog="train_memcontrol.py --search", add_help=True)
-    p.add_argument("--search", action="store_true")
-    p.add_argument("--mask", default=None,
-                   help="With --final instead of --search: reuse this mask (mask JSON, a folder holding mask.json or "
-                        "best_mask.json, or a Hub repo) on new data, with no search: the paper's transfer (Sec. 4.4).")
-    p.add_argument("--search_space", default=None,
-                   help="Comma-separated PEFT methods to search (default: --peft_method or svdiff); several = the "
-                        "paper's global search (union of the Pareto fronts).")
-    p.add_argument("--peft_method", default=None)
-    p.add_argument("--mask_layout", default="paper", choices=LAYOUTS)
-    p.add_argument("--mask_scope", default="reference", choices=SCOPES)
-    p.add_argument("--n_trials", type=int, default=20)
-    p.add_argument("--population_size", type=int, default=None)
-    p.add_argument("--search_learning_rate", action="store_true")
-    p.add_argument("--storage", default=None, help="Optuna storage URL or journal file (default: output_dir/study.db).")
-    p.add_argument("--study_name", default=None)
-    p.add_argument("--n_workers", type=int, default=1,
-                   help="Concurrent fine-tunes on this machine, in the search and in stage 2 (one GPU each, or a "
-                        "share of the CPU cores).")
-    p.add_argument("--selection", default="mean", choices=["mean", "normalized_mean"])
-    p.add_argument("--final", dest="final", action="store_true", default=True,
-                   help="Stage 2 after the search (default), or alone with --mask.")
-    p.add_argument("--no_final", dest="final", action="store_false", help="Stop after the search.")
-    p.add_argument("--baselines", default=",".join(BASELINES))
-    p.add_argument("--mitigations", default=",".join(MITIGATIONS))
-    p.add_argument("--output_dir", default="memcontrol-output")
-    p.add_argument("--seed", type=int, default=0)
+    defaults = {f.name: f for f in fields(SearchConfig)}
+
+    def help_of(name: str) -> str:
+        return defaults[name].metadata["help"]
+
+    parser.add_argument("--search", action="store_true",
+                        help="Run MemControl: stage 1 (mask search), then stage 2 and the table (unless --no_final).")
+    parser.add_argument("--search_space", default=None,
+                        help="Comma-separated PEFT methods to search (default: --peft_method or svdiff); several = "
+                             "the paper's global search (union of the Pareto fronts).")
+    parser.add_argument("--n_trials", type=int, default=defaults["n_trials"].default, help=help_of("n_trials"))
+    parser.add_argument("--population_size", type=int, default=None, help=help_of("population_size"))
+    parser.add_argument("--search_learning_rate", action="store_true", help=help_of("search_learning_rate"))
+    parser.add_argument("--storage", default=None,
+                        help="Optuna storage URL (sqlite:///..., postgresql://...) or journal file (default: "
+                             "output_dir/study.db).")
+    parser.add_argument("--study_name", default=None, help="Prefix of the study names (default: memcontrol).")
+    parser.add_argument("--n_workers", type=int, default=1,
+                        help="Concurrent fine-tunes on this machine, in the search and in stage 2 (one GPU each, or "
+                             "a share of the CPU cores).")
+    parser.add_argument("--selection", default=defaults["selection"].default, choices=list(SELECTIONS),
+                        help=help_of("selection"))
+    parser.add_argument("--final", dest="final", action="store_true", default=True,
+                        help="Stage 2 after the search (default), or alone with --mask (the paper's transfer).")
+    parser.add_argument("--no_final", dest="final", action="store_false", help="Stop after the search.")
+    parser.add_argument("--baselines", default=",".join(BASELINES),
+                        help="Comma-separated baselines of the table (stage 2).")
+    parser.add_argument("--mitigations", default=",".join(MITIGATIONS),
+                        help="Comma-separated mitigations each stage-2 row is trained with.")
+
+
+def parse_search_args(argv: list[str]) -> tuple:
+    """Split a `--search` command line into the search's own arguments and those passed to every fine-tune.
+
+    The flags shared with the trainer (--mask, --peft_method, --mask_layout, --mask_scope, --output_dir, --seed) take
+    the trainer's defaults; --help shows the trainer's flags and the search's together.
+    """
+    import sys
+
+    from .train import build_parser, parse_args
+
+    trainer = build_parser()
+    if {"-h", "--help"} & set(argv):
+        trainer.print_help()
+        sys.exit(0)
+    p = ArgumentParser(prog="memcontrol search", add_help=False)
+    add_search_arguments(p)
+    for flag in ("--mask", "--peft_method", "--mask_layout", "--mask_scope", "--output_dir", "--seed"):
+        action = next(a for a in trainer._actions if flag in a.option_strings)
+        p.add_argument(flag, default=None if flag == "--peft_method" else action.default, type=action.type,
+                       choices=action.choices, help=action.help)
     args, passthrough = p.parse_known_args(argv)
     if args.mask and args.search:
-        p.error("--mask reuses a found mask and --search finds one: pass one of them.")
+        p.error(f"--mask {args.mask!r} reuses a found mask and --search finds one: pass one of them.")
     if not args.mask and not args.search:
         p.error("pass --search (find a mask, then stage 2) or --final --mask MASK (stage 2 with a given mask).")
     if args.n_workers < 1:
         p.error(f"--n_workers must be >= 1, got {args.n_workers}.")
     if args.mask and not args.final:
         p.error("--mask with --no_final would do nothing: stage 2 is the run.")
+    for flag, values, known in (("--baselines", args.baselines, BASELINES), ("--mitigations", args.mitigations,
+                                                                            MITIGATIONS)):
+        bad = [v for v in values.split(",") if v and v not in known]
+        if bad:
+            p.error(f"{flag}: unknown value(s) {bad}; expected a comma-separated subset of {', '.join(known)}.")
     for flag in ("--hpo", "--eval", "--eval_split", "--eval_preset", "--mitigation", "--adapter_dir"):
         if flag in passthrough:
             p.error(f"{flag} is set by the search for each run; remove it from a --search command line.")
-    return args, passthrough + ["--seed", str(args.seed)]
+    train_args = passthrough + ["--seed", str(args.seed)]
+    parse_args(train_args)  # every fine-tune's flags are checked once here, not in a failed trial
+    return args, train_args
 
 
 def main_search(argv: list[str]) -> dict:
     """`train_memcontrol.py --search ...` / `memcontrol search ...`: the whole MemControl run."""
     from .masks import METHODS
+    from .search import resolve_storage
+    from .train import check_inputs, parse_args
 
     args, train_args = parse_search_args(argv)
     if args.mask:
@@ -230,13 +265,18 @@ def main_search(argv: list[str]) -> dict:
     spaces = (args.search_space or args.peft_method or "svdiff").split(",")
     unknown = [s for s in spaces if s not in METHODS or s in ("full", "freeze")]
     if unknown:
-        raise ValueError(f"Unknown or unsearchable search space(s) {unknown}; expected svdiff, difffit, attention "
-                         "or lora (comma-separated).")
+        raise InputError(f"--search_space: unknown or unsearchable method(s) {unknown}; expected svdiff, difffit, "
+                         "attention or lora (comma-separated).")
     unet = _meta_unet(train_args)
-    config = SearchConfig(n_trials=args.n_trials, population_size=args.population_size,
-                          search_learning_rate=args.search_learning_rate, storage=args.storage,
-                          study_name=args.study_name, seed=args.seed, n_workers=args.n_workers,
-                          selection=args.selection)
+    with user_input():
+        config = SearchConfig(n_trials=args.n_trials, population_size=args.population_size,
+                              search_learning_rate=args.search_learning_rate, storage=args.storage,
+                              study_name=args.study_name, seed=args.seed, n_workers=args.n_workers,
+                              selection=args.selection)
+    with user_input(f"--storage {args.storage!r}", catch=(ValueError, ConnectionError)):
+        resolve_storage(args.storage, args.output_dir, config)
+    # a dataset or a flag that does not fit fails here, not in every trial
+    check_inputs(parse_args([*train_args, "--hpo", "--eval", "--eval_split", "validation", "--eval_preset", "search"]))
     os.makedirs(args.output_dir, exist_ok=True)
     result = run_memcontrol(unet, train_args, args.output_dir, spaces, args.mask_layout, args.mask_scope, config,
                             final=args.final, baselines=[b for b in args.baselines.split(",") if b],
@@ -252,9 +292,12 @@ def main_search(argv: list[str]) -> dict:
 
 def main_transfer(args, train_args: list[str]) -> dict:
     """`train_memcontrol.py --final --mask MASK ...`: stage 2 and the table with a mask found elsewhere (Sec. 4.4)."""
-    from .training import resolve_mask
+    from .adapters import resolve_mask
+    from .train import check_inputs, parse_args
 
-    mask = resolve_mask(args.mask, _meta_unet(train_args), None, args.mask_layout)
+    with user_input("--mask", catch=(ValueError, FileNotFoundError, ConnectionError)):
+        mask = resolve_mask(args.mask, _meta_unet(train_args), None, args.mask_layout)
+    check_inputs(parse_args([*train_args, "--eval"]))  # a dataset that does not fit fails here, not in every run
     chosen = {"method": mask.method, "mask": mask.to_dict(), "source": args.mask}
     os.makedirs(args.output_dir, exist_ok=True)
     rows = run_final(train_args, args.output_dir, chosen, mask.layout, args.mask_scope,
@@ -276,8 +319,10 @@ def _meta_unet(train_args: list[str]):
 
     model = next((train_args[i + 1] for i, a in enumerate(train_args[:-1]) if a == "--pretrained_model_name_or_path"),
                  None) or tiny_base_path()
+    with user_input(f"--pretrained_model_name_or_path {model!r}", catch=(OSError, ValueError)):
+        config = UNet2DConditionModel.load_config(model, subfolder="unet")
     with torch.device("meta"):
-        return UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(model, subfolder="unet"))
+        return UNet2DConditionModel.from_config(config)
 
 
 def _print_table(results_md: str) -> None:

@@ -30,6 +30,7 @@ from optuna.storages._heartbeat import is_heartbeat_enabled
 from optuna.study import MaxTrialsCallback
 from optuna.trial import FrozenTrial, TrialState
 
+from .errors import InputError
 from .files import atomic_open, write_json_atomic
 from .masks import Mask, MaskSpace
 
@@ -416,7 +417,7 @@ def _trial_row(trial: FrozenTrial, space: MaskSpace) -> dict:
 
 @dataclass
 class TrainerTrial:
-    """A trial function that fine-tunes and scores one mask with `training/train_memcontrol.py` in its own process.
+    """A trial function that fine-tunes and scores one mask with the installed trainer in its own process.
 
     Each trial gets a fresh process (accelerate's state is per process) and its own folder
     `output_dir/trials/<study>/trial-<n>`; `train_args` are the trainer arguments shared by every trial (model, data,
@@ -466,31 +467,28 @@ def exposure_report(exposures: Sequence[float]) -> dict:
     return report
 
 
-def trainer_script() -> str:
-    """Path of `training/train_memcontrol.py` in this source checkout (searches and `memcontrol train` run it)."""
-    script = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "training",
-                          "train_memcontrol.py")
-    if not os.path.isfile(script):
-        raise FileNotFoundError(f"Trainer script {script} not found: the trainer runs from a source checkout.")
-    return script
+def trainer_command(script: str | None = None, python: str | None = None) -> list[str]:
+    """The command that runs the installed trainer, `python -m diffusers_memcontrol.train` (or `script` instead)."""
+    import sys
+
+    return [python or sys.executable, *([script] if script else ["-m", "diffusers_memcontrol.train"])]
 
 
 def run_trainer(args: list[str], output_dir: str, script: str | None = None, python: str | None = None,
                 worker: int | None = None, num_workers: int | None = None) -> dict:
-    """Run `training/train_memcontrol.py` with `args` in a fresh process writing to `output_dir`; return its
-    metrics.json. The log goes to output_dir/train.log (it holds no captions or prompts).
+    """Run the trainer (`trainer_command`) with `args` in a fresh process writing to `output_dir`; return its
+    metrics.json. The log goes to output_dir/train.log (it holds no captions or prompts); a user's mistake reported
+    by the trainer (exit status 2) is raised again here as an InputError with the trainer's message.
 
     `worker` of `num_workers` (default: this search worker's, from the environment) picks the GPU
     (CUDA_VISIBLE_DEVICES, unless already set) and, on CPU, splits the cores between concurrent runs (OMP_NUM_THREADS,
     unless already set).
     """
     import subprocess
-    import sys
 
-    script = script or trainer_script()
     os.makedirs(output_dir, exist_ok=True)
-    cmd = [python or sys.executable, script, *args, "--output_dir", output_dir, "--report_to", "none", "--no_progress",
-           "--num_validation_images", "0"]
+    cmd = [*trainer_command(script, python), *args, "--output_dir", output_dir, "--report_to", "none",
+           "--no_progress", "--num_validation_images", "0"]
     env = dict(os.environ)
     if worker is None and os.environ.get("MEMCONTROL_WORKER_INDEX") is not None:
         worker = int(os.environ["MEMCONTROL_WORKER_INDEX"])
@@ -501,6 +499,11 @@ def run_trainer(args: list[str], output_dir: str, script: str | None = None, pyt
         env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // num_workers))
     with open(os.path.join(output_dir, "train.log"), "w", encoding="utf-8") as log:
         result = subprocess.run(cmd, check=False, stdout=log, stderr=subprocess.STDOUT, env=env)
+    if result.returncode == 2:
+        with open(os.path.join(output_dir, "train.log"), encoding="utf-8", errors="replace") as f:
+            errors = [line[len("error: "):].strip() for line in f if line.startswith("error: ")]
+        if errors:
+            raise InputError(errors[-1])
     if result.returncode != 0:
         raise RuntimeError(f"Trainer run failed (exit {result.returncode}); see {output_dir}/train.log.")
     with open(os.path.join(output_dir, "metrics.json"), encoding="utf-8") as f:

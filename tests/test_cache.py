@@ -21,13 +21,10 @@ from diffusers_memcontrol.cache import (
     model_identity,
     sha256_bytes,
 )
+from diffusers_memcontrol.config import FineTuneConfig
 from diffusers_memcontrol.images import transform_image
-from diffusers_memcontrol.training import (
-    FineTuneConfig,
-    encode_latent_distribution,
-    prepare_training_data,
-    train,
-)
+from diffusers_memcontrol.training import train
+from diffusers_memcontrol.training_data import encode_latent_distribution, prepare_training_data
 
 
 @pytest.fixture(scope="module", autouse=True)

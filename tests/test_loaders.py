@@ -14,6 +14,7 @@ from transformers import CLIPTextConfig, CLIPTextModel
 
 import diffusers_memcontrol  # noqa: F401  (registers the peft method)
 from diffusers_memcontrol import MaskSpace, MemControlConfig
+from diffusers_memcontrol.adapters import save_adapter
 from diffusers_memcontrol.hub import MemControlRepoError
 from diffusers_memcontrol.loaders import (
     MemControlLoaderMixin,
@@ -22,7 +23,6 @@ from diffusers_memcontrol.loaders import (
     register_pipeline_methods,
 )
 from diffusers_memcontrol.tiny_base import build_tokenizer
-from diffusers_memcontrol.training import save_adapter
 from tests.conftest import make_small_unet
 
 register_pipeline_methods()  # what diffusers_memcontrol/__init__.py does on import

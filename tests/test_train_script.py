@@ -1,8 +1,7 @@
-"""End to end: training/train_memcontrol.py main(argv) on a tiny pipeline (CPU accelerate, a few steps)."""
+"""End to end: the installed trainer's main(argv) (diffusers_memcontrol.train) on a tiny pipeline (CPU, a few steps)."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import shutil
@@ -13,8 +12,8 @@ from diffusers import StableDiffusionPipeline
 from safetensors.torch import load_file
 
 from diffusers_memcontrol import tiny_base as tb
+from diffusers_memcontrol.errors import InputError
 
-SCRIPT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "training", "train_memcontrol.py")
 SECRET_PROMPT = "a secret validation prompt qqzx"
 SECRET_TOKEN = "hf_secret_token_never_written"
 
@@ -29,10 +28,9 @@ def _one_thread():
 
 @pytest.fixture(scope="module")
 def script():
-    spec = importlib.util.spec_from_file_location("train_memcontrol", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    from diffusers_memcontrol import train
+
+    return train
 
 
 @pytest.fixture(scope="module")
@@ -52,7 +50,7 @@ def cache_dir(tmp_path_factory) -> str:
 
 
 def _args(model_dir, cache_dir, output_dir, *extra) -> list[str]:
-    return ["--pretrained_model_name_or_path", model_dir, "--output_dir", str(output_dir), "--cache_dir", cache_dir,
+    return ["--pretrained_model_name_or_path", model_dir, "--output_dir", str(output_dir), "--latent_cache_dir", cache_dir,
             "--max_train_samples", "48", "--train_batch_size", "8", "--max_train_steps", "2", "--report_to", "none",
             "--no_progress", "--validation_prompts", *extra]
 
@@ -114,7 +112,7 @@ def test_embedded_default_runs_offline(script, tmp_path):
                                        "max_train_images": 32, "max_reference_images": 32,
                                        "cache_dir": str(tmp_path / "eval_cache")}))
     summary = script.main(["--output_dir", str(out), "--max_train_steps", "2", "--train_batch_size", "8",
-                           "--max_train_samples", "32", "--report_to", "none", "--cache_dir", str(tmp_path / "c"),
+                           "--max_train_samples", "32", "--report_to", "none", "--latent_cache_dir", str(tmp_path / "c"),
                            "--num_validation_images", "1", "--no_progress", "--eval", "--dmem_size", "2",
                            "--eval_config", str(eval_config)])
     assert summary["trainable_params"] > 0 and summary["validation"] == "validation.png"
@@ -131,9 +129,9 @@ def _no_training_happened(out) -> None:
 
 @pytest.mark.parametrize("extra, error, message", [
     (("--caption_column", "caption"), ValueError, r"\['caption'\] not found.*available columns: \['image', 'text'"),
-    (("--mask", "101"), ValueError, r"3 bits.*7 positions.*down_blocks\.0\.attentions\.0"),
-    (("--adapter_dir", "somewhere"), SystemExit, None),
-    (("--threshold", "high"), SystemExit, None),
+    (("--mask", "101"), ValueError, r"3 bits.*5 positions.*down_blocks\.0\.attentions\.0"),
+    (("--adapter_dir", "somewhere"), InputError, "pass --eval with it"),
+    (("--threshold", "high"), InputError, "positive number or"),
     (("--subject_column", "patient"), ValueError, r"\['patient'\] not found.*available columns"),
 ])
 def test_bad_arguments_fail_before_training(script, model_dir, cache_dir, tmp_path, extra, error, message):
@@ -165,7 +163,8 @@ def test_unreadable_image_in_a_csv_is_named(script, model_dir, cache_dir, tmp_pa
 
 
 def test_eval_only_on_an_adapter_for_another_base_fails_clearly(script, model_dir, cache_dir, tmp_path):
-    from diffusers_memcontrol.training import FineTuneConfig, save_adapter
+    from diffusers_memcontrol.adapters import save_adapter
+    from diffusers_memcontrol.config import FineTuneConfig
     from tests.conftest import make_small_unet
 
     other = make_small_unet()
@@ -211,3 +210,52 @@ def test_hpo_rwa_eval_and_push_to_hub(script, model_dir, cache_dir, tmp_path, mo
     script.main(_args(model_dir, cache_dir, again, "--eval", "--adapter_dir", str(out), "--dmem_size", "4"))
     assert calls["evaluate"][1] == 4 and os.path.isfile(again / "metrics.json")
     assert not os.path.exists(again / "adapter_model.safetensors")
+
+
+def test_every_flag_has_help_and_a_row_in_docs_flags(script):
+    with open(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "docs", "flags.md")) as f:
+        docs = f.read()
+    for action in script.build_parser()._actions:
+        flag = action.option_strings[0]
+        if flag != "-h":
+            assert action.help, flag
+            assert f"`{flag}`" in docs or f"`{flag} " in docs, f"{flag} is missing from docs/flags.md"
+
+
+def test_cache_dir_is_the_download_cache_and_dataset_flags_reach_load_dataset(script, monkeypatch, tmp_path):
+    from diffusers_memcontrol import data
+
+    seen = {}
+
+    def fake_load(*args, **kwargs):
+        seen.update(args=args, **kwargs)
+        raise InputError("stop here")
+
+    monkeypatch.setattr(data, "load_image_caption_dataset", fake_load)
+    with pytest.raises(InputError, match="stop here"):
+        script.main(["--dataset_name", "frgfm/imagenette", "--dataset_config_name", "160px", "--caption_template",
+                     "a photo of a {label}", "--cache_dir", str(tmp_path / "hf"), "--output_dir", str(tmp_path)])
+    assert seen["args"][0] == "frgfm/imagenette" and seen["dataset_config_name"] == "160px"
+    assert seen["caption_template"] == "a photo of a {label}" and seen["cache_dir"] == str(tmp_path / "hf")
+    args = script.parse_args([])
+    assert args.caption_dropout == 0 and args.latent_cache_dir is None and args.mask_layout == "paper"
+
+
+def test_diffusers_training_flags_and_prefetch_workers(script, model_dir, cache_dir, tmp_path):
+    """--dataloader_num_workers decodes ahead without changing a single draw; DREAM, input perturbation, the
+    interpolation mode and the validation grid every epoch run through the real loop."""
+    common = ("--latent_cache", "off", "--max_train_samples", "16", "--max_train_steps", "4", "--random_flip",
+              "--input_perturbation", "0.1", "--dream_training", "--image_interpolation_mode", "bilinear")
+    script.main(_args(model_dir, cache_dir, tmp_path / "inline", *common))
+    summary = script.main(_args(model_dir, cache_dir, tmp_path / "workers", *common, "--dataloader_num_workers", "2",
+                                "--validation_epochs", "1", "--validation_prompts", SECRET_PROMPT,
+                                "--num_validation_images", "1"))
+    a = load_file(str(tmp_path / "inline" / "adapter_model.safetensors"))
+    b = load_file(str(tmp_path / "workers" / "adapter_model.safetensors"))
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=0, atol=0)
+    epochs = summary["num_train_epochs"]
+    assert epochs == 2 and all(os.path.isfile(tmp_path / "workers" / f"validation-epoch-{e}.png") for e in (1, 2))
+    config = json.loads((tmp_path / "workers" / "training_config.json").read_text())["fine_tune"]
+    assert config["dream_training"] and config["input_perturbation"] == 0.1
+    assert config["image_interpolation_mode"] == "bilinear"

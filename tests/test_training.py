@@ -13,19 +13,11 @@ from diffusers import StableDiffusionPipeline
 from safetensors.torch import load_file
 
 from diffusers_memcontrol import tiny_base as tb
-from diffusers_memcontrol.training import (
-    FineTuneConfig,
-    check_adapter_fits,
-    list_checkpoints,
-    load_adapter,
-    parse_threshold,
-    prepare_training_data,
-    resolve_checkpoint,
-    resolve_mask,
-    save_adapter,
-    train,
-    training_data_from_tensors,
-)
+from diffusers_memcontrol.adapters import check_adapter_fits, load_adapter, resolve_mask, save_adapter
+from diffusers_memcontrol.checkpoints import list_checkpoints, resolve_checkpoint
+from diffusers_memcontrol.config import FineTuneConfig, parse_threshold
+from diffusers_memcontrol.training import train
+from diffusers_memcontrol.training_data import prepare_training_data, training_data_from_tensors
 
 LEARNING_RATES = {"svdiff": 1e-2, "difffit": 1e-2, "attention": 1e-3, "lora": 3e-3, "full": 1e-3}
 
@@ -388,7 +380,7 @@ def test_an_adapter_for_another_base_is_refused_before_loading(pipe, tmp_path):
     from tests.conftest import make_small_unet
 
     other = make_small_unet()  # SD1.5-shaped (more transformer blocks)
-    other.add_adapter(FineTuneConfig(peft_method="svdiff").adapter_config())
+    other.add_adapter(FineTuneConfig(peft_method="svdiff", mask_layout="blocks").adapter_config())
     save_adapter(other, str(tmp_path))
     unet = copy.deepcopy(pipe.unet)
     with pytest.raises(ValueError, match="trained for another base model.*expected layout 'blocks' with 7"):
@@ -425,8 +417,8 @@ def test_mask_from_a_hub_repo_in_the_cache(tmp_path, monkeypatch):
     from diffusers import UNet2DConditionModel
 
     from diffusers_memcontrol import MaskSpace
+    from diffusers_memcontrol.adapters import resolve_mask
     from diffusers_memcontrol.tiny_base import tiny_base_path
-    from diffusers_memcontrol.training import resolve_mask
     from tests.test_loaders import write_hf_cache
 
     unet = UNet2DConditionModel.from_pretrained(tiny_base_path(), subfolder="unet")

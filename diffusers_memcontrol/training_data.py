@@ -1,0 +1,264 @@
+"""What the loop trains on: the frozen encoders, and `prepare_training_data`, which checks a dataset and encodes it
+once (latent distributions and caption embeddings) through the content-addressed cache of `cache.py`.
+
+It falls back to encoding on the fly where a cache would be wrong: random crops of non-square images, and captions
+changed by random word augmentation (RWA) at a step. `--random_flip` stays cached: both orientations are cached."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from .columns import check_captions, check_columns
+from .images import ImageLoader, check_interpolation, scan_images, transform_image
+
+
+@torch.no_grad()
+def encode_prompts(tokenizer: Any, text_encoder: Any, captions: list[str], batch_size: int = 256) -> torch.Tensor:
+    """Text embeddings (last hidden state, as Stable Diffusion uses) of `captions`, float32 on the CPU."""
+    out = [_encode_prompts_on_device(tokenizer, text_encoder, captions[i:i + batch_size]).float().cpu()
+           for i in range(0, len(captions), batch_size)]
+    return torch.cat(out) if out else torch.empty(0)
+
+
+@torch.no_grad()
+def _encode_prompts_on_device(tokenizer, text_encoder, captions: Sequence[str]) -> torch.Tensor:
+    ids = tokenizer(list(captions), padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                    return_tensors="pt").input_ids.to(text_encoder.device)
+    return text_encoder(ids)[0]
+
+
+@torch.no_grad()
+def encode_images(vae: Any, images: torch.Tensor, batch_size: int = 64, generator: Any = None) -> torch.Tensor:
+    """Scaled VAE latents of images in [-1, 1] (a sample of the posterior, as diffusers' training script does)."""
+    out = []
+    for i in tqdm(range(0, len(images), batch_size), desc="encode latents", leave=False,
+                  disable=len(images) <= 4 * batch_size):
+        batch = images[i:i + batch_size].to(vae.device, vae.dtype)
+        out.append(vae.encode(batch).latent_dist.sample(generator).float().cpu() * vae.config.scaling_factor)
+    return torch.cat(out)
+
+
+@torch.no_grad()
+def encode_latent_distribution(vae: Any, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scaled mean and std of the VAE posterior of images in [-1, 1]: latents = mean + std * N(0, 1)."""
+    dist = vae.encode(pixels.to(vae.device, vae.dtype)).latent_dist
+    scale = vae.config.scaling_factor
+    shift = getattr(vae.config, "shift_factor", None) or 0.0
+    return ((dist.mean.float() - shift) * scale).cpu(), (dist.std.float() * scale).cpu()
+
+
+def default_resolution(unet: Any, vae: Any) -> int:
+    """Pixel resolution the UNet was built for: its sample size x the VAE's downsampling factor."""
+    return int(unet.config.sample_size) * 2 ** (len(vae.config.block_out_channels) - 1)
+
+
+
+@dataclass
+class TrainingData:
+    """What the loop samples from: cached latent distributions and embeddings, or sources to encode on the fly.
+
+    Latents: `latent_mean`/`latent_std` ([M, C, h, w], scaled) with `latent_rows` ([N, V] long: row of sample i
+    unflipped, and flipped when V == 2); `latent_std` None means the latents are used as given. Or, on the fly,
+    `images` (row -> PIL image) encoded by `vae` at every step.
+    Captions: `prompt_embeds` ([U, L, D]) with `caption_rows` ([N]); or, on the fly, `captions` encoded by
+    `text_encoder` at every step. `captions` are kept (in memory only, never written) for RWA.
+    """
+
+    num_samples: int
+    uncond_embeds: torch.Tensor
+    latent_mean: torch.Tensor | None = None
+    latent_std: torch.Tensor | None = None
+    latent_rows: torch.Tensor | None = None
+    prompt_embeds: torch.Tensor | None = None
+    caption_rows: torch.Tensor | None = None
+    captions: list[str] | None = field(default=None, repr=False)
+    images: Callable[[int], Any] | None = field(default=None, repr=False)
+    resolution: int | None = None
+    center_crop: bool = True
+    interpolation: str = "lanczos"
+    vae: Any = field(default=None, repr=False)
+    tokenizer: Any = field(default=None, repr=False)
+    text_encoder: Any = field(default=None, repr=False)
+    stats: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.num_samples < 1:
+            raise ValueError("The training set is empty.")
+        if self.latent_mean is None and (self.images is None or self.vae is None):
+            raise ValueError("TrainingData needs cached latents (latent_mean) or images and a vae to encode them.")
+        if self.prompt_embeds is None and (self.captions is None or self.text_encoder is None):
+            raise ValueError("TrainingData needs cached prompt_embeds or captions and a text encoder.")
+        if self.latent_mean is not None and self.latent_rows is None:
+            if len(self.latent_mean) != self.num_samples:
+                raise ValueError(f"Got {len(self.latent_mean)} latents for {self.num_samples} samples.")
+            self.latent_rows = torch.arange(self.num_samples).unsqueeze(1)
+        if self.prompt_embeds is not None and self.caption_rows is None:
+            if len(self.prompt_embeds) != self.num_samples:
+                raise ValueError(f"Got {len(self.prompt_embeds)} prompt embeddings for {self.num_samples} samples; "
+                                 "they must match.")
+            self.caption_rows = torch.arange(self.num_samples)
+        if self.captions is not None and len(self.captions) != self.num_samples:
+            raise ValueError(f"Got {len(self.captions)} captions for {self.num_samples} samples.")
+
+    @property
+    def cached_latents(self) -> bool:
+        """Whether latents come from the cache (else they are encoded at every step)."""
+        return self.latent_mean is not None
+
+    @property
+    def cached_text(self) -> bool:
+        """Whether caption embeddings come from the cache (else they are encoded at every step)."""
+        return self.prompt_embeds is not None
+
+    @property
+    def has_flip_variants(self) -> bool:
+        """Whether flipped latents are cached too (random_flip with a cache)."""
+        return self.latent_rows is not None and self.latent_rows.shape[1] == 2
+
+
+def _compute_rows(keys: list[str], compute: Callable[[list[int]], dict], names: Sequence[str], batch_size: int,
+                  desc: str, progress: bool) -> dict[str, torch.Tensor]:
+    """In-memory counterpart of TensorCache.get_or_compute (cache='memory')."""
+    parts: dict[str, list[torch.Tensor]] = {n: [] for n in names}
+    for start in tqdm(range(0, len(keys), batch_size), desc=desc, disable=not progress or not keys, leave=False):
+        result = compute(list(range(start, min(start + batch_size, len(keys)))))
+        for n in names:
+            parts[n].append(result[n].detach().cpu())
+    return {n: torch.cat(v) for n, v in parts.items()}
+
+
+def prepare_training_data(
+    pipe: Any,
+    dataset: Any,
+    image_column: str = "image",
+    caption_column: str = "text",
+    *,
+    resolution: int | None = None,
+    center_crop: bool = False,
+    random_flip: bool = False,
+    interpolation: str = "lanczos",
+    cache: str = "disk",
+    cache_dir: str | None = None,
+    model_path: str | None = None,
+    revision: str | None = None,
+    encode_batch_size: int = 64,
+    progress: bool = True,
+) -> TrainingData:
+    """Check a dataset (columns, captions, every image) and encode it once, through the disk cache when possible.
+
+    `interpolation` is the resampling of the resize (`FineTuneConfig.image_interpolation_mode`).
+    `cache`: "disk" (content-addressed cache under `cache_dir`, reused across runs and search trials), "memory"
+    (encode once per run, write nothing) or "off" (encode every step). Non-square images without `center_crop` are
+    randomly cropped at every step, so their latents are encoded on the fly whatever `cache` says.
+    """
+    from . import cache as cache_mod
+
+    if cache not in ("disk", "memory", "off"):
+        raise ValueError(f"cache must be disk, memory or off, got {cache!r}.")
+    check_interpolation(interpolation)
+    check_columns(dataset, {"image_column": image_column, "caption_column": caption_column})
+    captions = check_captions(dataset[caption_column], caption_column)
+    vae, tokenizer, text_encoder = pipe.vae, pipe.tokenizer, pipe.text_encoder
+    resolution = int(resolution or default_resolution(pipe.unet, vae))
+    root = cache_dir or cache_mod.default_cache_dir()
+    memo = cache_mod.FileHashMemo(os.path.join(root, "file_hashes.sqlite")) if cache == "disk" else None
+    try:
+        infos = scan_images(dataset, image_column, memo=memo, decode=cache == "off", progress=progress)
+    finally:
+        if memo is not None:
+            memo.close()
+    random_crop = not center_crop and any(w != h for w, h in (i.size for i in infos))
+    loader = ImageLoader(dataset, image_column)
+    uncond = encode_prompts(tokenizer, text_encoder, [""])[0]
+    stats = {"samples": len(infos), "cache": cache, "random_crop": random_crop}
+    data = {"num_samples": len(infos), "uncond_embeds": uncond, "captions": captions, "resolution": resolution,
+            "interpolation": interpolation, "center_crop": center_crop or not random_crop, "vae": vae, "tokenizer": tokenizer,
+            "text_encoder": text_encoder}
+
+    if cache == "off" or random_crop:
+        data["images"] = loader
+        if random_crop and cache != "off":
+            stats["latents"] = "on the fly (random crops of non-square images; pass --center_crop to cache them)"
+        else:
+            stats["latents"] = "on the fly"
+    else:
+        variants = (False, True) if random_flip else (False,)
+        keys: list[str] = []
+        first: dict[str, tuple[int, bool]] = {}  # key -> (first sample holding it, flipped)
+        order: dict[str, int] = {}
+        rows = torch.empty(len(infos), len(variants), dtype=torch.long)
+        for i, info in enumerate(infos):
+            for v, flip in enumerate(variants):
+                key = cache_mod.sha256_bytes(f"{info.key}|flip".encode()) if flip else info.key
+                if key not in order:
+                    order[key] = len(keys)
+                    first[key] = (i, flip)
+                    keys.append(key)
+                rows[i, v] = order[key]
+
+        def encode(positions: list[int]) -> dict[str, torch.Tensor]:
+            pixels = torch.stack([transform_image(loader(first[keys[p]][0]), resolution, True, first[keys[p]][1],
+                                                  interpolation=interpolation)
+                                  for p in positions])
+            mean, std = encode_latent_distribution(vae, pixels)
+            return {"mean": mean, "std": std}
+
+        if cache == "disk":
+            # every cached latent is a centre crop (square images are not cropped at all), whatever center_crop says
+            store = cache_mod.latent_cache(root, cache_mod.model_identity(vae, model_path, revision), resolution,
+                                           True, interpolation)
+            tensors = store.get_or_compute(keys, encode, ("mean", "std"), encode_batch_size, "cache latents",
+                                           progress)
+            stats["latent_cache"] = {"hits": store.hits, "misses": store.misses, "folder": store.folder}
+        else:
+            tensors = _compute_rows(keys, encode, ("mean", "std"), encode_batch_size, "encode latents", progress)
+        data.update(latent_mean=tensors["mean"], latent_std=tensors["std"], latent_rows=rows)
+        stats["latents"] = f"cached ({len(keys)} distinct entries)"
+
+    if cache == "off":
+        stats["text"] = "on the fly"
+    else:
+        order = {}
+        text_keys: list[str] = []
+        unique: list[str] = []
+        caption_rows = torch.empty(len(captions), dtype=torch.long)
+        for i, caption in enumerate(captions):
+            key = cache_mod.caption_key(caption)
+            if key not in order:
+                order[key] = len(text_keys)
+                text_keys.append(key)
+                unique.append(caption)
+            caption_rows[i] = order[key]
+
+        def encode_text(positions: list[int]) -> dict[str, torch.Tensor]:
+            return {"embeds": encode_prompts(tokenizer, text_encoder, [unique[p] for p in positions])}
+
+        if cache == "disk":
+            store = cache_mod.text_cache(root, cache_mod.model_identity(text_encoder, model_path, revision,
+                                                                        tokenizer=tokenizer))
+            tensors = store.get_or_compute(text_keys, encode_text, ("embeds",), 256, "cache text embeddings",
+                                           progress)
+            stats["text_cache"] = {"hits": store.hits, "misses": store.misses, "folder": store.folder}
+        else:
+            tensors = _compute_rows(text_keys, encode_text, ("embeds",), 256, "encode captions", progress)
+        data.update(prompt_embeds=tensors["embeds"], caption_rows=caption_rows)
+        stats["text"] = f"cached ({len(text_keys)} distinct captions)"
+    return TrainingData(stats=stats, **data)
+
+
+def training_data_from_tensors(latents: torch.Tensor, prompt_embeds: torch.Tensor, uncond_embeds: torch.Tensor
+                               ) -> TrainingData:
+    """TrainingData of fixed latents (used as given, no posterior sampling) and per-sample prompt embeddings."""
+    if len(latents) != len(prompt_embeds):
+        raise ValueError(f"Got {len(latents)} latents but {len(prompt_embeds)} prompt embeddings; they must match.")
+    if len(latents) == 0:
+        raise ValueError("The training set is empty.")
+    uncond = uncond_embeds[0] if uncond_embeds.dim() == 3 else uncond_embeds
+    return TrainingData(num_samples=len(latents), uncond_embeds=uncond, latent_mean=latents,
+                        prompt_embeds=prompt_embeds)
