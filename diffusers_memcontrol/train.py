@@ -460,6 +460,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     from .adapters import load_adapter, merged_adapters, save_adapter
     from .files import write_json_atomic
+    from .hub import base_model_name
     from .tiny_base import DOMAINS
     from .training import generate_validation_grid, train
     from .training_data import prepare_training_data
@@ -551,6 +552,7 @@ def main(argv: list[str] | None = None) -> dict:
         pipe.unet.to(torch.float32)  # inference below in fp32: the adapter and the frozen weights share one dtype
 
     summary = {
+        "base_model": base_model_name(args.pretrained_model_name_or_path),
         "peft_method": args.peft_method,
         "mask": pipe.unet.peft_config["default"].mask,
         "trainable_params": log["trainable_params"],
@@ -594,7 +596,7 @@ def main(argv: list[str] | None = None) -> dict:
 
             repo_id = args.hub_model_id or os.path.basename(os.path.abspath(args.output_dir))
             summary["hub_url"] = publish(args.output_dir, repo_id, token=args.hub_token,
-                                         base_model=args.pretrained_model_name_or_path)
+                                         base_model=summary["base_model"])
     accelerator.end_training()
     print(json.dumps({k: summary[k] for k in ("peft_method", "trainable_params", "losses", "skipped_steps",
                                               "wall_time_s") if k in summary}, indent=2))
