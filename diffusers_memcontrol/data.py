@@ -61,7 +61,7 @@ def load_image_caption_dataset(
         builder = {".csv": "csv", ".jsonl": "json", ".json": "json"}.get(ext)
         if builder is None:
             raise ValueError(f"--train_data_dir {train_data_dir!r}: expected a folder or a .csv/.jsonl file.")
-        dataset = load_dataset(builder, data_files=train_data_dir, split="train", cache_dir=cache_dir)
+        dataset = _load_local(train_data_dir, builder, data_files=train_data_dir, cache_dir=cache_dir)
         check_columns(dataset, {"image_column": image_column,
                                 "caption_column": caption_column if caption_template is None else None}, train_data_dir)
         root = os.path.dirname(os.path.abspath(train_data_dir))
@@ -71,7 +71,7 @@ def load_image_caption_dataset(
     elif train_data_dir is not None:
         if not os.path.isdir(train_data_dir):
             raise FileNotFoundError(f"--train_data_dir {train_data_dir!r} does not exist.")
-        dataset = load_dataset("imagefolder", data_dir=train_data_dir, split="train", cache_dir=cache_dir)
+        dataset = _load_local(train_data_dir, "imagefolder", data_dir=train_data_dir, cache_dir=cache_dir)
     else:
         try:
             dataset = load_dataset(dataset_name, dataset_config_name, split=split, cache_dir=cache_dir)
@@ -85,6 +85,22 @@ def load_image_caption_dataset(
     if max_samples is not None:
         dataset = dataset.shuffle(seed=0).select(range(min(max_samples, len(dataset))))
     check_captions(dataset[caption_column], caption_column, dataset_name or train_data_dir)
+    return dataset
+
+
+def _load_local(source: str, builder: str, **kwargs: Any) -> Dataset:
+    """`load_dataset(builder, split="train", **kwargs)` for a local folder or table, refusing one with no rows."""
+    from datasets import load_dataset
+
+    try:
+        dataset = load_dataset(builder, split="train", **kwargs)
+    except ValueError as error:
+        if "corresponds to no data" not in str(error):
+            raise
+        dataset = None
+    if dataset is None or len(dataset) == 0:
+        raise ValueError(f"--train_data_dir {source!r} is empty: expected one row per training image (an image and "
+                         "its caption).")
     return dataset
 
 

@@ -47,7 +47,7 @@ CASES = [
                                  "--caption_column", "report"], "empty"),
     ("an unknown --dataset_config_name", TRAIN, ["--dataset_name", "DATA/imagenette_like", "--dataset_config_name",
                                                  "320px", "--caption_template", "a photo of a {label}"],
-     "BuilderConfig '320px' not found. Available: ['160px']"),
+     "'320px' is not a config of 'DATA/imagenette_like'; available: ['160px']"),
     ("a --caption_template naming a missing column", TRAIN, ["--dataset_name", "DATA/imagenette_like",
                                                              "--dataset_config_name", "160px", "--caption_template",
                                                              "a photo of a {class}"],
