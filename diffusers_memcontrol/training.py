@@ -28,6 +28,7 @@ import shutil
 import time
 import warnings
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -61,6 +62,7 @@ def _seed_from(*parts: int) -> int:
 
 
 def _generator(*parts: int) -> torch.Generator:
+    """A CPU generator seeded by `_seed_from(*parts)`."""
     return torch.Generator().manual_seed(_seed_from(*parts))
 
 
@@ -68,6 +70,7 @@ _STREAM_STEP, _STREAM_EPOCH, _STREAM_CROP = 0, 1, 2
 
 
 def _weight_dtype(accelerator) -> torch.dtype:
+    """The dtype of the frozen weights under the accelerator's mixed precision."""
     return {"fp16": torch.float16, "bf16": torch.bfloat16}.get(str(accelerator.mixed_precision), torch.float32)
 
 
@@ -222,53 +225,11 @@ def _batch_loss(model, batch: _Batch, noise_scheduler, config: FineTuneConfig,
     return per_sample.mean()
 
 
-def train(
-    unet: torch.nn.Module,
-    noise_scheduler: Any,
-    data: TrainingData,
-    config: FineTuneConfig,
-    *,
-    accelerator: Any = None,
-    mask: Mask | None = None,
-    adapter_name: str = "default",
-    output_dir: str | None = None,
-    checkpointing_steps: int | None = None,
-    checkpoints_total_limit: int | None = None,
-    resume_from_checkpoint: str | None = None,
-    progress: bool = True,
-    on_epoch_end: Callable[[int, int], None] | None = None,
-    num_workers: int = 0,
-) -> dict:
-    """Inject the adapter of `config` into `unet` and train it on `data`; return the run's log (numbers only).
-
-    `on_epoch_end(epoch, global_step)` is called after the optimizer step that completes each epoch (validation).
-    `num_workers` threads decode and transform the next micro-batches' images while one trains (uncached latents).
-
-    Only the adapter's tensors train (fp32 master copies; the frozen UNet is cast to the mixed-precision dtype).
-    Checkpoints (`accelerator.save_state`: adapter, optimizer, scheduler, EMA, RNG and data position) go to
-    `output_dir/checkpoint-<step>` every `checkpointing_steps`; `resume_from_checkpoint` ("latest" or a folder)
-    continues one exactly. A NaN/inf loss raises FloatingPointError naming the step (checkpoints stay as they were).
-    The final adapter is left in `unet` (EMA weights when `use_ema`); write it with `save_adapter`.
-    """
-    from diffusers import DDPMScheduler
-    from diffusers.optimization import get_scheduler
-
-    from .mitigation import RandomWordAugmentation, ThresholdMitigation
-
-    started = time.time()
-    if accelerator is None:
-        from accelerate import Accelerator
-
-        accelerator = Accelerator(gradient_accumulation_steps=config.gradient_accumulation_steps)
-    accelerator.gradient_accumulation_steps = config.gradient_accumulation_steps
-    if (checkpointing_steps or resume_from_checkpoint) and not output_dir:
+def check_training_inputs(unet: torch.nn.Module, data: TrainingData, config: FineTuneConfig, adapter_name: str,
+                          output_dir: str | None, checkpoints: bool) -> None:
+    """Refuse a run that cannot work (ValueError) before the UNet is touched."""
+    if checkpoints and not output_dir:
         raise ValueError("Checkpointing and resuming need an output_dir.")
-    if output_dir:
-        os.makedirs(output_dir, exist_ok=True)
-        if accelerator.is_main_process:  # temporary folders of a save that was killed mid-way
-            for name in os.listdir(output_dir):
-                if name.startswith(f".{CHECKPOINT_PREFIX}") and os.path.isdir(os.path.join(output_dir, name)):
-                    shutil.rmtree(os.path.join(output_dir, name), ignore_errors=True)
     if getattr(unet, "peft_config", None) and adapter_name in unet.peft_config:
         raise ValueError(f"The UNet already holds an adapter named {adapter_name!r}; train a fresh copy of the base.")
     if (data.images is not None or data.latent_std is not None) and data.interpolation != config.image_interpolation_mode:
@@ -280,12 +241,29 @@ def train(
     if config.mitigation == "rwa" and (data.captions is None or data.text_encoder is None):
         raise ValueError("RWA needs the raw captions and a text encoder in TrainingData.")
 
-    # the training noise scheduler: DDPM with the model's schedule (the pipeline's may be an inference scheduler)
+
+def _prepare_output_dir(accelerator: Any, output_dir: str) -> None:
+    """Create `output_dir` and remove the temporary folders of a checkpoint save that was killed mid-way."""
+    os.makedirs(output_dir, exist_ok=True)
+    if accelerator.is_main_process:
+        for name in os.listdir(output_dir):
+            if name.startswith(f".{CHECKPOINT_PREFIX}") and os.path.isdir(os.path.join(output_dir, name)):
+                shutil.rmtree(os.path.join(output_dir, name), ignore_errors=True)
+
+
+def training_noise_scheduler(noise_scheduler: Any, config: FineTuneConfig) -> Any:
+    """DDPM with the model's schedule (the pipeline's may be an inference scheduler) and the config's prediction type."""
+    from diffusers import DDPMScheduler
+
     noise_scheduler = DDPMScheduler.from_config(noise_scheduler.config)
     if config.prediction_type is not None:
         noise_scheduler.register_to_config(prediction_type=config.prediction_type)
+    return noise_scheduler
 
-    # adapter; trainable tensors in fp32, the frozen rest in the mixed-precision dtype (as diffusers does)
+
+def inject_adapter(unet: torch.nn.Module, config: FineTuneConfig, mask: Mask | None, adapter_name: str,
+                   weight_dtype: torch.dtype) -> list[torch.nn.Parameter]:
+    """Add the adapter to `unet`; return its tensors, in fp32, while the frozen rest gets `weight_dtype` (as diffusers)."""
     unet.requires_grad_(False)
     with torch.random.fork_rng(devices=[]):  # LoRA's random init follows the config's seed, not the global RNG
         torch.manual_seed(config.seed)
@@ -293,7 +271,6 @@ def train(
     params = [p for p in unet.parameters() if p.requires_grad]
     for p in params:
         p.data = p.data.float()
-    weight_dtype = _weight_dtype(accelerator)
     if weight_dtype != torch.float32:
         for p in unet.parameters():
             if not p.requires_grad and p.is_floating_point():
@@ -301,38 +278,73 @@ def train(
     if config.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
     unet.train()
+    return params
 
-    num_processes, process_index = accelerator.num_processes, accelerator.process_index
-    batch = min(config.train_batch_size, data.num_samples)
-    batches_per_epoch = math.ceil(data.num_samples / (batch * num_processes))
-    steps_per_epoch = math.ceil(batches_per_epoch / config.gradient_accumulation_steps)
-    max_steps = config.max_train_steps if config.max_train_steps is not None else \
-        config.num_train_epochs * steps_per_epoch
-    lr = config.learning_rate
-    if config.scale_lr:
-        lr = lr * config.gradient_accumulation_steps * config.train_batch_size * num_processes
 
-    optimizer = lr_scheduler = None
-    if params:
-        optimizer = _make_optimizer(params, config, lr)
-        lr_scheduler = get_scheduler(config.lr_scheduler, optimizer=optimizer,
-                                     num_warmup_steps=config.lr_warmup_steps * num_processes,
-                                     num_training_steps=max(1, max_steps) * num_processes)
-        model, optimizer, lr_scheduler = accelerator.prepare(unet, optimizer, lr_scheduler)
-    else:  # nothing trains (freeze, or an empty mask in strict scope): forward only
-        # registered all the same, so checkpoints still carry the (empty) adapter and the position
-        model = accelerator.prepare_model(unet, evaluation_mode=True)
-    ema = None
-    if config.use_ema and params:
-        from diffusers.training_utils import EMAModel
+@dataclass(frozen=True)
+class RunPlan:
+    """How a run is cut: the per-process batch, micro-batches per epoch, optimizer steps per epoch and in all, the LR."""
 
-        ema = EMAModel(params, decay=config.ema_decay)
-        ema.to(accelerator.device)
-    mitigation = ThresholdMitigation(config.threshold, config.threshold_quantile) \
+    batch: int
+    batches_per_epoch: int
+    steps_per_epoch: int
+    max_steps: int
+    learning_rate: float
+
+    @classmethod
+    def of(cls, config: FineTuneConfig, num_samples: int, num_processes: int) -> RunPlan:
+        """The plan of `config` on `num_samples` samples shared by `num_processes` processes."""
+        batch = min(config.train_batch_size, num_samples)
+        batches_per_epoch = math.ceil(num_samples / (batch * num_processes))
+        steps_per_epoch = math.ceil(batches_per_epoch / config.gradient_accumulation_steps)
+        max_steps = config.max_train_steps if config.max_train_steps is not None else \
+            config.num_train_epochs * steps_per_epoch
+        lr = config.learning_rate
+        if config.scale_lr:
+            lr = lr * config.gradient_accumulation_steps * config.train_batch_size * num_processes
+        return cls(batch, batches_per_epoch, steps_per_epoch, max_steps, lr)
+
+
+def prepare_optimization(accelerator: Any, unet: torch.nn.Module, params: list, config: FineTuneConfig,
+                         plan: RunPlan) -> tuple[Any, Any, Any]:
+    """(model, optimizer, LR scheduler) prepared by accelerate; with nothing to train, the model alone, forward only."""
+    from diffusers.optimization import get_scheduler
+
+    if not params:  # freeze, or an empty mask in strict scope: prepared all the same, so checkpoints carry the position
+        return accelerator.prepare_model(unet, evaluation_mode=True), None, None
+    num_processes = accelerator.num_processes
+    optimizer = _make_optimizer(params, config, plan.learning_rate)
+    lr_scheduler = get_scheduler(config.lr_scheduler, optimizer=optimizer,
+                                 num_warmup_steps=config.lr_warmup_steps * num_processes,
+                                 num_training_steps=max(1, plan.max_steps) * num_processes)
+    model, optimizer, lr_scheduler = accelerator.prepare(unet, optimizer, lr_scheduler)
+    return model, optimizer, lr_scheduler
+
+
+def _make_ema(config: FineTuneConfig, params: list, device: Any) -> Any:
+    """diffusers' EMAModel of the adapter's tensors when `use_ema` (None otherwise, or when nothing trains)."""
+    if not (config.use_ema and params):
+        return None
+    from diffusers.training_utils import EMAModel
+
+    ema = EMAModel(params, decay=config.ema_decay)
+    ema.to(device)
+    return ema
+
+
+def _make_mitigations(config: FineTuneConfig, data: TrainingData) -> tuple[Any, Any]:
+    """(threshold mitigation, random word augmentation): the one `config.mitigation` names, the other None."""
+    from .mitigation import RandomWordAugmentation, ThresholdMitigation
+
+    threshold = ThresholdMitigation(config.threshold, config.threshold_quantile) \
         if config.mitigation == "threshold" else None
     rwa = RandomWordAugmentation(data.tokenizer, num_words=config.rwa_num_words, p=config.rwa_prob) \
         if config.mitigation == "rwa" else None
-    state = TrainState(mitigation)
+    return threshold, rwa
+
+
+def register_adapter_hooks(accelerator: Any, unet: torch.nn.Module, adapter_name: str) -> list:
+    """Make `save_state`/`load_state` write and read the adapter in peft format, not the whole UNet; return the handles."""
 
     def save_hook(models, weights, folder):
         for i in reversed(range(len(models))):
@@ -348,147 +360,198 @@ def train(
                 load_checkpoint_adapter(unet, folder, adapter_name)
                 models.pop(i)
 
-    handles = [accelerator.register_save_state_pre_hook(save_hook),
-               accelerator.register_load_state_pre_hook(load_hook)]
-    accelerator.register_for_checkpointing(state, *([ema] if ema is not None else []))
+    return [accelerator.register_save_state_pre_hook(save_hook), accelerator.register_load_state_pre_hook(load_hook)]
 
-    pixels: _Prefetcher | None = None
-    try:
-        resumed_from = resolve_checkpoint(output_dir, resume_from_checkpoint)
-        if resumed_from is not None:
-            accelerator.load_state(resumed_from)
-            if ema is not None:
-                ema.to(accelerator.device)
-        accelerator.step = state.micro_step
-        total_micro = max_steps * config.gradient_accumulation_steps
-        bar = tqdm(total=max_steps, initial=state.global_step, desc=f"train {config.peft_method}",
-                   disable=not progress or not accelerator.is_local_main_process)
-        permutations: dict[int, torch.Tensor] = {}
-        window_losses: list[float] = []
-        window_has_grad = False
-        uncond = data.uncond_embeds.to(accelerator.device)
-        device = accelerator.device
-        step_started = time.time()
-        first_step = state.global_step
-        epochs_done = state.micro_step // batches_per_epoch
-        def indices(micro: int) -> torch.Tensor:
-            epoch, k = divmod(micro, batches_per_epoch)
-            if epoch not in permutations:
-                permutations.clear()
-                permutations[epoch] = torch.randperm(data.num_samples, generator=_generator(
-                    config.seed, _STREAM_EPOCH, epoch))
-            perm = permutations[epoch]
-            if num_processes == 1:
-                return perm[k * batch:(k + 1) * batch]
-            # every process gets a full batch (the last one wraps around), as accelerate's even_batches
-            return perm[(k * batch * num_processes + process_index * batch + torch.arange(batch)) % data.num_samples]
 
-        def pixels_of(micro: int) -> torch.Tensor | None:
-            return None if data.cached_latents else _pixels(data, config, indices(micro), micro, process_index)
+@dataclass
+class _Run:
+    """What every step of one run uses: the models, the optimisation, the mitigations and the resumable state."""
 
-        pixels = _Prefetcher(pixels_of, total_micro, num_workers if not data.cached_latents else 0)
-        for micro in range(state.micro_step, total_micro):
-            idx = indices(micro)
-            gen = _generator(config.seed, _STREAM_STEP, micro, process_index)
-            context = accelerator.accumulate(model) if optimizer is not None else contextlib.nullcontext()
-            with context:
-                b = _micro_batch(data, idx, config, noise_scheduler, gen, pixels.get(micro), rwa, device)
-                state.augmented_captions += b.augmented
-                keep = None
-                skip = False
-                if mitigation is not None:
-                    with accelerator.autocast():
-                        kept = mitigation.filter(accelerator.unwrap_model(model), b.noisy, b.timesteps, b.cond,
-                                                 uncond)
-                    total_kept = len(kept)
-                    if num_processes > 1:
-                        total_kept = int(accelerator.reduce(torch.tensor([len(kept)], device=device), "sum").item())
-                    skip = total_kept == 0
-                    keep = kept if len(kept) else torch.arange(len(idx), device=device)
-                if skip:
-                    state.skipped_micro_batches += 1
-                else:
-                    with accelerator.autocast():  # prepare() already autocasts a trained model; freeze is not prepared
-                        loss = _batch_loss(model, b, noise_scheduler, config, keep)
-                    if mitigation is not None and keep is not None and len(kept) == 0:
-                        loss = loss * 0.0  # this process dropped everything but others did not (DDP sync)
-                    check = accelerator.gather(loss.detach().reshape(1)) if num_processes > 1 else loss.detach()
-                    if not torch.isfinite(check).all():
-                        last = list_checkpoints(output_dir)[-1] if output_dir and list_checkpoints(output_dir) \
-                            else None
-                        raise FloatingPointError(
-                            f"Loss is {loss.item()} at step {state.global_step + 1} (micro-batch {micro + 1}); "
-                            f"training stopped and no adapter was written. Last good checkpoint: "
-                            f"{last or 'none'}. Lower the learning rate or use fp32/bf16.")
-                    window_losses.append(float(loss.detach().item()))
-                    if loss.requires_grad:
-                        accelerator.backward(loss)
-                        window_has_grad = True
-                sync = (micro + 1) % config.gradient_accumulation_steps == 0
-                if sync and optimizer is not None:
-                    if window_has_grad:
-                        accelerator.clip_grad_norm_(params, config.max_grad_norm)
-                        optimizer.step()
-                        lr_scheduler.step()
-                    else:  # a skipped step: no update, but the schedule stays aligned with the step count
-                        with warnings.catch_warnings():
-                            warnings.filterwarnings("ignore", message=".*lr_scheduler.step.*before.*optimizer.step")
-                            lr_scheduler.step()
-                    optimizer.zero_grad(set_to_none=True)
-            state.micro_step = micro + 1
-            if not sync:
-                continue
-            state.global_step += 1
-            if window_losses:
-                state.losses.append(float(np.mean(window_losses)))
-            else:
-                state.skipped_steps += 1
-            if ema is not None and window_has_grad:
-                ema.step(params)
-            logs = {"train_loss": state.losses[-1] if window_losses else float("nan")}
-            if lr_scheduler is not None:
-                logs["lr"] = lr_scheduler.get_last_lr()[0]
-            if mitigation is not None:
-                logs["dropped_fraction"] = mitigation.stats()["dropped_fraction"]
-                logs["skipped_steps"] = state.skipped_steps
-            if accelerator.trackers:
-                accelerator.log(logs, step=state.global_step)
-            window_losses, window_has_grad = [], False
-            bar.update(1)
-            if state.global_step % 20 == 0 and state.losses:
-                bar.set_postfix(loss=f"{np.mean(state.losses[-20:]):.4f}")
-            if checkpointing_steps and state.global_step % checkpointing_steps == 0:
-                if accelerator.is_main_process:
-                    save_checkpoint(accelerator, output_dir, state.global_step, checkpoints_total_limit)
-                accelerator.wait_for_everyone()
-            if on_epoch_end is not None and state.micro_step // batches_per_epoch > epochs_done:
-                epochs_done = state.micro_step // batches_per_epoch
-                on_epoch_end(epochs_done, state.global_step)
-        bar.close()
-        steps_run = state.global_step - first_step
-        train_time = time.time() - step_started
-    finally:
-        if pixels is not None:
-            pixels.close()
-        for h in handles:
-            h.remove()
-    if ema is not None:
-        ema.copy_to(params)
-    if weight_dtype != torch.float32:
-        accelerator.unwrap_model(model, keep_fp32_wrapper=False)  # drop the autocast wrapper of prepare()
-    if config.gradient_checkpointing:
-        unet.disable_gradient_checkpointing()
-    unet.eval()
+    accelerator: Any
+    unet: torch.nn.Module
+    model: Any  # `unet` as accelerate prepared it
+    params: list
+    optimizer: Any
+    lr_scheduler: Any
+    ema: Any
+    noise_scheduler: Any
+    data: TrainingData
+    config: FineTuneConfig
+    plan: RunPlan
+    threshold: Any
+    rwa: Any
+    state: TrainState
+    output_dir: str | None
+    uncond: torch.Tensor  # the empty caption's embedding, on the device
+
+
+class _Shuffler:
+    """The sample indices of each micro-batch of this process: a permutation per epoch, seeded by (seed, epoch)."""
+
+    def __init__(self, seed: int, num_samples: int, plan: RunPlan, num_processes: int, process_index: int):
+        self.seed, self.num_samples, self.plan = seed, num_samples, plan
+        self.num_processes, self.process_index = num_processes, process_index
+        self.permutations: dict[int, torch.Tensor] = {}
+
+    def indices(self, micro: int) -> torch.Tensor:
+        """The indices of micro-batch `micro` (counted from the start of the run)."""
+        batch = self.plan.batch
+        epoch, k = divmod(micro, self.plan.batches_per_epoch)
+        if epoch not in self.permutations:
+            self.permutations.clear()
+            self.permutations[epoch] = torch.randperm(self.num_samples,
+                                                      generator=_generator(self.seed, _STREAM_EPOCH, epoch))
+        perm = self.permutations[epoch]
+        if self.num_processes == 1:
+            return perm[k * batch:(k + 1) * batch]
+        # every process gets a full batch (the last one wraps around), as accelerate's even_batches
+        return perm[(k * batch * self.num_processes + self.process_index * batch + torch.arange(batch))
+                    % self.num_samples]
+
+
+def _setup_run(accelerator: Any, unet: torch.nn.Module, noise_scheduler: Any, data: TrainingData,
+               config: FineTuneConfig, mask: Mask | None, adapter_name: str, output_dir: str | None) -> _Run:
+    """Inject the adapter and build what the steps use: noise scheduler, optimizer, LR schedule, EMA, mitigations."""
+    noise_scheduler = training_noise_scheduler(noise_scheduler, config)
+    params = inject_adapter(unet, config, mask, adapter_name, _weight_dtype(accelerator))
+    plan = RunPlan.of(config, data.num_samples, accelerator.num_processes)
+    model, optimizer, lr_scheduler = prepare_optimization(accelerator, unet, params, config, plan)
+    ema = _make_ema(config, params, accelerator.device)
+    threshold, rwa = _make_mitigations(config, data)
+    return _Run(accelerator=accelerator, unet=unet, model=model, params=params, optimizer=optimizer,
+                lr_scheduler=lr_scheduler, ema=ema, noise_scheduler=noise_scheduler, data=data, config=config,
+                plan=plan, threshold=threshold, rwa=rwa, state=TrainState(threshold), output_dir=output_dir,
+                uncond=data.uncond_embeds.to(accelerator.device))
+
+
+def _pixel_prefetcher(run: _Run, shuffler: _Shuffler, total_micro: int, num_workers: int) -> _Prefetcher:
+    """The transformed images of each micro-batch, prefetched by `num_workers` threads (None when latents are cached)."""
+    data, config, process_index = run.data, run.config, run.accelerator.process_index
+
+    def pixels_of(micro: int) -> torch.Tensor | None:
+        return None if data.cached_latents else _pixels(data, config, shuffler.indices(micro), micro, process_index)
+
+    return _Prefetcher(pixels_of, total_micro, num_workers if not data.cached_latents else 0)
+
+
+def _kept_by_threshold(run: _Run, batch: _Batch) -> tuple[torch.Tensor, int]:
+    """The samples the threshold mitigation keeps on this process, and how many it keeps over all processes."""
+    accelerator = run.accelerator
+    with accelerator.autocast():
+        kept = run.threshold.filter(accelerator.unwrap_model(run.model), batch.noisy, batch.timesteps, batch.cond,
+                                    run.uncond)
+    total_kept = len(kept)
+    if accelerator.num_processes > 1:
+        total_kept = int(accelerator.reduce(torch.tensor([len(kept)], device=accelerator.device), "sum").item())
+    return kept, total_kept
+
+
+def _check_finite(run: _Run, loss: torch.Tensor, micro: int) -> None:
+    """The NaN guard: a NaN/inf loss on any process raises FloatingPointError naming the step and the last checkpoint."""
+    accelerator = run.accelerator
+    check = accelerator.gather(loss.detach().reshape(1)) if accelerator.num_processes > 1 else loss.detach()
+    if not torch.isfinite(check).all():
+        last = list_checkpoints(run.output_dir)[-1] if run.output_dir and list_checkpoints(run.output_dir) else None
+        raise FloatingPointError(
+            f"Loss is {loss.item()} at step {run.state.global_step + 1} (micro-batch {micro + 1}); "
+            f"training stopped and no adapter was written. Last good checkpoint: "
+            f"{last or 'none'}. Lower the learning rate or use fp32/bf16.")
+
+
+def training_step(run: _Run, micro: int, idx: torch.Tensor, pixels: torch.Tensor | None) -> torch.Tensor | None:
+    """One micro-batch: encode or read the cache, noise, mitigation, predict, loss, NaN guard, backward.
+
+    Returns the loss, or None when the threshold mitigation dropped the whole micro-batch on every process.
+    """
+    accelerator, state = run.accelerator, run.state
+    gen = _generator(run.config.seed, _STREAM_STEP, micro, accelerator.process_index)
+    batch = _micro_batch(run.data, idx, run.config, run.noise_scheduler, gen, pixels, run.rwa, accelerator.device)
+    state.augmented_captions += batch.augmented
+    keep = None
+    if run.threshold is not None:
+        kept, total_kept = _kept_by_threshold(run, batch)
+        if total_kept == 0:
+            state.skipped_micro_batches += 1
+            return None
+        keep = kept if len(kept) else torch.arange(len(idx), device=accelerator.device)
+    with accelerator.autocast():  # prepare() already autocasts a trained model; freeze is not prepared
+        loss = _batch_loss(run.model, batch, run.noise_scheduler, run.config, keep)
+    if run.threshold is not None and len(kept) == 0:
+        loss = loss * 0.0  # this process dropped everything but others did not (DDP sync)
+    _check_finite(run, loss, micro)
+    if loss.requires_grad:
+        accelerator.backward(loss)
+    return loss
+
+
+def optimizer_step(run: _Run, has_grad: bool) -> None:
+    """Clip, step the optimizer and the LR schedule, zero the gradients; without gradients only the schedule steps."""
+    if has_grad:
+        run.accelerator.clip_grad_norm_(run.params, run.config.max_grad_norm)
+        run.optimizer.step()
+        run.lr_scheduler.step()
+    else:  # a skipped step: no update, but the schedule stays aligned with the step count
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*lr_scheduler.step.*before.*optimizer.step")
+            run.lr_scheduler.step()
+    run.optimizer.zero_grad(set_to_none=True)
+
+
+def _record_step(run: _Run, window_losses: list[float], has_grad: bool) -> None:
+    """Count a finished optimizer step: its mean loss (or a skipped step), the EMA update, the tracker logs."""
+    state = run.state
+    state.global_step += 1
+    if window_losses:
+        state.losses.append(float(np.mean(window_losses)))
+    else:
+        state.skipped_steps += 1
+    if run.ema is not None and has_grad:
+        run.ema.step(run.params)
+    logs = {"train_loss": state.losses[-1] if window_losses else float("nan")}
+    if run.lr_scheduler is not None:
+        logs["lr"] = run.lr_scheduler.get_last_lr()[0]
+    if run.threshold is not None:
+        logs["dropped_fraction"] = run.threshold.stats()["dropped_fraction"]
+        logs["skipped_steps"] = state.skipped_steps
+    if run.accelerator.trackers:
+        run.accelerator.log(logs, step=state.global_step)
+
+
+def _resume(run: _Run, resume_from_checkpoint: str | None) -> str | None:
+    """Load the checkpoint `resume_from_checkpoint` names ("latest" or a folder), if any; return its folder."""
+    resumed_from = resolve_checkpoint(run.output_dir, resume_from_checkpoint)
+    if resumed_from is not None:
+        run.accelerator.load_state(resumed_from)
+        if run.ema is not None:
+            run.ema.to(run.accelerator.device)
+    run.accelerator.step = run.state.micro_step
+    return resumed_from
+
+
+def _finish(run: _Run) -> None:
+    """Leave the final adapter in the UNet (EMA weights when `use_ema`), unwrapped, in eval mode."""
+    if run.ema is not None:
+        run.ema.copy_to(run.params)
+    if _weight_dtype(run.accelerator) != torch.float32:
+        run.accelerator.unwrap_model(run.model, keep_fp32_wrapper=False)  # drop the autocast wrapper of prepare()
+    if run.config.gradient_checkpointing:
+        run.unet.disable_gradient_checkpointing()
+    run.unet.eval()
+
+
+def _run_log(run: _Run, resumed_from: str | None, steps_run: int, train_time: float, started: float) -> dict:
+    """The log `train` returns (numbers only)."""
+    state, plan, data = run.state, run.plan, run.data
     result = {
         "losses": list(state.losses),
         "loss_summary": summarize_losses(state.losses),
         "final_loss": float(np.mean(state.losses[-50:])) if state.losses else math.nan,
-        "trainable_params": trainable_parameters(unet),
+        "trainable_params": trainable_parameters(run.unet),
         "global_step": state.global_step,
-        "max_train_steps": max_steps,
-        "num_train_epochs": math.ceil(max_steps / steps_per_epoch) if steps_per_epoch else 0,
-        "steps_per_epoch": steps_per_epoch,
-        "learning_rate": lr,
+        "max_train_steps": plan.max_steps,
+        "num_train_epochs": math.ceil(plan.max_steps / plan.steps_per_epoch) if plan.steps_per_epoch else 0,
+        "steps_per_epoch": plan.steps_per_epoch,
+        "learning_rate": plan.learning_rate,
         "skipped_steps": state.skipped_steps,
         "skipped_micro_batches": state.skipped_micro_batches,
         "resumed_from": os.path.basename(resumed_from) if resumed_from else None,
@@ -498,11 +561,91 @@ def train(
         "latents": data.stats.get("latents", "cached"),
         "text": data.stats.get("text", "cached"),
     }
-    if mitigation is not None:
-        result["threshold"] = mitigation.stats()
-    if rwa is not None:
+    if run.threshold is not None:
+        result["threshold"] = run.threshold.stats()
+    if run.rwa is not None:
         result["rwa_augmented_captions"] = state.augmented_captions
     return result
+
+
+def train(unet: torch.nn.Module, noise_scheduler: Any, data: TrainingData, config: FineTuneConfig, *,
+          accelerator: Any = None, mask: Mask | None = None, adapter_name: str = "default",
+          output_dir: str | None = None, checkpointing_steps: int | None = None,
+          checkpoints_total_limit: int | None = None, resume_from_checkpoint: str | None = None,
+          progress: bool = True, on_epoch_end: Callable[[int, int], None] | None = None,
+          num_workers: int = 0) -> dict:
+    """Inject the adapter of `config` into `unet` and train it on `data`; return the run's log (numbers only).
+
+    `on_epoch_end(epoch, global_step)` is called after the optimizer step that completes each epoch (validation).
+    `num_workers` threads decode and transform the next micro-batches' images while one trains (uncached latents).
+
+    Only the adapter's tensors train (fp32 master copies; the frozen UNet is cast to the mixed-precision dtype).
+    Checkpoints (`accelerator.save_state`: adapter, optimizer, scheduler, EMA, RNG and data position) go to
+    `output_dir/checkpoint-<step>` every `checkpointing_steps`; `resume_from_checkpoint` ("latest" or a folder)
+    continues one exactly. A NaN/inf loss raises FloatingPointError naming the step (checkpoints stay as they were).
+    The final adapter is left in `unet` (EMA weights when `use_ema`); write it with `save_adapter`.
+    """
+    started = time.time()
+    if accelerator is None:
+        from accelerate import Accelerator
+
+        accelerator = Accelerator(gradient_accumulation_steps=config.gradient_accumulation_steps)
+    accelerator.gradient_accumulation_steps = config.gradient_accumulation_steps
+    check_training_inputs(unet, data, config, adapter_name, output_dir,
+                          bool(checkpointing_steps or resume_from_checkpoint))
+    if output_dir:
+        _prepare_output_dir(accelerator, output_dir)
+    run = _setup_run(accelerator, unet, noise_scheduler, data, config, mask, adapter_name, output_dir)
+    state, plan, model, optimizer = run.state, run.plan, run.model, run.optimizer
+    handles = register_adapter_hooks(accelerator, unet, adapter_name)
+    accelerator.register_for_checkpointing(state, *([run.ema] if run.ema is not None else []))
+
+    pixels: _Prefetcher | None = None
+    try:
+        resumed_from = _resume(run, resume_from_checkpoint)
+        total_micro = plan.max_steps * config.gradient_accumulation_steps
+        bar = tqdm(total=plan.max_steps, initial=state.global_step, desc=f"train {config.peft_method}",
+                   disable=not progress or not accelerator.is_local_main_process)
+        shuffler = _Shuffler(config.seed, data.num_samples, plan, accelerator.num_processes,
+                             accelerator.process_index)
+        pixels = _pixel_prefetcher(run, shuffler, total_micro, num_workers)
+        window_losses: list[float] = []
+        window_has_grad = False
+        step_started, first_step = time.time(), state.global_step
+        epochs_done = state.micro_step // plan.batches_per_epoch
+        for micro in range(state.micro_step, total_micro):
+            with accelerator.accumulate(model) if optimizer is not None else contextlib.nullcontext():
+                loss = training_step(run, micro, shuffler.indices(micro), pixels.get(micro))
+                if loss is not None:
+                    window_losses.append(float(loss.detach().item()))
+                    window_has_grad |= loss.requires_grad
+                sync = (micro + 1) % config.gradient_accumulation_steps == 0
+                if sync and optimizer is not None:
+                    optimizer_step(run, window_has_grad)
+            state.micro_step = micro + 1
+            if not sync:
+                continue
+            _record_step(run, window_losses, window_has_grad)
+            window_losses, window_has_grad = [], False
+            bar.update(1)
+            if state.global_step % 20 == 0 and state.losses:
+                bar.set_postfix(loss=f"{np.mean(state.losses[-20:]):.4f}")
+            if checkpointing_steps and state.global_step % checkpointing_steps == 0:
+                if accelerator.is_main_process:
+                    save_checkpoint(accelerator, output_dir, state.global_step, checkpoints_total_limit)
+                accelerator.wait_for_everyone()
+            if on_epoch_end is not None and state.micro_step // plan.batches_per_epoch > epochs_done:
+                epochs_done = state.micro_step // plan.batches_per_epoch
+                on_epoch_end(epochs_done, state.global_step)
+        bar.close()
+        steps_run, train_time = state.global_step - first_step, time.time() - step_started
+    finally:
+        if pixels is not None:
+            pixels.close()
+        for h in handles:
+            h.remove()
+    _finish(run)
+    return _run_log(run, resumed_from, steps_run, train_time, started)
 
 
 def generate_validation_grid(pipe: Any, prompts: Sequence[str], num_images_per_prompt: int = 4, seed: int = 0,

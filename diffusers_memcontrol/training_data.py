@@ -133,6 +133,78 @@ def _compute_rows(keys: list[str], compute: Callable[[list[int]], dict], names: 
     return {n: torch.cat(v) for n, v in parts.items()}
 
 
+def _cached_latents(loader: ImageLoader, infos: list, vae: Any, cache: str, root: str, stats: dict, *,
+                    resolution: int, random_flip: bool, interpolation: str, model_path: str | None,
+                    revision: str | None, batch_size: int, progress: bool) -> dict:
+    """The latent distribution of each distinct image (and its flip with `random_flip`), from the disk cache or
+    encoded in memory: `latent_mean`, `latent_std` and `latent_rows` of TrainingData. Records the cache in `stats`."""
+    from . import cache as cache_mod
+
+    variants = (False, True) if random_flip else (False,)
+    keys: list[str] = []
+    first: dict[str, tuple[int, bool]] = {}  # key -> (first sample holding it, flipped)
+    order: dict[str, int] = {}
+    rows = torch.empty(len(infos), len(variants), dtype=torch.long)
+    for i, info in enumerate(infos):
+        for v, flip in enumerate(variants):
+            key = cache_mod.sha256_bytes(f"{info.key}|flip".encode()) if flip else info.key
+            if key not in order:
+                order[key] = len(keys)
+                first[key] = (i, flip)
+                keys.append(key)
+            rows[i, v] = order[key]
+
+    def encode(positions: list[int]) -> dict[str, torch.Tensor]:
+        pixels = torch.stack([transform_image(loader(first[keys[p]][0]), resolution, True, first[keys[p]][1],
+                                              interpolation=interpolation)
+                              for p in positions])
+        mean, std = encode_latent_distribution(vae, pixels)
+        return {"mean": mean, "std": std}
+
+    if cache == "disk":
+        # every cached latent is a centre crop (square images are not cropped at all), whatever center_crop says
+        store = cache_mod.latent_cache(root, cache_mod.model_identity(vae, model_path, revision), resolution,
+                                       True, interpolation)
+        tensors = store.get_or_compute(keys, encode, ("mean", "std"), batch_size, "cache latents", progress)
+        stats["latent_cache"] = {"hits": store.hits, "misses": store.misses, "folder": store.folder}
+    else:
+        tensors = _compute_rows(keys, encode, ("mean", "std"), batch_size, "encode latents", progress)
+    stats["latents"] = f"cached ({len(keys)} distinct entries)"
+    return {"latent_mean": tensors["mean"], "latent_std": tensors["std"], "latent_rows": rows}
+
+
+def _cached_captions(captions: list[str], tokenizer: Any, text_encoder: Any, cache: str, root: str, stats: dict, *,
+                     model_path: str | None, revision: str | None, progress: bool) -> dict:
+    """The embedding of each distinct caption, from the disk cache or encoded in memory: `prompt_embeds` and
+    `caption_rows` of TrainingData. Records the cache in `stats`."""
+    from . import cache as cache_mod
+
+    order: dict[str, int] = {}
+    text_keys: list[str] = []
+    unique: list[str] = []
+    caption_rows = torch.empty(len(captions), dtype=torch.long)
+    for i, caption in enumerate(captions):
+        key = cache_mod.caption_key(caption)
+        if key not in order:
+            order[key] = len(text_keys)
+            text_keys.append(key)
+            unique.append(caption)
+        caption_rows[i] = order[key]
+
+    def encode_text(positions: list[int]) -> dict[str, torch.Tensor]:
+        return {"embeds": encode_prompts(tokenizer, text_encoder, [unique[p] for p in positions])}
+
+    if cache == "disk":
+        store = cache_mod.text_cache(root, cache_mod.model_identity(text_encoder, model_path, revision,
+                                                                    tokenizer=tokenizer))
+        tensors = store.get_or_compute(text_keys, encode_text, ("embeds",), 256, "cache text embeddings", progress)
+        stats["text_cache"] = {"hits": store.hits, "misses": store.misses, "folder": store.folder}
+    else:
+        tensors = _compute_rows(text_keys, encode_text, ("embeds",), 256, "encode captions", progress)
+    stats["text"] = f"cached ({len(text_keys)} distinct captions)"
+    return {"prompt_embeds": tensors["embeds"], "caption_rows": caption_rows}
+
+
 def prepare_training_data(
     pipe: Any,
     dataset: Any,
@@ -188,67 +260,14 @@ def prepare_training_data(
         else:
             stats["latents"] = "on the fly"
     else:
-        variants = (False, True) if random_flip else (False,)
-        keys: list[str] = []
-        first: dict[str, tuple[int, bool]] = {}  # key -> (first sample holding it, flipped)
-        order: dict[str, int] = {}
-        rows = torch.empty(len(infos), len(variants), dtype=torch.long)
-        for i, info in enumerate(infos):
-            for v, flip in enumerate(variants):
-                key = cache_mod.sha256_bytes(f"{info.key}|flip".encode()) if flip else info.key
-                if key not in order:
-                    order[key] = len(keys)
-                    first[key] = (i, flip)
-                    keys.append(key)
-                rows[i, v] = order[key]
-
-        def encode(positions: list[int]) -> dict[str, torch.Tensor]:
-            pixels = torch.stack([transform_image(loader(first[keys[p]][0]), resolution, True, first[keys[p]][1],
-                                                  interpolation=interpolation)
-                                  for p in positions])
-            mean, std = encode_latent_distribution(vae, pixels)
-            return {"mean": mean, "std": std}
-
-        if cache == "disk":
-            # every cached latent is a centre crop (square images are not cropped at all), whatever center_crop says
-            store = cache_mod.latent_cache(root, cache_mod.model_identity(vae, model_path, revision), resolution,
-                                           True, interpolation)
-            tensors = store.get_or_compute(keys, encode, ("mean", "std"), encode_batch_size, "cache latents",
-                                           progress)
-            stats["latent_cache"] = {"hits": store.hits, "misses": store.misses, "folder": store.folder}
-        else:
-            tensors = _compute_rows(keys, encode, ("mean", "std"), encode_batch_size, "encode latents", progress)
-        data.update(latent_mean=tensors["mean"], latent_std=tensors["std"], latent_rows=rows)
-        stats["latents"] = f"cached ({len(keys)} distinct entries)"
-
+        data.update(_cached_latents(loader, infos, vae, cache, root, stats, resolution=resolution,
+                                    random_flip=random_flip, interpolation=interpolation, model_path=model_path,
+                                    revision=revision, batch_size=encode_batch_size, progress=progress))
     if cache == "off":
         stats["text"] = "on the fly"
     else:
-        order = {}
-        text_keys: list[str] = []
-        unique: list[str] = []
-        caption_rows = torch.empty(len(captions), dtype=torch.long)
-        for i, caption in enumerate(captions):
-            key = cache_mod.caption_key(caption)
-            if key not in order:
-                order[key] = len(text_keys)
-                text_keys.append(key)
-                unique.append(caption)
-            caption_rows[i] = order[key]
-
-        def encode_text(positions: list[int]) -> dict[str, torch.Tensor]:
-            return {"embeds": encode_prompts(tokenizer, text_encoder, [unique[p] for p in positions])}
-
-        if cache == "disk":
-            store = cache_mod.text_cache(root, cache_mod.model_identity(text_encoder, model_path, revision,
-                                                                        tokenizer=tokenizer))
-            tensors = store.get_or_compute(text_keys, encode_text, ("embeds",), 256, "cache text embeddings",
-                                           progress)
-            stats["text_cache"] = {"hits": store.hits, "misses": store.misses, "folder": store.folder}
-        else:
-            tensors = _compute_rows(text_keys, encode_text, ("embeds",), 256, "encode captions", progress)
-        data.update(prompt_embeds=tensors["embeds"], caption_rows=caption_rows)
-        stats["text"] = f"cached ({len(text_keys)} distinct captions)"
+        data.update(_cached_captions(captions, tokenizer, text_encoder, cache, root, stats, model_path=model_path,
+                                     revision=revision, progress=progress))
     return TrainingData(stats=stats, **data)
 
 
