@@ -22,7 +22,7 @@ setup(
         "transformers>=5",
         "accelerate>=1.15",
         "datasets>=5",
-        "optuna>=5",
+        "optuna>=5,<6",  # search.ReproducibleNSGAIISampler reseeds private sampler attributes (_rng, _random_sampler)
         "huggingface_hub>=2",
         "evaluate>=0.4.6",
         "safetensors>=0.4",

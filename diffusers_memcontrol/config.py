@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 from dataclasses import asdict, dataclass, field, fields
+from typing import Any
 
 from .images import INTERPOLATIONS, check_interpolation
 from .masks import LAYOUTS, SCOPES, Mask
@@ -152,3 +153,28 @@ def parse_threshold(value: float | str) -> float | str:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0 or not math.isfinite(value):
         raise ValueError(f'threshold must be a positive number or "auto", got {value!r}.')
     return float(value)
+
+
+def add_config_arguments(group: Any, names: tuple[str, ...]) -> None:
+    """Add the FineTuneConfig fields `names` as flags: type, default, choices and help come from the field.
+
+    --learning_rate and --max_train_steps default to None: the learning rate then depends on --peft_method, and the
+    field's step count applies when --num_train_epochs is not given either.
+    """
+    by_name = {f.name: f for f in fields(FineTuneConfig)}
+    for name in names:
+        f = by_name[name]
+        help_text = f.metadata["help"]
+        if f.type == "bool":
+            group.add_argument(f"--{name}", action="store_true", help=help_text)
+            continue
+        default = f.default
+        if name == "learning_rate":
+            default = None
+            help_text += " Default: " + ", ".join(f"{lr:g} for {m}" for m, lr in DEFAULT_LR.items()) + "."
+        elif name == "max_train_steps":
+            default = None
+            help_text += f" Default when --num_train_epochs is not given either: {f.default}."
+        kind = None if "str" in f.type else int if f.type.startswith("int") else float
+        group.add_argument(f"--{name}", type=kind, default=default, choices=f.metadata.get("choices"),
+                           help=help_text)

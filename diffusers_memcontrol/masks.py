@@ -422,8 +422,16 @@ def _ends_with_projection(name: str) -> bool:
     return any(name.endswith(f".{a}.{p}") for a in ("attn1", "attn2") for p in _ATTENTION_PROJECTIONS)
 
 
-def trainable_parameters(model: nn.Module) -> int:
-    """Number of parameters of `model` that train (`requires_grad`): the adapter's after injection."""
+def trainable_parameters(model: nn.Module, by_prefix: bool = False) -> int:
+    """Number of parameters of `model` that train (`requires_grad`): the adapter's after injection.
+
+    `by_prefix=True` counts the adapter's parameters by their peft prefix instead: an adapter loaded (frozen) to be
+    evaluated.
+    """
+    if by_prefix:
+        from .tuners.memcontrol.model import MemControlModel
+
+        return int(sum(p.numel() for name, p in model.named_parameters() if MemControlModel.prefix in name))
     return int(sum(p.numel() for p in model.parameters() if p.requires_grad))
 
 

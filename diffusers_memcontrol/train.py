@@ -26,12 +26,12 @@ import dataclasses
 import json
 import logging
 import os
+import sys
 import time
 from typing import Any
 
+from .config import add_config_arguments
 from .errors import ArgumentParser, InputError, run_command, user_input
-
-logger = logging.getLogger(__name__)
 
 # arguments never written to training_config.json or to trackers (prompts are private data, tokens are secrets)
 PRIVATE_ARGS = ("validation_prompts", "hub_token")
@@ -161,33 +161,6 @@ def _add_run_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--hub_model_id", default=None, help="Hub repo of --push_to_hub (default: output_dir's name).")
     g.add_argument("--hub_token", default=None, help="Hub token (default: the logged-in one).")
     g.add_argument("--no_progress", action="store_true", help="Disable progress bars.")
-
-
-def add_config_arguments(group: Any, names: tuple[str, ...]) -> None:
-    """Add the FineTuneConfig fields `names` as flags: type, default, choices and help come from the field.
-
-    --learning_rate and --max_train_steps default to None: the learning rate then depends on --peft_method, and the
-    field's step count applies when --num_train_epochs is not given either.
-    """
-    from .config import DEFAULT_LR, FineTuneConfig
-
-    fields = {f.name: f for f in dataclasses.fields(FineTuneConfig)}
-    for name in names:
-        f = fields[name]
-        help_text = f.metadata["help"]
-        if f.type == "bool":
-            group.add_argument(f"--{name}", action="store_true", help=help_text)
-            continue
-        default = f.default
-        if name == "learning_rate":
-            default = None
-            help_text += " Default: " + ", ".join(f"{lr:g} for {m}" for m, lr in DEFAULT_LR.items()) + "."
-        elif name == "max_train_steps":
-            default = None
-            help_text += f" Default when --num_train_epochs is not given either: {f.default}."
-        kind = None if "str" in f.type else int if f.type.startswith("int") else float
-        group.add_argument(f"--{name}", type=kind, default=default, choices=f.metadata.get("choices"),
-                           help=help_text)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -349,16 +322,17 @@ def evaluation_config(args: argparse.Namespace, domain: str | None) -> Any:
         return EvaluationConfig(**values)
 
 
-def run_evaluation(args: argparse.Namespace, pipe: Any, splits: Any, dmem: Any, config: Any,
-                   trainable_params: int) -> dict:
-    """Evaluate the pipeline on --eval_split, D_mem and the train split; write metrics.json; return the metrics."""
+def run_evaluation(args: argparse.Namespace, pipe: Any, inputs: CheckedInputs, trainable_params: int) -> dict:
+    """Evaluate the pipeline, adapters merged, on --eval_split, D_mem and the train split; write metrics.json."""
+    from .adapters import merged_adapters
     from .evaluation import evaluate, write_metrics
 
-    eval_dataset = splits[args.eval_split]
+    eval_dataset = inputs.splits[args.eval_split]
     label_column = "label" if "label" in eval_dataset.column_names else None
-    metrics = evaluate(pipe, eval_dataset, dmem, splits["train"], config,
-                       image_column=args.image_column, caption_column=args.caption_column,
-                       label_column=label_column, trainable_params=trainable_params)
+    with merged_adapters(pipe.unet):
+        metrics = evaluate(pipe, eval_dataset, inputs.dmem, inputs.splits["train"], inputs.eval_config,
+                           image_column=args.image_column, caption_column=args.caption_column,
+                           label_column=label_column, trainable_params=trainable_params)
     write_metrics(metrics, os.path.join(args.output_dir, "metrics.json"))
     return metrics
 
@@ -431,46 +405,12 @@ def check_inputs(args: argparse.Namespace) -> CheckedInputs:
     return CheckedInputs(model_path, mask, splits, domain, train_set, dmem, eval_config, config)
 
 
-def _log_images(accelerator, grid, step: int) -> None:
-    import numpy as np
-
-    for tracker in accelerator.trackers:
-        if tracker.name == "tensorboard":
-            tracker.writer.add_images("validation", np.asarray(grid)[None], step, dataformats="NHWC")
-
-
-def _scalars(config: dict) -> dict:
-    """Tracker hyper-parameters: scalars only (tensorboard refuses lists and None)."""
-    return {k: v for k, v in config.items() if isinstance(v, (int, float, str, bool))}
-
-
-def main(argv: list[str] | None = None) -> dict:
-    """Load model and data, check them, fine-tune, save the adapter and outputs, optionally evaluate and publish."""
-    import sys
-
-    argv = sys.argv[1:] if argv is None else list(argv)
-    if {"--search", "--final"} & set(argv):  # stage 1 and/or 2 + table
-        from .runner import main_search
-
-        return main_search(argv)
+def make_accelerator(args: argparse.Namespace) -> Any:
+    """The run's Accelerator (gradient accumulation, mixed precision, trackers under --output_dir); seeds the run."""
     import torch
     from accelerate import Accelerator
     from accelerate.utils import ProjectConfiguration, set_seed
-    from diffusers import StableDiffusionPipeline
 
-    from .adapters import load_adapter, merged_adapters, save_adapter
-    from .files import write_json_atomic
-    from .hub import base_model_name
-    from .tiny_base import DOMAINS
-    from .training import generate_validation_grid, train
-    from .training_data import prepare_training_data
-
-    args = parse_args(argv)
-    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
-    started = time.time()
-    inputs = check_inputs(args)
-    mask, splits, domain, dmem, eval_config = inputs.mask, inputs.splits, inputs.domain, inputs.dmem, inputs.eval_config
-    model_path = inputs.model_path
     os.makedirs(args.output_dir, exist_ok=True)
     if args.allow_tf32 and torch.cuda.is_available():
         torch.backends.cuda.matmul.allow_tf32 = True
@@ -482,8 +422,13 @@ def main(argv: list[str] | None = None) -> dict:
                                             logging_dir=os.path.join(args.output_dir, args.logging_dir)),
     )
     set_seed(args.seed)
+    return accelerator
 
-    # model (the frozen encoders stay fp32 for the cache; the UNet's frozen weights get the mixed-precision dtype)
+
+def load_pipeline(args: argparse.Namespace, model_path: str, device: Any) -> Any:
+    """The frozen pipeline on `device` (fp32: the encoders feed the cache; train() casts the UNet's frozen weights)."""
+    from diffusers import StableDiffusionPipeline
+
     pipe = StableDiffusionPipeline.from_pretrained(model_path, revision=args.revision, variant=args.variant,
                                                    cache_dir=args.cache_dir, safety_checker=None,
                                                    requires_safety_checker=False)
@@ -491,33 +436,38 @@ def main(argv: list[str] | None = None) -> dict:
         pipe.scheduler.register_to_config(prediction_type=args.prediction_type)
     if args.enable_xformers_memory_efficient_attention:
         pipe.unet.enable_xformers_memory_efficient_attention()
-    pipe.to(accelerator.device)
+    pipe.to(device)
     for module in (pipe.unet, pipe.vae, pipe.text_encoder):
         module.requires_grad_(False)
     pipe.set_progress_bar_config(disable=True)
+    return pipe
 
-    if args.adapter_dir:  # evaluation of a trained adapter only
-        load_adapter(pipe.unet, args.adapter_dir)
-        trainable = sum(p.numel() for n, p in pipe.unet.named_parameters() if "memcontrol_" in n or "lora_" in n)
-        with merged_adapters(pipe.unet):
-            metrics = run_evaluation(args, pipe, splits, dmem, eval_config, trainable)
-        summary = {"adapter_dir": os.path.abspath(args.adapter_dir), "metrics": "metrics.json",
-                   "wall_time_s": round(time.time() - started, 1)}
-        if accelerator.is_main_process:
-            write_json_atomic(os.path.join(args.output_dir, "summary.json"), summary)
-        accelerator.end_training()
-        print(json.dumps({k: metrics.get(k) for k in ("fid", "amd", "agreement", "extracted_images", "dmem",
-                                                      "trainable_params")}, indent=2))
-        return summary
 
-    config = inputs.config
-    with user_input():  # columns, captions and every image are checked before anything is encoded
-        data = prepare_training_data(
-            pipe, inputs.train_set, args.image_column, args.caption_column, resolution=args.resolution,
-            center_crop=args.center_crop, random_flip=args.random_flip, cache=args.latent_cache,
-            cache_dir=args.latent_cache_dir, model_path=model_path, revision=args.revision,
-            interpolation=config.image_interpolation_mode, progress=not args.no_progress)
-    training_config = {"fine_tune": json.loads(config.to_json()), "run": run_config(args),
+def evaluate_adapter(args: argparse.Namespace, accelerator: Any, pipe: Any, inputs: CheckedInputs,
+                     started: float) -> dict:
+    """--eval --adapter_dir: evaluate a trained adapter, no training; write metrics.json and summary.json."""
+    from .adapters import load_adapter
+    from .files import write_json_atomic
+    from .masks import trainable_parameters
+
+    load_adapter(pipe.unet, args.adapter_dir)
+    metrics = run_evaluation(args, pipe, inputs, trainable_parameters(pipe.unet, by_prefix=True))
+    summary = {"adapter_dir": os.path.abspath(args.adapter_dir), "metrics": "metrics.json",
+               "wall_time_s": round(time.time() - started, 1)}
+    if accelerator.is_main_process:
+        write_json_atomic(os.path.join(args.output_dir, "summary.json"), summary)
+    accelerator.end_training()
+    print(json.dumps({k: metrics.get(k) for k in ("fid", "amd", "agreement", "extracted_images", "dmem",
+                                                  "trainable_params")}, indent=2))
+    return summary
+
+
+def start_logging(args: argparse.Namespace, accelerator: Any, inputs: CheckedInputs, data: Any) -> None:
+    """Write training_config.json (no private values) and start the trackers, on the main process."""
+    from .files import write_json_atomic
+
+    splits, dmem = inputs.splits, inputs.dmem
+    training_config = {"fine_tune": json.loads(inputs.config.to_json()), "run": run_config(args),
                        "data": {"train_samples": data.num_samples, "hpo": args.hpo,
                                 "dmem_pairs": len(dmem) if dmem is not None else 0,
                                 "splits": {k: len(v) for k, v in splits.items() if v is not None},
@@ -525,67 +475,107 @@ def main(argv: list[str] | None = None) -> dict:
     if accelerator.is_main_process:
         write_json_atomic(os.path.join(args.output_dir, "training_config.json"), training_config)
         if args.report_to not in ("none", ""):
+            hyper = {**training_config["fine_tune"], **training_config["run"]}  # scalars only: tensorboard's rule
             accelerator.init_trackers(args.tracker_project_name,
-                                      config=_scalars({**training_config["fine_tune"], **training_config["run"]}))
+                                      config={k: v for k, v in hyper.items() if isinstance(v, (int, float, str, bool))})
 
-    prompts = args.validation_prompts
-    if prompts is None and domain is not None:
-        prompts = list(DOMAINS[domain].captions[:4])
+
+def epoch_validation(args: argparse.Namespace, accelerator: Any, pipe: Any, prompts: list[str] | None) -> Any:
+    """train()'s `on_epoch_end`: the validation grid every --validation_epochs epochs (None when there is none)."""
+    from .training import log_validation
+
+    if not (args.validation_epochs and prompts and args.num_validation_images):
+        return None
 
     def validate(epoch: int, step: int) -> None:
         if epoch % args.validation_epochs == 0 and accelerator.is_main_process:
             pipe.unet.eval()
-            grid = generate_validation_grid(pipe, prompts, args.num_validation_images, seed=args.seed,
-                                            output_path=os.path.join(args.output_dir, f"validation-epoch-{epoch}.png"),
-                                            progress=False)
+            log_validation(pipe, accelerator, prompts, args.num_validation_images, args.seed,
+                           os.path.join(args.output_dir, f"validation-epoch-{epoch}.png"), step, progress=False)
             pipe.unet.train()
-            _log_images(accelerator, grid, step)
 
-    log = train(pipe.unet, pipe.scheduler, data, config, accelerator=accelerator, mask=mask,
+    return validate
+
+
+def run_summary(args: argparse.Namespace, pipe: Any, log: dict, data: Any) -> dict:
+    """summary.json's record of the training run (numbers and names only)."""
+    from .hub import base_model_name
+
+    return {
+        "base_model": base_model_name(args.pretrained_model_name_or_path), "peft_method": args.peft_method,
+        "mask": pipe.unet.peft_config["default"].mask, "trainable_params": log["trainable_params"],
+        "losses": log["loss_summary"], "final_loss": log["final_loss"], "global_step": log["global_step"],
+        "num_train_epochs": log["num_train_epochs"], "skipped_steps": log["skipped_steps"],
+        "mitigation": args.mitigation, "threshold": log.get("threshold"),
+        "rwa_augmented_captions": log.get("rwa_augmented_captions"),
+        "train_samples": data.num_samples, "hpo": args.hpo, "resumed_from": log["resumed_from"],
+        "latents": data.stats.get("latents"), "text": data.stats.get("text"),
+        "cache": {k: {"hits": v["hits"], "misses": v["misses"]} for k, v in data.stats.items()
+                  if k in ("latent_cache", "text_cache")},
+        "steps_per_second": log["steps_per_second"], "train_time_s": log["train_time_s"],
+    }
+
+
+def main(argv: list[str] | None = None) -> dict:
+    """Load model and data, check them, fine-tune, save the adapter and outputs, optionally evaluate and publish."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if {"--search", "--final"} & set(argv):  # stage 1 and/or 2 + table
+        from .runner import main_search
+
+        return main_search(argv)
+    import torch
+
+    from .adapters import merged_adapters, save_adapter
+    from .files import write_json_atomic
+    from .tiny_base import DOMAINS
+    from .training import log_validation, train
+    from .training_data import prepare_training_data
+
+    # arguments, then everything they name (model, mask, data, configs), checked before any weight is loaded
+    args = parse_args(argv)
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    started = time.time()
+    inputs = check_inputs(args)
+    accelerator = make_accelerator(args)
+    pipe = load_pipeline(args, inputs.model_path, accelerator.device)
+    if args.adapter_dir:
+        return evaluate_adapter(args, accelerator, pipe, inputs, started)
+
+    # data: columns, captions and every image are checked, then encoded once (latent / text-embedding cache)
+    with user_input():
+        data = prepare_training_data(
+            pipe, inputs.train_set, args.image_column, args.caption_column, resolution=args.resolution,
+            center_crop=args.center_crop, random_flip=args.random_flip, cache=args.latent_cache,
+            cache_dir=args.latent_cache_dir, model_path=inputs.model_path, revision=args.revision,
+            interpolation=inputs.config.image_interpolation_mode, progress=not args.no_progress)
+    start_logging(args, accelerator, inputs, data)
+    prompts = args.validation_prompts
+    if prompts is None and inputs.domain is not None:
+        prompts = list(DOMAINS[inputs.domain].captions[:4])
+
+    # the adapter with its mask, the optimizer, the scheduler and the loop: diffusers_memcontrol.training.train
+    log = train(pipe.unet, pipe.scheduler, data, inputs.config, accelerator=accelerator, mask=inputs.mask,
                 output_dir=args.output_dir, checkpointing_steps=args.checkpointing_steps,
                 checkpoints_total_limit=args.checkpoints_total_limit,
                 resume_from_checkpoint=args.resume_from_checkpoint, progress=not args.no_progress,
                 num_workers=args.dataloader_num_workers,
-                on_epoch_end=validate if args.validation_epochs and prompts and args.num_validation_images else None)
+                on_epoch_end=epoch_validation(args, accelerator, pipe, prompts))
     accelerator.wait_for_everyone()
     if any(p.dtype != torch.float32 for p in pipe.unet.parameters()):
         pipe.unet.to(torch.float32)  # inference below in fp32: the adapter and the frozen weights share one dtype
 
-    summary = {
-        "base_model": base_model_name(args.pretrained_model_name_or_path),
-        "peft_method": args.peft_method,
-        "mask": pipe.unet.peft_config["default"].mask,
-        "trainable_params": log["trainable_params"],
-        "losses": log["loss_summary"],
-        "final_loss": log["final_loss"],
-        "global_step": log["global_step"],
-        "num_train_epochs": log["num_train_epochs"],
-        "skipped_steps": log["skipped_steps"],
-        "mitigation": args.mitigation,
-        "threshold": log.get("threshold"),
-        "rwa_augmented_captions": log.get("rwa_augmented_captions"),
-        "train_samples": data.num_samples,
-        "hpo": args.hpo,
-        "resumed_from": log["resumed_from"],
-        "latents": data.stats.get("latents"),
-        "text": data.stats.get("text"),
-        "cache": {k: {"hits": v["hits"], "misses": v["misses"]} for k, v in data.stats.items()
-                  if k in ("latent_cache", "text_cache")},
-        "steps_per_second": log["steps_per_second"],
-        "train_time_s": log["train_time_s"],
-    }
+    # save, validate, evaluate, publish
+    summary = run_summary(args, pipe, log, data)
     if accelerator.is_main_process:
         save_adapter(pipe.unet, args.output_dir)
         if prompts and args.num_validation_images:
             with merged_adapters(pipe.unet):
-                grid = generate_validation_grid(pipe, prompts, args.num_validation_images, seed=args.seed,
-                                                output_path=os.path.join(args.output_dir, "validation.png"),
-                                                progress=not args.no_progress)
-            _log_images(accelerator, grid, log["global_step"])
+                log_validation(pipe, accelerator, prompts, args.num_validation_images, args.seed,
+                               os.path.join(args.output_dir, "validation.png"), log["global_step"],
+                               progress=not args.no_progress)
             summary["validation"] = "validation.png"
         if args.eval:
-            with merged_adapters(pipe.unet):
-                metrics = run_evaluation(args, pipe, splits, dmem, eval_config, log["trainable_params"])
+            metrics = run_evaluation(args, pipe, inputs, log["trainable_params"])
             summary["metrics"] = "metrics.json"
             accelerator.log({f"eval/{k}": v for k, v in metrics.items() if isinstance(v, (int, float))
                              and not isinstance(v, bool)}, step=log["global_step"])

@@ -8,15 +8,11 @@ A search trial (or the script) does, in this order::
                    accelerator=accelerator, output_dir=..., checkpointing_steps=...)
     save_adapter(unet, output_dir)
 
-The VAE and the text encoder are frozen, so `prepare_training_data` encodes each distinct image once into its latent
-*distribution* (mean and std; the loop samples from it at every step, as diffusers does when it encodes on the fly)
-and each distinct caption once into its embedding, through the content-addressed disk cache of `cache.py`. It falls
-back to encoding on the fly where a cache would be wrong: random crops of non-square images, and captions changed by
-random word augmentation (RWA) at a step. `--random_flip` stays cached: both orientations are cached.
-
-Every random draw of a step comes from a generator seeded by (seed, step, process), and the data order of an epoch
-from (seed, epoch), so a run resumed from a checkpoint continues exactly where the interrupted run was.
-
+`train` sets up the run (`check_training_inputs`, `inject_adapter`, `RunPlan`, `prepare_optimization`, EMA,
+mitigations, `register_adapter_hooks`), then loops over micro-batches: `training_step` (encode or read the cache,
+noise, threshold mitigation, predict, loss, NaN guard, backward), `optimizer_step` at the end of each accumulation
+window, then the step's record (losses, EMA, logs), checkpoint and epoch callback. What a micro-batch holds, and how
+its random draws are seeded, lives in `training_data.py`.
 """
 
 from __future__ import annotations
@@ -47,26 +43,17 @@ from .checkpoints import (
 )
 from .config import FineTuneConfig
 from .files import atomic_path
-from .images import transform_image
 from .masks import Mask, trainable_parameters
 from .training_data import (
+    STREAM_STEP,
+    MicroBatch,
+    Prefetcher,
+    Shuffler,
     TrainingData,
-    _encode_prompts_on_device,
-    encode_latent_distribution,
+    batch_pixels,
+    draw_micro_batch,
+    seeded_generator,
 )
-
-
-def _seed_from(*parts: int) -> int:
-    """A well-mixed 63-bit seed from integers (seed, stream, step, process, ...)."""
-    return int(np.random.SeedSequence([int(p) % 2**63 for p in parts]).generate_state(1, np.uint64)[0] % 2**63)
-
-
-def _generator(*parts: int) -> torch.Generator:
-    """A CPU generator seeded by `_seed_from(*parts)`."""
-    return torch.Generator().manual_seed(_seed_from(*parts))
-
-
-_STREAM_STEP, _STREAM_EPOCH, _STREAM_CROP = 0, 1, 2
 
 
 def _weight_dtype(accelerator) -> torch.dtype:
@@ -97,112 +84,7 @@ def summarize_losses(losses: Sequence[float]) -> dict:
             "mean": float(arr.mean()), "mean_last_10pct": float(tail.mean())}
 
 
-class _Batch:
-    """One micro-batch on the device, plus bookkeeping."""
-
-    def __init__(self, noisy, timesteps, cond, target, augmented, noise):
-        self.noisy, self.timesteps, self.cond, self.target, self.augmented = noisy, timesteps, cond, target, augmented
-        self.noise = noise
-
-
-def _conditioning(data: TrainingData, idx: torch.Tensor, drop: torch.Tensor, rwa, rwa_seed: int | None
-                  ) -> tuple[torch.Tensor, int]:
-    """Per-sample text embeddings (CPU float): cached where the caption is unchanged, encoded where RWA changed it."""
-    n = len(idx)
-    captions = [data.captions[int(i)] for i in idx] if data.captions is not None else None
-    changed = [False] * n
-    if rwa is not None:
-        augmented = rwa.apply_batch(captions, np.random.default_rng(rwa_seed))
-        changed = [a != c for a, c in zip(augmented, captions)]
-        captions = augmented
-    if data.cached_text:
-        cond = data.prompt_embeds[data.caption_rows[idx]].float().clone()
-    else:
-        cond = data.uncond_embeds.float().unsqueeze(0).repeat(n, 1, 1)
-    need = [j for j in range(n) if not drop[j] and (changed[j] or not data.cached_text)]
-    if need:
-        encoded = _encode_prompts_on_device(data.tokenizer, data.text_encoder, [captions[j] for j in need])
-        cond[need] = encoded.float().cpu()
-    if drop.any():
-        cond[drop] = data.uncond_embeds.float().to(cond.dtype)
-    return cond, sum(1 for j in range(n) if changed[j] and not drop[j])
-
-
-def _pixels(data: TrainingData, config: FineTuneConfig, idx: torch.Tensor, micro: int, process_index: int
-            ) -> torch.Tensor:
-    """The transformed images of one micro-batch, with the flips and crops its seeds draw (encoding on the fly)."""
-    n = len(idx)
-    gen = _generator(config.seed, _STREAM_STEP, micro, process_index)  # flips: the first draws of the step's generator
-    flips = torch.rand(n, generator=gen) < 0.5 if config.random_flip else torch.zeros(n, dtype=torch.bool)
-    crop_gen = _generator(config.seed, _STREAM_CROP, micro, process_index)
-    return torch.stack([transform_image(data.images(int(i)), data.resolution, data.center_crop, bool(f), crop_gen,
-                                        data.interpolation) for i, f in zip(idx, flips)])
-
-
-class _Prefetcher:
-    """`produce(key)` for the keys `first, first + 1, ...` in order, computed up to 2 x `num_workers` keys ahead by
-    threads (num_workers 0: computed when asked)."""
-
-    def __init__(self, produce: Callable[[int], Any], stop: int, num_workers: int):
-        from concurrent.futures import ThreadPoolExecutor
-
-        self.produce, self.stop, self.futures = produce, stop, {}
-        self.pool = ThreadPoolExecutor(num_workers) if num_workers > 0 else None
-        self.ahead = 2 * num_workers
-
-    def get(self, key: int) -> Any:
-        """The value of `key`, queueing the keys that follow it."""
-        if self.pool is None:
-            return self.produce(key)
-        for upcoming in range(key, min(key + self.ahead + 1, self.stop)):
-            if upcoming not in self.futures:
-                self.futures[upcoming] = self.pool.submit(self.produce, upcoming)
-        return self.futures.pop(key).result()
-
-    def close(self) -> None:
-        """Stop the threads (queued work is dropped)."""
-        if self.pool is not None:
-            self.pool.shutdown(wait=True, cancel_futures=True)
-
-
-def _micro_batch(data: TrainingData, idx: torch.Tensor, config: FineTuneConfig, noise_scheduler, gen: torch.Generator,
-                 pixels: torch.Tensor | None, rwa, device) -> _Batch:
-    """Draw everything random of one micro-batch from `gen` in a fixed order, so cached and on-the-fly runs agree.
-
-    `pixels`: the micro-batch's transformed images (`_pixels`) when latents are encoded on the fly."""
-    n = len(idx)
-    flips = torch.rand(n, generator=gen) < 0.5 if config.random_flip else torch.zeros(n, dtype=torch.bool)
-    drop = torch.rand(n, generator=gen) < config.caption_dropout
-    rwa_seed = int(torch.randint(0, 2**62, (1,), generator=gen)) if rwa is not None else None
-    if data.cached_latents:
-        if config.random_flip and not data.has_flip_variants:
-            raise ValueError("random_flip needs flipped latents: prepare the data with random_flip=True.")
-        rows = data.latent_rows[idx, flips.long()] if data.has_flip_variants else data.latent_rows[idx, 0]
-        mean = data.latent_mean[rows].float()
-        std = data.latent_std[rows].float() if data.latent_std is not None else None
-    else:
-        mean, std = encode_latent_distribution(data.vae, pixels)
-    x0 = mean + std * torch.randn(mean.shape, generator=gen) if std is not None else mean
-    cond, augmented = _conditioning(data, idx, drop, rwa, rwa_seed)
-    noise = torch.randn(x0.shape, generator=gen)
-    if config.noise_offset:
-        noise = noise + config.noise_offset * torch.randn((n, x0.shape[1], 1, 1), generator=gen)
-    timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (n,), generator=gen)
-    input_noise = noise
-    if config.input_perturbation:  # drawn last, so runs without it draw exactly what they drew before
-        input_noise = noise + config.input_perturbation * torch.randn(noise.shape, generator=gen)
-    x0, noise, timesteps = x0.to(device), noise.to(device), timesteps.to(device)
-    noisy = noise_scheduler.add_noise(x0, input_noise.to(device), timesteps)
-    if noise_scheduler.config.prediction_type == "epsilon":
-        target = noise
-    elif noise_scheduler.config.prediction_type == "v_prediction":
-        target = noise_scheduler.get_velocity(x0, noise, timesteps)
-    else:
-        raise ValueError(f"Unknown prediction type {noise_scheduler.config.prediction_type!r}.")
-    return _Batch(noisy, timesteps, cond.to(device), target, augmented, noise)
-
-
-def _batch_loss(model, batch: _Batch, noise_scheduler, config: FineTuneConfig,
+def _batch_loss(model, batch: MicroBatch, noise_scheduler, config: FineTuneConfig,
                 keep: torch.Tensor | None = None) -> torch.Tensor:
     """MSE (min-SNR weighted when snr_gamma; DREAM-corrected when dream_training) over the kept samples."""
     noisy, t, cond, target, noise = batch.noisy, batch.timesteps, batch.cond, batch.target, batch.noise
@@ -385,30 +267,6 @@ class _Run:
     uncond: torch.Tensor  # the empty caption's embedding, on the device
 
 
-class _Shuffler:
-    """The sample indices of each micro-batch of this process: a permutation per epoch, seeded by (seed, epoch)."""
-
-    def __init__(self, seed: int, num_samples: int, plan: RunPlan, num_processes: int, process_index: int):
-        self.seed, self.num_samples, self.plan = seed, num_samples, plan
-        self.num_processes, self.process_index = num_processes, process_index
-        self.permutations: dict[int, torch.Tensor] = {}
-
-    def indices(self, micro: int) -> torch.Tensor:
-        """The indices of micro-batch `micro` (counted from the start of the run)."""
-        batch = self.plan.batch
-        epoch, k = divmod(micro, self.plan.batches_per_epoch)
-        if epoch not in self.permutations:
-            self.permutations.clear()
-            self.permutations[epoch] = torch.randperm(self.num_samples,
-                                                      generator=_generator(self.seed, _STREAM_EPOCH, epoch))
-        perm = self.permutations[epoch]
-        if self.num_processes == 1:
-            return perm[k * batch:(k + 1) * batch]
-        # every process gets a full batch (the last one wraps around), as accelerate's even_batches
-        return perm[(k * batch * self.num_processes + self.process_index * batch + torch.arange(batch))
-                    % self.num_samples]
-
-
 def _setup_run(accelerator: Any, unet: torch.nn.Module, noise_scheduler: Any, data: TrainingData,
                config: FineTuneConfig, mask: Mask | None, adapter_name: str, output_dir: str | None) -> _Run:
     """Inject the adapter and build what the steps use: noise scheduler, optimizer, LR schedule, EMA, mitigations."""
@@ -424,17 +282,17 @@ def _setup_run(accelerator: Any, unet: torch.nn.Module, noise_scheduler: Any, da
                 uncond=data.uncond_embeds.to(accelerator.device))
 
 
-def _pixel_prefetcher(run: _Run, shuffler: _Shuffler, total_micro: int, num_workers: int) -> _Prefetcher:
+def _pixel_prefetcher(run: _Run, shuffler: Shuffler, total_micro: int, num_workers: int) -> Prefetcher:
     """The transformed images of each micro-batch, prefetched by `num_workers` threads (None when latents are cached)."""
     data, config, process_index = run.data, run.config, run.accelerator.process_index
 
     def pixels_of(micro: int) -> torch.Tensor | None:
-        return None if data.cached_latents else _pixels(data, config, shuffler.indices(micro), micro, process_index)
+        return None if data.cached_latents else batch_pixels(data, config, shuffler.indices(micro), micro, process_index)
 
-    return _Prefetcher(pixels_of, total_micro, num_workers if not data.cached_latents else 0)
+    return Prefetcher(pixels_of, total_micro, num_workers if not data.cached_latents else 0)
 
 
-def _kept_by_threshold(run: _Run, batch: _Batch) -> tuple[torch.Tensor, int]:
+def _kept_by_threshold(run: _Run, batch: MicroBatch) -> tuple[torch.Tensor, int]:
     """The samples the threshold mitigation keeps on this process, and how many it keeps over all processes."""
     accelerator = run.accelerator
     with accelerator.autocast():
@@ -464,8 +322,8 @@ def training_step(run: _Run, micro: int, idx: torch.Tensor, pixels: torch.Tensor
     Returns the loss, or None when the threshold mitigation dropped the whole micro-batch on every process.
     """
     accelerator, state = run.accelerator, run.state
-    gen = _generator(run.config.seed, _STREAM_STEP, micro, accelerator.process_index)
-    batch = _micro_batch(run.data, idx, run.config, run.noise_scheduler, gen, pixels, run.rwa, accelerator.device)
+    gen = seeded_generator(run.config.seed, STREAM_STEP, micro, accelerator.process_index)
+    batch = draw_micro_batch(run.data, idx, run.config, run.noise_scheduler, gen, pixels, run.rwa, accelerator.device)
     state.augmented_captions += batch.augmented
     keep = None
     if run.threshold is not None:
@@ -600,14 +458,14 @@ def train(unet: torch.nn.Module, noise_scheduler: Any, data: TrainingData, confi
     handles = register_adapter_hooks(accelerator, unet, adapter_name)
     accelerator.register_for_checkpointing(state, *([run.ema] if run.ema is not None else []))
 
-    pixels: _Prefetcher | None = None
+    pixels: Prefetcher | None = None
     try:
         resumed_from = _resume(run, resume_from_checkpoint)
         total_micro = plan.max_steps * config.gradient_accumulation_steps
         bar = tqdm(total=plan.max_steps, initial=state.global_step, desc=f"train {config.peft_method}",
                    disable=not progress or not accelerator.is_local_main_process)
-        shuffler = _Shuffler(config.seed, data.num_samples, plan, accelerator.num_processes,
-                             accelerator.process_index)
+        shuffler = Shuffler(config.seed, data.num_samples, plan.batch, plan.batches_per_epoch,
+                            accelerator.num_processes, accelerator.process_index)
         pixels = _pixel_prefetcher(run, shuffler, total_micro, num_workers)
         window_losses: list[float] = []
         window_has_grad = False
@@ -670,3 +528,13 @@ def generate_validation_grid(pipe: Any, prompts: Sequence[str], num_images_per_p
         with atomic_path(output_path, suffix=".png") as tmp:
             grid.save(tmp, format="PNG")
     return grid
+
+
+def log_validation(pipe: Any, accelerator: Any, prompts: Sequence[str], num_images_per_prompt: int, seed: int,
+                   output_path: str, step: int, progress: bool = True) -> None:
+    """Write the validation grid (`generate_validation_grid`) to `output_path` and log it to tensorboard at `step`."""
+    grid = generate_validation_grid(pipe, prompts, num_images_per_prompt, seed=seed, output_path=output_path,
+                                    progress=progress)
+    for tracker in accelerator.trackers:
+        if tracker.name == "tensorboard":
+            tracker.writer.add_images("validation", np.asarray(grid)[None], step, dataformats="NHWC")

@@ -2,7 +2,11 @@
 once (latent distributions and caption embeddings) through the content-addressed cache of `cache.py`.
 
 It falls back to encoding on the fly where a cache would be wrong: random crops of non-square images, and captions
-changed by random word augmentation (RWA) at a step. `--random_flip` stays cached: both orientations are cached."""
+changed by random word augmentation (RWA) at a step. `--random_flip` stays cached: both orientations are cached.
+
+The loop draws its micro-batches here (`Shuffler`, `draw_micro_batch`, `Prefetcher`): every random draw of a step
+comes from a generator seeded by (seed, step, process), and the data order of an epoch from (seed, epoch), so a run
+resumed from a checkpoint continues exactly where the interrupted run was."""
 
 from __future__ import annotations
 
@@ -11,10 +15,12 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 from tqdm.auto import tqdm
 
 from .columns import check_captions, check_columns
+from .config import FineTuneConfig
 from .images import ImageLoader, check_interpolation, scan_images, transform_image
 
 
@@ -269,6 +275,149 @@ def prepare_training_data(
         data.update(_cached_captions(captions, tokenizer, text_encoder, cache, root, stats, model_path=model_path,
                                      revision=revision, progress=progress))
     return TrainingData(stats=stats, **data)
+
+
+def _seed_from(*parts: int) -> int:
+    """A well-mixed 63-bit seed from integers (seed, stream, step, process, ...)."""
+    return int(np.random.SeedSequence([int(p) % 2**63 for p in parts]).generate_state(1, np.uint64)[0] % 2**63)
+
+
+def seeded_generator(*parts: int) -> torch.Generator:
+    """A CPU generator seeded by `_seed_from(*parts)`."""
+    return torch.Generator().manual_seed(_seed_from(*parts))
+
+
+STREAM_STEP, STREAM_EPOCH, STREAM_CROP = 0, 1, 2
+
+
+class MicroBatch:
+    """One micro-batch on the device, plus bookkeeping."""
+
+    def __init__(self, noisy, timesteps, cond, target, augmented, noise):
+        self.noisy, self.timesteps, self.cond, self.target, self.augmented = noisy, timesteps, cond, target, augmented
+        self.noise = noise
+
+
+def conditioning(data: TrainingData, idx: torch.Tensor, drop: torch.Tensor, rwa, rwa_seed: int | None
+                  ) -> tuple[torch.Tensor, int]:
+    """Per-sample text embeddings (CPU float): cached where the caption is unchanged, encoded where RWA changed it."""
+    n = len(idx)
+    captions = [data.captions[int(i)] for i in idx] if data.captions is not None else None
+    changed = [False] * n
+    if rwa is not None:
+        augmented = rwa.apply_batch(captions, np.random.default_rng(rwa_seed))
+        changed = [a != c for a, c in zip(augmented, captions)]
+        captions = augmented
+    if data.cached_text:
+        cond = data.prompt_embeds[data.caption_rows[idx]].float().clone()
+    else:
+        cond = data.uncond_embeds.float().unsqueeze(0).repeat(n, 1, 1)
+    need = [j for j in range(n) if not drop[j] and (changed[j] or not data.cached_text)]
+    if need:
+        encoded = _encode_prompts_on_device(data.tokenizer, data.text_encoder, [captions[j] for j in need])
+        cond[need] = encoded.float().cpu()
+    if drop.any():
+        cond[drop] = data.uncond_embeds.float().to(cond.dtype)
+    return cond, sum(1 for j in range(n) if changed[j] and not drop[j])
+
+
+def batch_pixels(data: TrainingData, config: FineTuneConfig, idx: torch.Tensor, micro: int, process_index: int
+            ) -> torch.Tensor:
+    """The transformed images of one micro-batch, with the flips and crops its seeds draw (encoding on the fly)."""
+    n = len(idx)
+    gen = seeded_generator(config.seed, STREAM_STEP, micro, process_index)  # flips: the first draws of the step's generator
+    flips = torch.rand(n, generator=gen) < 0.5 if config.random_flip else torch.zeros(n, dtype=torch.bool)
+    crop_gen = seeded_generator(config.seed, STREAM_CROP, micro, process_index)
+    return torch.stack([transform_image(data.images(int(i)), data.resolution, data.center_crop, bool(f), crop_gen,
+                                        data.interpolation) for i, f in zip(idx, flips)])
+
+
+class Prefetcher:
+    """`produce(key)` for the keys `first, first + 1, ...` in order, computed up to 2 x `num_workers` keys ahead by
+    threads (num_workers 0: computed when asked)."""
+
+    def __init__(self, produce: Callable[[int], Any], stop: int, num_workers: int):
+        from concurrent.futures import ThreadPoolExecutor
+
+        self.produce, self.stop, self.futures = produce, stop, {}
+        self.pool = ThreadPoolExecutor(num_workers) if num_workers > 0 else None
+        self.ahead = 2 * num_workers
+
+    def get(self, key: int) -> Any:
+        """The value of `key`, queueing the keys that follow it."""
+        if self.pool is None:
+            return self.produce(key)
+        for upcoming in range(key, min(key + self.ahead + 1, self.stop)):
+            if upcoming not in self.futures:
+                self.futures[upcoming] = self.pool.submit(self.produce, upcoming)
+        return self.futures.pop(key).result()
+
+    def close(self) -> None:
+        """Stop the threads (queued work is dropped)."""
+        if self.pool is not None:
+            self.pool.shutdown(wait=True, cancel_futures=True)
+
+
+def draw_micro_batch(data: TrainingData, idx: torch.Tensor, config: FineTuneConfig, noise_scheduler, gen: torch.Generator,
+                 pixels: torch.Tensor | None, rwa, device) -> MicroBatch:
+    """Draw everything random of one micro-batch from `gen` in a fixed order, so cached and on-the-fly runs agree.
+
+    `pixels`: the micro-batch's transformed images (`batch_pixels`) when latents are encoded on the fly."""
+    n = len(idx)
+    flips = torch.rand(n, generator=gen) < 0.5 if config.random_flip else torch.zeros(n, dtype=torch.bool)
+    drop = torch.rand(n, generator=gen) < config.caption_dropout
+    rwa_seed = int(torch.randint(0, 2**62, (1,), generator=gen)) if rwa is not None else None
+    if data.cached_latents:
+        if config.random_flip and not data.has_flip_variants:
+            raise ValueError("random_flip needs flipped latents: prepare the data with random_flip=True.")
+        rows = data.latent_rows[idx, flips.long()] if data.has_flip_variants else data.latent_rows[idx, 0]
+        mean = data.latent_mean[rows].float()
+        std = data.latent_std[rows].float() if data.latent_std is not None else None
+    else:
+        mean, std = encode_latent_distribution(data.vae, pixels)
+    x0 = mean + std * torch.randn(mean.shape, generator=gen) if std is not None else mean
+    cond, augmented = conditioning(data, idx, drop, rwa, rwa_seed)
+    noise = torch.randn(x0.shape, generator=gen)
+    if config.noise_offset:
+        noise = noise + config.noise_offset * torch.randn((n, x0.shape[1], 1, 1), generator=gen)
+    timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (n,), generator=gen)
+    input_noise = noise
+    if config.input_perturbation:  # drawn last, so runs without it draw exactly what they drew before
+        input_noise = noise + config.input_perturbation * torch.randn(noise.shape, generator=gen)
+    x0, noise, timesteps = x0.to(device), noise.to(device), timesteps.to(device)
+    noisy = noise_scheduler.add_noise(x0, input_noise.to(device), timesteps)
+    if noise_scheduler.config.prediction_type == "epsilon":
+        target = noise
+    elif noise_scheduler.config.prediction_type == "v_prediction":
+        target = noise_scheduler.get_velocity(x0, noise, timesteps)
+    else:
+        raise ValueError(f"Unknown prediction type {noise_scheduler.config.prediction_type!r}.")
+    return MicroBatch(noisy, timesteps, cond.to(device), target, augmented, noise)
+
+
+class Shuffler:
+    """The sample indices of each micro-batch of this process: a permutation per epoch, seeded by (seed, epoch)."""
+
+    def __init__(self, seed: int, num_samples: int, batch: int, batches_per_epoch: int, num_processes: int,
+                 process_index: int):
+        self.seed, self.num_samples, self.batch, self.batches_per_epoch = seed, num_samples, batch, batches_per_epoch
+        self.num_processes, self.process_index = num_processes, process_index
+        self.permutations: dict[int, torch.Tensor] = {}
+
+    def indices(self, micro: int) -> torch.Tensor:
+        """The indices of micro-batch `micro` (counted from the start of the run)."""
+        batch = self.batch
+        epoch, k = divmod(micro, self.batches_per_epoch)
+        if epoch not in self.permutations:
+            self.permutations.clear()
+            self.permutations[epoch] = torch.randperm(self.num_samples,
+                                                      generator=seeded_generator(self.seed, STREAM_EPOCH, epoch))
+        perm = self.permutations[epoch]
+        if self.num_processes == 1:
+            return perm[k * batch:(k + 1) * batch]
+        # every process gets a full batch (the last one wraps around), as accelerate's even_batches
+        return perm[(k * batch * self.num_processes + self.process_index * batch + torch.arange(batch))
+                    % self.num_samples]
 
 
 def training_data_from_tensors(latents: torch.Tensor, prompt_embeds: torch.Tensor, uncond_embeds: torch.Tensor

@@ -198,18 +198,18 @@ def test_bf16_mixed_precision_keeps_fp32_masters(pipe, data8):
 # ------------------------------------------------------------------------------------------------ mitigations
 def test_rwa_changes_captions_seeded_and_encodes_them(pipe, data8):
     from diffusers_memcontrol.mitigation import RandomWordAugmentation
-    from diffusers_memcontrol.training import _conditioning
+    from diffusers_memcontrol.training_data import conditioning
 
     rwa = RandomWordAugmentation(data8.tokenizer, num_words=4, p=1.0)
     idx = torch.arange(4)
     no_drop = torch.zeros(4, dtype=torch.bool)
-    cached, n0 = _conditioning(data8, idx, no_drop, None, None)
-    augmented, n1 = _conditioning(data8, idx, no_drop, rwa, 123)
-    again, _ = _conditioning(data8, idx, no_drop, rwa, 123)
+    cached, n0 = conditioning(data8, idx, no_drop, None, None)
+    augmented, n1 = conditioning(data8, idx, no_drop, rwa, 123)
+    again, _ = conditioning(data8, idx, no_drop, rwa, 123)
     assert n0 == 0 and n1 == 4
     assert torch.equal(augmented, again)  # seeded
     assert all(not torch.allclose(augmented[i], cached[i]) for i in range(4))
-    dropped, n2 = _conditioning(data8, idx, torch.tensor([True, False, False, False]), rwa, 123)
+    dropped, n2 = conditioning(data8, idx, torch.tensor([True, False, False, False]), rwa, 123)
     assert torch.equal(dropped[0], data8.uncond_embeds) and n2 == 3
 
     unet = copy.deepcopy(pipe.unet)
