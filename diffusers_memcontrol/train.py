@@ -475,9 +475,9 @@ def start_logging(args: argparse.Namespace, accelerator: Any, inputs: CheckedInp
     if accelerator.is_main_process:
         write_json_atomic(os.path.join(args.output_dir, "training_config.json"), training_config)
         if args.report_to not in ("none", ""):
-            hyper = {**training_config["fine_tune"], **training_config["run"]}  # scalars only: tensorboard's rule
-            accelerator.init_trackers(args.tracker_project_name,
-                                      config={k: v for k, v in hyper.items() if isinstance(v, (int, float, str, bool))})
+            hyper = {**training_config["fine_tune"], **training_config["run"]}
+            scalars = {k: v for k, v in hyper.items() if isinstance(v, (int, float, str, bool))}  # tensorboard's rule
+            accelerator.init_trackers(args.tracker_project_name, config=scalars)
 
 
 def epoch_validation(args: argparse.Namespace, accelerator: Any, pipe: Any, prompts: list[str] | None) -> Any:

@@ -62,6 +62,7 @@ def _weight_dtype(accelerator) -> torch.dtype:
 
 
 def _make_optimizer(params: list, config: FineTuneConfig, lr: float):
+    """AdamW (bitsandbytes' 8-bit AdamW with `use_8bit_adam`) over `params`, as diffusers' script."""
     if config.use_8bit_adam:
         try:
             import bitsandbytes as bnb
@@ -114,7 +115,8 @@ def check_training_inputs(unet: torch.nn.Module, data: TrainingData, config: Fin
         raise ValueError("Checkpointing and resuming need an output_dir.")
     if getattr(unet, "peft_config", None) and adapter_name in unet.peft_config:
         raise ValueError(f"The UNet already holds an adapter named {adapter_name!r}; train a fresh copy of the base.")
-    if (data.images is not None or data.latent_std is not None) and data.interpolation != config.image_interpolation_mode:
+    from_images = data.images is not None or data.latent_std is not None
+    if from_images and data.interpolation != config.image_interpolation_mode:
         raise ValueError(f"The data was prepared with interpolation {data.interpolation!r} but the config asks for "
                          f"{config.image_interpolation_mode!r}; pass interpolation=config.image_interpolation_mode to "
                          "prepare_training_data.")
@@ -134,7 +136,7 @@ def _prepare_output_dir(accelerator: Any, output_dir: str) -> None:
 
 
 def training_noise_scheduler(noise_scheduler: Any, config: FineTuneConfig) -> Any:
-    """DDPM with the model's schedule (the pipeline's may be an inference scheduler) and the config's prediction type."""
+    """DDPM with the model's schedule (the pipeline's may be an inference scheduler) and the config's prediction."""
     from diffusers import DDPMScheduler
 
     noise_scheduler = DDPMScheduler.from_config(noise_scheduler.config)
@@ -145,7 +147,7 @@ def training_noise_scheduler(noise_scheduler: Any, config: FineTuneConfig) -> An
 
 def inject_adapter(unet: torch.nn.Module, config: FineTuneConfig, mask: Mask | None, adapter_name: str,
                    weight_dtype: torch.dtype) -> list[torch.nn.Parameter]:
-    """Add the adapter to `unet`; return its tensors, in fp32, while the frozen rest gets `weight_dtype` (as diffusers)."""
+    """Add the adapter to `unet`; return its tensors in fp32, the frozen rest cast to `weight_dtype` (as diffusers)."""
     unet.requires_grad_(False)
     with torch.random.fork_rng(devices=[]):  # LoRA's random init follows the config's seed, not the global RNG
         torch.manual_seed(config.seed)
@@ -165,7 +167,7 @@ def inject_adapter(unet: torch.nn.Module, config: FineTuneConfig, mask: Mask | N
 
 @dataclass(frozen=True)
 class RunPlan:
-    """How a run is cut: the per-process batch, micro-batches per epoch, optimizer steps per epoch and in all, the LR."""
+    """How a run is cut: per-process batch, micro-batches per epoch, optimizer steps per epoch and in all; the LR."""
 
     batch: int
     batches_per_epoch: int
@@ -189,10 +191,10 @@ class RunPlan:
 
 def prepare_optimization(accelerator: Any, unet: torch.nn.Module, params: list, config: FineTuneConfig,
                          plan: RunPlan) -> tuple[Any, Any, Any]:
-    """(model, optimizer, LR scheduler) prepared by accelerate; with nothing to train, the model alone, forward only."""
+    """(model, optimizer, LR scheduler) prepared by accelerate; with nothing to train, the model alone (forward)."""
     from diffusers.optimization import get_scheduler
 
-    if not params:  # freeze, or an empty mask in strict scope: prepared all the same, so checkpoints carry the position
+    if not params:  # freeze, or an empty mask in strict scope: prepared so checkpoints still carry the position
         return accelerator.prepare_model(unet, evaluation_mode=True), None, None
     num_processes = accelerator.num_processes
     optimizer = _make_optimizer(params, config, plan.learning_rate)
@@ -226,7 +228,7 @@ def _make_mitigations(config: FineTuneConfig, data: TrainingData) -> tuple[Any, 
 
 
 def register_adapter_hooks(accelerator: Any, unet: torch.nn.Module, adapter_name: str) -> list:
-    """Make `save_state`/`load_state` write and read the adapter in peft format, not the whole UNet; return the handles."""
+    """Make `save_state`/`load_state` write and read the adapter in peft format, not the whole UNet; return handles."""
 
     def save_hook(models, weights, folder):
         for i in reversed(range(len(models))):
@@ -283,11 +285,13 @@ def _setup_run(accelerator: Any, unet: torch.nn.Module, noise_scheduler: Any, da
 
 
 def _pixel_prefetcher(run: _Run, shuffler: Shuffler, total_micro: int, num_workers: int) -> Prefetcher:
-    """The transformed images of each micro-batch, prefetched by `num_workers` threads (None when latents are cached)."""
+    """The transformed images of each micro-batch, prefetched by `num_workers` threads (None: latents are cached)."""
     data, config, process_index = run.data, run.config, run.accelerator.process_index
 
     def pixels_of(micro: int) -> torch.Tensor | None:
-        return None if data.cached_latents else batch_pixels(data, config, shuffler.indices(micro), micro, process_index)
+        if data.cached_latents:
+            return None
+        return batch_pixels(data, config, shuffler.indices(micro), micro, process_index)
 
     return Prefetcher(pixels_of, total_micro, num_workers if not data.cached_latents else 0)
 
@@ -305,7 +309,7 @@ def _kept_by_threshold(run: _Run, batch: MicroBatch) -> tuple[torch.Tensor, int]
 
 
 def _check_finite(run: _Run, loss: torch.Tensor, micro: int) -> None:
-    """The NaN guard: a NaN/inf loss on any process raises FloatingPointError naming the step and the last checkpoint."""
+    """The NaN guard: a NaN/inf loss on any process raises FloatingPointError naming the step and last checkpoint."""
     accelerator = run.accelerator
     check = accelerator.gather(loss.detach().reshape(1)) if accelerator.num_processes > 1 else loss.detach()
     if not torch.isfinite(check).all():

@@ -283,7 +283,7 @@ def _seed_from(*parts: int) -> int:
 
 
 def seeded_generator(*parts: int) -> torch.Generator:
-    """A CPU generator seeded by `_seed_from(*parts)`."""
+    """A CPU generator seeded by `_seed_from(*parts)`: one stream (STREAM_*) of one step, epoch or process."""
     return torch.Generator().manual_seed(_seed_from(*parts))
 
 
@@ -299,7 +299,7 @@ class MicroBatch:
 
 
 def conditioning(data: TrainingData, idx: torch.Tensor, drop: torch.Tensor, rwa, rwa_seed: int | None
-                  ) -> tuple[torch.Tensor, int]:
+                 ) -> tuple[torch.Tensor, int]:
     """Per-sample text embeddings (CPU float): cached where the caption is unchanged, encoded where RWA changed it."""
     n = len(idx)
     captions = [data.captions[int(i)] for i in idx] if data.captions is not None else None
@@ -322,10 +322,10 @@ def conditioning(data: TrainingData, idx: torch.Tensor, drop: torch.Tensor, rwa,
 
 
 def batch_pixels(data: TrainingData, config: FineTuneConfig, idx: torch.Tensor, micro: int, process_index: int
-            ) -> torch.Tensor:
+                 ) -> torch.Tensor:
     """The transformed images of one micro-batch, with the flips and crops its seeds draw (encoding on the fly)."""
     n = len(idx)
-    gen = seeded_generator(config.seed, STREAM_STEP, micro, process_index)  # flips: the first draws of the step's generator
+    gen = seeded_generator(config.seed, STREAM_STEP, micro, process_index)  # flips: the step generator's first draws
     flips = torch.rand(n, generator=gen) < 0.5 if config.random_flip else torch.zeros(n, dtype=torch.bool)
     crop_gen = seeded_generator(config.seed, STREAM_CROP, micro, process_index)
     return torch.stack([transform_image(data.images(int(i)), data.resolution, data.center_crop, bool(f), crop_gen,
@@ -358,8 +358,8 @@ class Prefetcher:
             self.pool.shutdown(wait=True, cancel_futures=True)
 
 
-def draw_micro_batch(data: TrainingData, idx: torch.Tensor, config: FineTuneConfig, noise_scheduler, gen: torch.Generator,
-                 pixels: torch.Tensor | None, rwa, device) -> MicroBatch:
+def draw_micro_batch(data: TrainingData, idx: torch.Tensor, config: FineTuneConfig, noise_scheduler,
+                     gen: torch.Generator, pixels: torch.Tensor | None, rwa, device) -> MicroBatch:
     """Draw everything random of one micro-batch from `gen` in a fixed order, so cached and on-the-fly runs agree.
 
     `pixels`: the micro-batch's transformed images (`batch_pixels`) when latents are encoded on the fly."""
