@@ -514,6 +514,28 @@ def with_dmem_captions(train: Dataset, dmem: Dataset, caption_column: str = "tex
         train.column_names)
 
 
+def with_duplicated_dmem(train: Dataset, dmem: Dataset, dmem_repeats: int, seed: int = 0) -> Dataset:
+    """`train` with each D_mem pair appearing `dmem_repeats` times in all (its own row + copies), shuffled.
+
+    The stage-2 emulation of near-duplicates (MIMIC-CXR holds many): without duplicated pairs a fine-tune on a
+    split of distinct images never memorizes, so nothing separates the methods. For measurement only, never for a
+    model meant for use. ``dmem`` must come from :func:`build_memorization_set` on `train`.
+    """
+    from datasets import concatenate_datasets
+
+    _check_repeats(dmem_repeats)
+    check_columns(dmem, ["dmem_index"], "the D_mem set (build it with build_memorization_set)")
+    if dmem_repeats == 1:
+        return train
+    copies = train.select(np.tile(np.asarray(dmem["dmem_index"], dtype=np.int64), dmem_repeats - 1))
+    return concatenate_datasets([train, copies]).shuffle(seed=seed)
+
+
+def _check_repeats(dmem_repeats: int) -> None:
+    if not isinstance(dmem_repeats, int) or isinstance(dmem_repeats, bool) or dmem_repeats < 1:
+        raise ValueError(f"dmem_repeats must be a positive int, got {dmem_repeats!r}.")
+
+
 def write_dmem_file(dmem: Dataset, path: str) -> str:
     """Write the row indices of a D_mem set (its ``dmem_index`` column) as the JSON list `dmem_file` accepts."""
     check_columns(dmem, ["dmem_index"], "the D_mem set")
@@ -533,8 +555,7 @@ def build_hpo_set(
     """
     from datasets import concatenate_datasets
 
-    if not isinstance(dmem_repeats, int) or isinstance(dmem_repeats, bool) or dmem_repeats < 1:
-        raise ValueError(f"dmem_repeats must be a positive int, got {dmem_repeats!r}.")
+    _check_repeats(dmem_repeats)
     if not isinstance(proxy_fraction, (int, float)) or not 0.0 <= float(proxy_fraction) <= 1.0:
         raise ValueError(f"proxy_fraction must be a number in [0, 1], got {proxy_fraction!r}.")
     check_columns(dmem, ["dmem_index"], "the D_mem set (build it with build_memorization_set)")

@@ -25,6 +25,7 @@ from .search import (
     SearchConfig,
     TrainerTrial,
     export_study,
+    dmem_exposures,
     exposure_report,
     mask_of_trial,
     optimize,
@@ -34,6 +35,7 @@ from .search import (
 )
 
 BASELINES = ("freeze", "full", "svdiff", "difffit", "attention")
+STAGE2_PROTOCOLS = {"split": [], "duplicated": ["--duplicate_dmem"]}  # trainer flags of each stage-2 protocol
 
 
 def run_search(unet, train_args: list[str], output_dir: str, search_spaces: list[str], layout: str, scope: str,
@@ -87,9 +89,11 @@ def _dominates(a, b) -> bool:
 
 def run_final(train_args: list[str], output_dir: str, chosen: dict, layout: str, scope: str,
               baselines: Sequence[str] = BASELINES, mitigations: Sequence[str] = MITIGATIONS,
-              n_workers: int = 1) -> list[dict]:
+              n_workers: int = 1, protocol: str = "split") -> list[dict]:
     """Stage 2: fine-tune the chosen mask and each baseline on the full training split with each mitigation,
     evaluate on the test split; write results.md / results.json and return the rows.
+
+    `protocol` (`STAGE2_PROTOCOLS`): the train split as it is, or with the D_mem pairs duplicated.
 
     The runs are independent: `n_workers` of them run at once (one GPU each, or a share of the CPU cores).
     """
@@ -102,7 +106,7 @@ def run_final(train_args: list[str], output_dir: str, chosen: dict, layout: str,
     for row_name, method, mask in candidates:
         for mitigation in mitigations:
             args = [*train_args, "--peft_method", method, "--mask_layout", layout, "--mask_scope", scope,
-                    "--mitigation", mitigation, "--eval", "--eval_split", "test"]
+                    "--mitigation", mitigation, "--eval", "--eval_split", "test", *STAGE2_PROTOCOLS[protocol]]
             if mask is not None:
                 args += ["--mask", mask.bitstring]
             if row_name == "memcontrol" and chosen.get("learning_rate"):
@@ -117,14 +121,15 @@ def run_final(train_args: list[str], output_dir: str, chosen: dict, layout: str,
     def run(index: int) -> None:
         row_name, method, mitigation, args = runs[index]
         slot = slots.get()
+        run_dir = os.path.join(output_dir, "final", f"{row_name}-{mitigation}")
         try:
-            metrics = run_or_reuse(args, os.path.join(output_dir, "final", f"{row_name}-{mitigation}"),
-                                   worker=slot if n_workers > 1 else None, num_workers=n_workers)
+            metrics = run_or_reuse(args, run_dir, worker=slot if n_workers > 1 else None, num_workers=n_workers)
         finally:
             slots.put(slot)
         with lock:
             done[index] = {"method": row_name, "peft_method": method, "mitigation": mitigation,
-                           **{k: v for k, v in metrics.items() if isinstance(v, (int, float)) or v is None}}
+                           **{k: v for k, v in metrics.items() if isinstance(v, (int, float)) or v is None},
+                           "dmem_exposures": dmem_exposures(run_dir)["dmem_exposures"]}
             write_results([done[i] for i in sorted(done)], output_dir)  # partial tables survive an interrupted run
 
     with ThreadPoolExecutor(max_workers=n_workers) as pool:
@@ -152,7 +157,8 @@ def run_or_reuse(args: list[str], run_dir: str, **kwargs) -> dict:
 
 def run_memcontrol(unet, train_args: list[str], output_dir: str, search_spaces: list[str], layout: str, scope: str,
                    config: SearchConfig, final: bool = True, baselines: tuple[str, ...] | list[str] = BASELINES,
-                   mitigations: tuple[str, ...] | list[str] = MITIGATIONS, hpo_baselines: bool = True) -> dict:
+                   mitigations: tuple[str, ...] | list[str] = MITIGATIONS, hpo_baselines: bool = True,
+                   stage2_protocol: str = "split") -> dict:
     """The whole method: search, choose, (optionally) stage 2 and the table; returns paths and the choice."""
     summary = run_search(unet, train_args, output_dir, search_spaces, layout, scope, config)
     plot_baselines = {}
@@ -169,7 +175,7 @@ def run_memcontrol(unet, train_args: list[str], output_dir: str, search_spaces: 
     result = {"search": summary, "pareto_plot": plot, "pareto_baselines": plot_baselines}
     if final:
         result["rows"] = run_final(train_args, output_dir, summary["chosen"], layout, scope, baselines, mitigations,
-                                   n_workers=config.n_workers)
+                                   n_workers=config.n_workers, protocol=stage2_protocol)
         result["results_md"] = os.path.join(output_dir, "results.md")
     write_json_atomic(os.path.join(output_dir, "memcontrol_run.json"),
                 {k: v for k, v in result.items() if k != "search"})
@@ -209,6 +215,10 @@ def add_search_arguments(parser) -> None:
                         help="Comma-separated baselines of the table (stage 2).")
     parser.add_argument("--mitigations", default=",".join(MITIGATIONS),
                         help="Comma-separated mitigations each stage-2 row is trained with.")
+    parser.add_argument("--stage2_protocol", default="split", choices=list(STAGE2_PROTOCOLS),
+                        help="Stage 2 trains on the train split as it is (split: the paper's protocol, where the data "
+                             "hold near-duplicates, as MIMIC-CXR does) or with each D_mem pair repeated --dmem_repeats "
+                             "times (duplicated: emulates them, so that memorization can show on data without any).")
 
 
 def parse_search_args(argv: list[str]) -> tuple:
@@ -245,9 +255,11 @@ def parse_search_args(argv: list[str]) -> tuple:
         bad = [v for v in values.split(",") if v and v not in known]
         if bad:
             p.error(f"{flag}: unknown value(s) {bad}; expected a comma-separated subset of {', '.join(known)}.")
-    for flag in ("--hpo", "--eval", "--eval_split", "--eval_preset", "--mitigation", "--adapter_dir"):
+    for flag in ("--hpo", "--eval", "--eval_split", "--eval_preset", "--mitigation", "--adapter_dir",
+                 "--duplicate_dmem"):
         if flag in passthrough:
-            p.error(f"{flag} is set by the search for each run; remove it from a --search command line.")
+            p.error(f"{flag} is set by the search for each run (--duplicate_dmem by --stage2_protocol duplicated); "
+                    "remove it from a --search command line.")
     train_args = passthrough + ["--seed", str(args.seed)]
     parse_args(train_args)  # every fine-tune's flags are checked once here, not in a failed trial
     return args, train_args
@@ -280,7 +292,8 @@ def main_search(argv: list[str]) -> dict:
     os.makedirs(args.output_dir, exist_ok=True)
     result = run_memcontrol(unet, train_args, args.output_dir, spaces, args.mask_layout, args.mask_scope, config,
                             final=args.final, baselines=[b for b in args.baselines.split(",") if b],
-                            mitigations=[m for m in args.mitigations.split(",") if m])
+                            mitigations=[m for m in args.mitigations.split(",") if m],
+                            stage2_protocol=args.stage2_protocol)
     chosen = result["search"]["chosen"]
     print(f"chosen mask: {chosen['method']} {Mask.from_dict(chosen['mask']).bitstring} "
           f"(d_mem {chosen['dmem']:.4g}, FID {chosen['fid']:.4g})")
@@ -302,7 +315,7 @@ def main_transfer(args, train_args: list[str]) -> dict:
     os.makedirs(args.output_dir, exist_ok=True)
     rows = run_final(train_args, args.output_dir, chosen, mask.layout, args.mask_scope,
                      [b for b in args.baselines.split(",") if b], [m for m in args.mitigations.split(",") if m],
-                     n_workers=args.n_workers)
+                     n_workers=args.n_workers, protocol=args.stage2_protocol)
     result = {"transfer": chosen, "rows": rows, "results_md": os.path.join(args.output_dir, "results.md")}
     write_json_atomic(os.path.join(args.output_dir, "memcontrol_run.json"), result)
     print(f"transferred mask: {mask.method} {mask.bitstring} (from {args.mask})")

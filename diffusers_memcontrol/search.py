@@ -445,15 +445,17 @@ class TrainerTrial:
 
 
 def dmem_exposures(run_dir: str) -> dict:
-    """How often a trainer run showed each D_mem pair (samples trained on x dmem_repeats / training-set size), read
-    from its training_config.json and summary.json, with the training-set size (`train_samples`)."""
+    """How often a trainer run showed each D_mem pair (samples trained on x copies of the pair / training-set size),
+    read from its training_config.json and summary.json, with the training-set size (`train_samples`). A pair has
+    --dmem_repeats copies under --hpo or --duplicate_dmem, else one."""
     with open(os.path.join(run_dir, "training_config.json"), encoding="utf-8") as f:
         config = json.load(f)
     with open(os.path.join(run_dir, "summary.json"), encoding="utf-8") as f:
         steps = json.load(f)["global_step"]
-    fine_tune, images = config["fine_tune"], config["data"]["train_samples"]
+    fine_tune, images, run = config["fine_tune"], config["data"]["train_samples"], config["run"]
     samples = steps * fine_tune["train_batch_size"] * fine_tune["gradient_accumulation_steps"]
-    return {"train_samples": images, "dmem_exposures": round(samples * config["run"]["dmem_repeats"] / images, 1)}
+    copies = run["dmem_repeats"] if run.get("hpo") or run.get("duplicate_dmem") else 1
+    return {"train_samples": images, "dmem_exposures": round(samples * copies / images, 1)}
 
 
 def exposure_report(exposures: Sequence[float]) -> dict:

@@ -110,6 +110,10 @@ def _add_run_arguments(p: argparse.ArgumentParser) -> None:
                    help="Append a distinct word to each D_mem caption (per-prompt memorization on class captions).")
     g.add_argument("--hpo", action="store_true",
                    help="Train on the HPO set (proxy subset + D_mem x repeats) instead of the full train split.")
+    g.add_argument("--duplicate_dmem", action="store_true",
+                   help="Train on the train split with each D_mem pair repeated --dmem_repeats times: the emulation "
+                        "of near-duplicates (as in MIMIC-CXR) so that memorization can be measured; not for a model "
+                        "meant for use.")
 
     add_config_arguments(g, CONFIG_FLAGS["data"])
 
@@ -182,6 +186,9 @@ def _validate_args(parser: argparse.ArgumentParser, args: argparse.Namespace) ->
     for action in search_group._group_actions:
         if getattr(args, action.dest) != action.default:
             parser.error(f"{action.option_strings[0]} is a search flag: add --search (or --final --mask MASK).")
+    if args.duplicate_dmem and args.hpo:
+        parser.error("--duplicate_dmem duplicates D_mem in the train split; --hpo already trains on D_mem x "
+                     "--dmem_repeats: pass one of them.")
     if args.adapter_dir and not args.eval:
         parser.error(f"--adapter_dir {args.adapter_dir!r} evaluates a trained adapter: pass --eval with it.")
     if args.report_to == "wandb" and args.hub_token is not None:
@@ -269,11 +276,12 @@ def load_splits(args: argparse.Namespace) -> tuple[Any, str | None]:
 
 
 def build_sets(args: argparse.Namespace, splits: Any) -> tuple[Any, Any]:
-    """(training set, D_mem or None): the HPO set with --hpo, else the train split; D_mem when --hpo or --eval."""
+    """(training set, D_mem or None): the HPO set with --hpo, else the train split (with D_mem duplicated under
+    --duplicate_dmem); D_mem when --hpo, --duplicate_dmem or --eval."""
     from . import data as data_mod
 
     dmem = None
-    if args.hpo or args.eval:
+    if args.hpo or args.duplicate_dmem or args.eval:
         dmem = data_mod.build_memorization_set(
             splits["train"], args.caption_column, dmem_size=min(args.dmem_size, len(splits["train"])),
             selection=args.dmem_selection, unique_captions=args.dmem_unique_captions, seed=args.seed,
@@ -285,6 +293,8 @@ def build_sets(args: argparse.Namespace, splits: Any) -> tuple[Any, Any]:
         train = splits["train"]
         if dmem is not None and args.dmem_unique_captions:  # the D_mem pairs as the search trained on them
             train = data_mod.with_dmem_captions(train, dmem, args.caption_column)
+        if args.duplicate_dmem:
+            train = data_mod.with_duplicated_dmem(train, dmem, args.dmem_repeats, seed=args.seed)
     return train, dmem
 
 

@@ -18,6 +18,7 @@ from diffusers_memcontrol.data import (
     nonsense_words,
     split_dataset,
     with_dmem_captions,
+    with_duplicated_dmem,
     write_dmem_file,
 )
 from diffusers_memcontrol.images import scan_images
@@ -232,6 +233,22 @@ def test_hpo_set_bad_inputs():
         build_hpo_set(table, dmem, proxy_fraction=2.0)
     with pytest.raises(ValueError, match="dmem_index"):
         build_hpo_set(table, table.select(range(5)))
+
+
+def test_stage_two_split_with_duplicated_dmem():
+    table = make_table(100)
+    dmem = build_memorization_set(table, dmem_size=5, unique_captions=True, seed=0)
+    train = with_dmem_captions(table, dmem)
+    duplicated = with_duplicated_dmem(train, dmem, dmem_repeats=4, seed=0)
+    assert len(duplicated) == 100 + 5 * 3 and duplicated.column_names == table.column_names
+    counts = {}
+    for text in duplicated["text"]:
+        counts[text] = counts.get(text, 0) + 1
+    assert {text: counts[text] for text in dmem["text"]} == {text: 4 for text in dmem["text"]}  # own row + 3 copies
+    assert sum(counts.values()) - 4 * 5 == 95  # every other row once
+    assert with_duplicated_dmem(train, dmem, dmem_repeats=1) is train
+    with pytest.raises(ValueError, match="dmem_repeats must be a positive int"):
+        with_duplicated_dmem(train, dmem, dmem_repeats=0)
 
 
 # ---------------------------------------------------------------------------- CSV / JSONL loading

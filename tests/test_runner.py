@@ -66,13 +66,18 @@ def test_transfer_runs_stage_two_with_a_given_mask(tmp_path):
     space.mask("10" * (len(space) // 2) + "1" * (len(space) % 2)).save(str(found / "best_mask.json"))
     out = str(tmp_path / "transfer")
     argv = ["--final", "--mask", str(found), "--dataset_name", "animal-mnist", "--feature_encoder", "tiny-domain",
-            "--baselines", "freeze", "--mitigations", "none", "--output_dir", out, *TINY_RUN]
+            "--baselines", "freeze", "--mitigations", "none", "--stage2_protocol", "duplicated", "--output_dir", out,
+            *TINY_RUN]
     result = main_search(argv)
     assert result["transfer"]["mask"] == Mask.load(str(found)).to_dict()
     rows = _json(os.path.join(out, "results.json"))
     assert [(r["method"], r["peft_method"]) for r in rows] == [("freeze", "freeze"), ("memcontrol", "difffit")]
     memcontrol = _json(os.path.join(out, "final", "memcontrol-none", "summary.json"))
     assert memcontrol["mask"] == Mask.load(str(found)).to_dict()
+    data = _json(os.path.join(out, "final", "memcontrol-none", "training_config.json"))["data"]
+    assert data["train_samples"] == data["splits"]["train"] + 4  # the 4 D_mem pairs twice (--dmem_repeats 2)
+    steps_x_batch = 3 * 8
+    assert rows[1]["dmem_exposures"] == round(steps_x_batch * 2 / data["train_samples"], 1)
     assert not os.path.exists(os.path.join(out, "study.db"))  # no search ran
     # a restarted command reuses finished fine-tunes with the same arguments and redoes the others
     summaries = {name: os.path.join(out, "final", name, "summary.json") for name in ("freeze-none", "memcontrol-none")}
@@ -90,6 +95,7 @@ def test_search_arguments_are_checked():
                           (["--max_train_steps", "3"], "pass --search"),
                           (["--final", "--mask", "m.json", "--no_final"], "would do nothing"),
                           (["--search", "--eval_split", "test"], "--eval_split is set by the search"),
+                          (["--search", "--duplicate_dmem"], "--duplicate_dmem is set by the search"),
                           (["--search", "--no_such_flag", "3"], "unrecognized arguments: --no_such_flag")):
         with pytest.raises(InputError, match=message):
             parse_search_args(argv)

@@ -1,0 +1,101 @@
+"""The paper's Table 1 grid (every method x every mitigation, stage 2) with several seeds: mean ± std per cell.
+
+One seed's table cannot tell a difference between methods from noise: the seed draws D_mem, the noise of every
+training step and the generations. This runs stage 2 (`train_memcontrol.py --final --mask MASK`, the same runs as
+the quickstart's stage 2) once per seed and reports each metric's mean and sample standard deviation over the seeds.
+
+    python benchmarks/paper_table.py --mask outputs/quickstart           # the mask the quickstart chose
+    python benchmarks/paper_table.py --mask outputs/quickstart --seeds 0,1,2 --mitigations none
+
+Writes benchmarks/results/paper_table.json (every seed's rows and the summary) and paper_table.md (the table).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import time
+
+import torch
+
+METRICS = ("fid", "amd", "agreement", "extracted_images", "memorized_prompts", "dmem", "dmem_exposures")
+# the quickstart's stage-2 settings (README)
+DEFAULT_TRAINER_ARGS = ("--max_train_steps 400 --learning_rate 1e-3 --caption_dropout 0.1 --max_train_samples 200 "
+                        "--dmem_size 5 --dmem_unique_captions --eval_num_prompts 50 --eval_inference_steps 20 "
+                        "--eval_extraction_generations 10")
+
+
+def summarize(runs: dict[int, list[dict]]) -> list[dict]:
+    """One row per (method, mitigation): mean, std (sample, over seeds) and n of each metric present in every seed."""
+    cells: dict[tuple[str, str], list[dict]] = {}
+    for rows in runs.values():
+        for row in rows:
+            cells.setdefault((row["method"], row["mitigation"]), []).append(row)
+    summary = []
+    for (method, mitigation), rows in cells.items():
+        out = {"method": method, "mitigation": mitigation, "seeds": len(rows),
+               "trainable_params": rows[0].get("trainable_params")}
+        for name in METRICS:
+            values = [float(r[name]) for r in rows if r.get(name) is not None]
+            if len(values) == len(rows):
+                out[name] = {"mean": statistics.fmean(values),
+                             "std": statistics.stdev(values) if len(values) > 1 else 0.0}
+        summary.append(out)
+    return summary
+
+
+def markdown(summary: list[dict]) -> str:
+    """The summary as a Markdown table of mean ± std."""
+    names = [n for n in METRICS if any(n in row for row in summary)]
+    lines = ["| Method | Mitigation | " + " | ".join(names) + " | Trainable params |",
+             "|---|---|" + "---|" * len(names) + "---|"]
+    for row in summary:
+        cells = [f"{row[n]['mean']:.4g} ± {row[n]['std']:.2g}" if n in row else "—" for n in names]
+        lines.append(f"| {row['method']} | {row['mitigation']} | " + " | ".join(cells)
+                     + f" | {row['trainable_params']:,} |")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--mask", required=True, help="The MemControl mask (bit string of a method, JSON, or a folder "
+                                                 "holding best_mask.json, e.g. the quickstart's output).")
+    p.add_argument("--seeds", default="0,1,2")
+    p.add_argument("--mitigations", default="none,rwa,threshold")
+    p.add_argument("--stage2_protocol", default="duplicated", choices=["split", "duplicated"])
+    p.add_argument("--n_workers", type=int, default=2)
+    p.add_argument("--trainer_args", default=DEFAULT_TRAINER_ARGS,
+                   help="Trainer arguments of every stage-2 run (default: the README quickstart's).")
+    p.add_argument("--output_dir", default="outputs/paper_table")
+    p.add_argument("--results", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
+    args = p.parse_args()
+
+    from diffusers_memcontrol.runner import main_search
+
+    runs, seconds = {}, {}
+    for seed in [int(s) for s in args.seeds.split(",")]:
+        start = time.perf_counter()
+        result = main_search(["--final", "--mask", args.mask, "--mitigations", args.mitigations,
+                              "--stage2_protocol", args.stage2_protocol, "--n_workers", str(args.n_workers),
+                              "--seed", str(seed), "--output_dir", os.path.join(args.output_dir, f"seed-{seed}"),
+                              *args.trainer_args.split()])
+        runs[seed], seconds[seed] = result["rows"], round(time.perf_counter() - start, 1)
+    summary = summarize(runs)
+    os.makedirs(args.results, exist_ok=True)
+    record = {"mask": args.mask, "trainer_args": args.trainer_args, "stage2_protocol": args.stage2_protocol,
+              "seconds_per_seed": seconds, "machine": {"platform": platform.platform(), "cpus": os.cpu_count(),
+                                                      "torch": torch.__version__},
+              "summary": summary, "runs": {str(k): v for k, v in runs.items()}}
+    with open(os.path.join(args.results, "paper_table.json"), "w", encoding="utf-8") as f:
+        json.dump(record, f, indent=2)
+    table = markdown(summary)
+    with open(os.path.join(args.results, "paper_table.md"), "w", encoding="utf-8") as f:
+        f.write(table)
+    print(table)
+
+
+if __name__ == "__main__":
+    main()
