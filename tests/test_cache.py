@@ -27,12 +27,7 @@ from diffusers_memcontrol.training import train
 from diffusers_memcontrol.training_data import encode_latent_distribution, prepare_training_data
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -18,12 +18,7 @@ SECRET_PROMPT = "a secret validation prompt qqzx"
 SECRET_TOKEN = "hf_secret_token_never_written"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -22,13 +22,7 @@ from diffusers_memcontrol.training_data import prepare_training_data, training_d
 LEARNING_RATES = {"svdiff": 1e-2, "difffit": 1e-2, "attention": 1e-3, "lora": 3e-3, "full": 1e-3}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """2 shared cores: one intra-op thread is ~10x faster than two fighting over them (and SVDs stop spinning)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _tiny_pipeline() -> StableDiffusionPipeline:
