@@ -26,7 +26,6 @@ from diffusers_memcontrol.images import transform_image
 from diffusers_memcontrol.training import train
 from diffusers_memcontrol.training_data import encode_latent_distribution, prepare_training_data
 
-
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
