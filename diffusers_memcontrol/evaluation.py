@@ -14,7 +14,8 @@ datasets:
 * ``replication`` -- Somepalli et al.'s top-1 cosine similarity of the ``D_mem`` generations to the training set
   (mean, 95th percentile, fraction above ``replication_threshold``).
 * ``extracted_images`` -- Carlini et al.'s extraction attack on the ``D_mem`` generations: cliques of near-identical
-  generations (tiled l2) that also match the prompt's training image.
+  generations (tiled l2) that also match the prompt's training image, as well as the pipeline's VAE can render it
+  (per-pair thresholds calibrated by :mod:`metrics.extraction`). ``memorized_prompts``: the prompts with a clique.
 * ``dmem`` / ``dmem_mean`` -- the search variant of d_mem on the ``D_mem`` training latents: per-batch max of the
   conditional-minus-unconditional noise prediction norm averaged over batches (the reference code's objective),
   and the plain mean.
@@ -107,7 +108,12 @@ class EvaluationConfig:
     extraction_threshold: float = field(default=0.15, metadata={
         "help": "Clique edge threshold on the 'rms' tiled-l2 scale (pixels in [0, 1]); see metrics.extraction_attack."})
     extraction_match_threshold: float | None = field(default=None, metadata={
-        "help": "Distance to the training image below which a flagged generation is extracted (None: threshold)."})
+        "help": "Carlini's pixel threshold: distance to the training image below which a flagged generation is "
+                "extracted (None: extraction_threshold). Where the VAE's own round trip of a training image is "
+                "farther than this, the match is made against that round trip instead (metrics.extraction)."})
+    extraction_separation: float = field(default=0.5, metadata={
+        "help": "Caps each D_mem pair's match threshold at this fraction of the distance to the nearest other "
+                "training image (0.5: a match is closer to its own image than to any other one)."})
     extraction_min_clique_size: int = field(default=3, metadata={
         "help": "Smallest clique that flags generations (reference code: 3 of 50; Carlini et al.: 10 of 500)."})
     extraction_reduction: str = field(default="rms", metadata={"help": "Tiled l2 normalization: 'rms' or 'sum'."})
@@ -148,6 +154,8 @@ class EvaluationConfig:
             value = getattr(self, name)
             if value is not None and (not isinstance(value, (int, float)) or not value > 0):
                 raise ValueError(f"{name} must be a number > 0, got {value!r}.")
+        if not isinstance(self.extraction_separation, (int, float)) or not 0 < self.extraction_separation <= 1:
+            raise ValueError(f"extraction_separation must be in (0, 1], got {self.extraction_separation!r}.")
         _positive_int(self.extraction_min_clique_size, "extraction_min_clique_size")
         if self.extraction_min_clique_size < 2:
             raise ValueError(f"extraction_min_clique_size must be >= 2, got {self.extraction_min_clique_size}.")
@@ -401,9 +409,8 @@ def _fid_reference(encoder: Any, eval_dataset: Any, image_column: str, config: E
 
 
 def _train_features(encoder: Any, dataset: Any, image_column: str, config: EvaluationConfig, resolution: int,
-                    keep: Sequence[int]) -> tuple[np.ndarray, bool]:
-    """Cached features of the training images (AMD / replication reference)."""
-    rows = _subset(len(dataset), config.max_train_images, config.seed, keep=keep)
+                    rows: np.ndarray) -> tuple[np.ndarray, bool]:
+    """Cached features of the training images `rows` (AMD / replication reference)."""
     key = content_key("train-features", _CACHE_VERSION, _encoder_identity(encoder),
                       _image_column_fingerprint(dataset, image_column, rows), resolution, config.center_crop,
                       config.image_interpolation_mode)
@@ -510,6 +517,7 @@ def evaluate(
     trainable_params: int | None = None,
     *,
     encoder: Any = None,
+    generations_path: str | os.PathLike | None = None,
 ) -> dict[str, Any]:
     """Table-1 metrics of a pipeline (FID, AMD, agreement, extracted images, d_mem, replication) as a JSON-able dict.
 
@@ -525,11 +533,15 @@ def evaluate(
         label_column: integer class column of ``eval_dataset`` for ``agreement="classifier"`` (default ``label``).
         trainable_params: reported as is; None = parameters of ``pipe.unet`` with ``requires_grad``.
         encoder: an already loaded feature encoder (``metrics.ImageEncoder``); None = ``config.feature_encoder``.
+        generations_path: where to keep a few D_mem generations, their training images and flags for the
+            memorization figure (``figures.save_dmem_generations``; local only: it holds training images).
 
-    Returns ``fid``, ``amd``, ``amd_eval``, ``agreement``, ``extracted_images``, ``extraction`` (counts),
-    ``dmem``, ``dmem_mean``, ``replication``, ``trainable_params``, counts, ``fid_reference_cached``,
-    ``timings`` (seconds) and ``config``. No prompt or caption is ever included. ``amd``, ``replication`` and
-    ``extracted_images`` are None when ``config.extraction_generations == 0``; ``agreement`` is None for
+    Returns ``fid``, ``amd``, ``amd_eval``, ``agreement``, ``extracted_images``, ``memorized_prompts`` (D_mem
+    prompts whose generations form a clique: the MemControl authors' count), ``extraction`` (counts and the
+    per-pair calibration: min/median/max of the VAE round-trip and nearest-other-image distances and of the
+    thresholds), ``dmem``, ``dmem_mean``, ``replication``, ``trainable_params``, counts, ``fid_reference_cached``,
+    ``timings`` (seconds) and ``config``. No prompt or caption is ever included. ``amd``, ``replication``,
+    ``extracted_images`` and ``memorized_prompts`` are None when ``config.extraction_generations == 0``; ``agreement`` is None for
     ``agreement="none"``. When ``config.max_train_images`` caps the training reference, the D_mem rows
     (``dmem_index``) are always kept in it.
     """
@@ -547,7 +559,46 @@ def evaluate(
     if encoder is None:
         encoder = _load_feature_encoder(config, device)
 
-    # eval prompts: FID, agreement, amd_eval
+    out, eval_feats = _eval_prompt_metrics(pipe, eval_dataset, image_column, caption_column, label_column, encoder,
+                                           config, resolution, timings)
+    clock = time.perf_counter()
+    keep = [int(i) for i in dmem_dataset["dmem_index"]] if "dmem_index" in dmem_dataset.column_names else []
+    keep = [i for i in keep if 0 <= i < len(reference_dataset)]
+    train_rows = _subset(len(reference_dataset), config.max_train_images, config.seed, keep=keep)
+    train_feats, train_cached = _train_features(encoder, reference_dataset, image_column, config, resolution,
+                                                train_rows)
+    timings["train_features"] = time.perf_counter() - clock
+    from .metrics.distances import average_min_cosine_distance
+
+    out["amd_eval"] = float(average_min_cosine_distance(eval_feats, train_feats))
+    out.update(amd=None, extracted_images=None, memorized_prompts=None, extraction={}, replication=None)
+    if config.extraction_generations > 0:
+        out.update(_dmem_prompt_metrics(pipe, dmem_dataset, reference_dataset, train_rows, train_feats,
+                                        image_column, caption_column, encoder, config, resolution, timings,
+                                        generations_path))
+    clock = time.perf_counter()
+    dmem = _dmem(pipe, dmem_dataset, image_column, caption_column, config, resolution)
+    timings["dmem"] = time.perf_counter() - clock
+    out.update({
+        "dmem": float(dmem.max),
+        "dmem_mean": float(dmem.mean),
+        "trainable_params": int(trainable_params) if trainable_params is not None else trainable_parameters(pipe.unet),
+        "num_dmem": len(dmem_dataset),
+        "num_train_images": int(train_feats.shape[0]),
+        "resolution": int(resolution),
+        "feature_encoder": str(getattr(encoder, "name", config.feature_encoder)),
+        "train_features_cached": bool(train_cached),
+        "timings": {k: round(v, 3) for k, v in timings.items()},
+        "config": config.to_dict(),
+    })
+    return out
+
+
+def _eval_prompt_metrics(pipe: Any, eval_dataset: Any, image_column: str, caption_column: str,
+                         label_column: str | None, encoder: Any, config: EvaluationConfig, resolution: int,
+                         timings: dict[str, float]) -> tuple[dict[str, Any], torch.Tensor]:
+    """FID and agreement of the eval prompts' generations; (metrics, their features)."""
+    clock = time.perf_counter()
     rows = _subset(len(eval_dataset), config.num_eval_prompts, config.seed)
     prompts = check_captions(eval_dataset.select(rows)[caption_column], caption_column, "eval_dataset")
     labels = _labels(eval_dataset, rows, label_column, config)
@@ -566,73 +617,75 @@ def evaluate(
     repeated_prompts = [p for p in prompts for _ in range(config.images_per_prompt)]
     agreement = _agreement(eval_images, repeated_prompts, repeated_labels, encoder, config)
     timings["agreement"] = time.perf_counter() - clock
+    return {"fid": float(fid), "agreement": agreement, "agreement_kind": config.agreement,
+            "num_eval_prompts": len(prompts), "num_eval_images": int(eval_images.shape[0]),
+            "num_fid_reference_images": int(n_ref), "fid_reference_cached": bool(from_cache)}, eval_feats
 
-    # D_mem prompts: extraction, AMD, replication
-    from .metrics.distances import average_min_cosine_distance, extraction_attack, replication_scores
+
+def _dmem_prompt_metrics(pipe: Any, dmem_dataset: Any, reference_dataset: Any, train_rows: np.ndarray,
+                         train_feats: np.ndarray, image_column: str, caption_column: str, encoder: Any,
+                         config: EvaluationConfig, resolution: int, timings: dict[str, float],
+                         generations_path: str | os.PathLike | None) -> dict[str, Any]:
+    """AMD, replication and the calibrated extraction attack on the D_mem prompts' generations."""
+    from .metrics.distances import average_min_cosine_distance, replication_scores
 
     clock = time.perf_counter()
-    dmem_captions = check_captions(dmem_dataset[caption_column], caption_column, "dmem_dataset")
-    keep = [int(i) for i in dmem_dataset["dmem_index"]] if "dmem_index" in dmem_dataset.column_names else []
-    keep = [i for i in keep if 0 <= i < len(reference_dataset)]
-    train_feats, train_cached = _train_features(encoder, reference_dataset, image_column, config, resolution, keep)
-    timings["train_features"] = time.perf_counter() - clock
-    amd_eval = average_min_cosine_distance(eval_feats, train_feats)
-    amd = extracted = replication = None
-    extraction: dict[str, Any] = {}
+    captions = check_captions(dmem_dataset[caption_column], caption_column, "dmem_dataset")
     g = config.extraction_generations
-    if g > 0:
-        clock = time.perf_counter()
-        dmem_images = generate_images(
-            pipe, dmem_captions, g, num_inference_steps=config.num_inference_steps,
-            guidance_scale=config.guidance_scale, resolution=resolution, batch_size=config.generation_batch_size,
-            seed=config.seed + 1, show_progress=config.show_progress, desc="generate (D_mem prompts)")
-        timings["generate_dmem"] = time.perf_counter() - clock
-        clock = time.perf_counter()
-        dmem_feats = encoder.features(dmem_images, batch_size=config.encoder_batch_size)
-        amd = average_min_cosine_distance(dmem_feats, train_feats)
-        replication = replication_scores(dmem_feats, train_feats, threshold=config.replication_threshold)
-        timings["amd_replication"] = time.perf_counter() - clock
-        clock = time.perf_counter()
-        training_images = torch.cat(list(_real_images(dmem_dataset, image_column, range(len(dmem_dataset)),
-                                                      resolution, config)))
-        result = extraction_attack(
-            dmem_images.reshape(len(dmem_captions), g, *dmem_images.shape[1:]), training_images,
-            threshold=config.extraction_threshold, min_clique_size=config.extraction_min_clique_size,
-            grid=config.extraction_grid, match_threshold=config.extraction_match_threshold,
-            reduction=config.extraction_reduction, value_range=(-1.0, 1.0))
-        extracted = int(result.n_extracted)
-        extraction = {"n_extracted": extracted, "n_extracted_generations": int(result.n_extracted_generations),
-                      "n_flagged_prompts": int(result.n_flagged_prompts), "n_prompts": int(result.n_prompts),
-                      "generations_per_prompt": g}
-        timings["extraction"] = time.perf_counter() - clock
-
+    images = generate_images(
+        pipe, captions, g, num_inference_steps=config.num_inference_steps,
+        guidance_scale=config.guidance_scale, resolution=resolution, batch_size=config.generation_batch_size,
+        seed=config.seed + 1, show_progress=config.show_progress, desc="generate (D_mem prompts)")
+    timings["generate_dmem"] = time.perf_counter() - clock
     clock = time.perf_counter()
-    dmem = _dmem(pipe, dmem_dataset, image_column, caption_column, config, resolution)
-    timings["dmem"] = time.perf_counter() - clock
-    return {
-        "fid": float(fid),
-        "amd": amd,
-        "amd_eval": float(amd_eval),
-        "agreement": agreement,
-        "agreement_kind": config.agreement,
-        "extracted_images": extracted,
-        "extraction": extraction,
-        "dmem": float(dmem.max),
-        "dmem_mean": float(dmem.mean),
-        "replication": replication,
-        "trainable_params": int(trainable_params) if trainable_params is not None else trainable_parameters(pipe.unet),
-        "num_eval_prompts": len(prompts),
-        "num_eval_images": int(eval_images.shape[0]),
-        "num_fid_reference_images": int(n_ref),
-        "num_dmem": len(dmem_captions),
-        "num_train_images": int(train_feats.shape[0]),
-        "resolution": int(resolution),
-        "feature_encoder": str(getattr(encoder, "name", config.feature_encoder)),
-        "fid_reference_cached": bool(from_cache),
-        "train_features_cached": bool(train_cached),
-        "timings": {k: round(v, 3) for k, v in timings.items()},
-        "config": config.to_dict(),
-    }
+    feats = encoder.features(images, batch_size=config.encoder_batch_size)
+    out: dict[str, Any] = {
+        "amd": average_min_cosine_distance(feats, train_feats),
+        "replication": replication_scores(feats, train_feats, threshold=config.replication_threshold)}
+    timings["amd_replication"] = time.perf_counter() - clock
+    clock = time.perf_counter()
+    generations = images.reshape(len(captions), g, *images.shape[1:])
+    training_images = torch.cat(list(_real_images(dmem_dataset, image_column, range(len(dmem_dataset)),
+                                                  resolution, config)))
+    extraction, flags = _extraction(pipe, generations, training_images, reference_dataset, train_rows,
+                                    image_column, config, resolution)
+    if generations_path is not None:
+        from .figures import save_dmem_generations
+
+        save_dmem_generations(generations_path, generations, training_images, flags)
+    out.update(extracted_images=extraction["n_extracted"], memorized_prompts=extraction["n_flagged_prompts"],
+               extraction=extraction)
+    timings["extraction"] = time.perf_counter() - clock
+    return out
+
+
+def _extraction(pipe: Any, generations: torch.Tensor, training_images: torch.Tensor, reference_dataset: Any,
+                rows: np.ndarray, image_column: str, config: EvaluationConfig,
+                resolution: int) -> tuple[dict[str, Any], torch.Tensor]:
+    """Carlini's attack matched against targets calibrated to the pipeline's VAE: (counts and calibration, flags).
+
+    The flags are ``[P, G]`` uint8: bit 1 clique member, bit 2 extracted (figures.save_dmem_generations).
+    """
+    from .metrics.distances import extraction_attack
+    from .metrics.extraction import calibrate_extraction, vae_round_trip
+
+    calibration = calibrate_extraction(
+        training_images, lambda x: vae_round_trip(pipe.vae, x, config.encoder_batch_size),
+        _real_images(reference_dataset, image_column, rows, resolution, config),
+        config.extraction_match_threshold or config.extraction_threshold, config.extraction_separation,
+        grid=config.extraction_grid, reduction=config.extraction_reduction)
+    result = extraction_attack(
+        generations, calibration.targets, threshold=config.extraction_threshold,
+        min_clique_size=config.extraction_min_clique_size, grid=config.extraction_grid,
+        match_threshold=calibration.thresholds.tolist(), reduction=config.extraction_reduction,
+        value_range=(-1.0, 1.0))
+    flags = torch.zeros(generations.shape[:2], dtype=torch.uint8)
+    for p, entry in enumerate(result.per_prompt):
+        flags[p, entry["flagged_indices"]] |= 1
+        flags[p, entry["extracted_indices"]] |= 2
+    return {"n_extracted": int(result.n_extracted), "n_extracted_generations": int(result.n_extracted_generations),
+            "n_flagged_prompts": int(result.n_flagged_prompts), "n_prompts": int(result.n_prompts),
+            "generations_per_prompt": int(generations.shape[1]), **calibration.summary()}, flags
 
 
 def evaluate_search_objectives(

@@ -18,6 +18,7 @@ from .errors import ArgumentParser, InputError, user_input
 from .files import write_json_atomic
 from .masks import Mask, MaskSpace
 from .mitigation import MITIGATIONS
+from .figures import write_memorization_figure
 from .reporting import pareto_plot, write_results
 from .search import (
     OBJECTIVES,
@@ -130,6 +131,7 @@ def run_final(train_args: list[str], output_dir: str, chosen: dict, layout: str,
     with ThreadPoolExecutor(max_workers=n_workers) as pool:
         for future in [pool.submit(run, i) for i in range(len(runs))]:
             future.result()
+    write_memorization_figure([done[i] for i in sorted(done)], output_dir)
     return [done[i] for i in sorted(done)]
 
 

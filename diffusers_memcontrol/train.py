@@ -353,12 +353,14 @@ def run_evaluation(args: argparse.Namespace, pipe: Any, splits: Any, dmem: Any, 
                    trainable_params: int) -> dict:
     """Evaluate the pipeline on --eval_split, D_mem and the train split; write metrics.json; return the metrics."""
     from .evaluation import evaluate, write_metrics
+    from .figures import DMEM_GENERATIONS_FILE
 
     eval_dataset = splits[args.eval_split]
     label_column = "label" if "label" in eval_dataset.column_names else None
     metrics = evaluate(pipe, eval_dataset, dmem, splits["train"], config,
                        image_column=args.image_column, caption_column=args.caption_column,
-                       label_column=label_column, trainable_params=trainable_params)
+                       label_column=label_column, trainable_params=trainable_params,
+                       generations_path=os.path.join(args.output_dir, DMEM_GENERATIONS_FILE))
     write_metrics(metrics, os.path.join(args.output_dir, "metrics.json"))
     return metrics
 
