@@ -30,7 +30,7 @@ from .distances import tiled_l2
 
 __all__ = ["ExtractionCalibration", "calibrate_extraction", "match_thresholds", "vae_round_trip"]
 
-_SAME_IMAGE = 1e-6  # raw tiled l2 below which two training images are the same image (a duplicate)
+_SAME_IMAGE = 1e-3  # raw tiled l2 (float32 rounding, below a quarter grey level): the same image, a duplicate
 
 
 @torch.no_grad()
