@@ -42,10 +42,18 @@ import numpy as np
 import torch
 
 from .columns import check_captions, check_columns
-from .files import atomic_open, write_json_atomic
-from .images import check_interpolation, image_source, pixel_batch
+from .files import write_json_atomic
+from .images import check_interpolation, pixel_batch
 from .masks import trainable_parameters
-from .metrics.fid import FeatureStatistics, cached_reference_statistics, content_key, frechet_distance_from_stats
+from .metrics.fid import (
+    FeatureStatistics,
+    cached_features,
+    cached_reference_statistics,
+    content_key,
+    encoder_identity,
+    frechet_distance_from_stats,
+    image_column_fingerprint,
+)
 
 __all__ = [
     "AGREEMENT_KINDS",
@@ -326,57 +334,6 @@ def _real_images(dataset: Any, column: str, rows: Sequence[int], resolution: int
         yield pixel_batch(images, resolution, config.center_crop, config.image_interpolation_mode, generator)
 
 
-def _encoder_identity(encoder: Any) -> str:
-    """Hash of an encoder's name and weights (so cached features follow weight changes)."""
-    h = hashlib.blake2b(digest_size=16)
-    h.update(str(getattr(encoder, "name", type(encoder).__name__)).encode())
-    h.update(type(encoder).__name__.encode())
-    for key, tensor in sorted(encoder.state_dict().items()):
-        h.update(key.encode())
-        h.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes()
-                 if tensor.numel() else b"")
-    return h.hexdigest()
-
-
-def _image_column_fingerprint(dataset: Any, column: str, rows: Sequence[int]) -> str:
-    """Content hash of the selected images: their encoded bytes, or path + size + mtime for file-backed images."""
-    h = hashlib.blake2b(digest_size=16)
-    table = dataset.with_format("arrow")
-    rows = [int(r) for r in rows]
-    for start in range(0, len(rows), 1024):
-        values = table.select(rows[start:start + 1024])[column].to_pylist()
-        for row, value in zip(rows[start:start + 1024], values):
-            source, _, data = image_source(value, row, column)
-            if data is not None:
-                h.update(b"b")
-                h.update(len(data).to_bytes(8, "little"))
-                h.update(data)
-            else:  # a file: its path, size and modification time (cheap, unlike reading every file)
-                h.update(b"p")
-                h.update(source.encode())
-                try:
-                    st = os.stat(source)
-                    h.update(f"{st.st_size}:{st.st_mtime_ns}".encode())
-                except OSError:
-                    pass
-    return h.hexdigest()
-
-
-def _cached_features(cache_dir: str, key: str, compute: Any) -> tuple[np.ndarray, bool]:
-    """``[N, D]`` float32 features cached in ``cache_dir/<key>.npy`` (atomic write); (features, from_cache)."""
-    os.makedirs(cache_dir, exist_ok=True)
-    path = os.path.join(cache_dir, f"features-{key}.npy")
-    if os.path.exists(path):
-        try:
-            return np.load(path, allow_pickle=False), True
-        except (OSError, ValueError, EOFError):
-            pass  # unreadable: recompute and overwrite
-    feats = np.ascontiguousarray(np.asarray(compute(), dtype=np.float32))
-    with atomic_open(path, "wb") as fh:
-        np.save(fh, feats)
-    return feats, False
-
-
 def _load_feature_encoder(config: EvaluationConfig, device: torch.device) -> Any:
     """The configured feature encoder on `device`."""
     from .metrics.encoders import load_encoder
@@ -388,8 +345,8 @@ def _fid_reference(encoder: Any, eval_dataset: Any, image_column: str, config: E
                    resolution: int) -> tuple[FeatureStatistics, bool, int]:
     """Cached feature statistics of the real eval images: (statistics, from_cache, number of images)."""
     rows = _subset(len(eval_dataset), config.max_reference_images, config.seed)
-    key = content_key("fid-reference", _CACHE_VERSION, _encoder_identity(encoder),
-                      _image_column_fingerprint(eval_dataset, image_column, rows), resolution, config.center_crop,
+    key = content_key("fid-reference", _CACHE_VERSION, encoder_identity(encoder),
+                      image_column_fingerprint(eval_dataset, image_column, rows), resolution, config.center_crop,
                       config.image_interpolation_mode)
     computed = []
 
@@ -411,8 +368,8 @@ def _fid_reference(encoder: Any, eval_dataset: Any, image_column: str, config: E
 def _train_features(encoder: Any, dataset: Any, image_column: str, config: EvaluationConfig, resolution: int,
                     rows: np.ndarray) -> tuple[np.ndarray, bool]:
     """Cached features of the training images `rows` (AMD / replication reference)."""
-    key = content_key("train-features", _CACHE_VERSION, _encoder_identity(encoder),
-                      _image_column_fingerprint(dataset, image_column, rows), resolution, config.center_crop,
+    key = content_key("train-features", _CACHE_VERSION, encoder_identity(encoder),
+                      image_column_fingerprint(dataset, image_column, rows), resolution, config.center_crop,
                       config.image_interpolation_mode)
 
     def compute() -> np.ndarray:
@@ -424,7 +381,7 @@ def _train_features(encoder: Any, dataset: Any, image_column: str, config: Evalu
         bar.close()
         return np.concatenate(out)
 
-    return _cached_features(config.cache_dir or reference_cache_dir(), key, compute)
+    return cached_features(config.cache_dir or reference_cache_dir(), key, compute)
 
 
 def _stats_of(feats: torch.Tensor, what: str) -> FeatureStatistics:
@@ -628,6 +585,7 @@ def _dmem_prompt_metrics(pipe: Any, dmem_dataset: Any, reference_dataset: Any, t
                          generations_path: str | os.PathLike | None) -> dict[str, Any]:
     """AMD, replication and the calibrated extraction attack on the D_mem prompts' generations."""
     from .metrics.distances import average_min_cosine_distance, replication_scores
+    from .metrics.extraction import calibrated_extraction, vae_round_trip
 
     clock = time.perf_counter()
     captions = check_captions(dmem_dataset[caption_column], caption_column, "dmem_dataset")
@@ -647,8 +605,13 @@ def _dmem_prompt_metrics(pipe: Any, dmem_dataset: Any, reference_dataset: Any, t
     generations = images.reshape(len(captions), g, *images.shape[1:])
     training_images = torch.cat(list(_real_images(dmem_dataset, image_column, range(len(dmem_dataset)),
                                                   resolution, config)))
-    extraction, flags = _extraction(pipe, generations, training_images, reference_dataset, train_rows,
-                                    image_column, config, resolution)
+    extraction, flags = calibrated_extraction(
+        generations, training_images, lambda x: vae_round_trip(pipe.vae, x, config.encoder_batch_size),
+        _real_images(reference_dataset, image_column, train_rows, resolution, config),
+        threshold=config.extraction_threshold, pixel_threshold=config.extraction_match_threshold or
+        config.extraction_threshold, separation=config.extraction_separation,
+        min_clique_size=config.extraction_min_clique_size, grid=config.extraction_grid,
+        reduction=config.extraction_reduction)
     if generations_path is not None:
         from .figures import save_dmem_generations
 
@@ -657,35 +620,6 @@ def _dmem_prompt_metrics(pipe: Any, dmem_dataset: Any, reference_dataset: Any, t
                extraction=extraction)
     timings["extraction"] = time.perf_counter() - clock
     return out
-
-
-def _extraction(pipe: Any, generations: torch.Tensor, training_images: torch.Tensor, reference_dataset: Any,
-                rows: np.ndarray, image_column: str, config: EvaluationConfig,
-                resolution: int) -> tuple[dict[str, Any], torch.Tensor]:
-    """Carlini's attack matched against targets calibrated to the pipeline's VAE: (counts and calibration, flags).
-
-    The flags are ``[P, G]`` uint8: bit 1 clique member, bit 2 extracted (figures.save_dmem_generations).
-    """
-    from .metrics.distances import extraction_attack
-    from .metrics.extraction import calibrate_extraction, vae_round_trip
-
-    calibration = calibrate_extraction(
-        training_images, lambda x: vae_round_trip(pipe.vae, x, config.encoder_batch_size),
-        _real_images(reference_dataset, image_column, rows, resolution, config),
-        config.extraction_match_threshold or config.extraction_threshold, config.extraction_separation,
-        grid=config.extraction_grid, reduction=config.extraction_reduction)
-    result = extraction_attack(
-        generations, calibration.targets, threshold=config.extraction_threshold,
-        min_clique_size=config.extraction_min_clique_size, grid=config.extraction_grid,
-        match_threshold=calibration.thresholds.tolist(), reduction=config.extraction_reduction,
-        value_range=(-1.0, 1.0))
-    flags = torch.zeros(generations.shape[:2], dtype=torch.uint8)
-    for p, entry in enumerate(result.per_prompt):
-        flags[p, entry["flagged_indices"]] |= 1
-        flags[p, entry["extracted_indices"]] |= 2
-    return {"n_extracted": int(result.n_extracted), "n_extracted_generations": int(result.n_extracted_generations),
-            "n_flagged_prompts": int(result.n_flagged_prompts), "n_prompts": int(result.n_prompts),
-            "generations_per_prompt": int(generations.shape[1]), **calibration.summary()}, flags
 
 
 def evaluate_search_objectives(

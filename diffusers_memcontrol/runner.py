@@ -15,10 +15,10 @@ from collections.abc import Sequence
 from dataclasses import replace
 
 from .errors import ArgumentParser, InputError, user_input
+from .figures import write_memorization_figure
 from .files import write_json_atomic
 from .masks import Mask, MaskSpace
 from .mitigation import MITIGATIONS
-from .figures import write_memorization_figure
 from .reporting import pareto_plot, write_results
 from .search import (
     OBJECTIVES,

@@ -6,7 +6,6 @@ import json
 import math
 import os
 
-import numpy as np
 import pytest
 import torch
 from diffusers import DDIMScheduler, StableDiffusionPipeline
@@ -216,23 +215,23 @@ def test_wen_detection_separates_duplicated_prompts_on_tiny_base(tmp_path):
 
 def _digits_extraction(make_generations):
     """The calibrated attack of evaluate() with the shipped tiny base's VAE on digits D_mem pairs."""
-    from types import SimpleNamespace
-
     from diffusers import AutoencoderKL
 
-    from diffusers_memcontrol.evaluation import _extraction
     from diffusers_memcontrol.images import pixel_batch
-    from diffusers_memcontrol.metrics.extraction import vae_round_trip
+    from diffusers_memcontrol.metrics.extraction import calibrated_extraction, vae_round_trip
 
     train = tb.load_domain("digits", "train").select(range(300))
     dmem = build_memorization_set(train, dmem_size=6, seed=0)
-    pipe = SimpleNamespace(vae=AutoencoderKL.from_pretrained(os.path.join(tb.tiny_base_path(), "vae")).eval())
-    config = EvaluationConfig(extraction_generations=5, extraction_min_clique_size=3, show_progress=False)
+    vae = AutoencoderKL.from_pretrained(os.path.join(tb.tiny_base_path(), "vae")).eval()
     images = pixel_batch(dmem["image"], 32)
-    generations = make_generations(images, vae_round_trip(pipe.vae, images))
+    generations = make_generations(images, vae_round_trip(vae, images))
     generator = torch.Generator().manual_seed(0)
     generations = (generations + 0.003 * torch.randn(generations.shape, generator=generator)).clamp(-1, 1)
-    return _extraction(pipe, generations, images, train, np.arange(len(train)), "image", config, 32)
+    config = EvaluationConfig()  # the evaluation's default thresholds
+    references = (pixel_batch(train.select(range(s, s + 100))["image"], 32) for s in range(0, 300, 100))
+    return calibrated_extraction(
+        generations, images, lambda x: vae_round_trip(vae, x), references, threshold=config.extraction_threshold,
+        pixel_threshold=config.extraction_threshold, separation=config.extraction_separation, min_clique_size=3)
 
 
 def test_decoded_training_latents_are_all_extracted_on_tiny_base():

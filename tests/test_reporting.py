@@ -79,6 +79,8 @@ def test_stage_two_figure_picks_full_memcontrol_and_the_best_other_baseline(tmp_
             {"method": "svdiff", "mitigation": "none", "fid": 12.0}, {"method": "svdiff", "mitigation": "rwa",
             "fid": 1.0}]
     path = write_memorization_figure(rows, str(tmp_path))
-    assert path == str(tmp_path / "memorization.png") and open(path, "rb").read(4) == b"\x89PNG"
+    assert path == str(tmp_path / "memorization.png")
+    with open(path, "rb") as fh:
+        assert fh.read(4) == b"\x89PNG"
     rows[2]["fid"] = 20.0  # SV-DIFF is now the best other baseline, and its run kept no generations
     assert write_memorization_figure(rows, str(tmp_path)) is None

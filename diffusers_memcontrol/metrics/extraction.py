@@ -26,9 +26,15 @@ from typing import Any
 import numpy as np
 import torch
 
-from .distances import tiled_l2
+from .distances import extraction_attack, tiled_l2
 
-__all__ = ["ExtractionCalibration", "calibrate_extraction", "match_thresholds", "vae_round_trip"]
+__all__ = [
+    "ExtractionCalibration",
+    "calibrate_extraction",
+    "calibrated_extraction",
+    "match_thresholds",
+    "vae_round_trip",
+]
 
 _SAME_IMAGE = 1e-3  # raw tiled l2 (float32 rounding, below a quarter grey level): the same image, a duplicate
 
@@ -131,3 +137,37 @@ def calibrate_extraction(
     _, thresholds = match_thresholds(reference, nearest, pixel_threshold, separation)  # no other image: pixel
     return ExtractionCalibration(reference, round_trip, nearest, thresholds, targets, float(pixel_threshold),
                                  float(separation))
+
+
+def calibrated_extraction(
+    generations: torch.Tensor,
+    training_images: torch.Tensor,
+    render: Callable[[torch.Tensor], torch.Tensor],
+    references: Iterable[torch.Tensor],
+    *,
+    threshold: float,
+    pixel_threshold: float,
+    separation: float = 0.5,
+    min_clique_size: int = 3,
+    grid: int = 4,
+    reduction: str = "rms",
+) -> tuple[dict[str, Any], torch.Tensor]:
+    """Carlini's attack on ``[P, G, C, H, W]`` generations in [-1, 1], matched against calibrated targets.
+
+    Arguments as :func:`calibrate_extraction` and :func:`~.distances.extraction_attack` (``threshold``: clique
+    edges). Returns (counts and the calibration summary, ``[P, G]`` uint8 flags: bit 1 clique member, bit 2
+    extracted).
+    """
+    calibration = calibrate_extraction(training_images, render, references, pixel_threshold, separation,
+                                       grid=grid, reduction=reduction)
+    result = extraction_attack(generations, calibration.targets, threshold=threshold,
+                               min_clique_size=min_clique_size, grid=grid,
+                               match_threshold=calibration.thresholds.tolist(), reduction=reduction,
+                               value_range=(-1.0, 1.0))
+    flags = torch.zeros(generations.shape[:2], dtype=torch.uint8)
+    for p, entry in enumerate(result.per_prompt):
+        flags[p, entry["flagged_indices"]] |= 1
+        flags[p, entry["extracted_indices"]] |= 2
+    return {"n_extracted": int(result.n_extracted), "n_extracted_generations": int(result.n_extracted_generations),
+            "n_flagged_prompts": int(result.n_flagged_prompts), "n_prompts": int(result.n_prompts),
+            "generations_per_prompt": int(generations.shape[1]), **calibration.summary()}, flags

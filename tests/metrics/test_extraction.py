@@ -29,7 +29,7 @@ def _images(values):
 
 def test_calibration_measures_round_trip_and_nearest_other_and_skips_copies_of_the_pair():
     train = _images([-0.8, 0.4])
-    blur = lambda x: x * 0.5  # an unfaithful "VAE": halves every pixel  # noqa: E731
+    blur = lambda x: x * 0.5  # an unfaithful "VAE": halves every pixel
     references = [_images([-0.8, 0.4, 0.4]), _images([0.0])]  # holds both pairs, a duplicate, and one other
     cal = calibrate_extraction(train, blur, references, pixel_threshold=0.15, separation=0.5, grid=2)
     assert cal.reference == pytest.approx([0.2, 0.1], abs=1e-5)  # rms of |x - x/2| on the [0, 1] scale
