@@ -12,7 +12,8 @@ datasets:
   *training* images (``reference_dataset``: the data the model was fine-tuned on, which contains ``D_mem``).
   ``amd_eval`` is the same distance for the images generated for the eval prompts (unseen captions).
 * ``replication`` -- Somepalli et al.'s top-1 cosine similarity of the ``D_mem`` generations to the training set
-  (mean, 95th percentile, fraction above ``replication_threshold``).
+  (mean, 95th percentile, fraction above ``replication_threshold``), in a copy-detection space
+  (``replication_encoder``) against the training images as the VAE renders them (``replication_round_trip``).
 * ``extracted_images`` -- Carlini et al.'s extraction attack on the ``D_mem`` generations: cliques of near-identical
   generations (tiled l2) that also match the prompt's training image, as well as the pipeline's VAE can render it
   (per-pair thresholds calibrated by :mod:`metrics.extraction`). ``memorized_prompts``: the prompts with a clique.
@@ -134,6 +135,13 @@ class EvaluationConfig:
         "help": "'classifier' (built-in domains with labels), 'clip', 'biovil' (chest X-rays) or 'none'."})
     agreement_model: str | None = field(default=None, metadata={
         "help": "Classifier weights folder (default: the shipped tiny-domain encoder) or CLIP model id/folder."})
+    replication_encoder: str | None = field(default=None, metadata={
+        "help": "Encoder of the replication (copy-detection) space, e.g. 'sscd', 'clip', 'pixels'; None: the one "
+                "metrics.encoders.COPY_DETECTION pairs with feature_encoder ('pixels' for 'tiny-domain'), else "
+                "feature_encoder itself."})
+    replication_round_trip: bool = field(default=True, metadata={
+        "help": "Compare D_mem generations with the VAE round trips of the training images (the training set as "
+                "the pipeline can render it) rather than with the images themselves."})
     replication_threshold: float = field(default=0.5, metadata={"help": "Similarity above which a generation "
                                                                          "counts as replicated (Somepalli et al.)."})
     generation_batch_size: int = field(default=16, metadata={"help": "Images per pipeline call."})
@@ -176,6 +184,9 @@ class EvaluationConfig:
                 raise ValueError(f"dmem_timesteps must be None or non-negative ints, got {self.dmem_timesteps!r}.")
             self.dmem_timesteps = steps
         check_interpolation(self.image_interpolation_mode)
+        if self.replication_encoder is not None and not (isinstance(self.replication_encoder, str)
+                                                         and self.replication_encoder):
+            raise ValueError(f"replication_encoder must be None or an encoder name, got {self.replication_encoder!r}.")
         if not 0.0 <= float(self.replication_threshold) <= 1.0:
             raise ValueError(f"replication_threshold must be in [0, 1], got {self.replication_threshold!r}.")
 
@@ -366,16 +377,21 @@ def _fid_reference(encoder: Any, eval_dataset: Any, image_column: str, config: E
 
 
 def _train_features(encoder: Any, dataset: Any, image_column: str, config: EvaluationConfig, resolution: int,
-                    rows: np.ndarray) -> tuple[np.ndarray, bool]:
-    """Cached features of the training images `rows` (AMD / replication reference)."""
+                    rows: np.ndarray, vae: Any = None) -> tuple[np.ndarray, bool]:
+    """Cached features of the training images `rows` (AMD / replication reference), of their VAE round trips when
+    `vae` is given."""
+    from .metrics.extraction import vae_round_trip
+
     key = content_key("train-features", _CACHE_VERSION, encoder_identity(encoder),
                       image_column_fingerprint(dataset, image_column, rows), resolution, config.center_crop,
-                      config.image_interpolation_mode)
+                      config.image_interpolation_mode, None if vae is None else encoder_identity(vae))
 
     def compute() -> np.ndarray:
         out = []
         bar = _progress(len(rows), "training-set features", config.show_progress)
         for batch in _real_images(dataset, image_column, rows, resolution, config):
+            if vae is not None:
+                batch = vae_round_trip(vae, batch, config.encoder_batch_size)
             out.append(encoder.features(batch, batch_size=config.encoder_batch_size).numpy())
             bar.update(len(batch))
         bar.close()
@@ -585,6 +601,7 @@ def _dmem_prompt_metrics(pipe: Any, dmem_dataset: Any, reference_dataset: Any, t
                          generations_path: str | os.PathLike | None) -> dict[str, Any]:
     """AMD, replication and the calibrated extraction attack on the D_mem prompts' generations."""
     from .metrics.distances import average_min_cosine_distance, replication_scores
+    from .metrics.encoders import load_encoder, replication_encoder_name
     from .metrics.extraction import calibrated_extraction, vae_round_trip
 
     clock = time.perf_counter()
@@ -597,9 +614,17 @@ def _dmem_prompt_metrics(pipe: Any, dmem_dataset: Any, reference_dataset: Any, t
     timings["generate_dmem"] = time.perf_counter() - clock
     clock = time.perf_counter()
     feats = encoder.features(images, batch_size=config.encoder_batch_size)
-    out: dict[str, Any] = {
-        "amd": average_min_cosine_distance(feats, train_feats),
-        "replication": replication_scores(feats, train_feats, threshold=config.replication_threshold)}
+    out: dict[str, Any] = {"amd": average_min_cosine_distance(feats, train_feats)}
+    name = getattr(encoder, "name", config.feature_encoder)
+    replication_name = replication_encoder_name(name, config.replication_encoder)
+    if replication_name != name or config.replication_round_trip:
+        if replication_name != name:
+            encoder = load_encoder(replication_name, device=pipe.unet.device)
+            feats = encoder.features(images, batch_size=config.encoder_batch_size)
+        train_feats, _ = _train_features(encoder, reference_dataset, image_column, config, resolution, train_rows,
+                                         vae=pipe.vae if config.replication_round_trip else None)
+    out["replication"] = replication_scores(feats, train_feats, threshold=config.replication_threshold)
+    out["replication_space"] = {"encoder": replication_name, "round_trip": config.replication_round_trip}
     timings["amd_replication"] = time.perf_counter() - clock
     clock = time.perf_counter()
     generations = images.reshape(len(captions), g, *images.shape[1:])

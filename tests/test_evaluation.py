@@ -80,6 +80,7 @@ def test_evaluate_returns_all_keys_with_finite_values(setup):
         spread = metrics["extraction"][key]
         assert 0 <= spread["min"] <= spread["median"] <= spread["max"], (key, spread)
     assert metrics["extraction"]["thresholds"]["max"] <= metrics["extraction"]["pixel_threshold"]
+    assert metrics["replication_space"] == {"encoder": "test-domain", "round_trip": True}
 
 
 def test_dmem_generations_are_kept_for_the_figure(setup):
@@ -253,3 +254,29 @@ def test_generations_of_other_training_images_are_not_extracted_on_tiny_base(dec
     extraction, flags = _digits_extraction(others)
     assert extraction["n_flagged_prompts"] == 6 and extraction["n_extracted"] == 0
     assert bool((flags == 1).all())
+
+
+def test_pixel_replication_space_tells_a_copy_from_its_classmates_on_tiny_base():
+    """Against the training set as the tiny VAE renders it, a decoded training latent is nearest to its own image in
+    the pixel space (the copy-detection pair of tiny-domain) and more similar to it than to any classmate."""
+    from diffusers import AutoencoderKL
+
+    from diffusers_memcontrol.images import pixel_batch
+    from diffusers_memcontrol.metrics.encoders import load_encoder, replication_encoder_name
+    from diffusers_memcontrol.metrics.extraction import vae_round_trip
+
+    train = tb.load_domain("digits", "train").select(range(200))
+    vae = AutoencoderKL.from_pretrained(os.path.join(tb.tiny_base_path(), "vae")).eval()
+    images = pixel_batch(train["image"], 32)
+    trips = vae_round_trip(vae, images)
+    with torch.no_grad():
+        copies = vae.decode(vae.encode(images[:20]).latent_dist.sample(torch.Generator().manual_seed(0))).sample
+    encoder = load_encoder(replication_encoder_name("tiny-domain"))
+    train_feats = torch.nn.functional.normalize(encoder.features(trips), dim=1)
+    copy_feats = torch.nn.functional.normalize(encoder.features(copies.clamp(-1, 1)), dim=1)
+    similarity = copy_feats @ train_feats.T
+    assert similarity.argmax(1).tolist() == list(range(20))
+    labels = torch.tensor(train["label"])
+    classmates = (train_feats[:20] @ train_feats.T).masked_fill(labels[:20, None] != labels[None], -1)
+    classmates.fill_diagonal_(-1)
+    assert bool((similarity.diagonal() > classmates.max(1).values).all())
