@@ -12,9 +12,11 @@ datasets:
   *training* images (``reference_dataset``: the data the model was fine-tuned on, which contains ``D_mem``).
   ``amd_eval`` is the same distance for the images generated for the eval prompts (unseen captions).
 * ``replication`` -- Somepalli et al.'s top-1 cosine similarity of the ``D_mem`` generations to the training set
-  (mean, 95th percentile, fraction above ``replication_threshold``).
+  (mean, 95th percentile, fraction above ``replication_threshold``), in a copy-detection space
+  (``replication_encoder``) against the training images as the VAE renders them (``replication_round_trip``).
 * ``extracted_images`` -- Carlini et al.'s extraction attack on the ``D_mem`` generations: cliques of near-identical
-  generations (tiled l2) that also match the prompt's training image.
+  generations (tiled l2) that also match the prompt's training image, as well as the pipeline's VAE can render it
+  (per-pair thresholds calibrated by :mod:`metrics.extraction`). ``memorized_prompts``: the prompts with a clique.
 * ``dmem`` / ``dmem_mean`` -- the search variant of d_mem on the ``D_mem`` training latents: per-batch max of the
   conditional-minus-unconditional noise prediction norm averaged over batches (the reference code's objective),
   and the plain mean.
@@ -27,24 +29,29 @@ The returned dicts hold numbers, counts and the configuration only: never prompt
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
-import json
-import math
 import os
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
 import torch
 
 from .columns import check_captions, check_columns
-from .files import atomic_open, write_json_atomic
-from .images import check_interpolation, image_source, pixel_batch
+from .evaluation_config import AGREEMENT_KINDS, EvaluationConfig, _positive_int
+from .files import write_json_atomic
+from .images import pixel_batch
 from .masks import trainable_parameters
-from .metrics.fid import FeatureStatistics, cached_reference_statistics, content_key, frechet_distance_from_stats
+from .metrics.fid import (
+    FeatureStatistics,
+    cached_features,
+    cached_reference_statistics,
+    content_key,
+    encoder_identity,
+    frechet_distance_from_stats,
+    image_column_fingerprint,
+)
 
 __all__ = [
     "AGREEMENT_KINDS",
@@ -56,7 +63,6 @@ __all__ = [
     "write_metrics",
 ]
 
-AGREEMENT_KINDS = ("classifier", "clip", "biovil", "none")
 _CACHE_VERSION = 1
 
 
@@ -66,132 +72,6 @@ def reference_cache_dir() -> str:
     from .cache import default_cache_dir
 
     return os.path.join(default_cache_dir(), "eval_reference")
-
-
-def _positive_int(value: Any, name: str, allow_zero: bool = False) -> None:
-    """ValueError unless `value` is an int > 0 (or >= 0)."""
-    low = 0 if allow_zero else 1
-    if not isinstance(value, int) or isinstance(value, bool) or value < low:
-        raise ValueError(f"{name} must be an int >= {low}, got {value!r}.")
-
-
-@dataclass
-class EvaluationConfig:
-    """Settings of :func:`evaluate`; defaults follow the MemControl paper and its reference code. JSON round trip."""
-
-    feature_encoder: str = field(default="tiny-domain", metadata={
-        "help": "Encoder of the FID/AMD/replication feature space (metrics.load_encoder): 'tiny-domain' for the "
-                "built-in digits domain, 'xrv-densenet121' (the paper's) for chest X-rays, 'inception' for "
-                "natural images."})
-    encoder_weights: str | None = field(default=None, metadata={
-        "help": "Local weights file/folder of the feature encoder (None: the encoder's default source)."})
-    num_inference_steps: int = field(default=50, metadata={"help": "Sampling steps (50 in the reference code)."})
-    guidance_scale: float = field(default=4.0, metadata={"help": "Classifier-free guidance (4.0 in the search)."})
-    images_per_prompt: int = field(default=1, metadata={"help": "Generations per eval prompt (FID, agreement)."})
-    num_eval_prompts: int | None = field(default=100, metadata={
-        "help": "Eval prompts drawn (seeded) from eval_dataset; None = every row."})
-    resolution: int | None = field(default=None, metadata={
-        "help": "Square generation size in pixels; None = the pipeline's default (unet sample_size x VAE factor)."})
-    center_crop: bool = field(default=True, metadata={
-        "help": "Center-crop real images after resizing their shorter side (else a random crop seeded by seed)."})
-    image_interpolation_mode: str = field(default="lanczos", metadata={
-        "help": "Resampling of real images (as the trainer's image_interpolation_mode)."})
-    max_reference_images: int | None = field(default=None, metadata={
-        "help": "Cap on the real eval images of the FID reference (seeded subset); None = all."})
-    max_train_images: int | None = field(default=None, metadata={
-        "help": "Cap on the training images of the AMD/replication reference (seeded subset, D_mem kept); None = all."})
-    extraction_generations: int = field(default=50, metadata={
-        "help": "Generations per D_mem prompt for the extraction attack, AMD and replication (reference code: 50; "
-                "Carlini et al.: 500). 0 skips them."})
-    extraction_grid: int = field(default=4, metadata={"help": "Tiles per side of the tiled l2 (4 = 16 tiles)."})
-    extraction_threshold: float = field(default=0.15, metadata={
-        "help": "Clique edge threshold on the 'rms' tiled-l2 scale (pixels in [0, 1]); see metrics.extraction_attack."})
-    extraction_match_threshold: float | None = field(default=None, metadata={
-        "help": "Distance to the training image below which a flagged generation is extracted (None: threshold)."})
-    extraction_min_clique_size: int = field(default=3, metadata={
-        "help": "Smallest clique that flags generations (reference code: 3 of 50; Carlini et al.: 10 of 500)."})
-    extraction_reduction: str = field(default="rms", metadata={"help": "Tiled l2 normalization: 'rms' or 'sum'."})
-    dmem_timesteps: list[int] | None = field(default=None, metadata={
-        "help": "Fixed d_mem timestep(s) (1 value or one per D_mem pair); None = uniform random (reference code)."})
-    dmem_repeats: int = field(default=1, metadata={"help": "Passes over D_mem with fresh noise/timesteps."})
-    dmem_batch_size: int = field(default=16, metadata={
-        "help": "D_mem samples per forward and per max aggregate (keep fixed when comparing runs)."})
-    agreement: str = field(default="classifier", metadata={
-        "help": "'classifier' (built-in domains with labels), 'clip', 'biovil' (chest X-rays) or 'none'."})
-    agreement_model: str | None = field(default=None, metadata={
-        "help": "Classifier weights folder (default: the shipped tiny-domain encoder) or CLIP model id/folder."})
-    replication_threshold: float = field(default=0.5, metadata={"help": "Similarity above which a generation "
-                                                                         "counts as replicated (Somepalli et al.)."})
-    generation_batch_size: int = field(default=16, metadata={"help": "Images per pipeline call."})
-    encoder_batch_size: int = field(default=64, metadata={"help": "Images per encoder forward."})
-    seed: int = field(default=0, metadata={"help": "Seed of prompt selection, generators and d_mem noise."})
-    cache_dir: str | None = field(default=None, metadata={
-        "help": "Reference statistics/features cache (None: reference_cache_dir())."})
-    show_progress: bool = field(default=True, metadata={"help": "tqdm progress bars."})
-
-    def __post_init__(self) -> None:
-        """Validate every field with an error naming the bad value."""
-        for name in ("num_inference_steps", "images_per_prompt", "extraction_grid", "dmem_repeats",
-                     "dmem_batch_size", "generation_batch_size", "encoder_batch_size"):
-            _positive_int(getattr(self, name), name)
-        _positive_int(self.extraction_generations, "extraction_generations", allow_zero=True)
-        for name in ("num_eval_prompts", "resolution", "max_reference_images", "max_train_images"):
-            if getattr(self, name) is not None:
-                _positive_int(getattr(self, name), name)
-        if not isinstance(self.guidance_scale, (int, float)) or not math.isfinite(self.guidance_scale):
-            raise ValueError(f"guidance_scale must be a finite number, got {self.guidance_scale!r}.")
-        if self.agreement not in AGREEMENT_KINDS:
-            raise ValueError(f"agreement must be one of {AGREEMENT_KINDS}, got {self.agreement!r}.")
-        if self.extraction_reduction not in ("rms", "sum"):
-            raise ValueError(f"extraction_reduction must be 'rms' or 'sum', got {self.extraction_reduction!r}.")
-        for name in ("extraction_threshold", "extraction_match_threshold"):
-            value = getattr(self, name)
-            if value is not None and (not isinstance(value, (int, float)) or not value > 0):
-                raise ValueError(f"{name} must be a number > 0, got {value!r}.")
-        _positive_int(self.extraction_min_clique_size, "extraction_min_clique_size")
-        if self.extraction_min_clique_size < 2:
-            raise ValueError(f"extraction_min_clique_size must be >= 2, got {self.extraction_min_clique_size}.")
-        if 0 < self.extraction_generations < self.extraction_min_clique_size:
-            raise ValueError(f"extraction_generations={self.extraction_generations} is below "
-                             f"extraction_min_clique_size={self.extraction_min_clique_size}: no clique could form.")
-        if self.dmem_timesteps is not None:
-            steps = [self.dmem_timesteps] if isinstance(self.dmem_timesteps, int) else list(self.dmem_timesteps)
-            if not steps or not all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in steps):
-                raise ValueError(f"dmem_timesteps must be None or non-negative ints, got {self.dmem_timesteps!r}.")
-            self.dmem_timesteps = steps
-        check_interpolation(self.image_interpolation_mode)
-        if not 0.0 <= float(self.replication_threshold) <= 1.0:
-            raise ValueError(f"replication_threshold must be in [0, 1], got {self.replication_threshold!r}.")
-
-    def to_dict(self) -> dict[str, Any]:
-        """Plain dict of every field."""
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> EvaluationConfig:
-        """Inverse of :meth:`to_dict`; unknown keys are an error naming them."""
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f"Unknown EvaluationConfig field(s) {unknown}; known fields: {sorted(known)}.")
-        return cls(**data)
-
-    def to_json(self) -> str:
-        """JSON text of every field."""
-        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
-
-    @classmethod
-    def from_json(cls, text: str) -> EvaluationConfig:
-        """Inverse of :meth:`to_json`."""
-        return cls.from_dict(json.loads(text))
-
-    @classmethod
-    def for_search(cls, **overrides: Any) -> EvaluationConfig:
-        """The reference code's cheap trial settings: 100 validation prompts x 1 image, guidance 4, no extraction."""
-        base: dict[str, Any] = {"num_eval_prompts": 100, "images_per_prompt": 1, "extraction_generations": 0,
-                                "agreement": "none", "show_progress": False}
-        base.update(overrides)
-        return cls(**base)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -318,57 +198,6 @@ def _real_images(dataset: Any, column: str, rows: Sequence[int], resolution: int
         yield pixel_batch(images, resolution, config.center_crop, config.image_interpolation_mode, generator)
 
 
-def _encoder_identity(encoder: Any) -> str:
-    """Hash of an encoder's name and weights (so cached features follow weight changes)."""
-    h = hashlib.blake2b(digest_size=16)
-    h.update(str(getattr(encoder, "name", type(encoder).__name__)).encode())
-    h.update(type(encoder).__name__.encode())
-    for key, tensor in sorted(encoder.state_dict().items()):
-        h.update(key.encode())
-        h.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes()
-                 if tensor.numel() else b"")
-    return h.hexdigest()
-
-
-def _image_column_fingerprint(dataset: Any, column: str, rows: Sequence[int]) -> str:
-    """Content hash of the selected images: their encoded bytes, or path + size + mtime for file-backed images."""
-    h = hashlib.blake2b(digest_size=16)
-    table = dataset.with_format("arrow")
-    rows = [int(r) for r in rows]
-    for start in range(0, len(rows), 1024):
-        values = table.select(rows[start:start + 1024])[column].to_pylist()
-        for row, value in zip(rows[start:start + 1024], values):
-            source, _, data = image_source(value, row, column)
-            if data is not None:
-                h.update(b"b")
-                h.update(len(data).to_bytes(8, "little"))
-                h.update(data)
-            else:  # a file: its path, size and modification time (cheap, unlike reading every file)
-                h.update(b"p")
-                h.update(source.encode())
-                try:
-                    st = os.stat(source)
-                    h.update(f"{st.st_size}:{st.st_mtime_ns}".encode())
-                except OSError:
-                    pass
-    return h.hexdigest()
-
-
-def _cached_features(cache_dir: str, key: str, compute: Any) -> tuple[np.ndarray, bool]:
-    """``[N, D]`` float32 features cached in ``cache_dir/<key>.npy`` (atomic write); (features, from_cache)."""
-    os.makedirs(cache_dir, exist_ok=True)
-    path = os.path.join(cache_dir, f"features-{key}.npy")
-    if os.path.exists(path):
-        try:
-            return np.load(path, allow_pickle=False), True
-        except (OSError, ValueError, EOFError):
-            pass  # unreadable: recompute and overwrite
-    feats = np.ascontiguousarray(np.asarray(compute(), dtype=np.float32))
-    with atomic_open(path, "wb") as fh:
-        np.save(fh, feats)
-    return feats, False
-
-
 def _load_feature_encoder(config: EvaluationConfig, device: torch.device) -> Any:
     """The configured feature encoder on `device`."""
     from .metrics.encoders import load_encoder
@@ -380,8 +209,8 @@ def _fid_reference(encoder: Any, eval_dataset: Any, image_column: str, config: E
                    resolution: int) -> tuple[FeatureStatistics, bool, int]:
     """Cached feature statistics of the real eval images: (statistics, from_cache, number of images)."""
     rows = _subset(len(eval_dataset), config.max_reference_images, config.seed)
-    key = content_key("fid-reference", _CACHE_VERSION, _encoder_identity(encoder),
-                      _image_column_fingerprint(eval_dataset, image_column, rows), resolution, config.center_crop,
+    key = content_key("fid-reference", _CACHE_VERSION, encoder_identity(encoder),
+                      image_column_fingerprint(eval_dataset, image_column, rows), resolution, config.center_crop,
                       config.image_interpolation_mode)
     computed = []
 
@@ -401,23 +230,27 @@ def _fid_reference(encoder: Any, eval_dataset: Any, image_column: str, config: E
 
 
 def _train_features(encoder: Any, dataset: Any, image_column: str, config: EvaluationConfig, resolution: int,
-                    keep: Sequence[int]) -> tuple[np.ndarray, bool]:
-    """Cached features of the training images (AMD / replication reference)."""
-    rows = _subset(len(dataset), config.max_train_images, config.seed, keep=keep)
-    key = content_key("train-features", _CACHE_VERSION, _encoder_identity(encoder),
-                      _image_column_fingerprint(dataset, image_column, rows), resolution, config.center_crop,
-                      config.image_interpolation_mode)
+                    rows: np.ndarray, vae: Any = None) -> tuple[np.ndarray, bool]:
+    """Cached features of the training images `rows` (AMD / replication reference), of their VAE round trips when
+    `vae` is given."""
+    from .metrics.extraction import vae_round_trip
+
+    key = content_key("train-features", _CACHE_VERSION, encoder_identity(encoder),
+                      image_column_fingerprint(dataset, image_column, rows), resolution, config.center_crop,
+                      config.image_interpolation_mode, None if vae is None else encoder_identity(vae))
 
     def compute() -> np.ndarray:
         out = []
         bar = _progress(len(rows), "training-set features", config.show_progress)
         for batch in _real_images(dataset, image_column, rows, resolution, config):
+            if vae is not None:
+                batch = vae_round_trip(vae, batch, config.encoder_batch_size)
             out.append(encoder.features(batch, batch_size=config.encoder_batch_size).numpy())
             bar.update(len(batch))
         bar.close()
         return np.concatenate(out)
 
-    return _cached_features(config.cache_dir or reference_cache_dir(), key, compute)
+    return cached_features(config.cache_dir or reference_cache_dir(), key, compute)
 
 
 def _stats_of(feats: torch.Tensor, what: str) -> FeatureStatistics:
@@ -510,6 +343,7 @@ def evaluate(
     trainable_params: int | None = None,
     *,
     encoder: Any = None,
+    generations_path: str | os.PathLike | None = None,
 ) -> dict[str, Any]:
     """Table-1 metrics of a pipeline (FID, AMD, agreement, extracted images, d_mem, replication) as a JSON-able dict.
 
@@ -525,11 +359,15 @@ def evaluate(
         label_column: integer class column of ``eval_dataset`` for ``agreement="classifier"`` (default ``label``).
         trainable_params: reported as is; None = parameters of ``pipe.unet`` with ``requires_grad``.
         encoder: an already loaded feature encoder (``metrics.ImageEncoder``); None = ``config.feature_encoder``.
+        generations_path: where to keep a few D_mem generations, their training images and flags for the
+            memorization figure (``figures.save_dmem_generations``; local only: it holds training images).
 
-    Returns ``fid``, ``amd``, ``amd_eval``, ``agreement``, ``extracted_images``, ``extraction`` (counts),
-    ``dmem``, ``dmem_mean``, ``replication``, ``trainable_params``, counts, ``fid_reference_cached``,
-    ``timings`` (seconds) and ``config``. No prompt or caption is ever included. ``amd``, ``replication`` and
-    ``extracted_images`` are None when ``config.extraction_generations == 0``; ``agreement`` is None for
+    Returns ``fid``, ``amd``, ``amd_eval``, ``agreement``, ``extracted_images``, ``memorized_prompts`` (D_mem
+    prompts whose generations form a clique: the MemControl authors' count), ``extraction`` (counts and the
+    per-pair calibration: min/median/max of the VAE round-trip and nearest-other-image distances and of the
+    thresholds), ``dmem``, ``dmem_mean``, ``replication``, ``trainable_params``, counts, ``fid_reference_cached``,
+    ``timings`` (seconds) and ``config``. No prompt or caption is ever included. ``amd``, ``replication``,
+    ``extracted_images`` and ``memorized_prompts`` are None when ``config.extraction_generations == 0``; ``agreement`` is None for
     ``agreement="none"``. When ``config.max_train_images`` caps the training reference, the D_mem rows
     (``dmem_index``) are always kept in it.
     """
@@ -547,7 +385,46 @@ def evaluate(
     if encoder is None:
         encoder = _load_feature_encoder(config, device)
 
-    # eval prompts: FID, agreement, amd_eval
+    out, eval_feats = _eval_prompt_metrics(pipe, eval_dataset, image_column, caption_column, label_column, encoder,
+                                           config, resolution, timings)
+    clock = time.perf_counter()
+    keep = [int(i) for i in dmem_dataset["dmem_index"]] if "dmem_index" in dmem_dataset.column_names else []
+    keep = [i for i in keep if 0 <= i < len(reference_dataset)]
+    train_rows = _subset(len(reference_dataset), config.max_train_images, config.seed, keep=keep)
+    train_feats, train_cached = _train_features(encoder, reference_dataset, image_column, config, resolution,
+                                                train_rows)
+    timings["train_features"] = time.perf_counter() - clock
+    from .metrics.distances import average_min_cosine_distance
+
+    out["amd_eval"] = float(average_min_cosine_distance(eval_feats, train_feats))
+    out.update(amd=None, extracted_images=None, memorized_prompts=None, extraction={}, replication=None)
+    if config.extraction_generations > 0:
+        out.update(_dmem_prompt_metrics(pipe, dmem_dataset, reference_dataset, train_rows, train_feats,
+                                        image_column, caption_column, encoder, config, resolution, timings,
+                                        generations_path))
+    clock = time.perf_counter()
+    dmem = _dmem(pipe, dmem_dataset, image_column, caption_column, config, resolution)
+    timings["dmem"] = time.perf_counter() - clock
+    out.update({
+        "dmem": float(dmem.max),
+        "dmem_mean": float(dmem.mean),
+        "trainable_params": int(trainable_params) if trainable_params is not None else trainable_parameters(pipe.unet),
+        "num_dmem": len(dmem_dataset),
+        "num_train_images": int(train_feats.shape[0]),
+        "resolution": int(resolution),
+        "feature_encoder": str(getattr(encoder, "name", config.feature_encoder)),
+        "train_features_cached": bool(train_cached),
+        "timings": {k: round(v, 3) for k, v in timings.items()},
+        "config": config.to_dict(),
+    })
+    return out
+
+
+def _eval_prompt_metrics(pipe: Any, eval_dataset: Any, image_column: str, caption_column: str,
+                         label_column: str | None, encoder: Any, config: EvaluationConfig, resolution: int,
+                         timings: dict[str, float]) -> tuple[dict[str, Any], torch.Tensor]:
+    """FID and agreement of the eval prompts' generations; (metrics, their features)."""
+    clock = time.perf_counter()
     rows = _subset(len(eval_dataset), config.num_eval_prompts, config.seed)
     prompts = check_captions(eval_dataset.select(rows)[caption_column], caption_column, "eval_dataset")
     labels = _labels(eval_dataset, rows, label_column, config)
@@ -566,73 +443,61 @@ def evaluate(
     repeated_prompts = [p for p in prompts for _ in range(config.images_per_prompt)]
     agreement = _agreement(eval_images, repeated_prompts, repeated_labels, encoder, config)
     timings["agreement"] = time.perf_counter() - clock
+    return {"fid": float(fid), "agreement": agreement, "agreement_kind": config.agreement,
+            "num_eval_prompts": len(prompts), "num_eval_images": int(eval_images.shape[0]),
+            "num_fid_reference_images": int(n_ref), "fid_reference_cached": bool(from_cache)}, eval_feats
 
-    # D_mem prompts: extraction, AMD, replication
-    from .metrics.distances import average_min_cosine_distance, extraction_attack, replication_scores
+
+def _dmem_prompt_metrics(pipe: Any, dmem_dataset: Any, reference_dataset: Any, train_rows: np.ndarray,
+                         train_feats: np.ndarray, image_column: str, caption_column: str, encoder: Any,
+                         config: EvaluationConfig, resolution: int, timings: dict[str, float],
+                         generations_path: str | os.PathLike | None) -> dict[str, Any]:
+    """AMD, replication and the calibrated extraction attack on the D_mem prompts' generations."""
+    from .metrics.distances import average_min_cosine_distance, replication_scores
+    from .metrics.encoders import load_encoder, replication_encoder_name
+    from .metrics.extraction import calibrated_extraction, vae_round_trip
 
     clock = time.perf_counter()
-    dmem_captions = check_captions(dmem_dataset[caption_column], caption_column, "dmem_dataset")
-    keep = [int(i) for i in dmem_dataset["dmem_index"]] if "dmem_index" in dmem_dataset.column_names else []
-    keep = [i for i in keep if 0 <= i < len(reference_dataset)]
-    train_feats, train_cached = _train_features(encoder, reference_dataset, image_column, config, resolution, keep)
-    timings["train_features"] = time.perf_counter() - clock
-    amd_eval = average_min_cosine_distance(eval_feats, train_feats)
-    amd = extracted = replication = None
-    extraction: dict[str, Any] = {}
+    captions = check_captions(dmem_dataset[caption_column], caption_column, "dmem_dataset")
     g = config.extraction_generations
-    if g > 0:
-        clock = time.perf_counter()
-        dmem_images = generate_images(
-            pipe, dmem_captions, g, num_inference_steps=config.num_inference_steps,
-            guidance_scale=config.guidance_scale, resolution=resolution, batch_size=config.generation_batch_size,
-            seed=config.seed + 1, show_progress=config.show_progress, desc="generate (D_mem prompts)")
-        timings["generate_dmem"] = time.perf_counter() - clock
-        clock = time.perf_counter()
-        dmem_feats = encoder.features(dmem_images, batch_size=config.encoder_batch_size)
-        amd = average_min_cosine_distance(dmem_feats, train_feats)
-        replication = replication_scores(dmem_feats, train_feats, threshold=config.replication_threshold)
-        timings["amd_replication"] = time.perf_counter() - clock
-        clock = time.perf_counter()
-        training_images = torch.cat(list(_real_images(dmem_dataset, image_column, range(len(dmem_dataset)),
-                                                      resolution, config)))
-        result = extraction_attack(
-            dmem_images.reshape(len(dmem_captions), g, *dmem_images.shape[1:]), training_images,
-            threshold=config.extraction_threshold, min_clique_size=config.extraction_min_clique_size,
-            grid=config.extraction_grid, match_threshold=config.extraction_match_threshold,
-            reduction=config.extraction_reduction, value_range=(-1.0, 1.0))
-        extracted = int(result.n_extracted)
-        extraction = {"n_extracted": extracted, "n_extracted_generations": int(result.n_extracted_generations),
-                      "n_flagged_prompts": int(result.n_flagged_prompts), "n_prompts": int(result.n_prompts),
-                      "generations_per_prompt": g}
-        timings["extraction"] = time.perf_counter() - clock
-
+    images = generate_images(
+        pipe, captions, g, num_inference_steps=config.num_inference_steps,
+        guidance_scale=config.guidance_scale, resolution=resolution, batch_size=config.generation_batch_size,
+        seed=config.seed + 1, show_progress=config.show_progress, desc="generate (D_mem prompts)")
+    timings["generate_dmem"] = time.perf_counter() - clock
     clock = time.perf_counter()
-    dmem = _dmem(pipe, dmem_dataset, image_column, caption_column, config, resolution)
-    timings["dmem"] = time.perf_counter() - clock
-    return {
-        "fid": float(fid),
-        "amd": amd,
-        "amd_eval": float(amd_eval),
-        "agreement": agreement,
-        "agreement_kind": config.agreement,
-        "extracted_images": extracted,
-        "extraction": extraction,
-        "dmem": float(dmem.max),
-        "dmem_mean": float(dmem.mean),
-        "replication": replication,
-        "trainable_params": int(trainable_params) if trainable_params is not None else trainable_parameters(pipe.unet),
-        "num_eval_prompts": len(prompts),
-        "num_eval_images": int(eval_images.shape[0]),
-        "num_fid_reference_images": int(n_ref),
-        "num_dmem": len(dmem_captions),
-        "num_train_images": int(train_feats.shape[0]),
-        "resolution": int(resolution),
-        "feature_encoder": str(getattr(encoder, "name", config.feature_encoder)),
-        "fid_reference_cached": bool(from_cache),
-        "train_features_cached": bool(train_cached),
-        "timings": {k: round(v, 3) for k, v in timings.items()},
-        "config": config.to_dict(),
-    }
+    feats = encoder.features(images, batch_size=config.encoder_batch_size)
+    out: dict[str, Any] = {"amd": average_min_cosine_distance(feats, train_feats)}
+    name = getattr(encoder, "name", config.feature_encoder)
+    replication_name = replication_encoder_name(name, config.replication_encoder)
+    if replication_name != name or config.replication_round_trip:
+        if replication_name != name:
+            encoder = load_encoder(replication_name, device=pipe.unet.device)
+            feats = encoder.features(images, batch_size=config.encoder_batch_size)
+        train_feats, _ = _train_features(encoder, reference_dataset, image_column, config, resolution, train_rows,
+                                         vae=pipe.vae if config.replication_round_trip else None)
+    out["replication"] = replication_scores(feats, train_feats, threshold=config.replication_threshold)
+    out["replication_space"] = {"encoder": replication_name, "round_trip": config.replication_round_trip}
+    timings["amd_replication"] = time.perf_counter() - clock
+    clock = time.perf_counter()
+    generations = images.reshape(len(captions), g, *images.shape[1:])
+    training_images = torch.cat(list(_real_images(dmem_dataset, image_column, range(len(dmem_dataset)),
+                                                  resolution, config)))
+    extraction, flags = calibrated_extraction(
+        generations, training_images, lambda x: vae_round_trip(pipe.vae, x, config.encoder_batch_size),
+        _real_images(reference_dataset, image_column, train_rows, resolution, config),
+        threshold=config.extraction_threshold, pixel_threshold=config.extraction_match_threshold or
+        config.extraction_threshold, separation=config.extraction_separation,
+        min_clique_size=config.extraction_min_clique_size, grid=config.extraction_grid,
+        reduction=config.extraction_reduction)
+    if generations_path is not None:
+        from .figures import save_dmem_generations
+
+        save_dmem_generations(generations_path, generations, training_images, flags)
+    out.update(extracted_images=extraction["n_extracted"], memorized_prompts=extraction["n_flagged_prompts"],
+               extraction=extraction)
+    timings["extraction"] = time.perf_counter() - clock
+    return out
 
 
 def evaluate_search_objectives(

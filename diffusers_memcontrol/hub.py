@@ -20,6 +20,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from .figures import DMEM_GENERATIONS_FILE, MEMORIZATION_FIGURE
 from .files import usual_mode, write_json_atomic
 from .masks import Mask
 
@@ -41,6 +42,8 @@ DOWNLOAD_PATTERNS = ["*.json", "*.safetensors", CARD_FILE]
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
 # extra files copied with include_samples=True (images and text; never pickles, never checkpoints)
 SAMPLE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".gif", ".txt", ".json", ".jsonl", ".csv", ".md")
+# files holding training images (figures.py): never published, even with include_samples=True
+PRIVATE_FILES = (MEMORIZATION_FIGURE, DMEM_GENERATIONS_FILE)
 # metrics.json keys whose textual values may hold training data (prompts, captions, file names)
 _PRIVATE_KEY = re.compile(r"prompt|caption|text|image|sample|file|path|token", re.IGNORECASE)
 # numeric metrics.json entries that describe the run rather than evaluate it
@@ -416,7 +419,7 @@ def _copy_samples(output_dir: str, staging: str, taken: set[str]) -> list[str]:
         for filename in sorted(filenames):
             path = os.path.join(dirpath, filename)
             rel = os.path.relpath(path, output_dir).replace(os.sep, "/")
-            if rel in taken or filename.startswith("."):
+            if rel in taken or filename.startswith(".") or filename in PRIVATE_FILES:
                 continue
             if _is_pickle(filename):
                 logger.warning("Not publishing pickle file %s (only safetensors are published).", rel)

@@ -13,6 +13,7 @@ TABLE_COLUMNS = (
     ("amd", "AMD ↑"),
     ("agreement", "Agreement ↑"),
     ("extracted_images", "Extracted ↓"),
+    ("memorized_prompts", "Memorized prompts ↓"),
     ("dmem", "d_mem ↓"),
     ("trainable_params", "Trainable params"),
 )

@@ -15,6 +15,7 @@ from collections.abc import Sequence
 from dataclasses import replace
 
 from .errors import ArgumentParser, InputError, user_input
+from .figures import write_memorization_figure
 from .files import write_json_atomic
 from .masks import Mask, MaskSpace
 from .mitigation import MITIGATIONS
@@ -135,6 +136,7 @@ def run_final(train_args: list[str], output_dir: str, chosen: dict, layout: str,
     with ThreadPoolExecutor(max_workers=n_workers) as pool:
         for future in [pool.submit(run, i) for i in range(len(runs))]:
             future.result()
+    write_memorization_figure([done[i] for i in sorted(done)], output_dir)
     return [done[i] for i in sorted(done)]
 
 

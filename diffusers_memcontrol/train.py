@@ -336,13 +336,15 @@ def run_evaluation(args: argparse.Namespace, pipe: Any, inputs: CheckedInputs, t
     """Evaluate the pipeline, adapters merged, on --eval_split, D_mem and the train split; write metrics.json."""
     from .adapters import merged_adapters
     from .evaluation import evaluate, write_metrics
+    from .figures import DMEM_GENERATIONS_FILE
 
     eval_dataset = inputs.splits[args.eval_split]
     label_column = "label" if "label" in eval_dataset.column_names else None
     with merged_adapters(pipe.unet):
         metrics = evaluate(pipe, eval_dataset, inputs.dmem, inputs.splits["train"], inputs.eval_config,
                            image_column=args.image_column, caption_column=args.caption_column,
-                           label_column=label_column, trainable_params=trainable_params)
+                           label_column=label_column, trainable_params=trainable_params,
+                           generations_path=os.path.join(args.output_dir, DMEM_GENERATIONS_FILE))
     write_metrics(metrics, os.path.join(args.output_dir, "metrics.json"))
     return metrics
 

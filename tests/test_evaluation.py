@@ -21,8 +21,8 @@ from diffusers_memcontrol.evaluation import (
 )
 from diffusers_memcontrol.metrics.encoders import DomainModelEncoder
 
-TOP_KEYS = {"fid", "amd", "amd_eval", "agreement", "extracted_images", "dmem", "dmem_mean", "trainable_params",
-            "replication"}
+TOP_KEYS = {"fid", "amd", "amd_eval", "agreement", "extracted_images", "memorized_prompts", "dmem", "dmem_mean",
+            "trainable_params", "replication"}
 
 
 def make_pipeline() -> StableDiffusionPipeline:
@@ -53,9 +53,10 @@ def setup(tmp_path_factory):
         cache_dir=str(tmp_path_factory.mktemp("eval-cache")),
     )
     pipe, encoder = make_pipeline(), make_encoder()
-    first = evaluate(pipe, test, dmem, train, config, encoder=encoder)
+    generations = str(tmp_path_factory.mktemp("run") / "dmem_generations.safetensors")
+    first = evaluate(pipe, test, dmem, train, config, encoder=encoder, generations_path=generations)
     return {"pipe": pipe, "encoder": encoder, "train": train, "test": test, "dmem": dmem, "config": config,
-            "first": first}
+            "first": first, "generations": generations}
 
 
 def _finite(value) -> bool:
@@ -74,6 +75,21 @@ def test_evaluate_returns_all_keys_with_finite_values(setup):
     assert (metrics["num_eval_images"], metrics["num_dmem"], metrics["num_fid_reference_images"]) == (8, 3, 12)
     assert metrics["extraction"]["n_prompts"] == 3 and metrics["extracted_images"] >= 0
     assert metrics["fid_reference_cached"] is False
+    assert metrics["memorized_prompts"] == metrics["extraction"]["n_flagged_prompts"] >= metrics["extracted_images"]
+    for key in ("vae_round_trip", "nearest_other", "thresholds"):
+        spread = metrics["extraction"][key]
+        assert 0 <= spread["min"] <= spread["median"] <= spread["max"], (key, spread)
+    assert metrics["extraction"]["thresholds"]["max"] <= metrics["extraction"]["pixel_threshold"]
+    assert metrics["replication_space"] == {"encoder": "test-domain", "round_trip": True}
+
+
+def test_dmem_generations_are_kept_for_the_figure(setup):
+    from diffusers_memcontrol.figures import load_dmem_generations
+
+    saved = load_dmem_generations(setup["generations"])
+    assert saved["generations"].shape == (3, 3, 3, 32, 32) and saved["generations"].dtype == torch.uint8
+    assert saved["training_images"].shape == (3, 3, 32, 32) and saved["flags"].shape == (3, 3)
+    assert int((saved["flags"] >= 2).any(1).sum()) == setup["first"]["extracted_images"]
 
 
 def test_reference_statistics_are_cached_and_reused(setup):
@@ -196,3 +212,71 @@ def test_wen_detection_separates_duplicated_prompts_on_tiny_base(tmp_path):
         torch.set_num_threads(threads)  # the benchmark runs single-threaded
     assert report["auc"] >= 0.9, report["after_fine_tuning"]
     assert report["before_fine_tuning"]["first_step"]["auc"] < report["auc"]
+
+
+def _digits_extraction(make_generations):
+    """The calibrated attack of evaluate() with the shipped tiny base's VAE on digits D_mem pairs."""
+    from diffusers import AutoencoderKL
+
+    from diffusers_memcontrol.images import pixel_batch
+    from diffusers_memcontrol.metrics.extraction import calibrated_extraction, vae_round_trip
+
+    train = tb.load_domain("digits", "train").select(range(300))
+    dmem = build_memorization_set(train, dmem_size=6, seed=0)
+    vae = AutoencoderKL.from_pretrained(os.path.join(tb.tiny_base_path(), "vae")).eval()
+    images = pixel_batch(dmem["image"], 32)
+    generations = make_generations(images, vae_round_trip(vae, images))
+    generator = torch.Generator().manual_seed(0)
+    generations = (generations + 0.003 * torch.randn(generations.shape, generator=generator)).clamp(-1, 1)
+    config = EvaluationConfig()  # the evaluation's default thresholds
+    references = (pixel_batch(train.select(range(s, s + 100))["image"], 32) for s in range(0, 300, 100))
+    return calibrated_extraction(
+        generations, images, lambda x: vae_round_trip(vae, x), references, threshold=config.extraction_threshold,
+        pixel_threshold=config.extraction_threshold, separation=config.extraction_separation, min_clique_size=3)
+
+
+def test_decoded_training_latents_are_all_extracted_on_tiny_base():
+    """A generation that reproduces its training image as well as the VAE can counts as extracted."""
+    extraction, flags = _digits_extraction(lambda images, trips: trips[:, None].expand(-1, 5, -1, -1, -1))
+    assert extraction["vae_round_trip"]["min"] > extraction["pixel_threshold"]  # pixel matching alone: 0 extracted
+    assert extraction["n_uncountable"] == 0
+    assert extraction["n_extracted"] == extraction["n_flagged_prompts"] == 6
+    assert extraction["n_extracted_generations"] == 30 and bool((flags == 3).all())
+
+
+@pytest.mark.parametrize("decoded", [False, True])
+def test_generations_of_other_training_images_are_not_extracted_on_tiny_base(decoded):
+    """Each prompt's generations copy another D_mem pair's image (raw or VAE-decoded): a clique, never a match."""
+    def others(images, trips):
+        source = trips if decoded else images
+        return source.roll(1, dims=0)[:, None].expand(-1, 5, -1, -1, -1)
+
+    extraction, flags = _digits_extraction(others)
+    assert extraction["n_flagged_prompts"] == 6 and extraction["n_extracted"] == 0
+    assert bool((flags == 1).all())
+
+
+def test_pixel_replication_space_tells_a_copy_from_its_classmates_on_tiny_base():
+    """Against the training set as the tiny VAE renders it, a decoded training latent is nearest to its own image in
+    the pixel space (the copy-detection pair of tiny-domain) and more similar to it than to any classmate."""
+    from diffusers import AutoencoderKL
+
+    from diffusers_memcontrol.images import pixel_batch
+    from diffusers_memcontrol.metrics.encoders import load_encoder, replication_encoder_name
+    from diffusers_memcontrol.metrics.extraction import vae_round_trip
+
+    train = tb.load_domain("digits", "train").select(range(200))
+    vae = AutoencoderKL.from_pretrained(os.path.join(tb.tiny_base_path(), "vae")).eval()
+    images = pixel_batch(train["image"], 32)
+    trips = vae_round_trip(vae, images)
+    with torch.no_grad():
+        copies = vae.decode(vae.encode(images[:20]).latent_dist.sample(torch.Generator().manual_seed(0))).sample
+    encoder = load_encoder(replication_encoder_name("tiny-domain"))
+    train_feats = torch.nn.functional.normalize(encoder.features(trips), dim=1)
+    copy_feats = torch.nn.functional.normalize(encoder.features(copies.clamp(-1, 1)), dim=1)
+    similarity = copy_feats @ train_feats.T
+    assert similarity.argmax(1).tolist() == list(range(20))
+    labels = torch.tensor(train["label"])
+    classmates = (train_feats[:20] @ train_feats.T).masked_fill(labels[:20, None] != labels[None], -1)
+    classmates.fill_diagonal_(-1)
+    assert bool((similarity.diagonal() > classmates.max(1).values).all())

@@ -72,6 +72,10 @@ def output_dir(tmp_path_factory):
     (folder / "samples").mkdir()
     (folder / "samples" / "dmem_000.png").write_bytes(b"\x89PNG memorized sample")
     (folder / "samples" / "captions.txt").write_text(SECRET_CAPTION)
+    (folder / "memorization.png").write_bytes(b"\x89PNG training images")  # private: never published
+    (folder / "final" / "full-none").mkdir(parents=True)
+    (folder / "final" / "full-none" / "dmem_generations.safetensors").write_bytes(b"training images")
+    (folder / "final" / "full-none" / "memorization.png").write_bytes(b"\x89PNG training images")
     (folder / "checkpoint-10").mkdir()
     (folder / "checkpoint-10" / "model.safetensors").write_bytes(b"checkpoint")
     (folder / "checkpoint-10" / "notes.txt").write_text(SECRET_CAPTION)

@@ -10,7 +10,7 @@ def test_results_table_order_and_files(tmp_path):
         {"method": "memcontrol", "mitigation": "none", "fid": 10.5, "amd": 0.3, "agreement": 0.9,
          "extracted_images": 0, "dmem": 1.2, "trainable_params": 9000},
         {"method": "full", "mitigation": "rwa", "fid": 9.0, "amd": 0.1, "agreement": 0.95,
-         "extracted_images": 7, "dmem": 4.0, "trainable_params": 1_400_000},
+         "extracted_images": 7, "memorized_prompts": 9, "dmem": 4.0, "trainable_params": 1_400_000},
         {"method": "freeze", "mitigation": "none", "fid": 80.0, "amd": 0.5, "agreement": None,
          "extracted_images": 0, "dmem": 0.5, "trainable_params": 0},
     ]
@@ -18,6 +18,10 @@ def test_results_table_order_and_files(tmp_path):
     body = text.splitlines()[2:]
     assert [line.split("|")[1].strip() for line in body] == ["Freeze", "Full FT", "MemControl"]
     assert "1,400,000" in text and "n/a" in text and "RWA" in text
+    header = [cell.strip() for cell in text.splitlines()[0].split("|")]
+    assert header.index("Memorized prompts ↓") == header.index("Extracted ↓") + 1
+    full = [cell.strip() for cell in body[1].split("|")]
+    assert full[header.index("Memorized prompts ↓")] == "9"
     md, js = write_results(rows, tmp_path)
     assert json.loads(open(js).read()) == rows
     assert open(md).read() == text
@@ -30,3 +34,53 @@ def test_pareto_plot_writes_png(tmp_path):
     assert open(path, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
     with pytest.raises(ValueError, match="No completed trial"):
         pareto_plot([{"number": 0}], front=[], chosen=None, path=str(tmp_path / "x.png"))
+
+
+def _fake_run(folder, pairs: int, seed: int) -> str:
+    """A stage-2 run folder holding kept D_mem generations (random pixels), one extracted and one clique member."""
+    import torch
+
+    from diffusers_memcontrol.figures import DMEM_GENERATIONS_FILE, save_dmem_generations
+
+    generator = torch.Generator().manual_seed(seed)
+    generations = torch.rand(pairs, 10, 3, 32, 32, generator=generator) * 2 - 1
+    flags = torch.zeros(pairs, 10, dtype=torch.uint8)
+    flags[0, 7], flags[-1, 9] = 3, 1
+    folder.mkdir(parents=True)
+    save_dmem_generations(folder / DMEM_GENERATIONS_FILE, generations, generations[:, 0], flags)
+    return str(folder)
+
+
+@pytest.mark.parametrize("pairs", [2, 4])
+def test_memorization_figure_layout(tmp_path, pairs):
+    from PIL import Image
+
+    from diffusers_memcontrol.figures import load_dmem_generations, memorization_figure
+
+    runs = {"Full FT": _fake_run(tmp_path / "full", pairs, 0), "MemControl": _fake_run(tmp_path / "mc", pairs, 1)}
+    saved = load_dmem_generations(tmp_path / "full" / "dmem_generations.safetensors")
+    assert saved["generations"].shape == (pairs, 8, 3, 32, 32)  # 8 kept per prompt, flagged ones first
+    assert saved["flags"][0, 0] == 3 and saved["flags"][-1, 0] == 1
+    path = memorization_figure(runs, str(tmp_path / "memorization.png"), n_pairs=pairs, n_generations=3)
+    width, height = Image.open(path).size
+    other = memorization_figure(runs, str(tmp_path / "one.png"), n_pairs=1, n_generations=3)
+    assert Image.open(other).size[0] == width and Image.open(other).size[1] < height  # one row per pair
+    wider = memorization_figure(runs, str(tmp_path / "wide.png"), n_pairs=1, n_generations=5)
+    assert Image.open(wider).size[0] > width  # 1 + 2 runs x generations columns
+
+
+def test_stage_two_figure_picks_full_memcontrol_and_the_best_other_baseline(tmp_path):
+    from diffusers_memcontrol.figures import write_memorization_figure
+
+    for name in ("full-none", "memcontrol-none", "difffit-none"):
+        _fake_run(tmp_path / "final" / name, 2, 0)
+    rows = [{"method": "full", "mitigation": "none", "fid": 9.0}, {"method": "memcontrol", "mitigation": "none",
+            "fid": 8.0}, {"method": "difffit", "mitigation": "none", "fid": 7.0},
+            {"method": "svdiff", "mitigation": "none", "fid": 12.0}, {"method": "svdiff", "mitigation": "rwa",
+            "fid": 1.0}]
+    path = write_memorization_figure(rows, str(tmp_path))
+    assert path == str(tmp_path / "memorization.png")
+    with open(path, "rb") as fh:
+        assert fh.read(4) == b"\x89PNG"
+    rows[2]["fid"] = 20.0  # SV-DIFF is now the best other baseline, and its run kept no generations
+    assert write_memorization_figure(rows, str(tmp_path)) is None

@@ -476,7 +476,7 @@ class ExtractionResult:
     n_prompts: int
     per_prompt: list[dict[str, Any]] = field(default_factory=list)
     threshold: float = DEFAULT_EXTRACTION_THRESHOLD
-    match_threshold: float = DEFAULT_EXTRACTION_THRESHOLD
+    match_threshold: float | list[float] = DEFAULT_EXTRACTION_THRESHOLD
     min_clique_size: int = 10
     grid: int = 4
     reduction: str = "rms"
@@ -492,7 +492,7 @@ def extraction_attack(
     threshold: float = DEFAULT_EXTRACTION_THRESHOLD,
     min_clique_size: int = 10,
     grid: int = 4,
-    match_threshold: float | None = None,
+    match_threshold: float | Sequence[float] | None = None,
     *,
     reduction: Literal["rms", "sum"] = "rms",
     value_range: tuple[float, float] = (0.0, 1.0),
@@ -522,15 +522,19 @@ def extraction_attack(
         threshold: edge threshold of the clique graph.
         min_clique_size: smallest clique that flags its generations (Carlini et al.: 10).
         grid: tiles per side (Carlini et al.: 4, i.e. 16 tiles).
-        match_threshold: distance to the training image below which a flagged generation is extracted.
+        match_threshold: distance to the training image below which a flagged generation is extracted: one
+            value, or one per prompt (0: that prompt cannot count; see metrics.extraction for calibrated ones).
         reduction: tile distance normalization, see :func:`tiled_l2`.
         value_range: pixel range of all images, ``(0, 1)`` or ``(-1, 1)``.
         max_cliques: per-prompt guard passed to :func:`find_cliques`.
         device: where the tiled distances are computed (default: CPU, or the device of tensor inputs).
     """
     match_threshold = threshold if match_threshold is None else match_threshold
-    if not (threshold > 0 and match_threshold > 0):
-        raise ValueError(f"threshold and match_threshold must be > 0; got {threshold!r}, {match_threshold!r}")
+    per_prompt_match = not np.isscalar(match_threshold)
+    matches = np.asarray(match_threshold, dtype=np.float64).reshape(-1)
+    if not (threshold > 0 and (matches >= 0).all() and (per_prompt_match or matches[0] > 0)):
+        raise ValueError(f"threshold and match_threshold must be > 0 (per-prompt match thresholds >= 0); got "
+                         f"{threshold!r}, {match_threshold!r}")
     if int(min_clique_size) != min_clique_size or min_clique_size < 2:
         raise ValueError(f"min_clique_size must be an integer >= 2; got {min_clique_size!r}")
     if not isinstance(training_images, torch.Tensor):
@@ -545,6 +549,9 @@ def extraction_attack(
             f"got generations for {n_prompts} prompts but {training_images.shape[0]} training images; "
             "expected one training image per prompt"
         )
+    if per_prompt_match and len(matches) != n_prompts:
+        raise ValueError(f"got {len(matches)} per-prompt match thresholds for {n_prompts} prompts")
+    matches = np.broadcast_to(matches, (n_prompts,))
 
     per_prompt: list[dict[str, Any]] = []
     n_extracted = n_extracted_generations = n_flagged = 0
@@ -581,7 +588,7 @@ def extraction_attack(
                 device=device,
             )[:, 0].tolist()
             entry["flagged_distances"] = to_train
-            hits = [(i, dist) for i, dist in zip(flagged, to_train) if dist < match_threshold]
+            hits = [(i, dist) for i, dist in zip(flagged, to_train) if dist < matches[p]]
             entry["extracted_indices"] = [i for i, _ in hits]
             entry["extracted_distances"] = [dist for _, dist in hits]
             if hits:
@@ -596,7 +603,7 @@ def extraction_attack(
         n_prompts=n_prompts,
         per_prompt=per_prompt,
         threshold=float(threshold),
-        match_threshold=float(match_threshold),
+        match_threshold=[float(m) for m in matches] if per_prompt_match else float(matches[0]),
         min_clique_size=int(min_clique_size),
         grid=int(grid),
         reduction=reduction,

@@ -14,6 +14,11 @@ Built-in entries (heavy dependencies are imported lazily, only when an entry is 
 * ``sscd`` -- a user-supplied SSCD copy-detection TorchScript file (``weights_path`` required).
 * ``clip`` -- transformers ``CLIPModel`` image features (hub id or local folder).
 * ``tiny-domain`` -- the project's shipped tiny-domain encoder (``diffusers_memcontrol.tiny_base``).
+* ``pixels`` -- the image itself (RGB at 32 px, each image centred: cosine = Pearson correlation):
+  a copy detector for small images where a class-level feature space sees every image of a class as one.
+
+:data:`COPY_DETECTION` names the replication (copy-detection) space paired with a feature space whose features
+are class-level; other encoders are their own.
 
 Security note: nothing here unpickles a file with ``torch.load``; user weights are TorchScript
 archives read with ``torch.jit.load`` (the format SSCD publishes) or safetensors via transformers.
@@ -37,14 +42,24 @@ from torch import nn
 from ..files import file_digest
 
 __all__ = [
+    "COPY_DETECTION",
     "ImageEncoder",
     "available_encoders",
     "load_encoder",
     "register_encoder",
+    "replication_encoder_name",
     "tf_bilinear_resize",
 ]
 
 _REGISTRY: dict[str, Callable[..., ImageEncoder]] = {}  # name -> loader
+# feature encoder -> the copy-detection encoder replication uses with it. The tiny-domain classifier puts a copy of a
+# training image and another image of its class at the same similarity (0.997), so its replication uses pixels.
+COPY_DETECTION = {"tiny-domain": "pixels"}
+
+
+def replication_encoder_name(feature_encoder: str, configured: str | None = None) -> str:
+    """The encoder of the replication space: `configured`, else COPY_DETECTION's pair of `feature_encoder`."""
+    return configured or COPY_DETECTION.get(feature_encoder, feature_encoder)
 
 CLIP_DEFAULT_ID = "openai/clip-vit-base-patch32"
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -552,3 +567,29 @@ def _load_tiny_domain(weights_path: PathLike = None, device: Device = "cpu", bat
         weights_path = domain_encoder_path() if callable(domain_encoder_path) else domain_encoder_path
     model = DomainEncoder.from_pretrained(str(weights_path))
     return DomainModelEncoder(model.eval(), image_size=32, batch_size=batch_size).to(device)
+
+
+class PixelEncoder(ImageEncoder):
+    """The pixels themselves: RGB resized to ``image_size``, flattened, each image centred (cosine = correlation)."""
+
+    def __init__(self, image_size: int = 32, batch_size: int = 256) -> None:
+        super().__init__(dim=3 * image_size * image_size, batch_size=batch_size)
+        self.image_size = int(image_size)
+
+    def preprocess(self, images: torch.Tensor) -> torch.Tensor:
+        """RGB at image_size, in [-1, 1]."""
+        return resize(to_rgb(check_images(images)), self.image_size)
+
+    def embed(self, inputs: torch.Tensor) -> torch.Tensor:
+        """Flattened pixels minus their per-image mean."""
+        flat = inputs.flatten(1)
+        return flat - flat.mean(dim=1, keepdim=True)
+
+
+@register_encoder("pixels")
+def _load_pixels(weights_path: PathLike = None, device: Device = "cpu", image_size: int = 32,
+                 batch_size: int = 256) -> ImageEncoder:
+    """The pixel space (no weights; ``weights_path`` must be None)."""
+    if weights_path is not None:
+        raise ValueError(f"the 'pixels' encoder has no weights; got weights_path={weights_path!r}")
+    return PixelEncoder(image_size=image_size, batch_size=batch_size).to(device)

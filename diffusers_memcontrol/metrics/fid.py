@@ -16,20 +16,25 @@ import hashlib
 import json
 import os
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
 from ..files import atomic_open
+from ..images import image_source
 
 __all__ = [
     "FeatureStatistics",
+    "cached_features",
     "cached_reference_statistics",
     "content_key",
+    "encoder_identity",
     "frechet_distance",
     "frechet_distance_from_stats",
+    "image_column_fingerprint",
 ]
 
 _FORMAT_VERSION = 1
@@ -292,3 +297,54 @@ def cached_reference_statistics(
     with atomic_open(path, "wb") as fh:
         np.savez(fh, key=np.array(key), **stats._to_arrays())
     return stats
+
+
+def encoder_identity(encoder: Any) -> str:
+    """Hash of an encoder's name and weights (so cached features follow weight changes)."""
+    h = hashlib.blake2b(digest_size=16)
+    h.update(str(getattr(encoder, "name", type(encoder).__name__)).encode())
+    h.update(type(encoder).__name__.encode())
+    for key, tensor in sorted(encoder.state_dict().items()):
+        h.update(key.encode())
+        h.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes()
+                 if tensor.numel() else b"")
+    return h.hexdigest()
+
+
+def image_column_fingerprint(dataset: Any, column: str, rows: Sequence[int]) -> str:
+    """Content hash of the selected images: their encoded bytes, or path + size + mtime for file-backed images."""
+    h = hashlib.blake2b(digest_size=16)
+    table = dataset.with_format("arrow")
+    rows = [int(r) for r in rows]
+    for start in range(0, len(rows), 1024):
+        values = table.select(rows[start:start + 1024])[column].to_pylist()
+        for row, value in zip(rows[start:start + 1024], values):
+            source, _, data = image_source(value, row, column)
+            if data is not None:
+                h.update(b"b")
+                h.update(len(data).to_bytes(8, "little"))
+                h.update(data)
+            else:  # a file: its path, size and modification time (cheap, unlike reading every file)
+                h.update(b"p")
+                h.update(source.encode())
+                try:
+                    st = os.stat(source)
+                    h.update(f"{st.st_size}:{st.st_mtime_ns}".encode())
+                except OSError:
+                    pass
+    return h.hexdigest()
+
+
+def cached_features(cache_dir: str, key: str, compute: Any) -> tuple[np.ndarray, bool]:
+    """``[N, D]`` float32 features cached in ``cache_dir/<key>.npy`` (atomic write); (features, from_cache)."""
+    os.makedirs(cache_dir, exist_ok=True)
+    path = os.path.join(cache_dir, f"features-{key}.npy")
+    if os.path.exists(path):
+        try:
+            return np.load(path, allow_pickle=False), True
+        except (OSError, ValueError, EOFError):
+            pass  # unreadable: recompute and overwrite
+    feats = np.ascontiguousarray(np.asarray(compute(), dtype=np.float32))
+    with atomic_open(path, "wb") as fh:
+        np.save(fh, feats)
+    return feats, False

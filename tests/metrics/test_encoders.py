@@ -241,3 +241,19 @@ def test_classifier_agreement():
     assert classifier_agreement(images, torch.tensor([0, 0, 0, 0]), ByChannel(), image_size=8) == 0.5
     with pytest.raises(ValueError, match="one class per image"):
         classifier_agreement(images, [0, 1], ByChannel())
+
+
+def test_pixel_encoder_and_the_copy_detection_pairing():
+    from diffusers_memcontrol.metrics.encoders import COPY_DETECTION, replication_encoder_name
+
+    encoder = load_encoder("pixels")
+    images = torch.rand(2, 3, 64, 64) * 2 - 1
+    feats = encoder.features(images)
+    assert feats.shape == (2, 3 * 32 * 32) and torch.allclose(feats.mean(1), torch.zeros(2), atol=1e-5)
+    brighter = encoder.features((images * 0.5 + 0.2).clamp(-1, 1))  # contrast/brightness: same correlation
+    assert torch.nn.functional.cosine_similarity(feats, brighter).min() > 0.99
+    assert COPY_DETECTION["tiny-domain"] == replication_encoder_name("tiny-domain") == "pixels"
+    assert replication_encoder_name("inception") == "inception"
+    assert replication_encoder_name("tiny-domain", "sscd") == "sscd"
+    with pytest.raises(ValueError, match="no weights"):
+        load_encoder("pixels", weights_path="x")
