@@ -50,15 +50,16 @@ def main() -> None:
     parser.add_argument("--spaces", default="")
     args = parser.parse_args()
     out = args.output_dir
-    needed = ["results.md", "results.json", "pareto.png", "best_mask.json", "search_summary.json"]
+    needed = ["results.md", "results.json", "pareto.png", "memorization.png", "best_mask.json", "search_summary.json"]
     for space in filter(None, args.spaces.split(",")):
         needed += [f"search/{space}/pareto.json", f"search/{space}/trials.csv"]
     missing = [n for n in needed if not os.path.isfile(os.path.join(out, n))]
     if missing:
         fail(f"missing outputs in {out}: {missing}")
-    with open(os.path.join(out, "pareto.png"), "rb") as f:
-        if f.read(8) != b"\x89PNG\r\n\x1a\n":
-            fail("pareto.png is not a PNG file")
+    for figure in ("pareto.png", "memorization.png"):
+        with open(os.path.join(out, figure), "rb") as f:
+            if f.read(8) != b"\x89PNG\r\n\x1a\n":
+                fail(f"{figure} is not a PNG file")
     results = json.load(open(os.path.join(out, "results.json"), encoding="utf-8"))
     rows = printed_table(args.log)
     if len(rows) != len(results):
