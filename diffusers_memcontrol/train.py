@@ -448,6 +448,10 @@ def main(argv: list[str] | None = None) -> dict:
     """Load model and data, check them, fine-tune, save the adapter and outputs, optionally evaluate and publish."""
     import sys
 
+    if os.environ.get("MEMCONTROL_DIE_WITH_PARENT"):  # a run of a search: it dies with it (search.run_trainer)
+        from .search import die_with_parent
+
+        die_with_parent()
     argv = sys.argv[1:] if argv is None else list(argv)
     if {"--search", "--final"} & set(argv):  # stage 1 and/or 2 + table
         from .runner import main_search
