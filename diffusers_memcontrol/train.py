@@ -602,9 +602,10 @@ def main(argv: list[str] | None = None) -> dict:
             summary["hub_url"] = publish(args.output_dir, repo_id, token=args.hub_token,
                                          base_model=summary["base_model"])
     accelerator.end_training()
-    print(json.dumps({k: summary[k] for k in ("peft_method", "trainable_params", "losses", "skipped_steps",
-                                              "wall_time_s") if k in summary}, indent=2))
-    print(f"adapter written to {os.path.abspath(args.output_dir)}")
+    if accelerator.is_main_process:
+        print(json.dumps({k: summary[k] for k in ("peft_method", "trainable_params", "losses", "skipped_steps",
+                                                  "wall_time_s") if k in summary}, indent=2))
+        print(f"adapter written to {os.path.abspath(args.output_dir)}")
     return summary
 
 

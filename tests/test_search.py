@@ -251,14 +251,15 @@ def test_run_trainer_gives_each_worker_its_gpu_and_a_share_of_the_cores(tmp_path
     for name in ("CUDA_VISIBLE_DEVICES", "OMP_NUM_THREADS", "MEMCONTROL_WORKER_INDEX", "MEMCONTROL_NUM_WORKERS"):
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setattr(os, "cpu_count", lambda: 8)
-    env = run_trainer([], str(tmp_path / "a"), script=str(script), worker=3, num_workers=4)
-    assert env == {"CUDA_VISIBLE_DEVICES": "3", "OMP_NUM_THREADS": "2"}
     assert run_trainer([], str(tmp_path / "b"), script=str(script)) == {"CUDA_VISIBLE_DEVICES": None,
                                                                         "OMP_NUM_THREADS": None}
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "4,5,6,7")  # the GPUs this search may use
+    env = run_trainer([], str(tmp_path / "a"), script=str(script), worker=3, num_workers=4)
+    assert env == {"CUDA_VISIBLE_DEVICES": "7", "OMP_NUM_THREADS": "2"}
     monkeypatch.setenv("OMP_NUM_THREADS", "5")  # the user's settings win
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "7")
     env = run_trainer([], str(tmp_path / "c"), script=str(script), worker=1, num_workers=2)
-    assert env == {"CUDA_VISIBLE_DEVICES": "7", "OMP_NUM_THREADS": "5"}
+    assert env == {"CUDA_VISIBLE_DEVICES": "7", "OMP_NUM_THREADS": "5"}  # more workers than GPUs share them
     with pytest.raises(RuntimeError, match="see .*train.log"):
         script.write_text("raise SystemExit(3)\n")
         run_trainer([], str(tmp_path / "d"), script=str(script))
