@@ -124,21 +124,15 @@ def run_final(train_args: list[str], output_dir: str, chosen: dict, layout: str,
 
     def run(index: int, wait: bool) -> bool:
         row_name, method, mitigation, args = runs[index]
-        run_dir = os.path.join(output_dir, "final", f"{row_name}-{mitigation}")
-        while (metrics := finished_run(args, run_dir)) is None:
-            if claim_run(run_dir):
-                slot = slots.get()
-                try:
-                    metrics = run_or_reuse(args, run_dir, worker=slot if n_workers > 1 else None,
-                                           num_workers=n_workers, num_processes=gpus_per_trial,
-                                           accelerate_config=accelerate_config)
-                finally:
-                    slots.put(slot)
-                    release_run(run_dir)
-                break
-            if not wait:
-                return False  # another command trains it: collected after this command's own runs
-            time.sleep(CLAIM_POLL_SECONDS)
+        slot = slots.get()
+        try:
+            metrics = run_claimed(args, os.path.join(output_dir, "final", f"{row_name}-{mitigation}"), wait,
+                                  worker=slot if n_workers > 1 else None, num_workers=n_workers,
+                                  num_processes=gpus_per_trial, accelerate_config=accelerate_config)
+        finally:
+            slots.put(slot)
+        if metrics is None:
+            return False  # another command trains it: collected after this command's own runs
         with lock:
             done[index] = {"method": row_name, "peft_method": method, "mitigation": mitigation,
                            **{k: v for k, v in metrics.items() if isinstance(v, (int, float)) or v is None}}
@@ -154,6 +148,21 @@ def run_final(train_args: list[str], output_dir: str, chosen: dict, layout: str,
 
 
 CLAIM_POLL_SECONDS = 2.0
+
+
+def run_claimed(args: list[str], run_dir: str, wait: bool = True, **kwargs) -> dict | None:
+    """`run_or_reuse` under a claim on `run_dir` (`claim_run`): train it here, or (`wait`) poll until the command
+    that claimed it has finished it (None at once without `wait`)."""
+    while (metrics := finished_run(args, run_dir)) is None:
+        if claim_run(run_dir):
+            try:
+                return run_or_reuse(args, run_dir, **kwargs)
+            finally:
+                release_run(run_dir)
+        if not wait:
+            return None
+        time.sleep(CLAIM_POLL_SECONDS)
+    return metrics
 
 
 def claim_run(run_dir: str) -> bool:
@@ -233,15 +242,19 @@ def run_or_reuse(args: list[str], run_dir: str, **kwargs) -> dict:
 
 def run_memcontrol(unet, train_args: list[str], output_dir: str, search_spaces: list[str], layout: str, scope: str,
                    config: SearchConfig, final: bool = True, baselines: tuple[str, ...] | list[str] = BASELINES,
-                   mitigations: tuple[str, ...] | list[str] = MITIGATIONS, hpo_baselines: bool = True) -> dict:
-    """The whole method: search, choose, (optionally) stage 2 and the table; returns paths and the choice."""
+                   mitigations: tuple[str, ...] | list[str] = MITIGATIONS, hpo_baselines: bool = True,
+                   plot: bool = True) -> dict:
+    """The whole method: search, choose, (optionally) the Pareto plot, stage 2 and the table; returns paths and the
+    choice."""
     summary = run_search(unet, train_args, output_dir, search_spaces, layout, scope, config)
+    if not plot:  # stage 1 on one of many machines: the study and the choice only
+        return {"search": summary}
     plot_baselines = {}
     for t in summary["trials"]:
         if t["default_mask"]:
             plot_baselines[f"{t['method']} (default)"] = (t["dmem"], t["fid"])
     if hpo_baselines:  # Full FT on the same HPO set, for the plot
-        metrics = run_or_reuse([*train_args, "--peft_method", "full", "--mask_layout", layout, "--hpo", "--eval",
+        metrics = run_claimed([*train_args, "--peft_method", "full", "--mask_layout", layout, "--hpo", "--eval",
                                 "--eval_split", "validation", "--eval_preset", "search"],
                                os.path.join(output_dir, "trials", "full-ft"))
         plot_baselines["Full FT"] = (metrics["dmem"], metrics["fid"])
@@ -389,22 +402,22 @@ def main_search(argv: list[str]) -> dict:
     baselines = [b for b in args.baselines.split(",") if b]
     mitigations = [m for m in args.mitigations.split(",") if m]
     if args.stage == "2":
-        return main_stage_two(unet, train_args, args, spaces, config, baselines, mitigations)
+        _check_stage_one(config, args, spaces)
     result = run_memcontrol(unet, train_args, args.output_dir, spaces, args.mask_layout, args.mask_scope, config,
-                            final=args.final and args.stage == "all", baselines=baselines, mitigations=mitigations)
+                            final=args.final and args.stage != "1", baselines=baselines, mitigations=mitigations,
+                            plot=args.stage != "1")
     chosen = result["search"]["chosen"]
     print(f"chosen mask: {chosen['method']} {Mask.from_dict(chosen['mask']).bitstring} "
           f"(d_mem {chosen['dmem']:.4g}, FID {chosen['fid']:.4g})")
-    print(f"Pareto plot: {os.path.abspath(result['pareto_plot'])}")
+    if "pareto_plot" in result:
+        print(f"Pareto plot: {os.path.abspath(result['pareto_plot'])}")
     if "results_md" in result:
         _print_table(result["results_md"])
     return result
 
 
-def main_stage_two(unet, train_args: list[str], args, spaces: list[str], config: SearchConfig,
-                   baselines: list[str], mitigations: list[str]) -> dict:
-    """`--search --stage 2`: the choice from the finished studies of stage 1, then the stage-2 rows this command
-    claims (`run_final`) and the whole table."""
+def _check_stage_one(config: SearchConfig, args, spaces: list[str]) -> None:
+    """`--stage 2` needs the finished studies of stage 1 (it runs no trial)."""
     import optuna
 
     from .search import resolve_storage
@@ -421,16 +434,6 @@ def main_stage_two(unet, train_args: list[str], args, spaces: list[str], config:
         if done < config.n_trials:
             raise InputError(f"--stage 2: study {name!r} has {done} of --n_trials {config.n_trials} completed "
                              "trials; let --stage 1 finish first.")
-    summary = run_search(unet, train_args, args.output_dir, spaces, args.mask_layout, args.mask_scope, config)
-    rows = run_final(train_args, args.output_dir, summary["chosen"], args.mask_layout, args.mask_scope, baselines,
-                     mitigations, n_workers=config.n_workers, gpus_per_trial=config.gpus_per_trial,
-                     accelerate_config=config.accelerate_config)
-    result = {"search": summary, "rows": rows, "results_md": os.path.join(args.output_dir, "results.md")}
-    chosen = summary["chosen"]
-    print(f"chosen mask: {chosen['method']} {Mask.from_dict(chosen['mask']).bitstring} "
-          f"(d_mem {chosen['dmem']:.4g}, FID {chosen['fid']:.4g})")
-    _print_table(result["results_md"])
-    return result
 
 
 def main_transfer(args, train_args: list[str]) -> dict:

@@ -236,7 +236,8 @@ def create_study(space: MaskSpace, config: SearchConfig, output_dir: str) -> opt
             study.set_metric_names(list(OBJECTIVES))
         # seed the first generation with the method's default configuration (all ones)
         params = {_param_name(i): 1 for i in range(len(space))}
-        study.enqueue_trial(params, user_attrs={"seeded": "default mask"})
+        # skip_if_exists: two machines creating the study at once seed it once
+        study.enqueue_trial(params, user_attrs={"seeded": "default mask"}, skip_if_exists=True)
     elif existing != record:
         raise ValueError(
             f"Study {name!r} in this storage was built for {existing['method']}/{existing['layout']} with "

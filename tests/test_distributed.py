@@ -112,7 +112,8 @@ def test_two_stage_two_commands_split_the_rows(tmp_path, monkeypatch):
     context = multiprocessing.get_context("fork")
     with context.Pool(2) as pool:
         tables = pool.starmap(_stage_two_machine, [(str(tmp_path), log)] * 2)
-    trained = [line.split() for line in open(log, encoding="utf-8").read().splitlines()]
+    with open(log, encoding="utf-8") as f:
+        trained = [line.split() for line in f.read().splitlines()]
     rows = [name for _, name in trained]
     assert sorted(rows) == sorted(set(rows)) and len(rows) == 8  # 4 candidates x 2 mitigations, each once
     assert len({pid for pid, _ in trained}) == 2  # both machines trained some
