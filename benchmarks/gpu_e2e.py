@@ -89,16 +89,15 @@ def main(argv: list[str] | None = None) -> dict:
     if args.model == "sd15":
         phase("build_model", lambda: model.update(path=build_sd15(os.path.join(args.work_dir, "sd15"))))
         size = ["--resolution", "512", "--mixed_precision", "bf16", "--gradient_checkpointing",
-                "--train_batch_size", "4"]
+                "--train_batch_size", "4", "--max_train_steps", "3", "--max_train_samples", "32"]
     else:
         from diffusers_memcontrol.tiny_base import tiny_base_path
 
         model["path"] = tiny_base_path()
-        size = ["--train_batch_size", "8"]
-    common = ["--pretrained_model_name_or_path", model["path"], *size, "--max_train_steps", "3",
-              "--max_train_samples", "32", "--dmem_size", "4", "--dmem_repeats", "2", "--proxy_fraction", "0.05",
-              "--dmem_unique_captions", "--eval_num_prompts", "4", "--eval_extraction_generations", "4",
-              "--eval_inference_steps", "2", "--search_space", "difffit", "--mask_layout", "paper", "--n_trials", "2",
+        size = ["--train_batch_size", "4", "--max_train_steps", "1", "--max_train_samples", "8"]  # the suite's check
+    common = ["--pretrained_model_name_or_path", model["path"], *size, "--dmem_size", "4", "--dmem_repeats", "2",
+              "--proxy_fraction", "0.05", "--dmem_unique_captions", "--eval_num_prompts", "2", "--eval_extraction_generations", "3",
+              "--eval_inference_steps", "1", "--search_space", "difffit", "--mask_layout", "paper", "--n_trials", "2",
               "--population_size", "2", "--n_workers", "1", "--gpus_per_trial", str(args.gpus_per_trial),
               "--baselines", "freeze", "--mitigations", "none", "--output_dir", out]
     train = [sys.executable, "-m", "diffusers_memcontrol.train", "--search"]
