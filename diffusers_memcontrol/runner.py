@@ -209,8 +209,8 @@ def _stale(lock_path: str) -> bool:
         os.kill(int(owner["pid"]), 0)
     except ProcessLookupError:
         return True
-    except PermissionError:
-        return False
+    except PermissionError:  # alive, another user's
+        pass
     return False
 
 
