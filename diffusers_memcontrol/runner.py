@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import threading
+import time
 from collections.abc import Sequence
 from dataclasses import replace
 
@@ -25,6 +27,7 @@ from .search import (
     SELECTIONS,
     SearchConfig,
     TrainerTrial,
+    default_n_workers,
     dmem_exposures,
     export_study,
     exposure_report,
@@ -49,7 +52,9 @@ def run_search(unet, train_args: list[str], output_dir: str, search_spaces: list
         spaces[method] = space
         study_config = replace(config, study_name=f"{config.study_name or 'memcontrol'}-{method}-{layout}")
         study = optimize(space, study_config, output_dir,
-                         TrainerTrial(train_args, output_dir, method, layout, scope))
+                         TrainerTrial(train_args, output_dir, method, layout, scope,
+                                      gpus_per_trial=config.gpus_per_trial,
+                                      accelerate_config=config.accelerate_config))
         export_study(study, space, os.path.join(output_dir, "search", method), config.selection)
         for t in study.trials:
             if t.values is not None:
@@ -90,13 +95,17 @@ def _dominates(a, b) -> bool:
 
 def run_final(train_args: list[str], output_dir: str, chosen: dict, layout: str, scope: str,
               baselines: Sequence[str] = BASELINES, mitigations: Sequence[str] = MITIGATIONS,
-              n_workers: int = 1, protocol: str = "split") -> list[dict]:
+              n_workers: int = 1, gpus_per_trial: int = 1, accelerate_config: str | None = None,
+              protocol: str = "split") -> list[dict]:
     """Stage 2: fine-tune the chosen mask and each baseline on the full training split with each mitigation,
     evaluate on the test split; write results.md / results.json and return the rows.
 
     `protocol` (`STAGE2_PROTOCOLS`): the train split as it is, or with the D_mem pairs duplicated.
 
-    The runs are independent: `n_workers` of them run at once (one GPU each, or a share of the CPU cores).
+    The runs are independent: `n_workers` of them run at once (`gpus_per_trial` GPUs each, or a share of the CPU
+    cores). Each run is claimed through a lock file next to its folder (`claim_run`), so several commands sharing
+    `output_dir` (several machines) never train the same row: a command trains the rows it claims, then waits for the
+    others' and writes the whole table too.
     """
     from concurrent.futures import ThreadPoolExecutor
     from queue import SimpleQueue
@@ -119,37 +128,119 @@ def run_final(train_args: list[str], output_dir: str, chosen: dict, layout: str,
     done: dict[int, dict] = {}
     lock = threading.Lock()
 
-    def run(index: int) -> None:
+    def run(index: int, wait: bool) -> bool:
         row_name, method, mitigation, args = runs[index]
         slot = slots.get()
         run_dir = os.path.join(output_dir, "final", f"{row_name}-{mitigation}")
         try:
-            metrics = run_or_reuse(args, run_dir, worker=slot if n_workers > 1 else None, num_workers=n_workers)
+            metrics = run_claimed(args, run_dir, wait, worker=slot if n_workers > 1 else None, num_workers=n_workers,
+                                  num_processes=gpus_per_trial, accelerate_config=accelerate_config)
         finally:
             slots.put(slot)
+        if metrics is None:
+            return False  # another command trains it: collected after this command's own runs
         with lock:
             done[index] = {"method": row_name, "peft_method": method, "mitigation": mitigation,
                            **{k: v for k, v in metrics.items() if isinstance(v, (int, float)) or v is None},
                            "dmem_exposures": dmem_exposures(run_dir)["dmem_exposures"]}
             write_results([done[i] for i in sorted(done)], output_dir)  # partial tables survive an interrupted run
+        return True
 
     with ThreadPoolExecutor(max_workers=n_workers) as pool:
-        for future in [pool.submit(run, i) for i in range(len(runs))]:
+        deferred = [i for i, future in [(i, pool.submit(run, i, False)) for i in range(len(runs))]
+                    if not future.result()]
+        for future in [pool.submit(run, i, True) for i in deferred]:
             future.result()
     write_memorization_figure([done[i] for i in sorted(done)], output_dir)
     return [done[i] for i in sorted(done)]
+
+
+CLAIM_POLL_SECONDS = 2.0
+
+
+def run_claimed(args: list[str], run_dir: str, wait: bool = True, **kwargs) -> dict | None:
+    """`run_or_reuse` under a claim on `run_dir` (`claim_run`): train it here, or (`wait`) poll until the command
+    that claimed it has finished it (None at once without `wait`)."""
+    while (metrics := finished_run(args, run_dir)) is None:
+        if claim_run(run_dir):
+            try:
+                return run_or_reuse(args, run_dir, **kwargs)
+            finally:
+                release_run(run_dir)
+        if not wait:
+            return None
+        time.sleep(CLAIM_POLL_SECONDS)
+    return metrics
+
+
+def claim_run(run_dir: str) -> bool:
+    """Claim a stage-2 run for this process: create `run_dir.lock` (O_CREAT | O_EXCL) holding this host and pid.
+
+    False when another live process holds it. A lock left by a dead process of this host is reclaimed; one of another
+    host is only released by its owner (remove it by hand if that machine died)."""
+    path = run_dir + ".lock"
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    for _ in range(2):
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            if not _stale(path):
+                return False
+            try:
+                os.remove(path)
+            except FileNotFoundError:
+                pass
+            continue
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump({"host": socket.gethostname(), "pid": os.getpid()}, f)
+        return True
+    return False
+
+
+def release_run(run_dir: str) -> None:
+    """Remove this process's claim on `run_dir` (`claim_run`)."""
+    try:
+        os.remove(run_dir + ".lock")
+    except FileNotFoundError:
+        pass
+
+
+def _stale(lock_path: str) -> bool:
+    try:
+        with open(lock_path, encoding="utf-8") as f:
+            owner = json.load(f)
+    except (OSError, ValueError):
+        return False  # being written, or just released
+    if owner.get("host") != socket.gethostname():
+        return False
+    try:
+        os.kill(int(owner["pid"]), 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:  # alive, another user's
+        pass
+    return False
+
+
+def finished_run(args: list[str], run_dir: str) -> dict | None:
+    """The metrics of a finished run of `args` in `run_dir`, or None."""
+    args_path, metrics_path = os.path.join(run_dir, "run_args.json"), os.path.join(run_dir, "metrics.json")
+    if not (os.path.isfile(args_path) and os.path.isfile(metrics_path)):
+        return None
+    with open(args_path, encoding="utf-8") as f:
+        if json.load(f) != list(args):
+            return None
+    with open(metrics_path, encoding="utf-8") as f:
+        return json.load(f)
 
 
 def run_or_reuse(args: list[str], run_dir: str, **kwargs) -> dict:
     """`search.run_trainer`, unless `run_dir` already holds the metrics of a finished run with the same arguments:
     a restarted command redoes only the fine-tunes that had not finished."""
     args_path, metrics_path = os.path.join(run_dir, "run_args.json"), os.path.join(run_dir, "metrics.json")
-    if os.path.isfile(args_path) and os.path.isfile(metrics_path):
-        with open(args_path, encoding="utf-8") as f:
-            same = json.load(f) == list(args)
-        if same:
-            with open(metrics_path, encoding="utf-8") as f:
-                return json.load(f)
+    finished = finished_run(args, run_dir)
+    if finished is not None:
+        return finished
     os.makedirs(run_dir, exist_ok=True)
     if os.path.isfile(metrics_path):
         os.remove(metrics_path)  # another run's figures must never pass for this one's
@@ -160,15 +251,18 @@ def run_or_reuse(args: list[str], run_dir: str, **kwargs) -> dict:
 def run_memcontrol(unet, train_args: list[str], output_dir: str, search_spaces: list[str], layout: str, scope: str,
                    config: SearchConfig, final: bool = True, baselines: tuple[str, ...] | list[str] = BASELINES,
                    mitigations: tuple[str, ...] | list[str] = MITIGATIONS, hpo_baselines: bool = True,
-                   stage2_protocol: str = "split") -> dict:
-    """The whole method: search, choose, (optionally) stage 2 and the table; returns paths and the choice."""
+                   stage2_protocol: str = "split", plot: bool = True) -> dict:
+    """The whole method: search, choose, (optionally) the Pareto plot, stage 2 and the table; returns paths and the
+    choice."""
     summary = run_search(unet, train_args, output_dir, search_spaces, layout, scope, config)
+    if not plot:  # stage 1 on one of many machines: the study and the choice only
+        return {"search": summary}
     plot_baselines = {}
     for t in summary["trials"]:
         if t["default_mask"]:
             plot_baselines[f"{t['method']} (default)"] = (t["dmem"], t["fid"])
     if hpo_baselines:  # Full FT on the same HPO set, for the plot
-        metrics = run_or_reuse([*train_args, "--peft_method", "full", "--mask_layout", layout, "--hpo", "--eval",
+        metrics = run_claimed([*train_args, "--peft_method", "full", "--mask_layout", layout, "--hpo", "--eval",
                                 "--eval_split", "validation", "--eval_preset", "search"],
                                os.path.join(output_dir, "trials", "full-ft"))
         plot_baselines["Full FT"] = (metrics["dmem"], metrics["fid"])
@@ -177,7 +271,8 @@ def run_memcontrol(unet, train_args: list[str], output_dir: str, search_spaces: 
     result = {"search": summary, "pareto_plot": plot, "pareto_baselines": plot_baselines}
     if final:
         result["rows"] = run_final(train_args, output_dir, summary["chosen"], layout, scope, baselines, mitigations,
-                                   n_workers=config.n_workers, protocol=stage2_protocol)
+                                   n_workers=config.n_workers, gpus_per_trial=config.gpus_per_trial,
+                                   accelerate_config=config.accelerate_config, protocol=stage2_protocol)
         result["results_md"] = os.path.join(output_dir, "results.md")
     write_json_atomic(os.path.join(output_dir, "memcontrol_run.json"),
                 {k: v for k, v in result.items() if k != "search"})
@@ -205,9 +300,23 @@ def add_search_arguments(parser) -> None:
                         help="Optuna storage URL (sqlite:///..., postgresql://...) or journal file (default: "
                              "output_dir/study.db).")
     parser.add_argument("--study_name", default=None, help="Prefix of the study names (default: memcontrol).")
-    parser.add_argument("--n_workers", type=int, default=1,
-                        help="Concurrent fine-tunes on this machine, in the search and in stage 2 (one GPU each, or "
-                             "a share of the CPU cores).")
+    parser.add_argument("--n_workers", type=int, default=None,
+                        help="Concurrent fine-tunes on this machine, in the search and in stage 2 (--gpus_per_trial "
+                             "GPUs each, or a share of the CPU cores). Default: visible GPUs // --gpus_per_trial, 1 "
+                             "without GPUs.")
+    parser.add_argument("--gpus_per_trial", type=int, default=1,
+                        help="Processes of each fine-tune (trial or stage-2 run): > 1 runs it with `accelerate launch "
+                             "--num_processes K` on the worker's own K GPUs (data parallel; gloo processes on CPU).")
+    parser.add_argument("--accelerate_config", default=None,
+                        help="accelerate config file (`accelerate config`) every fine-tune is launched with.")
+    parser.add_argument("--stage", default="all", choices=["1", "2", "all"],
+                        help="1: the search only (run it on many machines sharing --storage); 2: stage 2 and the table "
+                             "from the finished study (several commands sharing --output_dir split the rows); all: "
+                             "both.")
+    parser.add_argument("--heartbeat_interval", type=int, default=defaults["heartbeat_interval"].default,
+                        help=help_of("heartbeat_interval"))
+    parser.add_argument("--grace_period", type=int, default=defaults["grace_period"].default,
+                        help=help_of("grace_period"))
     parser.add_argument("--selection", default=defaults["selection"].default, choices=list(SELECTIONS),
                         help=help_of("selection"))
     parser.add_argument("--final", dest="final", action="store_true", default=True,
@@ -248,8 +357,18 @@ def parse_search_args(argv: list[str]) -> tuple:
         p.error(f"--mask {args.mask!r} reuses a found mask and --search finds one: pass one of them.")
     if not args.mask and not args.search:
         p.error("pass --search (find a mask, then stage 2) or --final --mask MASK (stage 2 with a given mask).")
-    if args.n_workers < 1:
-        p.error(f"--n_workers must be >= 1, got {args.n_workers}.")
+    for flag in ("n_workers", "gpus_per_trial", "heartbeat_interval", "grace_period"):
+        if getattr(args, flag) is not None and getattr(args, flag) < 1:
+            p.error(f"--{flag} must be >= 1, got {getattr(args, flag)}.")
+    if args.accelerate_config is not None and not os.path.isfile(args.accelerate_config):
+        p.error(f"--accelerate_config {args.accelerate_config!r}: no such file; pass a file written by `accelerate "
+                "config`.")
+    if args.stage != "all" and not args.search:
+        p.error(f"--stage {args.stage} splits a --search run; without --search, stage 2 is the run.")
+    if args.stage == "1" and not args.final:
+        p.error("--stage 1 with --no_final: pass one of them (--stage 1 already stops after the search).")
+    if args.n_workers is None:
+        args.n_workers = default_n_workers(args.gpus_per_trial)
     if args.mask and not args.final:
         p.error("--mask with --no_final would do nothing: stage 2 is the run.")
     for flag, values, known in (("--baselines", args.baselines, BASELINES), ("--mitigations", args.mitigations,
@@ -286,23 +405,49 @@ def main_search(argv: list[str]) -> dict:
         config = SearchConfig(n_trials=args.n_trials, population_size=args.population_size,
                               search_learning_rate=args.search_learning_rate, storage=args.storage,
                               study_name=args.study_name, seed=args.seed, n_workers=args.n_workers,
-                              selection=args.selection)
+                              selection=args.selection, gpus_per_trial=args.gpus_per_trial,
+                              accelerate_config=args.accelerate_config, heartbeat_interval=args.heartbeat_interval,
+                              grace_period=args.grace_period)
     with user_input(f"--storage {args.storage!r}", catch=(ValueError, ConnectionError)):
         resolve_storage(args.storage, args.output_dir, config)
     # a dataset or a flag that does not fit fails here, not in every trial
     check_inputs(parse_args([*train_args, "--hpo", "--eval", "--eval_split", "validation", "--eval_preset", "search"]))
     os.makedirs(args.output_dir, exist_ok=True)
+    baselines = [b for b in args.baselines.split(",") if b]
+    mitigations = [m for m in args.mitigations.split(",") if m]
+    if args.stage == "2":
+        _check_stage_one(config, args, spaces)
     result = run_memcontrol(unet, train_args, args.output_dir, spaces, args.mask_layout, args.mask_scope, config,
-                            final=args.final, baselines=[b for b in args.baselines.split(",") if b],
-                            mitigations=[m for m in args.mitigations.split(",") if m],
-                            stage2_protocol=args.stage2_protocol)
+                            final=args.final and args.stage != "1", baselines=baselines, mitigations=mitigations,
+                            stage2_protocol=args.stage2_protocol, plot=args.stage != "1")
     chosen = result["search"]["chosen"]
     print(f"chosen mask: {chosen['method']} {Mask.from_dict(chosen['mask']).bitstring} "
           f"(d_mem {chosen['dmem']:.4g}, FID {chosen['fid']:.4g})")
-    print(f"Pareto plot: {os.path.abspath(result['pareto_plot'])}")
-    if args.final:
+    if "pareto_plot" in result:
+        print(f"Pareto plot: {os.path.abspath(result['pareto_plot'])}")
+    if "results_md" in result:
         _print_table(result["results_md"])
     return result
+
+
+def _check_stage_one(config: SearchConfig, args, spaces: list[str]) -> None:
+    """`--stage 2` needs the finished studies of stage 1 (it runs no trial)."""
+    import optuna
+
+    from .search import resolve_storage
+
+    storage = resolve_storage(config.storage, args.output_dir, config)
+    for method in spaces:
+        name = f"{config.study_name or 'memcontrol'}-{method}-{args.mask_layout}"
+        try:
+            study = optuna.load_study(study_name=name, storage=storage)
+        except KeyError:
+            raise InputError(f"--stage 2: no study {name!r} in --storage {args.storage or 'output_dir/study.db'}; "
+                             "run --stage 1 first (same --storage, --study_name and --search_space).") from None
+        done = len(study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)))
+        if done < config.n_trials:
+            raise InputError(f"--stage 2: study {name!r} has {done} of --n_trials {config.n_trials} completed "
+                             "trials; let --stage 1 finish first.")
 
 
 def main_transfer(args, train_args: list[str]) -> dict:
@@ -317,7 +462,8 @@ def main_transfer(args, train_args: list[str]) -> dict:
     os.makedirs(args.output_dir, exist_ok=True)
     rows = run_final(train_args, args.output_dir, chosen, mask.layout, args.mask_scope,
                      [b for b in args.baselines.split(",") if b], [m for m in args.mitigations.split(",") if m],
-                     n_workers=args.n_workers, protocol=args.stage2_protocol)
+                     n_workers=args.n_workers, gpus_per_trial=args.gpus_per_trial,
+                     accelerate_config=args.accelerate_config, protocol=args.stage2_protocol)
     result = {"transfer": chosen, "rows": rows, "results_md": os.path.join(args.output_dir, "results.md")}
     write_json_atomic(os.path.join(args.output_dir, "memcontrol_run.json"), result)
     print(f"transferred mask: {mask.method} {mask.bitstring} (from {args.mask})")

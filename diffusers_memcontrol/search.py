@@ -13,11 +13,13 @@ The search is reproducible: the same seed gives the same trials and the same cho
 from __future__ import annotations
 
 import csv
+import functools
 import json
 import logging
 import math
 import multiprocessing
 import os
+import sys
 import time
 import warnings
 from collections.abc import Callable, Sequence
@@ -58,7 +60,9 @@ class SearchConfig:
     storage: str | None = field(default=None, metadata={"help": "Optuna storage URL or journal file path."})
     study_name: str | None = field(default=None, metadata={"help": "Default: memcontrol-<method>-<layout>."})
     seed: int = field(default=0, metadata={"help": "Sampler seed."})
-    n_workers: int = field(default=1, metadata={"help": "Worker processes on this machine (one GPU each)."})
+    n_workers: int = field(default=1, metadata={"help": "Worker processes on this machine (gpus_per_trial GPUs each)."})
+    gpus_per_trial: int = field(default=1, metadata={"help": "Processes (GPUs) of each trial's accelerate launch."})
+    accelerate_config: str | None = field(default=None, metadata={"help": "accelerate config file of each trial."})
     heartbeat_interval: int = field(default=30, metadata={"help": "Seconds between trial heartbeats (RDB)."})
     grace_period: int = field(default=120, metadata={"help": "Seconds without heartbeat before a trial fails."})
     max_retry: int = field(default=2, metadata={"help": "Re-queues of a trial whose worker died."})
@@ -73,6 +77,8 @@ class SearchConfig:
             raise ValueError(f"population_size must be >= 2 (NSGA-II needs two parents), got {self.population_size}.")
         if self.n_workers < 1:
             raise ValueError(f"n_workers must be >= 1, got {self.n_workers}.")
+        if self.gpus_per_trial < 1:
+            raise ValueError(f"gpus_per_trial must be >= 1, got {self.gpus_per_trial}.")
         if self.selection not in SELECTIONS:
             raise ValueError(f"Unknown selection {self.selection!r}; expected one of {', '.join(SELECTIONS)}.")
         low, high = self.learning_rate_range
@@ -230,7 +236,8 @@ def create_study(space: MaskSpace, config: SearchConfig, output_dir: str) -> opt
             study.set_metric_names(list(OBJECTIVES))
         # seed the first generation with the method's default configuration (all ones)
         params = {_param_name(i): 1 for i in range(len(space))}
-        study.enqueue_trial(params, user_attrs={"seeded": "default mask"})
+        # skip_if_exists: two machines creating the study at once seed it once
+        study.enqueue_trial(params, user_attrs={"seeded": "default mask"}, skip_if_exists=True)
     elif existing != record:
         raise ValueError(
             f"Study {name!r} in this storage was built for {existing['method']}/{existing['layout']} with "
@@ -306,6 +313,8 @@ def run_worker(space: MaskSpace, config: SearchConfig, output_dir: str, run_tria
                worker_index: int = 0) -> None:
     """Run trials in this process until the study holds `config.n_trials` completed trials (the sampler keeps the
     trials the same whatever the number of workers)."""
+    if multiprocessing.parent_process() is not None:
+        die_with_parent()  # a worker of a killed orchestrator must not go on training trials nobody collects
     os.environ["MEMCONTROL_WORKER_INDEX"] = str(worker_index)
     os.environ["MEMCONTROL_NUM_WORKERS"] = str(config.n_workers)
     storage = resolve_storage(config.storage, output_dir, config)
@@ -432,6 +441,8 @@ class TrainerTrial:
     scope: str = "reference"
     script: str | None = None
     python: str | None = None
+    gpus_per_trial: int = 1
+    accelerate_config: str | None = None
 
     def __call__(self, mask: Mask, learning_rate: float | None, trial: optuna.Trial) -> dict:
         trial_dir = os.path.join(self.output_dir, "trials", trial.study.study_name, f"trial-{trial.number:04d}")
@@ -440,7 +451,8 @@ class TrainerTrial:
                 "--eval_preset", "search"]
         if learning_rate is not None:
             args += ["--learning_rate", repr(learning_rate)]
-        metrics = run_trainer(args, trial_dir, script=self.script, python=self.python)
+        metrics = run_trainer(args, trial_dir, script=self.script, python=self.python,
+                              num_processes=self.gpus_per_trial, accelerate_config=self.accelerate_config)
         return {**metrics, **dmem_exposures(trial_dir)}
 
 
@@ -469,38 +481,106 @@ def exposure_report(exposures: Sequence[float]) -> dict:
     return report
 
 
-def trainer_command(script: str | None = None, python: str | None = None) -> list[str]:
-    """The command that runs the installed trainer, `python -m diffusers_memcontrol.train` (or `script` instead)."""
-    import sys
+def trainer_command(script: str | None = None, python: str | None = None, num_processes: int = 1,
+                    accelerate_config: str | None = None, port: int | None = None) -> list[str]:
+    """The command that runs the installed trainer, `python -m diffusers_memcontrol.train` (or `script` instead); with
+    `num_processes` > 1 or an accelerate config file, `accelerate launch` of it (data parallel over the processes:
+    one per visible GPU, or gloo processes on CPU)."""
+    python = python or sys.executable
+    target = [script] if script else ["-m", "diffusers_memcontrol.train"]
+    if num_processes == 1 and accelerate_config is None:
+        return [python, *target]
+    launch = [python, "-m", "accelerate.commands.launch", "--num_processes", str(num_processes), "--num_machines", "1"]
+    if accelerate_config is not None:
+        launch += ["--config_file", accelerate_config]
+    else:  # torchrun's launcher: NCCL on GPUs, gloo on CPU
+        launch += ["--multi_gpu", "--dynamo_backend", "no"] if num_processes > 1 else ["--dynamo_backend", "no"]
+    if port is not None:
+        launch += ["--main_process_port", str(port)]
+    return [*launch, *target]
 
-    return [python or sys.executable, *([script] if script else ["-m", "diffusers_memcontrol.train"])]
+
+def visible_gpus() -> list[str]:
+    """The GPUs this process may hand out: CUDA_VISIBLE_DEVICES's entries, else every device torch counts."""
+    if os.environ.get("CUDA_VISIBLE_DEVICES") is not None:
+        return [d for d in os.environ["CUDA_VISIBLE_DEVICES"].split(",") if d.strip()]
+    import torch
+
+    return [str(i) for i in range(torch.cuda.device_count())]
+
+
+def gpus_of_worker(worker: int, gpus_per_trial: int, gpus: Sequence[str]) -> list[str]:
+    """Worker `worker`'s `gpus_per_trial` devices among `gpus`: the w-th consecutive group (more workers than groups
+    share them, round robin)."""
+    groups = len(gpus) // gpus_per_trial
+    if groups == 0:
+        raise ValueError(f"gpus_per_trial={gpus_per_trial} but only {len(gpus)} GPU(s) are visible "
+                         f"({','.join(gpus) or 'none'}): lower --gpus_per_trial.")
+    first = (worker % groups) * gpus_per_trial
+    return list(gpus[first:first + gpus_per_trial])
+
+
+def default_n_workers(gpus_per_trial: int = 1) -> int:
+    """Workers that fit this machine: visible GPUs // gpus_per_trial (1 without GPUs)."""
+    return max(1, len(visible_gpus()) // gpus_per_trial)
+
+
+@functools.cache
+def _prctl():
+    import ctypes
+
+    return ctypes.CDLL(None, use_errno=True).prctl if sys.platform.startswith("linux") else None
+
+
+def die_with_parent() -> None:
+    """Have Linux SIGKILL this process when its parent dies (PR_SET_PDEATHSIG); elsewhere, nothing."""
+    prctl = _prctl()  # resolved before any fork: a forked child only calls it
+    if prctl is not None:
+        prctl(1, 9)  # PR_SET_PDEATHSIG, SIGKILL
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 def run_trainer(args: list[str], output_dir: str, script: str | None = None, python: str | None = None,
-                worker: int | None = None, num_workers: int | None = None) -> dict:
+                worker: int | None = None, num_workers: int | None = None, num_processes: int = 1,
+                accelerate_config: str | None = None) -> dict:
     """Run the trainer (`trainer_command`) with `args` in a fresh process writing to `output_dir`; return its
     metrics.json. The log goes to output_dir/train.log (it holds no captions or prompts); a user's mistake reported
     by the trainer (exit status 2) is raised again here as an InputError with the trainer's message.
 
-    `worker` of `num_workers` (default: this search worker's, from the environment) picks the GPU
-    (CUDA_VISIBLE_DEVICES, unless already set) and, on CPU, splits the cores between concurrent runs (OMP_NUM_THREADS,
-    unless already set).
+    `worker` of `num_workers` (default: this search worker's, from the environment) gets its own `num_processes`
+    GPUs (CUDA_VISIBLE_DEVICES: the worker's group of the visible ones) and, on CPU, a share of the cores
+    (OMP_NUM_THREADS, unless already set). The trainer (and each of its accelerate processes) is killed when this
+    process dies, so no run goes on that nobody collects.
     """
     import subprocess
 
     os.makedirs(output_dir, exist_ok=True)
-    cmd = [*trainer_command(script, python), *args, "--output_dir", output_dir, "--report_to", "none",
-           "--no_progress", "--num_validation_images", "0"]
-    env = dict(os.environ)
+    launched = num_processes > 1 or accelerate_config is not None
+    cmd = [*trainer_command(script, python, num_processes, accelerate_config, _free_port() if launched else None),
+           *args, "--output_dir", output_dir, "--report_to", "none", "--no_progress", "--num_validation_images", "0"]
+    env = dict(os.environ, MEMCONTROL_DIE_WITH_PARENT="1")  # accelerate's processes: see train.main
+    _prctl()
     if worker is None and os.environ.get("MEMCONTROL_WORKER_INDEX") is not None:
         worker = int(os.environ["MEMCONTROL_WORKER_INDEX"])
     num_workers = num_workers or int(os.environ.get("MEMCONTROL_NUM_WORKERS", "1"))
-    if worker is not None and "CUDA_VISIBLE_DEVICES" not in os.environ:
-        env["CUDA_VISIBLE_DEVICES"] = str(worker)  # one GPU per worker
-    if num_workers > 1 and "OMP_NUM_THREADS" not in os.environ:
-        env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // num_workers))
+    gpus = visible_gpus()
+    if gpus and (worker is not None or num_processes > 1):
+        env["CUDA_VISIBLE_DEVICES"] = ",".join(gpus_of_worker(worker or 0, num_processes, gpus))
+    elif not gpus and launched:
+        env["ACCELERATE_USE_CPU"] = "true"  # accelerate's MULTI_CPU (gloo) under its torchrun launcher
+    processes = num_workers * num_processes
+    if processes > 1 and "OMP_NUM_THREADS" not in os.environ:
+        env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // processes))
     with open(os.path.join(output_dir, "train.log"), "w", encoding="utf-8") as log:
-        result = subprocess.run(cmd, check=False, stdout=log, stderr=subprocess.STDOUT, env=env)
+        result = subprocess.run(cmd, check=False, stdout=log, stderr=subprocess.STDOUT, env=env,
+                                preexec_fn=die_with_parent)
     if result.returncode == 2:
         with open(os.path.join(output_dir, "train.log"), encoding="utf-8", errors="replace") as f:
             errors = [line[len("error: "):].strip() for line in f if line.startswith("error: ")]

@@ -530,6 +530,10 @@ def run_summary(args: argparse.Namespace, pipe: Any, log: dict, data: Any) -> di
 
 def main(argv: list[str] | None = None) -> dict:
     """Load model and data, check them, fine-tune, save the adapter and outputs, optionally evaluate and publish."""
+    if os.environ.get("MEMCONTROL_DIE_WITH_PARENT"):  # a run of a search: it dies with it (search.run_trainer)
+        from .search import die_with_parent
+
+        die_with_parent()
     argv = sys.argv[1:] if argv is None else list(argv)
     if {"--search", "--final"} & set(argv):  # stage 1 and/or 2 + table
         from .runner import main_search
@@ -600,9 +604,10 @@ def main(argv: list[str] | None = None) -> dict:
             summary["hub_url"] = publish(args.output_dir, repo_id, token=args.hub_token,
                                          base_model=summary["base_model"])
     accelerator.end_training()
-    print(json.dumps({k: summary[k] for k in ("peft_method", "trainable_params", "losses", "skipped_steps",
-                                              "wall_time_s") if k in summary}, indent=2))
-    print(f"adapter written to {os.path.abspath(args.output_dir)}")
+    if accelerator.is_main_process:
+        print(json.dumps({k: summary[k] for k in ("peft_method", "trainable_params", "losses", "skipped_steps",
+                                                  "wall_time_s") if k in summary}, indent=2))
+        print(f"adapter written to {os.path.abspath(args.output_dir)}")
     return summary
 
 

@@ -286,12 +286,13 @@ def _setup_run(accelerator: Any, unet: torch.nn.Module, noise_scheduler: Any, da
 
 def _pixel_prefetcher(run: _Run, shuffler: Shuffler, total_micro: int, num_workers: int) -> Prefetcher:
     """The transformed images of each micro-batch, prefetched by `num_workers` threads (None: latents are cached)."""
-    data, config, process_index = run.data, run.config, run.accelerator.process_index
+    data, config, accelerator = run.data, run.config, run.accelerator
 
     def pixels_of(micro: int) -> torch.Tensor | None:
         if data.cached_latents:
             return None
-        return batch_pixels(data, config, shuffler.indices(micro), micro, process_index)
+        return batch_pixels(data, config, shuffler.indices(micro), micro,
+                            (accelerator.process_index, accelerator.num_processes))
 
     return Prefetcher(pixels_of, total_micro, num_workers if not data.cached_latents else 0)
 
@@ -326,8 +327,9 @@ def training_step(run: _Run, micro: int, idx: torch.Tensor, pixels: torch.Tensor
     Returns the loss, or None when the threshold mitigation dropped the whole micro-batch on every process.
     """
     accelerator, state = run.accelerator, run.state
-    gen = seeded_generator(run.config.seed, STREAM_STEP, micro, accelerator.process_index)
-    batch = draw_micro_batch(run.data, idx, run.config, run.noise_scheduler, gen, pixels, run.rwa, accelerator.device)
+    gen = seeded_generator(run.config.seed, STREAM_STEP, micro, 0)  # the global micro-batch's draws
+    batch = draw_micro_batch(run.data, idx, run.config, run.noise_scheduler, gen, pixels, run.rwa, accelerator.device,
+                             (accelerator.process_index, accelerator.num_processes))
     state.augmented_captions += batch.augmented
     keep = None
     if run.threshold is not None:

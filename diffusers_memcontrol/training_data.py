@@ -321,12 +321,17 @@ def conditioning(data: TrainingData, idx: torch.Tensor, drop: torch.Tensor, rwa,
     return cond, sum(1 for j in range(n) if changed[j] and not drop[j])
 
 
-def batch_pixels(data: TrainingData, config: FineTuneConfig, idx: torch.Tensor, micro: int, process_index: int
+def batch_pixels(data: TrainingData, config: FineTuneConfig, idx: torch.Tensor, micro: int, shard: tuple[int, int]
                  ) -> torch.Tensor:
-    """The transformed images of one micro-batch, with the flips and crops its seeds draw (encoding on the fly)."""
+    """The transformed images of one micro-batch, with the flips and crops its seeds draw (encoding on the fly).
+
+    `shard` (process_index, num_processes): flips are this process's rows of the global micro-batch's draws."""
     n = len(idx)
-    gen = seeded_generator(config.seed, STREAM_STEP, micro, process_index)  # flips: the step generator's first draws
-    flips = torch.rand(n, generator=gen) < 0.5 if config.random_flip else torch.zeros(n, dtype=torch.bool)
+    process_index, num_processes = shard
+    gen = seeded_generator(config.seed, STREAM_STEP, micro, 0)  # flips: the step generator's first draws
+    mine = slice(process_index * n, (process_index + 1) * n)
+    flips = (torch.rand(n * num_processes, generator=gen)[mine] < 0.5 if config.random_flip
+             else torch.zeros(n, dtype=torch.bool))
     crop_gen = seeded_generator(config.seed, STREAM_CROP, micro, process_index)
     return torch.stack([transform_image(data.images(int(i)), data.resolution, data.center_crop, bool(f), crop_gen,
                                         data.interpolation) for i, f in zip(idx, flips)])
@@ -359,13 +364,25 @@ class Prefetcher:
 
 
 def draw_micro_batch(data: TrainingData, idx: torch.Tensor, config: FineTuneConfig, noise_scheduler,
-                     gen: torch.Generator, pixels: torch.Tensor | None, rwa, device) -> MicroBatch:
+                     gen: torch.Generator, pixels: torch.Tensor | None, rwa, device,
+                     shard: tuple[int, int] = (0, 1)) -> MicroBatch:
     """Draw everything random of one micro-batch from `gen` in a fixed order, so cached and on-the-fly runs agree.
 
-    `pixels`: the micro-batch's transformed images (`batch_pixels`) when latents are encoded on the fly."""
+    `pixels`: the micro-batch's transformed images (`batch_pixels`) when latents are encoded on the fly. `shard`
+    (process_index, num_processes): every process draws for the whole global micro-batch and keeps its own rows, so K
+    processes with batch B train on the draws of one process with batch K x B."""
     n = len(idx)
-    flips = torch.rand(n, generator=gen) < 0.5 if config.random_flip else torch.zeros(n, dtype=torch.bool)
-    drop = torch.rand(n, generator=gen) < config.caption_dropout
+    process_index, num_processes = shard
+    mine = slice(process_index * n, (process_index + 1) * n)
+
+    def rand(*shape: int) -> torch.Tensor:
+        return torch.rand(n * num_processes, *shape, generator=gen)[mine]
+
+    def randn(*shape: int) -> torch.Tensor:
+        return torch.randn(n * num_processes, *shape, generator=gen)[mine]
+
+    flips = rand() < 0.5 if config.random_flip else torch.zeros(n, dtype=torch.bool)
+    drop = rand() < config.caption_dropout
     rwa_seed = int(torch.randint(0, 2**62, (1,), generator=gen)) if rwa is not None else None
     if data.cached_latents:
         if config.random_flip and not data.has_flip_variants:
@@ -375,15 +392,16 @@ def draw_micro_batch(data: TrainingData, idx: torch.Tensor, config: FineTuneConf
         std = data.latent_std[rows].float() if data.latent_std is not None else None
     else:
         mean, std = encode_latent_distribution(data.vae, pixels)
-    x0 = mean + std * torch.randn(mean.shape, generator=gen) if std is not None else mean
+    x0 = mean + std * randn(*mean.shape[1:]) if std is not None else mean
     cond, augmented = conditioning(data, idx, drop, rwa, rwa_seed)
-    noise = torch.randn(x0.shape, generator=gen)
+    noise = randn(*x0.shape[1:])
     if config.noise_offset:
-        noise = noise + config.noise_offset * torch.randn((n, x0.shape[1], 1, 1), generator=gen)
-    timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (n,), generator=gen)
+        noise = noise + config.noise_offset * randn(x0.shape[1], 1, 1)
+    timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (n * num_processes,),
+                              generator=gen)[mine]
     input_noise = noise
     if config.input_perturbation:  # drawn last, so runs without it draw exactly what they drew before
-        input_noise = noise + config.input_perturbation * torch.randn(noise.shape, generator=gen)
+        input_noise = noise + config.input_perturbation * randn(*noise.shape[1:])
     x0, noise, timesteps = x0.to(device), noise.to(device), timesteps.to(device)
     noisy = noise_scheduler.add_noise(x0, input_noise.to(device), timesteps)
     if noise_scheduler.config.prediction_type == "epsilon":

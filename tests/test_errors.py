@@ -67,6 +67,8 @@ CASES = [
      "unrecognized arguments: --learning_rates"),
     ("a mask to transfer that does not exist", CLI, ["transfer", "--mask", "DATA/no_such_mask.json"],
      "not a mask file, folder or Hub repo"),
+    ("--gpus_per_trial below 1", CLI, ["search", "--gpus_per_trial", "0"], "--gpus_per_trial must be >= 1"),
+    ("stage 2 of a search whose stage 1 has not run", CLI, ["search", "--stage", "2"], "run --stage 1 first"),
 ]
 if _xformers_missing():
     CASES.append(("--enable_xformers_memory_efficient_attention without xformers", TRAIN,

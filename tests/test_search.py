@@ -251,14 +251,91 @@ def test_run_trainer_gives_each_worker_its_gpu_and_a_share_of_the_cores(tmp_path
     for name in ("CUDA_VISIBLE_DEVICES", "OMP_NUM_THREADS", "MEMCONTROL_WORKER_INDEX", "MEMCONTROL_NUM_WORKERS"):
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setattr(os, "cpu_count", lambda: 8)
-    env = run_trainer([], str(tmp_path / "a"), script=str(script), worker=3, num_workers=4)
-    assert env == {"CUDA_VISIBLE_DEVICES": "3", "OMP_NUM_THREADS": "2"}
     assert run_trainer([], str(tmp_path / "b"), script=str(script)) == {"CUDA_VISIBLE_DEVICES": None,
                                                                         "OMP_NUM_THREADS": None}
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "4,5,6,7")  # the GPUs this search may use
+    env = run_trainer([], str(tmp_path / "a"), script=str(script), worker=3, num_workers=4)
+    assert env == {"CUDA_VISIBLE_DEVICES": "7", "OMP_NUM_THREADS": "2"}
     monkeypatch.setenv("OMP_NUM_THREADS", "5")  # the user's settings win
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "7")
     env = run_trainer([], str(tmp_path / "c"), script=str(script), worker=1, num_workers=2)
-    assert env == {"CUDA_VISIBLE_DEVICES": "7", "OMP_NUM_THREADS": "5"}
+    assert env == {"CUDA_VISIBLE_DEVICES": "7", "OMP_NUM_THREADS": "5"}  # more workers than GPUs share them
     with pytest.raises(RuntimeError, match="see .*train.log"):
         script.write_text("raise SystemExit(3)\n")
         run_trainer([], str(tmp_path / "d"), script=str(script))
+
+
+def _processes_naming(text: str) -> list[int]:
+    """Pids of the live processes whose command line holds `text` (Linux /proc)."""
+    pids = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                cmdline = f.read().decode(errors="replace")
+            with open(f"/proc/{pid}/stat", encoding="utf-8") as f:
+                zombie = f.read().rsplit(")", 1)[1].split()[0] == "Z"
+        except OSError:
+            continue
+        if text in cmdline and not zombie:
+            pids.append(int(pid))
+    return pids
+
+
+def test_two_machines_share_one_study_and_survive_a_sigkill(tmp_path):
+    """Two real `--search --stage 1` commands (two 'machines': own output folders, one PostgreSQL study). One is
+    SIGKILLed during a trial: its trainer dies with it, the other finishes the study with the killed trial retried
+    once; run again, the killed command trains nothing and reports the same chosen mask."""
+    import subprocess
+    import sys
+
+    url = _postgres_url()
+    name = f"machines-{uuid.uuid4().hex[:8]}"
+    tiny = ["--max_train_steps", "1", "--train_batch_size", "4", "--max_train_samples", "8", "--dmem_size", "2",
+            "--dmem_repeats", "1", "--proxy_fraction", "0.05", "--dmem_unique_captions", "--eval_num_prompts", "2",
+            "--eval_inference_steps", "1"]
+    out = {m: str(tmp_path / m) for m in ("a", "b")}
+
+    def command(machine):
+        return [sys.executable, "-m", "diffusers_memcontrol.train", "--search", "--stage", "1", "--search_space",
+                "difffit", "--mask_layout", "paper", "--n_trials", "3", "--population_size", "2", "--storage", url,
+                "--study_name", name, "--heartbeat_interval", "1", "--grace_period", "3", "--output_dir", out[machine],
+                *tiny]
+
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    with open(tmp_path / "a.log", "w", encoding="utf-8") as log_a, open(tmp_path / "b.log", "w", encoding="utf-8") as log_b:
+        a = subprocess.Popen(command("a"), env=env, stdout=log_a, stderr=subprocess.STDOUT)
+        b = subprocess.Popen(command("b"), env=env, stdout=log_b, stderr=subprocess.STDOUT)
+    trials_a = os.path.join(out["a"], "trials", f"{name}-difffit-paper")
+    while not (os.path.isdir(trials_a) and _processes_naming(trials_a)) and a.poll() is None:
+        time.sleep(0.2)  # until machine a's trainer runs
+    assert a.poll() is None, "machine a finished before it could be killed"
+    a.send_signal(signal.SIGKILL)
+    a.wait()
+    for _ in range(100):  # PR_SET_PDEATHSIG: the trainer goes with its search
+        if not _processes_naming(trials_a):
+            break
+        time.sleep(0.1)
+    assert not _processes_naming(trials_a)
+    assert b.wait(timeout=600) == 0, (tmp_path / "b.log").read_text()[-3000:]
+
+    storage = resolve_storage(url, str(tmp_path))
+    study = optuna.load_study(study_name=f"{name}-difffit-paper", storage=storage)
+    complete = study.get_trials(states=(TrialState.COMPLETE,))
+    failed = study.get_trials(states=(TrialState.FAIL,))
+    assert len(complete) == 3 and len(failed) == 1
+    retried = [t for t in complete if t.system_attrs.get("failed_trial") == failed[0].number]
+    assert len(retried) == 1 and retried[0].params == failed[0].params
+    trained = {m: sorted(os.listdir(os.path.join(out[m], "trials", f"{name}-difffit-paper"))) for m in out}
+    assert not set(trained["a"]) & set(trained["b"])  # no trial ran on both machines
+    assert f"trial-{failed[0].number:04d}" in trained["a"]
+
+    subprocess.run(command("a"), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT, timeout=300, check=True)
+    assert sorted(os.listdir(trials_a)) == trained["a"]  # nothing trained again
+    assert len(optuna.load_study(study_name=f"{name}-difffit-paper", storage=storage).trials) == 4
+    summaries = []
+    for folder in out.values():
+        with open(os.path.join(folder, "search_summary.json"), encoding="utf-8") as f:
+            summaries.append(json.load(f))
+    assert summaries[0]["chosen"] == summaries[1]["chosen"]
+    fronts = [sorted(s["trials"][i]["trial"] for i in s["front"]) for s in summaries]
+    assert fronts[0] == fronts[1]
