@@ -107,6 +107,7 @@ def _stage_two_machine(output_dir: str, trained_log: str) -> list[dict]:
 def test_two_stage_two_commands_split_the_rows(tmp_path, monkeypatch):
     """Two stage-2 commands sharing an output folder: each row is trained once, both write the whole table."""
     monkeypatch.setattr(runner, "write_results", lambda rows, output_dir: None)
+    monkeypatch.setattr(runner, "dmem_exposures", lambda run_dir: {"dmem_exposures": None})  # no trainer files
     monkeypatch.setattr(runner.Mask, "from_dict", classmethod(lambda cls, d: type("M", (), {"bitstring": "1"})()))
     log = str(tmp_path / "trained.txt")
     context = multiprocessing.get_context("fork")
