@@ -529,6 +529,45 @@ def extraction_attack(
         max_cliques: per-prompt guard passed to :func:`find_cliques`.
         device: where the tiled distances are computed (default: CPU, or the device of tensor inputs).
     """
+    training_images, matches, per_prompt_match = _check_attack_inputs(
+        generations, training_images, threshold, min_clique_size, match_threshold)
+    per_prompt: list[dict[str, Any]] = []
+    for p in range(len(generations)):
+        gens = generations[p]
+        if not isinstance(gens, torch.Tensor):
+            gens = torch.as_tensor(np.asarray(gens))
+        if gens.ndim != 4:
+            raise ValueError(f"generations[{p}] must have shape [G, C, H, W]; got shape {tuple(gens.shape)}")
+        if tuple(gens.shape[1:]) != tuple(training_images.shape[1:]):
+            raise ValueError(
+                f"generations[{p}] images have shape {tuple(gens.shape[1:])} but training images have "
+                f"{tuple(training_images.shape[1:])}; expected the same [C, H, W]"
+            )
+        per_prompt.append(_attack_prompt(p, gens, training_images[p : p + 1], threshold, min_clique_size,
+                                         float(matches[p]), grid, reduction, value_range, max_cliques, device))
+    n_prompts = len(per_prompt)
+    n_extracted = sum(1 for e in per_prompt if e["extracted_indices"])
+    n_extracted_generations = sum(len(e["extracted_indices"]) for e in per_prompt)
+    n_flagged = sum(1 for e in per_prompt if e["flagged_indices"])
+
+    return ExtractionResult(
+        n_extracted=n_extracted,
+        n_extracted_generations=n_extracted_generations,
+        n_flagged_prompts=n_flagged,
+        n_prompts=n_prompts,
+        per_prompt=per_prompt,
+        threshold=float(threshold),
+        match_threshold=[float(m) for m in matches] if per_prompt_match else float(matches[0]),
+        min_clique_size=int(min_clique_size),
+        grid=int(grid),
+        reduction=reduction,
+    )
+
+
+def _check_attack_inputs(generations, training_images, threshold: float, min_clique_size: int,
+                         match_threshold) -> tuple[torch.Tensor, np.ndarray, bool]:
+    """Validated inputs of :func:`extraction_attack`: training images as a tensor, one match threshold per prompt,
+    and whether they were given per prompt."""
     match_threshold = threshold if match_threshold is None else match_threshold
     per_prompt_match = not np.isscalar(match_threshold)
     matches = np.asarray(match_threshold, dtype=np.float64).reshape(-1)
@@ -551,60 +590,22 @@ def extraction_attack(
         )
     if per_prompt_match and len(matches) != n_prompts:
         raise ValueError(f"got {len(matches)} per-prompt match thresholds for {n_prompts} prompts")
-    matches = np.broadcast_to(matches, (n_prompts,))
+    return training_images, np.broadcast_to(matches, (n_prompts,)), per_prompt_match
 
-    per_prompt: list[dict[str, Any]] = []
-    n_extracted = n_extracted_generations = n_flagged = 0
-    for p in range(n_prompts):
-        gens = generations[p]
-        if not isinstance(gens, torch.Tensor):
-            gens = torch.as_tensor(np.asarray(gens))
-        if gens.ndim != 4:
-            raise ValueError(f"generations[{p}] must have shape [G, C, H, W]; got shape {tuple(gens.shape)}")
-        if tuple(gens.shape[1:]) != tuple(training_images.shape[1:]):
-            raise ValueError(
-                f"generations[{p}] images have shape {tuple(gens.shape[1:])} but training images have "
-                f"{tuple(training_images.shape[1:])}; expected the same [C, H, W]"
-            )
-        pair = tiled_l2(gens, grid=grid, reduction=reduction, value_range=value_range, device=device)
-        cliques = find_cliques(pair, threshold, min_clique_size, max_cliques=max_cliques)
-        flagged = sorted({i for c in cliques for i in c})
-        entry: dict[str, Any] = {
-            "prompt_index": p,
-            "clique_sizes": [len(c) for c in cliques],
-            "flagged_indices": flagged,
-            "flagged_distances": [],
-            "extracted_indices": [],
-            "extracted_distances": [],
-        }
-        if flagged:
-            n_flagged += 1
-            to_train = tiled_l2(
-                gens[flagged],
-                training_images[p : p + 1],
-                grid=grid,
-                reduction=reduction,
-                value_range=value_range,
-                device=device,
-            )[:, 0].tolist()
-            entry["flagged_distances"] = to_train
-            hits = [(i, dist) for i, dist in zip(flagged, to_train) if dist < matches[p]]
-            entry["extracted_indices"] = [i for i, _ in hits]
-            entry["extracted_distances"] = [dist for _, dist in hits]
-            if hits:
-                n_extracted += 1
-                n_extracted_generations += len(hits)
-        per_prompt.append(entry)
 
-    return ExtractionResult(
-        n_extracted=n_extracted,
-        n_extracted_generations=n_extracted_generations,
-        n_flagged_prompts=n_flagged,
-        n_prompts=n_prompts,
-        per_prompt=per_prompt,
-        threshold=float(threshold),
-        match_threshold=[float(m) for m in matches] if per_prompt_match else float(matches[0]),
-        min_clique_size=int(min_clique_size),
-        grid=int(grid),
-        reduction=reduction,
-    )
+def _attack_prompt(p: int, gens: torch.Tensor, training_image: torch.Tensor, threshold: float, min_clique_size: int,
+                   match: float, grid: int, reduction: str, value_range: tuple[float, float],
+                   max_cliques: int | None, device) -> dict[str, Any]:
+    """One prompt of the attack: its cliques, the flagged generations and those within `match` of its image."""
+    pair = tiled_l2(gens, grid=grid, reduction=reduction, value_range=value_range, device=device)
+    cliques = find_cliques(pair, threshold, min_clique_size, max_cliques=max_cliques)
+    flagged = sorted({i for c in cliques for i in c})
+    entry: dict[str, Any] = {"prompt_index": p, "clique_sizes": [len(c) for c in cliques], "flagged_indices": flagged,
+                             "flagged_distances": [], "extracted_indices": [], "extracted_distances": []}
+    if flagged:
+        to_train = tiled_l2(gens[flagged], training_image, grid=grid, reduction=reduction, value_range=value_range,
+                            device=device)[:, 0].tolist()
+        hits = [(i, dist) for i, dist in zip(flagged, to_train) if dist < match]
+        entry.update(flagged_distances=to_train, extracted_indices=[i for i, _ in hits],
+                     extracted_distances=[dist for _, dist in hits])
+    return entry
