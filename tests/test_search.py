@@ -190,11 +190,15 @@ def test_killed_worker_trial_is_retried(space, storage_url, tmp_path, monkeypatc
 
 def test_dmem_exposures_and_the_warning(tmp_path, caplog):
     (tmp_path / "training_config.json").write_text(json.dumps({
-        "fine_tune": {"train_batch_size": 8, "gradient_accumulation_steps": 2}, "run": {"dmem_repeats": 5},
-        "data": {"train_samples": 40}}))
+        "fine_tune": {"train_batch_size": 8, "gradient_accumulation_steps": 2},
+        "run": {"dmem_repeats": 5, "hpo": True}, "data": {"train_samples": 40}}))
     (tmp_path / "summary.json").write_text(json.dumps({"global_step": 30}))
     figures = dmem_exposures(str(tmp_path))
     assert figures == {"train_samples": 40, "dmem_exposures": 30 * 8 * 2 * 5 / 40}
+    for run, copies in (({"dmem_repeats": 5, "duplicate_dmem": True}, 5), ({"dmem_repeats": 5}, 1)):  # stage 2
+        config = json.loads((tmp_path / "training_config.json").read_text())
+        (tmp_path / "training_config.json").write_text(json.dumps({**config, "run": run}))
+        assert dmem_exposures(str(tmp_path))["dmem_exposures"] == 30 * 8 * 2 * copies / 40
     with caplog.at_level("WARNING", logger="diffusers_memcontrol.search"):
         report = exposure_report([figures["dmem_exposures"], 200.0])
     assert report == {"per_trial": 60.0, "paper": PAPER_DMEM_EXPOSURES}
