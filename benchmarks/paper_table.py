@@ -23,7 +23,7 @@ import torch
 
 METRICS = ("fid", "amd", "agreement", "extracted_images", "memorized_prompts", "dmem", "dmem_exposures")
 # the quickstart's stage-2 settings (README)
-DEFAULT_TRAINER_ARGS = ("--max_train_steps 400 --learning_rate 1e-3 --caption_dropout 0.1 --max_train_samples 200 "
+DEFAULT_TRAINER_ARGS = ("--max_train_steps 250 --learning_rate 1e-3 --caption_dropout 0.1 --max_train_samples 100 "
                         "--dmem_size 5 --dmem_unique_captions --eval_num_prompts 50 --eval_inference_steps 20 "
                         "--eval_extraction_generations 10")
 

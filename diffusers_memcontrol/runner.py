@@ -11,10 +11,11 @@ from __future__ import annotations
 import json
 import os
 import socket
-import threading
 import time
 from collections.abc import Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import replace
+from queue import SimpleQueue
 
 from .errors import ArgumentParser, InputError, user_input
 from .figures import write_memorization_figure
@@ -93,23 +94,55 @@ def _dominates(a, b) -> bool:
     return all(x <= y for x, y in zip(a.values, b.values)) and tuple(a.values) != tuple(b.values)
 
 
+class WorkerPool:
+    """The command's `n_workers` worker slots: submitted runs train `n_workers` at a time, each with its slot's GPUs
+    (`gpus_per_trial`) or share of the CPU cores, in the order submitted."""
+
+    def __init__(self, n_workers: int = 1, gpus_per_trial: int = 1, accelerate_config: str | None = None):
+        self.n_workers, self.gpus_per_trial, self.accelerate_config = n_workers, gpus_per_trial, accelerate_config
+        self._executor = ThreadPoolExecutor(max_workers=n_workers)
+        self._slots: SimpleQueue = SimpleQueue()
+        for slot in range(n_workers):
+            self._slots.put(slot)
+
+    def submit(self, args: list[str], run_dir: str, wait: bool = True) -> Future:
+        """`run_claimed(args, run_dir, wait)` on the next free slot: a future of its metrics (None: not claimed)."""
+        return self._executor.submit(self._run, args, run_dir, wait)
+
+    def _run(self, args: list[str], run_dir: str, wait: bool) -> dict | None:
+        slot = self._slots.get()
+        try:
+            return run_claimed(args, run_dir, wait, worker=slot if self.n_workers > 1 else None,
+                               num_workers=self.n_workers, num_processes=self.gpus_per_trial,
+                               accelerate_config=self.accelerate_config)
+        finally:
+            self._slots.put(slot)
+
+    def __enter__(self) -> WorkerPool:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._executor.shutdown(wait=True)
+
+
 def run_final(train_args: list[str], output_dir: str, chosen: dict, layout: str, scope: str,
               baselines: Sequence[str] = BASELINES, mitigations: Sequence[str] = MITIGATIONS,
               n_workers: int = 1, gpus_per_trial: int = 1, accelerate_config: str | None = None,
-              protocol: str = "split") -> list[dict]:
+              protocol: str = "split", pool: WorkerPool | None = None) -> list[dict]:
     """Stage 2: fine-tune the chosen mask and each baseline on the full training split with each mitigation,
     evaluate on the test split; write results.md / results.json and return the rows.
 
     `protocol` (`STAGE2_PROTOCOLS`): the train split as it is, or with the D_mem pairs duplicated.
 
-    The runs are independent: `n_workers` of them run at once (`gpus_per_trial` GPUs each, or a share of the CPU
-    cores). Each run is claimed through a lock file next to its folder (`claim_run`), so several commands sharing
-    `output_dir` (several machines) never train the same row: a command trains the rows it claims, then waits for the
-    others' and writes the whole table too.
+    The runs are independent: they train on `pool` (default: a `WorkerPool` of `n_workers`), the Freeze rows last
+    (no backward pass: the shortest). Each run is claimed through a lock file next to its folder (`claim_run`), so
+    several commands sharing `output_dir` (several machines) never train the same row: a command trains the rows
+    it claims, then waits for the others' and writes the whole table too.
     """
-    from concurrent.futures import ThreadPoolExecutor
-    from queue import SimpleQueue
-
+    if pool is None:
+        with WorkerPool(n_workers, gpus_per_trial, accelerate_config) as own_pool:
+            return run_final(train_args, output_dir, chosen, layout, scope, baselines, mitigations,
+                             protocol=protocol, pool=own_pool)
     runs = []
     candidates = [(name, name, None) for name in baselines]
     candidates.append(("memcontrol", chosen["method"], Mask.from_dict(chosen["mask"])))
@@ -121,36 +154,26 @@ def run_final(train_args: list[str], output_dir: str, chosen: dict, layout: str,
                 args += ["--mask", mask.bitstring]
             if row_name == "memcontrol" and chosen.get("learning_rate"):
                 args += ["--learning_rate", repr(chosen["learning_rate"])]
-            runs.append((row_name, method, mitigation, args))
-    slots: SimpleQueue = SimpleQueue()
-    for slot in range(n_workers):
-        slots.put(slot)
+            runs.append((row_name, method, mitigation, args, os.path.join(output_dir, "final", f"{row_name}-{mitigation}")))
     done: dict[int, dict] = {}
-    lock = threading.Lock()
 
-    def run(index: int, wait: bool) -> bool:
-        row_name, method, mitigation, args = runs[index]
-        slot = slots.get()
-        run_dir = os.path.join(output_dir, "final", f"{row_name}-{mitigation}")
-        try:
-            metrics = run_claimed(args, run_dir, wait, worker=slot if n_workers > 1 else None, num_workers=n_workers,
-                                  num_processes=gpus_per_trial, accelerate_config=accelerate_config)
-        finally:
-            slots.put(slot)
-        if metrics is None:
-            return False  # another command trains it: collected after this command's own runs
-        with lock:
-            done[index] = {"method": row_name, "peft_method": method, "mitigation": mitigation,
-                           **{k: v for k, v in metrics.items() if isinstance(v, (int, float)) or v is None},
-                           "dmem_exposures": dmem_exposures(run_dir)["dmem_exposures"]}
-            write_results([done[i] for i in sorted(done)], output_dir)  # partial tables survive an interrupted run
-        return True
+    def collect(index: int, metrics: dict) -> None:
+        row_name, method, mitigation, _, run_dir = runs[index]
+        done[index] = {"method": row_name, "peft_method": method, "mitigation": mitigation,
+                       **{k: v for k, v in metrics.items() if isinstance(v, (int, float)) or v is None},
+                       "dmem_exposures": dmem_exposures(run_dir)["dmem_exposures"]}
+        write_results([done[i] for i in sorted(done)], output_dir)  # partial tables survive an interrupted run
 
-    with ThreadPoolExecutor(max_workers=n_workers) as pool:
-        deferred = [i for i, future in [(i, pool.submit(run, i, False)) for i in range(len(runs))]
-                    if not future.result()]
-        for future in [pool.submit(run, i, True) for i in deferred]:
-            future.result()
+    order = sorted(range(len(runs)), key=lambda i: runs[i][1] == "freeze")
+    futures = {i: pool.submit(runs[i][3], runs[i][4], wait=False) for i in order}
+    deferred = []  # claimed by another command: collected after this command's own runs
+    for i in order:
+        if (metrics := futures[i].result()) is None:
+            deferred.append(i)
+        else:
+            collect(i, metrics)
+    for i, future in [(i, pool.submit(runs[i][3], runs[i][4], wait=True)) for i in deferred]:
+        collect(i, future.result())
     write_memorization_figure([done[i] for i in sorted(done)], output_dir)
     return [done[i] for i in sorted(done)]
 
@@ -261,19 +284,23 @@ def run_memcontrol(unet, train_args: list[str], output_dir: str, search_spaces: 
     for t in summary["trials"]:
         if t["default_mask"]:
             plot_baselines[f"{t['method']} (default)"] = (t["dmem"], t["fid"])
-    if hpo_baselines:  # Full FT on the same HPO set, for the plot
-        metrics = run_claimed([*train_args, "--peft_method", "full", "--mask_layout", layout, "--hpo", "--eval",
-                                "--eval_split", "validation", "--eval_preset", "search"],
-                               os.path.join(output_dir, "trials", "full-ft"))
-        plot_baselines["Full FT"] = (metrics["dmem"], metrics["fid"])
-    plot = pareto_plot(summary["trials"], summary["front"], summary["chosen"]["row"], os.path.join(output_dir, "pareto.png"),
-                       baselines=plot_baselines)
-    result = {"search": summary, "pareto_plot": plot, "pareto_baselines": plot_baselines}
-    if final:
-        result["rows"] = run_final(train_args, output_dir, summary["chosen"], layout, scope, baselines, mitigations,
-                                   n_workers=config.n_workers, gpus_per_trial=config.gpus_per_trial,
-                                   accelerate_config=config.accelerate_config, protocol=stage2_protocol)
-        result["results_md"] = os.path.join(output_dir, "results.md")
+    result = {"search": summary}
+    with WorkerPool(config.n_workers, config.gpus_per_trial, config.accelerate_config) as pool:
+        full_ft = None
+        if hpo_baselines:  # Full FT on the same HPO set, for the plot; it trains beside stage 2's first runs
+            full_ft = pool.submit([*train_args, "--peft_method", "full", "--mask_layout", layout, "--hpo", "--eval",
+                                   "--eval_split", "validation", "--eval_preset", "search"],
+                                  os.path.join(output_dir, "trials", "full-ft"))
+        if final:
+            result["rows"] = run_final(train_args, output_dir, summary["chosen"], layout, scope, baselines,
+                                       mitigations, protocol=stage2_protocol, pool=pool)
+            result["results_md"] = os.path.join(output_dir, "results.md")
+        if full_ft is not None:
+            metrics = full_ft.result()
+            plot_baselines["Full FT"] = (metrics["dmem"], metrics["fid"])
+    result["pareto_plot"] = pareto_plot(summary["trials"], summary["front"], summary["chosen"]["row"],
+                                        os.path.join(output_dir, "pareto.png"), baselines=plot_baselines)
+    result["pareto_baselines"] = plot_baselines
     write_json_atomic(os.path.join(output_dir, "memcontrol_run.json"),
                 {k: v for k, v in result.items() if k != "search"})
     return result

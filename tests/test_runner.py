@@ -101,3 +101,35 @@ def test_search_arguments_are_checked():
             parse_search_args(argv)
     with pytest.raises(InputError, match="unknown or unsearchable"):
         main_search(["--search", "--search_space", "full", "--output_dir", "/tmp/unused-memcontrol"])
+
+
+def test_stage_two_shares_the_pool_and_trains_freeze_last(tmp_path, monkeypatch):
+    """A run submitted before stage 2 (the Pareto plot's Full FT) trains first on the same slots; Freeze rows, the
+    cheapest, go last so that they fill the other slot's last run instead of delaying the table."""
+    from diffusers_memcontrol import runner
+
+    started = []
+
+    def fake_trainer(args, run_dir, worker=None, num_workers=1, **kwargs):
+        started.append((os.path.basename(run_dir), worker, num_workers))
+        metrics = {"dmem": 0.1, "fid": 1.0}
+        with open(os.path.join(run_dir, "metrics.json"), "w", encoding="utf-8") as f:
+            json.dump(metrics, f)
+        return metrics
+
+    monkeypatch.setattr(runner, "run_trainer", fake_trainer)
+    monkeypatch.setattr(runner, "dmem_exposures", lambda run_dir: {"dmem_exposures": None})
+    monkeypatch.setattr(runner, "write_memorization_figure", lambda rows, output_dir: None)
+    chosen = {"method": "difffit", "mask": {"method": "difffit", "layout": "blocks", "positions": ["a"], "bits": [1]}}
+    with runner.WorkerPool(n_workers=1) as pool:  # one slot: the training order is the order of the queue
+        plot_run = pool.submit(["--hpo"], str(tmp_path / "trials" / "full-ft"))
+        rows = runner.run_final(["--max_train_steps", "1"], str(tmp_path), chosen, "blocks", "reference",
+                                ["freeze", "full"], ["none", "rwa"], pool=pool)
+        assert plot_run.result() == {"dmem": 0.1, "fid": 1.0}
+    assert [name for name, _, _ in started] == ["full-ft", "full-none", "full-rwa", "memcontrol-none", "memcontrol-rwa",
+                                                "freeze-none", "freeze-rwa"]
+    # the table keeps the documented row order whatever the training order
+    assert [(r["method"], r["mitigation"]) for r in rows] == [
+        ("freeze", "none"), ("freeze", "rwa"), ("full", "none"), ("full", "rwa"), ("memcontrol", "none"),
+        ("memcontrol", "rwa")]
+    assert _json(str(tmp_path / "results.json"))
