@@ -13,7 +13,6 @@ Writes benchmarks/results/paper_table.json (every seed's rows and the summary) a
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import statistics
@@ -73,6 +72,7 @@ def main() -> None:
     p.add_argument("--results", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
     args = p.parse_args()
 
+    from diffusers_memcontrol.files import write_json_atomic, write_text_atomic
     from diffusers_memcontrol.runner import main_search
 
     runs, seconds = {}, {}
@@ -89,11 +89,9 @@ def main() -> None:
               "seconds_per_seed": seconds, "machine": {"platform": platform.platform(), "cpus": os.cpu_count(),
                                                       "torch": torch.__version__},
               "summary": summary, "runs": {str(k): v for k, v in runs.items()}}
-    with open(os.path.join(args.results, "paper_table.json"), "w", encoding="utf-8") as f:
-        json.dump(record, f, indent=2)
+    write_json_atomic(os.path.join(args.results, "paper_table.json"), record)
     table = markdown(summary)
-    with open(os.path.join(args.results, "paper_table.md"), "w", encoding="utf-8") as f:
-        f.write(table)
+    write_text_atomic(os.path.join(args.results, "paper_table.md"), table)
     print(table)
 
 

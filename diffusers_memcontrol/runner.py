@@ -69,7 +69,7 @@ def run_search(unet, train_args: list[str], output_dir: str, search_spaces: list
     if not row_of:
         raise RuntimeError("No search trial completed; see the trial logs under output_dir/trials.")
     union = [(name, t) for name, t in front if not any(_dominates(o, t) for _, o in front)]
-    chosen = select_trial([t for _, t in union], config.selection)
+    chosen = select_trial([t for _, t in union], config.selection, [(t["dmem"], t["fid"]) for t in trials])
     chosen_row = next(row_of[(name, t.number)] for name, t in union if t is chosen)
     chosen_method = trials[chosen_row]["method"]
     mask = mask_of_trial(chosen, spaces[chosen_method])

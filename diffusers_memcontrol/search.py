@@ -370,17 +370,23 @@ def pareto_front(study: optuna.Study) -> list[FrozenTrial]:
     return sorted(study.best_trials, key=lambda t: t.number)
 
 
-def select_trial(front: Sequence[FrozenTrial], selection: str = "mean") -> FrozenTrial:
+def select_trial(front: Sequence[FrozenTrial], selection: str = "mean",
+                 scale: Sequence[Sequence[float]] | None = None) -> FrozenTrial:
     """Pick one trial of the front: lowest arithmetic mean of the objectives (the paper), or of min-max normalized
-    objectives (`normalized_mean`, robust when d_mem and FID live on different scales)."""
+    objectives (`normalized_mean`, robust when d_mem and FID live on different scales).
+
+    `scale`: the objective values whose spread normalizes (every completed trial of the search; default the
+    front's own). Over the front alone, the two ends of a two-trial front always tie at 0.5.
+    """
     if not front:
         raise ValueError("The Pareto front is empty: no trial completed.")
     if selection not in SELECTIONS:
         raise ValueError(f"Unknown selection {selection!r}; expected one of {', '.join(SELECTIONS)}.")
     values = [list(t.values) for t in front]
     if selection == "normalized_mean":
-        lows = [min(v[i] for v in values) for i in range(len(OBJECTIVES))]
-        highs = [max(v[i] for v in values) for i in range(len(OBJECTIVES))]
+        spread = [list(v) for v in scale] if scale else values
+        lows = [min(v[i] for v in spread) for i in range(len(OBJECTIVES))]
+        highs = [max(v[i] for v in spread) for i in range(len(OBJECTIVES))]
         values = [[(x - lo) / (hi - lo) if hi > lo else 0.0 for x, lo, hi in zip(v, lows, highs)] for v in values]
     scores = [sum(v) / len(v) for v in values]
     return front[min(range(len(front)), key=lambda i: (scores[i], front[i].number))]
@@ -390,7 +396,7 @@ def export_study(study: optuna.Study, space: MaskSpace, output_dir: str, selecti
     """Write best_mask.json, pareto.json and trials.csv for a study; return the chosen trial's summary."""
     os.makedirs(output_dir, exist_ok=True)
     front = pareto_front(study)
-    chosen = select_trial(front, selection)
+    chosen = select_trial(front, selection, [t.values for t in study.get_trials(states=(TrialState.COMPLETE,))])
     mask = mask_of_trial(chosen, space)
     mask.save(os.path.join(output_dir, "best_mask.json"))
     rows = [_trial_row(t, space) for t in study.get_trials(deepcopy=False)]

@@ -120,6 +120,17 @@ def test_pareto_selection_and_exports(space, tmp_path):
     assert len(lines) == 1 + len(study.trials)
 
 
+def test_normalized_selection_scales_by_every_trial():
+    """The quickstart's front had two trials; normalized over the front alone they always tie at 0.5 (the lower
+    number won). Scaled by the spread of all trials, the one with the much better FID wins."""
+    front = [optuna.trial.create_trial(values=[0.784, 30.9]), optuna.trial.create_trial(values=[0.786, 29.66])]
+    front[0].number, front[1].number = 0, 1
+    trials = [t.values for t in front] + [[2.0, 104.0], [1.8, 61.4]]
+    assert select_trial(front, "normalized_mean").number == 0  # the tie
+    assert select_trial(front, "normalized_mean", trials).number == 1
+    assert select_trial(front, "mean", trials).number == 1  # the paper's rule ignores the scale
+
+
 def _history(study):
     """{number: (parameters, generation)} of the completed trials."""
     key = ReproducibleNSGAIISampler._get_generation_key()
