@@ -66,7 +66,9 @@ class SearchConfig:
     heartbeat_interval: int = field(default=30, metadata={"help": "Seconds between trial heartbeats (RDB)."})
     grace_period: int = field(default=120, metadata={"help": "Seconds without heartbeat before a trial fails."})
     max_retry: int = field(default=2, metadata={"help": "Re-queues of a trial whose worker died."})
-    selection: str = field(default="mean", metadata={"help": "mean (paper) or normalized_mean."})
+    selection: str = field(default="mean", metadata={
+        "help": "mean (the paper's: lowest mean of d_mem and FID on the front) or normalized_mean (each rescaled to "
+                "[0, 1] by its spread over all trials first)."})
     max_failed_trials: int = field(default=3, metadata={"help": "Stop a worker after this many failed trials."})
 
     def __post_init__(self) -> None:
