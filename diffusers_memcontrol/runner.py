@@ -154,7 +154,8 @@ def run_final(train_args: list[str], output_dir: str, chosen: dict, layout: str,
                 args += ["--mask", mask.bitstring]
             if row_name == "memcontrol" and chosen.get("learning_rate"):
                 args += ["--learning_rate", repr(chosen["learning_rate"])]
-            runs.append((row_name, method, mitigation, args, os.path.join(output_dir, "final", f"{row_name}-{mitigation}")))
+            run_dir = os.path.join(output_dir, "final", f"{row_name}-{mitigation}")
+            runs.append((row_name, method, mitigation, args, run_dir))
     done: dict[int, dict] = {}
 
     def collect(index: int, metrics: dict) -> None:
