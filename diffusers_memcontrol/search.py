@@ -179,6 +179,8 @@ def _generation(others: list[FrozenTrial], number: int, key: str, population_siz
     if not placed:
         return 0
     current = max(t.system_attrs[key] for t in placed)
+    if any(t.state == TrialState.RUNNING and t.system_attrs[key] < current for t in placed):
+        return None  # another worker saw the previous generation finish; this view has not yet (its parents would)
     states = [t.state for t in placed if t.system_attrs[key] == current]
     complete, running = states.count(TrialState.COMPLETE), states.count(TrialState.RUNNING)
     if complete + running < population_size:

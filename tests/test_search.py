@@ -163,6 +163,23 @@ def test_same_trials_and_mask_whatever_the_number_of_workers(space, storage_url,
     assert len({tuple(params.values()) for params, _ in history.values()}) > 3
 
 
+def test_a_trial_waits_until_its_view_shows_the_previous_generation_finished():
+    """CI caught trial 4 of two PostgreSQL workers drawing its parents from a stale view (trial 2 still running)
+    while trial 3 had already started generation 1: it must wait instead."""
+    from types import SimpleNamespace
+
+    from diffusers_memcontrol.search import _generation
+
+    key = ReproducibleNSGAIISampler._get_generation_key()
+
+    def trial(number, state, generation):
+        return SimpleNamespace(number=number, state=state, system_attrs={key: generation})
+
+    finished = [trial(0, TrialState.COMPLETE, 0), trial(1, TrialState.COMPLETE, 0)]
+    assert _generation([*finished, trial(2, TrialState.RUNNING, 0), trial(3, TrialState.RUNNING, 1)], 4, key, 3) is None
+    assert _generation([*finished, trial(2, TrialState.COMPLETE, 0), trial(3, TrialState.RUNNING, 1)], 4, key, 3) == 1
+
+
 def test_two_workers_share_one_study(space, storage_url, tmp_path):
     config = _config(storage_url, n_trials=10, n_workers=2)
     study = optimize(space, config, str(tmp_path), toy_trial)
