@@ -13,7 +13,7 @@ import os
 import socket
 import time
 from collections.abc import Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor, as_completed
 from dataclasses import replace
 from queue import SimpleQueue
 
@@ -166,14 +166,14 @@ def run_final(train_args: list[str], output_dir: str, chosen: dict, layout: str,
         write_results([done[i] for i in sorted(done)], output_dir)  # partial tables survive an interrupted run
 
     order = sorted(range(len(runs)), key=lambda i: runs[i][1] == "freeze")
-    futures = {i: pool.submit(runs[i][3], runs[i][4], wait=False) for i in order}
+    index_of = {pool.submit(runs[i][3], runs[i][4], wait=False): i for i in order}
     deferred = []  # claimed by another command: collected after this command's own runs
-    for i in order:
-        if (metrics := futures[i].result()) is None:
-            deferred.append(i)
+    for future in as_completed(index_of):  # each row's table line as soon as it finishes
+        if (metrics := future.result()) is None:
+            deferred.append(index_of[future])
         else:
-            collect(i, metrics)
-    for i, future in [(i, pool.submit(runs[i][3], runs[i][4], wait=True)) for i in deferred]:
+            collect(index_of[future], metrics)
+    for i, future in [(i, pool.submit(runs[i][3], runs[i][4], wait=True)) for i in sorted(deferred)]:
         collect(i, future.result())
     write_memorization_figure([done[i] for i in sorted(done)], output_dir)
     return [done[i] for i in sorted(done)]
