@@ -53,7 +53,7 @@ def main() -> None:
 
     from diffusers import UNet2DConditionModel
 
-    from diffusers_memcontrol.masks import MaskSpace
+    from diffusers_memcontrol import MaskSpace
     from diffusers_memcontrol.search import SearchConfig, TrainerTrial, optimize
     from diffusers_memcontrol.tiny_base import tiny_base_path
 

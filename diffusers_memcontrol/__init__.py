@@ -6,8 +6,7 @@ Importing the package registers the `MEMCONTROL` peft method with peft and adds 
 
 from .hub import MemControlRepoError, download_memcontrol, publish
 from .loaders import MemControlLoaderMixin, register_pipeline_methods
-from .masks import LAYOUTS, METHODS, SCOPES, Mask, MaskSpace
-from .tuners import MemControlConfig, MemControlModel
+from .tuners import LAYOUTS, METHODS, SCOPES, Mask, MaskSpace, MemControlConfig, MemControlModel
 
 register_pipeline_methods()
 

@@ -11,8 +11,8 @@ import tempfile
 import torch
 
 from .files import usual_mode
-from .masks import BUILTIN_PREFIX, Mask, MaskSpace, builtin_mask
-from .tuners import MemControlConfig
+from .masks import BUILTIN_PREFIX, builtin_mask
+from .tuners import Mask, MaskSpace, MemControlConfig
 
 
 def resolve_mask(spec: str | None, unet: torch.nn.Module, method: str | None, layout: str) -> Mask | None:

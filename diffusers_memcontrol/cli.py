@@ -12,7 +12,7 @@ from .errors import ArgumentParser, run_command
 def _mask_space(args: argparse.Namespace) -> int:
     from diffusers import UNet2DConditionModel
 
-    from .masks import MaskSpace
+    from .tuners import MaskSpace
     from .tiny_base import tiny_base_path
 
     unet = UNet2DConditionModel.from_pretrained(args.pretrained_model_name_or_path or tiny_base_path(),

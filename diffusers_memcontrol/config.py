@@ -8,10 +8,9 @@ from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 from .images import INTERPOLATIONS, check_interpolation
-from .masks import LAYOUTS, SCOPES, Mask
-from .masks import METHODS as PEFT_METHODS
 from .mitigation import MITIGATIONS
-from .tuners import MemControlConfig
+from .tuners import LAYOUTS, SCOPES, Mask, MemControlConfig
+from .tuners import METHODS as PEFT_METHODS
 
 LR_SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup")
 DEFAULT_LR = {"svdiff": 1e-3, "difffit": 1e-3, "lora": 1e-4, "attention": 1e-5, "full": 1e-5, "freeze": 1e-3}

@@ -42,7 +42,7 @@ from .columns import check_captions, check_columns
 from .evaluation_config import AGREEMENT_KINDS, EvaluationConfig, _positive_int
 from .files import write_json_atomic
 from .images import pixel_batch
-from .masks import trainable_parameters
+from .tuners import trainable_parameters
 from .metrics.fid import (
     FeatureStatistics,
     cached_features,

@@ -22,7 +22,7 @@ from typing import Any
 
 from .figures import DMEM_GENERATIONS_FILE, MEMORIZATION_FIGURE
 from .files import usual_mode, write_json_atomic
-from .masks import Mask
+from .tuners import Mask
 
 logger = logging.getLogger(__name__)
 

@@ -21,8 +21,7 @@ import torch
 from torch import nn
 
 from .hub import ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE, MASK_FILE, MemControlRepoError, download_memcontrol
-from .masks import Mask, MaskSpace
-from .tuners import MemControlConfig
+from .tuners import Mask, MaskSpace, MemControlConfig
 
 DEFAULT_ADAPTER_NAME = "memcontrol"
 _MARK = "__memcontrol_loader__"

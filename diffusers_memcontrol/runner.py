@@ -20,7 +20,7 @@ from queue import SimpleQueue
 from .errors import ArgumentParser, InputError, user_input
 from .figures import write_memorization_figure
 from .files import write_json_atomic
-from .masks import Mask, MaskSpace
+from .tuners import Mask, MaskSpace
 from .mitigation import MITIGATIONS
 from .reporting import pareto_plot, write_results
 from .search import (
@@ -416,7 +416,7 @@ def parse_search_args(argv: list[str]) -> tuple:
 
 def main_search(argv: list[str]) -> dict:
     """`train_memcontrol.py --search ...` / `memcontrol search ...`: the whole MemControl run."""
-    from .masks import METHODS
+    from .tuners import METHODS
     from .search import resolve_storage
     from .train import check_inputs, parse_args
 

@@ -34,7 +34,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from .errors import InputError
 from .files import atomic_open, write_json_atomic
-from .masks import Mask, MaskSpace
+from .tuners import Mask, MaskSpace
 
 logger = logging.getLogger(__name__)
 

@@ -460,7 +460,7 @@ def evaluate_adapter(args: argparse.Namespace, accelerator: Any, pipe: Any, inpu
     """--eval --adapter_dir: evaluate a trained adapter, no training; write metrics.json and summary.json."""
     from .adapters import load_adapter
     from .files import write_json_atomic
-    from .masks import trainable_parameters
+    from .tuners import trainable_parameters
 
     load_adapter(pipe.unet, args.adapter_dir)
     metrics = run_evaluation(args, pipe, inputs, trainable_parameters(pipe.unet, by_prefix=True))

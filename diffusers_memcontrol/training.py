@@ -43,7 +43,7 @@ from .checkpoints import (
 )
 from .config import FineTuneConfig
 from .files import atomic_path
-from .masks import Mask, trainable_parameters
+from .tuners import Mask, trainable_parameters
 from .training_data import (
     STREAM_STEP,
     MicroBatch,

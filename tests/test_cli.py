@@ -86,7 +86,8 @@ def test_masks_lists_the_builtin_masks_through_the_real_command():
 
 
 def test_masks_json(capsys):
-    from diffusers_memcontrol.masks import Mask, builtin_masks
+    from diffusers_memcontrol import Mask
+    from diffusers_memcontrol.masks import builtin_masks
 
     assert main(["masks", "--json"]) == 0
     listed = json.loads(capsys.readouterr().out)

@@ -82,7 +82,7 @@ def build_data(folder: str) -> None:
 
     from diffusers_memcontrol.adapters import save_adapter
     from diffusers_memcontrol.config import FineTuneConfig
-    from diffusers_memcontrol.masks import Mask
+    from diffusers_memcontrol import Mask
     from tests.conftest import make_small_unet
 
     os.makedirs(folder, exist_ok=True)

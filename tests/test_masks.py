@@ -173,7 +173,7 @@ def test_builtin_mask_resolves_where_a_mask_file_does(sd15_meta_unet, tmp_path):
 
     builtin = builtin_mask("paper-mimic-svdiff")
     spec = "memcontrol:paper-mimic-svdiff"
-    assert Mask.load(spec) == builtin.mask == Mask.load(builtin.path)  # the shipped file reads like a mask file
+    assert builtin.mask == Mask.load(builtin.path)  # the shipped file reads like a mask file
     assert resolve_mask(spec, sd15_meta_unet, "svdiff", "blocks") == builtin.mask  # the trainer's --mask
     assert resolve_mask(spec, sd15_meta_unet, None, "blocks") == builtin.mask  # transfer: the mask's own method
     builtin.mask.save(tmp_path / "mask.json")
@@ -211,4 +211,4 @@ def test_builtin_mask_refuses_another_method_or_architecture(sd15_meta_unet):
         resolve_mask(spec, other, "svdiff", "blocks")
     with pytest.raises(ValueError, match=r"Unknown built-in mask 'memcontrol:nope'; built-in masks: .*"
                                          r"memcontrol:paper-mimic-svdiff"):
-        Mask.load("memcontrol:nope")
+        resolve_mask("memcontrol:nope", sd15_meta_unet, "svdiff", "blocks")

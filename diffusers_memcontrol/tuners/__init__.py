@@ -2,7 +2,18 @@
 
 from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING, PEFT_TYPE_TO_PREFIX_MAPPING, PEFT_TYPE_TO_TUNER_MAPPING
 
-from .memcontrol import PEFT_TYPE, MemControlConfig, MemControlLayer, MemControlModel
+from .memcontrol import (
+    LAYOUTS,
+    METHODS,
+    PEFT_TYPE,
+    SCOPES,
+    Mask,
+    MaskSpace,
+    MemControlConfig,
+    MemControlLayer,
+    MemControlModel,
+    trainable_parameters,
+)
 
 
 def register_with_peft() -> None:
@@ -28,4 +39,5 @@ def register_with_peft() -> None:
 
 register_with_peft()
 
-__all__ = ["MemControlConfig", "MemControlLayer", "MemControlModel", "register_with_peft"]
+__all__ = ["LAYOUTS", "METHODS", "SCOPES", "Mask", "MaskSpace", "MemControlConfig", "MemControlLayer", "MemControlModel",
+           "register_with_peft", "trainable_parameters"]

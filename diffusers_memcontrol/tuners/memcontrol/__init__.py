@@ -2,6 +2,8 @@
 
 from .config import PEFT_TYPE, MemControlConfig
 from .layer import Conv2d, Linear, MemControlLayer, Norm
-from .model import MemControlModel
+from .mask import LAYOUTS, METHODS, SCOPES, Mask, MaskSpace
+from .model import MemControlModel, trainable_parameters
 
-__all__ = ["PEFT_TYPE", "Conv2d", "Linear", "MemControlConfig", "MemControlLayer", "MemControlModel", "Norm"]
+__all__ = ["LAYOUTS", "METHODS", "PEFT_TYPE", "SCOPES", "Conv2d", "Linear", "Mask", "MaskSpace", "MemControlConfig",
+           "MemControlLayer", "MemControlModel", "Norm", "trainable_parameters"]

@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 
 from peft import PeftConfig
 
-from ...masks import LAYOUTS, METHODS, SCOPES, Mask
+from .mask import LAYOUTS, METHODS, SCOPES, Mask
 
 PEFT_TYPE = "MEMCONTROL"
 

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
 from torch import nn
 
-from ...masks import (
+from .mask import (
     ROLE_BIAS,
     ROLE_DENSE,
     ROLE_GAMMA,

@@ -5,9 +5,9 @@ from __future__ import annotations
 from peft.tuners.tuners_utils import BaseTuner
 from torch import nn
 
-from ...masks import MaskSpace
 from .config import MemControlConfig
 from .layer import MemControlLayer, create_layer
+from .mask import MaskSpace
 
 
 class MemControlModel(BaseTuner):
@@ -92,3 +92,14 @@ def _anchor(model: nn.Module) -> str:
         elif isinstance(module, (nn.Linear, nn.Conv2d)):
             return name
     raise ValueError("MemControl needs a model with at least one Linear or Conv2d layer.")
+
+
+def trainable_parameters(model: nn.Module, by_prefix: bool = False) -> int:
+    """Number of parameters of `model` that train (`requires_grad`): the adapter's after injection.
+
+    `by_prefix=True` counts the adapter's parameters by their peft prefix instead: an adapter loaded (frozen) to be
+    evaluated.
+    """
+    if by_prefix:
+        return int(sum(p.numel() for name, p in model.named_parameters() if MemControlModel.prefix in name))
+    return int(sum(p.numel() for p in model.parameters() if p.requires_grad))
