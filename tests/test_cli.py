@@ -86,12 +86,11 @@ def test_masks_lists_the_builtin_masks_through_the_real_command():
 
 
 def test_masks_json(capsys):
-    from diffusers_memcontrol import Mask
-    from diffusers_memcontrol.masks import builtin_masks
+    from diffusers_memcontrol.masks import builtin_mask, builtin_masks
 
     assert main(["masks", "--json"]) == 0
     listed = json.loads(capsys.readouterr().out)
     assert [m["name"] for m in listed] == [b.spec for b in builtin_masks().values()]
     for entry in listed:
-        assert Mask.load(entry["name"]).bitstring == entry["bitstring"]
+        assert builtin_mask(entry["name"]).mask.bitstring == entry["bitstring"]
         assert {"source", "description", "method", "layout", "scope", "base_model", "trainable_params"} <= set(entry)
