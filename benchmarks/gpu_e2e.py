@@ -100,7 +100,7 @@ def main(argv: list[str] | None = None) -> dict:
               "--eval_inference_steps", "1", "--search_space", "difffit", "--mask_layout", "paper", "--n_trials", "2",
               "--population_size", "2", "--n_workers", "1", "--gpus_per_trial", str(args.gpus_per_trial),
               "--baselines", "freeze", "--mitigations", "none", "--output_dir", out]
-    train = [sys.executable, "-m", "diffusers_memcontrol.train", "--search"]
+    train = [sys.executable, "-m", "diffusers_memcontrol.cli", "search"]
     env = dict(os.environ, HF_HUB_OFFLINE="1")
     phase("search", lambda: subprocess.run([*train, "--stage", "1", *common], check=True, env=env))
     phase("stage_two", lambda: subprocess.run([*train, "--stage", "2", *common], check=True, env=env))

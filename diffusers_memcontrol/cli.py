@@ -6,14 +6,20 @@ import argparse
 import json
 import sys
 
+from diffusers import UNet2DConditionModel
+
+from .arguments import expand_preset
 from .errors import ArgumentParser, run_command
+from .hub import publish
+from .masks import builtin_masks
+from .runner import main_search
+from .tiny_base import tiny_base_path
+from .train import main as train_one
+from .tuners import MaskSpace
 
 
 def _mask_space(args: argparse.Namespace) -> int:
-    from diffusers import UNet2DConditionModel
 
-    from .tuners import MaskSpace
-    from .tiny_base import tiny_base_path
 
     unet = UNet2DConditionModel.from_pretrained(args.pretrained_model_name_or_path or tiny_base_path(),
                                                 subfolder="unet")
@@ -30,8 +36,6 @@ def _mask_space(args: argparse.Namespace) -> int:
 
 
 def _masks(args: argparse.Namespace) -> int:
-    from .masks import builtin_masks
-
     masks = [m.to_dict() for m in builtin_masks().values()]
     if args.json:
         print(json.dumps(masks, indent=2))
@@ -45,15 +49,11 @@ def _masks(args: argparse.Namespace) -> int:
 
 
 def _train(args: argparse.Namespace, rest: list[str]) -> int:
-    from .train import main as train_main
-
-    train_main(rest)
+    train_one(rest)
     return 0
 
 
 def _publish(args: argparse.Namespace) -> int:
-    from .hub import publish
-
     where = publish(args.output_dir, args.repo_id, private=not args.public, token=args.hub_token,
                     revision=args.revision, include_adapter=not args.mask_only, include_samples=args.include_samples,
                     dry_run=args.dry_run, local_dir=args.local_dir, endpoint=args.endpoint)
@@ -90,24 +90,18 @@ def _run(argv: list[str] | None) -> int:
     pub.add_argument("--hub_token", default=None)
     pub.add_argument("--revision", default=None)
     pub.add_argument("--endpoint", default=None, help="Hub endpoint (default: HF_ENDPOINT or huggingface.co).")
-    sub.add_parser("search", help="Run MemControl: search masks, final fine-tunes and the comparison table "
-                   "(same arguments as python -m diffusers_memcontrol.train --search).", add_help=False)
+    sub.add_parser("search", help="Run MemControl: search masks, final fine-tunes and the comparison table (same "
+                   "arguments as training/train_memcontrol.py --search; `--preset quickstart`: README's quickstart).",
+                   add_help=False)
     sub.add_parser("transfer", help="Stage 2 and the table with a mask found elsewhere, no search (same arguments "
-                   "as python -m diffusers_memcontrol.train --final --mask MASK).", add_help=False)
+                   "as training/train_memcontrol.py --final --mask MASK).", add_help=False)
     sub.add_parser("train", help="Fine-tune with a mask (same arguments as python -m diffusers_memcontrol.train).",
                    add_help=False)
     args, rest = parser.parse_known_args(argv)
     if args.command == "train":
         return _train(args, rest)
-    if args.command == "search":
-        from .runner import main_search
-
-        main_search(["--search", *rest])
-        return 0
-    if args.command == "transfer":
-        from .runner import main_search
-
-        main_search(["--final", *rest])
+    if args.command in ("search", "transfer"):
+        main_search(["--search" if args.command == "search" else "--final", *expand_preset(rest)])
         return 0
     if rest:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")

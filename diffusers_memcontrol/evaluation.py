@@ -42,7 +42,6 @@ from .columns import check_captions, check_columns
 from .evaluation_config import AGREEMENT_KINDS, EvaluationConfig, _positive_int
 from .files import write_json_atomic
 from .images import pixel_batch
-from .tuners import trainable_parameters
 from .metrics.fid import (
     FeatureStatistics,
     cached_features,
@@ -52,6 +51,7 @@ from .metrics.fid import (
     frechet_distance_from_stats,
     image_column_fingerprint,
 )
+from .tuners import trainable_parameters
 
 __all__ = [
     "AGREEMENT_KINDS",

@@ -17,30 +17,31 @@ from concurrent.futures import Future, ThreadPoolExecutor, as_completed
 from dataclasses import replace
 from queue import SimpleQueue
 
-from .errors import ArgumentParser, InputError, user_input
+import optuna
+
+from .adapters import resolve_mask
+from .arguments import BASELINES, STAGE2_PROTOCOLS, check_inputs, meta_unet, parse_args, parse_search_args
+from .errors import InputError, user_input
 from .figures import write_memorization_figure
 from .files import write_json_atomic
-from .tuners import Mask, MaskSpace
 from .mitigation import MITIGATIONS
 from .reporting import pareto_plot, write_results
 from .search import (
     OBJECTIVES,
-    SELECTIONS,
     SearchConfig,
     TrainerTrial,
-    default_n_workers,
     dmem_exposures,
     export_study,
     exposure_report,
     mask_of_trial,
     optimize,
     pareto_front,
+    resolve_storage,
     run_trainer,
     select_trial,
 )
-
-BASELINES = ("freeze", "full", "svdiff", "difffit", "attention")
-STAGE2_PROTOCOLS = {"split": [], "duplicated": ["--duplicate_dmem"]}  # trainer flags of each stage-2 protocol
+from .tiny_base import tiny_base_path
+from .tuners import METHODS, Mask, MaskSpace
 
 
 def run_search(unet, train_args: list[str], output_dir: str, search_spaces: list[str], layout: str, scope: str,
@@ -307,119 +308,8 @@ def run_memcontrol(unet, train_args: list[str], output_dir: str, search_spaces: 
     return result
 
 
-def add_search_arguments(parser) -> None:
-    """The search's own flags (a parser or an argument group): `parse_search_args` and the trainer's --help share them."""
-    from dataclasses import fields
-
-    defaults = {f.name: f for f in fields(SearchConfig)}
-
-    def help_of(name: str) -> str:
-        return defaults[name].metadata["help"]
-
-    parser.add_argument("--search", action="store_true",
-                        help="Run MemControl: stage 1 (mask search), then stage 2 and the table (unless --no_final).")
-    parser.add_argument("--search_space", default=None,
-                        help="Comma-separated PEFT methods to search (default: --peft_method or svdiff); several = "
-                             "the paper's global search (union of the Pareto fronts).")
-    parser.add_argument("--n_trials", type=int, default=defaults["n_trials"].default, help=help_of("n_trials"))
-    parser.add_argument("--population_size", type=int, default=None, help=help_of("population_size"))
-    parser.add_argument("--search_learning_rate", action="store_true", help=help_of("search_learning_rate"))
-    parser.add_argument("--storage", default=None,
-                        help="Optuna storage URL (sqlite:///..., postgresql://...) or journal file (default: "
-                             "output_dir/study.db).")
-    parser.add_argument("--study_name", default=None, help="Prefix of the study names (default: memcontrol).")
-    parser.add_argument("--n_workers", type=int, default=None,
-                        help="Concurrent fine-tunes on this machine, in the search and in stage 2 (--gpus_per_trial "
-                             "GPUs each, or a share of the CPU cores). Default: visible GPUs // --gpus_per_trial, 1 "
-                             "without GPUs.")
-    parser.add_argument("--gpus_per_trial", type=int, default=1,
-                        help="Processes of each fine-tune (trial or stage-2 run): > 1 runs it with `accelerate launch "
-                             "--num_processes K` on the worker's own K GPUs (data parallel; gloo processes on CPU).")
-    parser.add_argument("--accelerate_config", default=None,
-                        help="accelerate config file (`accelerate config`) every fine-tune is launched with.")
-    parser.add_argument("--stage", default="all", choices=["1", "2", "all"],
-                        help="1: the search only (run it on many machines sharing --storage); 2: stage 2 and the table "
-                             "from the finished study (several commands sharing --output_dir split the rows); all: "
-                             "both.")
-    parser.add_argument("--heartbeat_interval", type=int, default=defaults["heartbeat_interval"].default,
-                        help=help_of("heartbeat_interval"))
-    parser.add_argument("--grace_period", type=int, default=defaults["grace_period"].default,
-                        help=help_of("grace_period"))
-    parser.add_argument("--selection", default=defaults["selection"].default, choices=list(SELECTIONS),
-                        help=help_of("selection"))
-    parser.add_argument("--final", dest="final", action="store_true", default=True,
-                        help="Stage 2 after the search (default), or alone with --mask (the paper's transfer).")
-    parser.add_argument("--no_final", dest="final", action="store_false", help="Stop after the search.")
-    parser.add_argument("--baselines", default=",".join(BASELINES),
-                        help="Comma-separated baselines of the table (stage 2).")
-    parser.add_argument("--mitigations", default=",".join(MITIGATIONS),
-                        help="Comma-separated mitigations each stage-2 row is trained with.")
-    parser.add_argument("--stage2_protocol", default="split", choices=list(STAGE2_PROTOCOLS),
-                        help="Stage 2 trains on the train split as it is (split: the paper's protocol, where the data "
-                             "hold near-duplicates, as MIMIC-CXR does) or with each D_mem pair repeated --dmem_repeats "
-                             "times (duplicated: emulates them, so that memorization can show on data without any).")
-
-
-def parse_search_args(argv: list[str]) -> tuple:
-    """Split a `--search` command line into the search's own arguments and those passed to every fine-tune.
-
-    The flags shared with the trainer (--mask, --peft_method, --mask_layout, --mask_scope, --output_dir, --seed) take
-    the trainer's defaults; --help shows the trainer's flags and the search's together.
-    """
-    import sys
-
-    from .train import build_parser, parse_args
-
-    trainer = build_parser()
-    if {"-h", "--help"} & set(argv):
-        trainer.print_help()
-        sys.exit(0)
-    p = ArgumentParser(prog="memcontrol search", add_help=False)
-    add_search_arguments(p)
-    for flag in ("--mask", "--peft_method", "--mask_layout", "--mask_scope", "--output_dir", "--seed"):
-        action = next(a for a in trainer._actions if flag in a.option_strings)
-        p.add_argument(flag, default=None if flag == "--peft_method" else action.default, type=action.type,
-                       choices=action.choices, help=action.help)
-    args, passthrough = p.parse_known_args(argv)
-    if args.mask and args.search:
-        p.error(f"--mask {args.mask!r} reuses a found mask and --search finds one: pass one of them.")
-    if not args.mask and not args.search:
-        p.error("pass --search (find a mask, then stage 2) or --final --mask MASK (stage 2 with a given mask).")
-    for flag in ("n_workers", "gpus_per_trial", "heartbeat_interval", "grace_period"):
-        if getattr(args, flag) is not None and getattr(args, flag) < 1:
-            p.error(f"--{flag} must be >= 1, got {getattr(args, flag)}.")
-    if args.accelerate_config is not None and not os.path.isfile(args.accelerate_config):
-        p.error(f"--accelerate_config {args.accelerate_config!r}: no such file; pass a file written by `accelerate "
-                "config`.")
-    if args.stage != "all" and not args.search:
-        p.error(f"--stage {args.stage} splits a --search run; without --search, stage 2 is the run.")
-    if args.stage == "1" and not args.final:
-        p.error("--stage 1 with --no_final: pass one of them (--stage 1 already stops after the search).")
-    if args.n_workers is None:
-        args.n_workers = default_n_workers(args.gpus_per_trial)
-    if args.mask and not args.final:
-        p.error("--mask with --no_final would do nothing: stage 2 is the run.")
-    for flag, values, known in (("--baselines", args.baselines, BASELINES), ("--mitigations", args.mitigations,
-                                                                            MITIGATIONS)):
-        bad = [v for v in values.split(",") if v and v not in known]
-        if bad:
-            p.error(f"{flag}: unknown value(s) {bad}; expected a comma-separated subset of {', '.join(known)}.")
-    for flag in ("--hpo", "--eval", "--eval_split", "--eval_preset", "--mitigation", "--adapter_dir",
-                 "--duplicate_dmem"):
-        if flag in passthrough:
-            p.error(f"{flag} is set by the search for each run (--duplicate_dmem by --stage2_protocol duplicated); "
-                    "remove it from a --search command line.")
-    train_args = passthrough + ["--seed", str(args.seed)]
-    parse_args(train_args)  # every fine-tune's flags are checked once here, not in a failed trial
-    return args, train_args
-
-
 def main_search(argv: list[str]) -> dict:
     """`train_memcontrol.py --search ...` / `memcontrol search ...`: the whole MemControl run."""
-    from .tuners import METHODS
-    from .search import resolve_storage
-    from .train import check_inputs, parse_args
-
     args, train_args = parse_search_args(argv)
     if args.mask:
         return main_transfer(args, train_args)
@@ -428,7 +318,7 @@ def main_search(argv: list[str]) -> dict:
     if unknown:
         raise InputError(f"--search_space: unknown or unsearchable method(s) {unknown}; expected svdiff, difffit, "
                          "attention or lora (comma-separated).")
-    unet = _meta_unet(train_args)
+    unet = _base_unet(train_args)
     with user_input():
         config = SearchConfig(n_trials=args.n_trials, population_size=args.population_size,
                               search_learning_rate=args.search_learning_rate, storage=args.storage,
@@ -460,10 +350,6 @@ def main_search(argv: list[str]) -> dict:
 
 def _check_stage_one(config: SearchConfig, args, spaces: list[str]) -> None:
     """`--stage 2` needs the finished studies of stage 1 (it runs no trial)."""
-    import optuna
-
-    from .search import resolve_storage
-
     storage = resolve_storage(config.storage, args.output_dir, config)
     for method in spaces:
         name = f"{config.study_name or 'memcontrol'}-{method}-{args.mask_layout}"
@@ -480,11 +366,8 @@ def _check_stage_one(config: SearchConfig, args, spaces: list[str]) -> None:
 
 def main_transfer(args, train_args: list[str]) -> dict:
     """`train_memcontrol.py --final --mask MASK ...`: stage 2 and the table with a mask found elsewhere (Sec. 4.4)."""
-    from .adapters import resolve_mask
-    from .train import check_inputs, parse_args
-
     with user_input("--mask", catch=(ValueError, FileNotFoundError, ConnectionError)):
-        mask = resolve_mask(args.mask, _meta_unet(train_args), None, args.mask_layout)
+        mask = resolve_mask(args.mask, _base_unet(train_args), None, args.mask_layout)
     check_inputs(parse_args([*train_args, "--eval"]))  # a dataset that does not fit fails here, not in every run
     chosen = {"method": mask.method, "mask": mask.to_dict(), "source": args.mask}
     os.makedirs(args.output_dir, exist_ok=True)
@@ -499,19 +382,10 @@ def main_transfer(args, train_args: list[str]) -> dict:
     return result
 
 
-def _meta_unet(train_args: list[str]):
-    """The UNet of --pretrained_model_name_or_path (default: the tiny base) on the meta device, to list positions."""
-    import torch
-    from diffusers import UNet2DConditionModel
-
-    from .tiny_base import tiny_base_path
-
-    model = next((train_args[i + 1] for i, a in enumerate(train_args[:-1]) if a == "--pretrained_model_name_or_path"),
-                 None) or tiny_base_path()
-    with user_input(f"--pretrained_model_name_or_path {model!r}", catch=(OSError, ValueError)):
-        config = UNet2DConditionModel.load_config(model, subfolder="unet")
-    with torch.device("meta"):
-        return UNet2DConditionModel.from_config(config)
+def _base_unet(train_args: list[str]):
+    """The fine-tunes' base UNet on the meta device: the architecture whose mask positions the search walks."""
+    args = parse_args(train_args)
+    return meta_unet(args.pretrained_model_name_or_path or tiny_base_path(), args.revision, args.cache_dir)
 
 
 def _print_table(results_md: str) -> None:

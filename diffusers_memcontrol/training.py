@@ -43,7 +43,6 @@ from .checkpoints import (
 )
 from .config import FineTuneConfig
 from .files import atomic_path
-from .tuners import Mask, trainable_parameters
 from .training_data import (
     STREAM_STEP,
     MicroBatch,
@@ -54,6 +53,7 @@ from .training_data import (
     draw_micro_batch,
     seeded_generator,
 )
+from .tuners import Mask, trainable_parameters
 
 
 def _weight_dtype(accelerator) -> torch.dtype:

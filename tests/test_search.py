@@ -328,7 +328,7 @@ def test_two_machines_share_one_study_and_survive_a_sigkill(tmp_path):
     out = {m: str(tmp_path / m) for m in ("a", "b")}
 
     def command(machine):
-        return [sys.executable, "-m", "diffusers_memcontrol.train", "--search", "--stage", "1", "--search_space",
+        return [sys.executable, "-m", "diffusers_memcontrol.cli", "search", "--stage", "1", "--search_space",
                 "difffit", "--mask_layout", "paper", "--n_trials", "3", "--population_size", "2", "--storage", url,
                 "--study_name", name, "--heartbeat_interval", "1", "--grace_period", "3", "--output_dir", out[machine],
                 *tiny]

@@ -14,6 +14,7 @@ latent/text-embedding cache, and the evaluation.
         --peft_method svdiff --mask_layout paper --mask 1011010110111 --output_dir out/svdiff --eval
     python training/train_memcontrol.py --eval --adapter_dir out/svdiff      # evaluate a trained adapter only
     python training/train_memcontrol.py --search ...                          # the whole method (stage 1 + 2)
+    python training/train_memcontrol.py --preset quickstart                   # README's quickstart (prints its flags)
 
 Outputs (output_dir): the adapter in peft format (adapter_config.json, adapter_model.safetensors, mask.json),
 training_config.json, summary.json, validation.png, metrics.json (with --eval), checkpoint-<step>/ folders and
@@ -21,8 +22,21 @@ tracker logs. Captions and prompts are never written to any JSON file or log. A 
 line `error: ...` and exit status 2 (docs/errors.md).
 """
 
+import sys
+
+from diffusers_memcontrol.arguments import expand_preset, runs_whole_method
 from diffusers_memcontrol.errors import run_command
-from diffusers_memcontrol.train import main
+from diffusers_memcontrol.runner import main_search
+from diffusers_memcontrol.train import main as train_one
+
+
+def main(argv: list[str] | None = None) -> dict:
+    """One fine-tune (diffusers_memcontrol.train), or the whole method with --search / --final --mask MASK."""
+    argv = expand_preset(sys.argv[1:] if argv is None else list(argv))
+    if runs_whole_method(argv):
+        return main_search(argv)  # stage 1 and/or stage 2 and the table: diffusers_memcontrol.runner
+    return train_one(argv)
+
 
 if __name__ == "__main__":
     run_command(main)
