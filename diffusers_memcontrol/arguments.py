@@ -249,10 +249,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Parse and check the trainer's command line; a bad value raises InputError before anything is loaded."""
     argv = sys.argv[1:] if argv is None else list(argv)
     parser = build_parser()
-    args = parser.parse_args(argv)
     if {"--search", "--final", "--preset"} & set(argv):
         parser.error("--search, --final and --preset run the whole method: use `python training/train_memcontrol.py "
                      "--search ...` or `memcontrol search ...`; this module trains one fine-tune.")
+    args = parser.parse_args(argv)
     _validate_args(parser, args)
     return args
 

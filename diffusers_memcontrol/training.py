@@ -30,6 +30,11 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
+from accelerate import Accelerator
+from diffusers import DDPMScheduler
+from diffusers.optimization import get_scheduler
+from diffusers.training_utils import EMAModel, compute_dream_and_update_latents, compute_snr
+from diffusers.utils import make_image_grid
 from tqdm.auto import tqdm
 
 from .adapters import save_adapter
@@ -43,6 +48,7 @@ from .checkpoints import (
 )
 from .config import FineTuneConfig
 from .files import atomic_path
+from .mitigation import RandomWordAugmentation, ThresholdMitigation
 from .training_data import (
     STREAM_STEP,
     MicroBatch,
@@ -85,22 +91,27 @@ def summarize_losses(losses: Sequence[float]) -> dict:
             "mean": float(arr.mean()), "mean_last_10pct": float(tail.mean())}
 
 
-def _batch_loss(model, batch: MicroBatch, noise_scheduler, config: FineTuneConfig,
-                keep: torch.Tensor | None = None) -> torch.Tensor:
+def prediction_target(noise_scheduler: Any, batch: MicroBatch) -> torch.Tensor:
+    """What the UNet learns to predict: the noise (epsilon) or the velocity (v_prediction), as in diffusers."""
+    if noise_scheduler.config.prediction_type == "epsilon":
+        return batch.noise
+    if noise_scheduler.config.prediction_type == "v_prediction":
+        return noise_scheduler.get_velocity(batch.latents, batch.noise, batch.timesteps)
+    raise ValueError(f"Unknown prediction type {noise_scheduler.config.prediction_type!r}.")
+
+
+def _batch_loss(model, noisy_latents: torch.Tensor, target: torch.Tensor, batch: MicroBatch, noise_scheduler,
+                config: FineTuneConfig, keep: torch.Tensor | None = None) -> torch.Tensor:
     """MSE (min-SNR weighted when snr_gamma; DREAM-corrected when dream_training) over the kept samples."""
-    noisy, t, cond, target, noise = batch.noisy, batch.timesteps, batch.cond, batch.target, batch.noise
+    noisy, t, cond, noise = noisy_latents, batch.timesteps, batch.cond, batch.noise
     if keep is not None:
         noisy, t, cond, target, noise = noisy[keep], t[keep], cond[keep], target[keep], noise[keep]
     if config.dream_training:
-        from diffusers.training_utils import compute_dream_and_update_latents
-
         noisy, target = compute_dream_and_update_latents(model, noise_scheduler, t, noise, noisy, target, cond,
                                                          config.dream_detail_preservation)
     pred = model(noisy, t, encoder_hidden_states=cond, return_dict=False)[0]
     per_sample = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=list(range(1, pred.ndim)))
     if config.snr_gamma is not None:
-        from diffusers.training_utils import compute_snr
-
         snr = compute_snr(noise_scheduler, t)
         weights = torch.clamp(snr, max=config.snr_gamma)
         weights = weights / snr if noise_scheduler.config.prediction_type == "epsilon" else weights / (snr + 1)
@@ -137,8 +148,6 @@ def _prepare_output_dir(accelerator: Any, output_dir: str) -> None:
 
 def training_noise_scheduler(noise_scheduler: Any, config: FineTuneConfig) -> Any:
     """DDPM with the model's schedule (the pipeline's may be an inference scheduler) and the config's prediction."""
-    from diffusers import DDPMScheduler
-
     noise_scheduler = DDPMScheduler.from_config(noise_scheduler.config)
     if config.prediction_type is not None:
         noise_scheduler.register_to_config(prediction_type=config.prediction_type)
@@ -192,8 +201,6 @@ class RunPlan:
 def prepare_optimization(accelerator: Any, unet: torch.nn.Module, params: list, config: FineTuneConfig,
                          plan: RunPlan) -> tuple[Any, Any, Any]:
     """(model, optimizer, LR scheduler) prepared by accelerate; with nothing to train, the model alone (forward)."""
-    from diffusers.optimization import get_scheduler
-
     if not params:  # freeze, or an empty mask in strict scope: prepared so checkpoints still carry the position
         return accelerator.prepare_model(unet, evaluation_mode=True), None, None
     num_processes = accelerator.num_processes
@@ -209,8 +216,6 @@ def _make_ema(config: FineTuneConfig, params: list, device: Any) -> Any:
     """diffusers' EMAModel of the adapter's tensors when `use_ema` (None otherwise, or when nothing trains)."""
     if not (config.use_ema and params):
         return None
-    from diffusers.training_utils import EMAModel
-
     ema = EMAModel(params, decay=config.ema_decay)
     ema.to(device)
     return ema
@@ -218,8 +223,6 @@ def _make_ema(config: FineTuneConfig, params: list, device: Any) -> Any:
 
 def _make_mitigations(config: FineTuneConfig, data: TrainingData) -> tuple[Any, Any]:
     """(threshold mitigation, random word augmentation): the one `config.mitigation` names, the other None."""
-    from .mitigation import RandomWordAugmentation, ThresholdMitigation
-
     threshold = ThresholdMitigation(config.threshold, config.threshold_quantile) \
         if config.mitigation == "threshold" else None
     rwa = RandomWordAugmentation(data.tokenizer, num_words=config.rwa_num_words, p=config.rwa_prob) \
@@ -297,11 +300,11 @@ def _pixel_prefetcher(run: _Run, shuffler: Shuffler, total_micro: int, num_worke
     return Prefetcher(pixels_of, total_micro, num_workers if not data.cached_latents else 0)
 
 
-def _kept_by_threshold(run: _Run, batch: MicroBatch) -> tuple[torch.Tensor, int]:
+def _kept_by_threshold(run: _Run, noisy_latents: torch.Tensor, batch: MicroBatch) -> tuple[torch.Tensor, int]:
     """The samples the threshold mitigation keeps on this process, and how many it keeps over all processes."""
     accelerator = run.accelerator
     with accelerator.autocast():
-        kept = run.threshold.filter(accelerator.unwrap_model(run.model), batch.noisy, batch.timesteps, batch.cond,
+        kept = run.threshold.filter(accelerator.unwrap_model(run.model), noisy_latents, batch.timesteps, batch.cond,
                                     run.uncond)
     total_kept = len(kept)
     if accelerator.num_processes > 1:
@@ -322,24 +325,27 @@ def _check_finite(run: _Run, loss: torch.Tensor, micro: int) -> None:
 
 
 def training_step(run: _Run, micro: int, idx: torch.Tensor, pixels: torch.Tensor | None) -> torch.Tensor | None:
-    """One micro-batch: encode or read the cache, noise, mitigation, predict, loss, NaN guard, backward.
+    """One micro-batch as diffusers' loop reads: latents and text embeddings, noise, timesteps, `add_noise`, target,
+    (the threshold mitigation), prediction, loss, NaN guard, backward.
 
     Returns the loss, or None when the threshold mitigation dropped the whole micro-batch on every process.
     """
-    accelerator, state = run.accelerator, run.state
-    gen = seeded_generator(run.config.seed, STREAM_STEP, micro, 0)  # the global micro-batch's draws
-    batch = draw_micro_batch(run.data, idx, run.config, run.noise_scheduler, gen, pixels, run.rwa, accelerator.device,
+    accelerator, state, noise_scheduler = run.accelerator, run.state, run.noise_scheduler
+    gen = seeded_generator(run.config.seed, STREAM_STEP, micro, 0)  # the global micro-batch's draws, in a fixed order
+    batch = draw_micro_batch(run.data, idx, run.config, noise_scheduler, gen, pixels, run.rwa, accelerator.device,
                              (accelerator.process_index, accelerator.num_processes))
     state.augmented_captions += batch.augmented
+    noisy_latents = noise_scheduler.add_noise(batch.latents, batch.input_noise, batch.timesteps)
+    target = prediction_target(noise_scheduler, batch)
     keep = None
     if run.threshold is not None:
-        kept, total_kept = _kept_by_threshold(run, batch)
+        kept, total_kept = _kept_by_threshold(run, noisy_latents, batch)
         if total_kept == 0:
             state.skipped_micro_batches += 1
             return None
         keep = kept if len(kept) else torch.arange(len(idx), device=accelerator.device)
     with accelerator.autocast():  # prepare() already autocasts a trained model; freeze is not prepared
-        loss = _batch_loss(run.model, batch, run.noise_scheduler, run.config, keep)
+        loss = _batch_loss(run.model, noisy_latents, target, batch, noise_scheduler, run.config, keep)
     if run.threshold is not None and len(kept) == 0:
         loss = loss * 0.0  # this process dropped everything but others did not (DDP sync)
     _check_finite(run, loss, micro)
@@ -451,8 +457,6 @@ def train(unet: torch.nn.Module, noise_scheduler: Any, data: TrainingData, confi
     """
     started = time.time()
     if accelerator is None:
-        from accelerate import Accelerator
-
         accelerator = Accelerator(gradient_accumulation_steps=config.gradient_accumulation_steps)
     accelerator.gradient_accumulation_steps = config.gradient_accumulation_steps
     check_training_inputs(unet, data, config, adapter_name, output_dir,
@@ -520,8 +524,6 @@ def generate_validation_grid(pipe: Any, prompts: Sequence[str], num_images_per_p
     Written atomically to `output_path` (PNG) when given. Runs under autocast when the UNet's frozen weights are
     half precision.
     """
-    from diffusers.utils import make_image_grid
-
     device = pipe.unet.device
     dtype = next((p.dtype for p in pipe.unet.parameters() if not p.requires_grad), torch.float32)
     pipe.set_progress_bar_config(disable=not progress)

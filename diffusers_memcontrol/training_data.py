@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -19,6 +20,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from . import cache as tensor_cache
 from .columns import check_captions, check_columns
 from .config import FineTuneConfig
 from .images import ImageLoader, check_interpolation, scan_images, transform_image
@@ -144,8 +146,6 @@ def _cached_latents(loader: ImageLoader, infos: list, vae: Any, cache: str, root
                     revision: str | None, batch_size: int, progress: bool) -> dict:
     """The latent distribution of each distinct image (and its flip with `random_flip`), from the disk cache or
     encoded in memory: `latent_mean`, `latent_std` and `latent_rows` of TrainingData. Records the cache in `stats`."""
-    from . import cache as cache_mod
-
     variants = (False, True) if random_flip else (False,)
     keys: list[str] = []
     first: dict[str, tuple[int, bool]] = {}  # key -> (first sample holding it, flipped)
@@ -153,7 +153,7 @@ def _cached_latents(loader: ImageLoader, infos: list, vae: Any, cache: str, root
     rows = torch.empty(len(infos), len(variants), dtype=torch.long)
     for i, info in enumerate(infos):
         for v, flip in enumerate(variants):
-            key = cache_mod.sha256_bytes(f"{info.key}|flip".encode()) if flip else info.key
+            key = tensor_cache.sha256_bytes(f"{info.key}|flip".encode()) if flip else info.key
             if key not in order:
                 order[key] = len(keys)
                 first[key] = (i, flip)
@@ -169,7 +169,7 @@ def _cached_latents(loader: ImageLoader, infos: list, vae: Any, cache: str, root
 
     if cache == "disk":
         # every cached latent is a centre crop (square images are not cropped at all), whatever center_crop says
-        store = cache_mod.latent_cache(root, cache_mod.model_identity(vae, model_path, revision), resolution,
+        store = tensor_cache.latent_cache(root, tensor_cache.model_identity(vae, model_path, revision), resolution,
                                        True, interpolation)
         tensors = store.get_or_compute(keys, encode, ("mean", "std"), batch_size, "cache latents", progress)
         stats["latent_cache"] = {"hits": store.hits, "misses": store.misses, "folder": store.folder}
@@ -183,14 +183,12 @@ def _cached_captions(captions: list[str], tokenizer: Any, text_encoder: Any, cac
                      model_path: str | None, revision: str | None, progress: bool) -> dict:
     """The embedding of each distinct caption, from the disk cache or encoded in memory: `prompt_embeds` and
     `caption_rows` of TrainingData. Records the cache in `stats`."""
-    from . import cache as cache_mod
-
     order: dict[str, int] = {}
     text_keys: list[str] = []
     unique: list[str] = []
     caption_rows = torch.empty(len(captions), dtype=torch.long)
     for i, caption in enumerate(captions):
-        key = cache_mod.caption_key(caption)
+        key = tensor_cache.caption_key(caption)
         if key not in order:
             order[key] = len(text_keys)
             text_keys.append(key)
@@ -201,7 +199,7 @@ def _cached_captions(captions: list[str], tokenizer: Any, text_encoder: Any, cac
         return {"embeds": encode_prompts(tokenizer, text_encoder, [unique[p] for p in positions])}
 
     if cache == "disk":
-        store = cache_mod.text_cache(root, cache_mod.model_identity(text_encoder, model_path, revision,
+        store = tensor_cache.text_cache(root, tensor_cache.model_identity(text_encoder, model_path, revision,
                                                                     tokenizer=tokenizer))
         tensors = store.get_or_compute(text_keys, encode_text, ("embeds",), 256, "cache text embeddings", progress)
         stats["text_cache"] = {"hits": store.hits, "misses": store.misses, "folder": store.folder}
@@ -235,8 +233,6 @@ def prepare_training_data(
     (encode once per run, write nothing) or "off" (encode every step). Non-square images without `center_crop` are
     randomly cropped at every step, so their latents are encoded on the fly whatever `cache` says.
     """
-    from . import cache as cache_mod
-
     if cache not in ("disk", "memory", "off"):
         raise ValueError(f"cache must be disk, memory or off, got {cache!r}.")
     check_interpolation(interpolation)
@@ -244,8 +240,8 @@ def prepare_training_data(
     captions = check_captions(dataset[caption_column], caption_column)
     vae, tokenizer, text_encoder = pipe.vae, pipe.tokenizer, pipe.text_encoder
     resolution = int(resolution or default_resolution(pipe.unet, vae))
-    root = cache_dir or cache_mod.default_cache_dir()
-    memo = cache_mod.FileHashMemo(os.path.join(root, "file_hashes.sqlite")) if cache == "disk" else None
+    root = cache_dir or tensor_cache.default_cache_dir()
+    memo = tensor_cache.FileHashMemo(os.path.join(root, "file_hashes.sqlite")) if cache == "disk" else None
     try:
         infos = scan_images(dataset, image_column, memo=memo, decode=cache == "off", progress=progress)
     finally:
@@ -290,12 +286,16 @@ def seeded_generator(*parts: int) -> torch.Generator:
 STREAM_STEP, STREAM_EPOCH, STREAM_CROP = 0, 1, 2
 
 
+@dataclass
 class MicroBatch:
-    """One micro-batch on the device, plus bookkeeping."""
+    """The seeded draws of one micro-batch, on the device: clean latents, text embeddings, noise and timesteps."""
 
-    def __init__(self, noisy, timesteps, cond, target, augmented, noise):
-        self.noisy, self.timesteps, self.cond, self.target, self.augmented = noisy, timesteps, cond, target, augmented
-        self.noise = noise
+    latents: torch.Tensor
+    cond: torch.Tensor
+    noise: torch.Tensor  # what the model learns to predict (epsilon) or builds the velocity from
+    input_noise: torch.Tensor  # what is added to the latents: `noise`, plus the input perturbation when set
+    timesteps: torch.Tensor
+    augmented: int  # captions RWA changed
 
 
 def conditioning(data: TrainingData, idx: torch.Tensor, drop: torch.Tensor, rwa, rwa_seed: int | None
@@ -342,8 +342,6 @@ class Prefetcher:
     threads (num_workers 0: computed when asked)."""
 
     def __init__(self, produce: Callable[[int], Any], stop: int, num_workers: int):
-        from concurrent.futures import ThreadPoolExecutor
-
         self.produce, self.stop, self.futures = produce, stop, {}
         self.pool = ThreadPoolExecutor(num_workers) if num_workers > 0 else None
         self.ahead = 2 * num_workers
@@ -366,7 +364,8 @@ class Prefetcher:
 def draw_micro_batch(data: TrainingData, idx: torch.Tensor, config: FineTuneConfig, noise_scheduler,
                      gen: torch.Generator, pixels: torch.Tensor | None, rwa, device,
                      shard: tuple[int, int] = (0, 1)) -> MicroBatch:
-    """Draw everything random of one micro-batch from `gen` in a fixed order, so cached and on-the-fly runs agree.
+    """Draw everything random of one micro-batch from `gen` in a fixed order, so cached and on-the-fly runs agree:
+    the clean latents (sampled from the VAE posterior), the text embeddings (caption dropout, RWA), noise, timesteps.
 
     `pixels`: the micro-batch's transformed images (`batch_pixels`) when latents are encoded on the fly. `shard`
     (process_index, num_processes): every process draws for the whole global micro-batch and keeps its own rows, so K
@@ -402,15 +401,8 @@ def draw_micro_batch(data: TrainingData, idx: torch.Tensor, config: FineTuneConf
     input_noise = noise
     if config.input_perturbation:  # drawn last, so runs without it draw exactly what they drew before
         input_noise = noise + config.input_perturbation * randn(*noise.shape[1:])
-    x0, noise, timesteps = x0.to(device), noise.to(device), timesteps.to(device)
-    noisy = noise_scheduler.add_noise(x0, input_noise.to(device), timesteps)
-    if noise_scheduler.config.prediction_type == "epsilon":
-        target = noise
-    elif noise_scheduler.config.prediction_type == "v_prediction":
-        target = noise_scheduler.get_velocity(x0, noise, timesteps)
-    else:
-        raise ValueError(f"Unknown prediction type {noise_scheduler.config.prediction_type!r}.")
-    return MicroBatch(noisy, timesteps, cond.to(device), target, augmented, noise)
+    return MicroBatch(x0.to(device), cond.to(device), noise.to(device), input_noise.to(device), timesteps.to(device),
+                      augmented)
 
 
 class Shuffler:

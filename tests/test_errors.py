@@ -56,6 +56,8 @@ CASES = [
                                                              "DATA"], "not both"),
     ("a value outside a flag's choices", TRAIN, ["--mask_layout", "rows"], "invalid choice: 'rows'"),
     ("a search flag without --search", TRAIN, ["--n_trials", "3"], "--n_trials is a search flag"),
+    ("the whole method asked of the one-fine-tune trainer", TRAIN, ["--search"], "run the whole method"),
+    ("an unknown preset", SCRIPT, ["--preset", "nope"], "--preset 'nope': unknown preset"),
     ("a bad --threshold", SCRIPT, ["--threshold", "high"], 'positive number or "auto"'),
     ("an --eval_config file that does not exist", SCRIPT, ["--eval", "--eval_config", "DATA/eval.json"],
      "No such file or directory"),

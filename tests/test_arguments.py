@@ -1,0 +1,64 @@
+"""The command line: presets, the dispatch between one fine-tune and the whole method, and README's commands."""
+
+import os
+import re
+import runpy
+
+import pytest
+
+from diffusers_memcontrol.arguments import PRESETS, expand_preset, parse_args, parse_search_args, runs_whole_method
+from diffusers_memcontrol.errors import InputError
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_a_preset_expands_in_place_and_later_flags_override_it(capsys):
+    argv = expand_preset(["--preset", "quickstart", "--output_dir", "elsewhere", "--n_trials", "2"])
+    assert argv[:len(PRESETS["quickstart"])] == PRESETS["quickstart"]
+    assert "--preset" not in argv and argv[-4:] == ["--output_dir", "elsewhere", "--n_trials", "2"]
+    assert " ".join(PRESETS["quickstart"]) in capsys.readouterr().out  # printed, to copy and change
+    args, train_args = parse_search_args(argv)
+    assert args.output_dir == "elsewhere" and args.n_trials == 2 and args.search  # the last value wins, as argparse
+    assert train_args[train_args.index("--max_train_steps") + 1] == "250"
+    assert expand_preset(["--search"]) == ["--search"]  # no preset: unchanged
+
+
+def test_an_unknown_preset_is_a_user_error():
+    with pytest.raises(InputError, match=r"--preset 'nope': unknown preset; expected one of quickstart"):
+        expand_preset(["--preset", "nope"])
+    with pytest.raises(InputError, match=r"--preset None"):
+        expand_preset(["--preset"])
+
+
+def test_the_quickstart_preset_is_a_whole_method_run_and_its_fine_tunes_parse():
+    argv = expand_preset(["--preset", "quickstart"])
+    assert runs_whole_method(argv) and not runs_whole_method(["--peft_method", "svdiff"])
+    _, train_args = parse_search_args(argv)
+    assert parse_args(train_args).dmem_unique_captions
+
+
+def test_the_trainer_refuses_the_whole_method_flags_with_a_pointer():
+    for flag in ("--search", "--final", "--preset"):
+        with pytest.raises(InputError, match=r"run the whole method: use `python training/train_memcontrol.py"):
+            parse_args([flag] + (["quickstart"] if flag == "--preset" else []))
+
+
+def test_the_example_script_dispatches(monkeypatch):
+    script = runpy.run_path(os.path.join(ROOT, "training", "train_memcontrol.py"), run_name="example")
+    calls = []
+    monkeypatch.setitem(script["main"].__globals__, "main_search", lambda argv: calls.append(("search", argv)))
+    monkeypatch.setitem(script["main"].__globals__, "train_one", lambda argv: calls.append(("train", argv)))
+    script["main"](["--peft_method", "difffit"])
+    script["main"](["--final", "--mask", "m.json"])
+    script["main"](["--preset", "quickstart"])
+    assert [c[0] for c in calls] == ["train", "search", "search"]
+    assert calls[0][1] == ["--peft_method", "difffit"] and calls[2][1] == PRESETS["quickstart"]
+
+
+def test_readme_quickstart_is_one_short_command():
+    with open(os.path.join(ROOT, "README.md"), encoding="utf-8") as f:
+        readme = f.read()
+    first = re.search(r"```bash\n(.*?)\n```", readme, re.S).group(1)
+    run = first.split(" && ")[-1]
+    assert run == "python training/train_memcontrol.py --preset quickstart" and len(run) <= 160
+    assert len(readme.splitlines()) <= 250
