@@ -453,7 +453,6 @@ class CheckedInputs:
 
     model_path: str
     unet: Any  # on the meta device: the architecture the mask and adapter were checked on
-    mask: Any
     splits: Any
     domain: str | None
     train_set: Any
@@ -508,4 +507,4 @@ def check_inputs(args: argparse.Namespace) -> CheckedInputs:
         del values["max_train_steps"]  # the config's default step count
     with user_input():
         config = FineTuneConfig(mask=mask.to_dict() if mask else None, **values)
-    return CheckedInputs(model_path, unet, mask, splits, domain, train_set, dmem, eval_config, config)
+    return CheckedInputs(model_path, unet, splits, domain, train_set, dmem, eval_config, config)

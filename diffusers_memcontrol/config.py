@@ -9,7 +9,7 @@ from typing import Any
 
 from .images import INTERPOLATIONS, check_interpolation
 from .mitigation import MITIGATIONS
-from .tuners import LAYOUTS, SCOPES, Mask, MemControlConfig
+from .tuners import LAYOUTS, SCOPES, MemControlConfig
 from .tuners import METHODS as PEFT_METHODS
 
 LR_SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup")
@@ -133,10 +133,9 @@ class FineTuneConfig:
         known = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in data.items() if k in known})
 
-    def adapter_config(self, mask: Mask | None = None) -> MemControlConfig:
+    def adapter_config(self) -> MemControlConfig:
         """The peft config of this fine-tune."""
-        mask = mask or (Mask.from_dict(self.mask) if self.mask else None)
-        return MemControlConfig(method=self.peft_method, mask=mask, mask_layout=self.mask_layout,
+        return MemControlConfig(method=self.peft_method, mask=self.mask, mask_layout=self.mask_layout,
                                 mask_scope=self.mask_scope, lora_rank=self.lora_rank, lora_alpha=self.lora_rank)
 
 

@@ -183,8 +183,8 @@ def main(argv: list[str] | None = None) -> dict:
         prompts = list(DOMAINS[inputs.domain].captions[:4])
 
     # the adapter with its mask, the optimizer, the scheduler and the loop: diffusers_memcontrol.training.train
-    log = train(pipe.unet, pipe.scheduler, data, inputs.config, accelerator=accelerator, mask=inputs.mask,
-                output_dir=args.output_dir, checkpointing_steps=args.checkpointing_steps,
+    log = train(pipe.unet, pipe.scheduler, data, inputs.config, accelerator=accelerator, output_dir=args.output_dir,
+                checkpointing_steps=args.checkpointing_steps,
                 checkpoints_total_limit=args.checkpoints_total_limit,
                 resume_from_checkpoint=args.resume_from_checkpoint, progress=not args.no_progress,
                 num_workers=args.dataloader_num_workers,

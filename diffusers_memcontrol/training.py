@@ -59,7 +59,7 @@ from .training_data import (
     draw_micro_batch,
     seeded_generator,
 )
-from .tuners import Mask, trainable_parameters
+from .tuners import trainable_parameters
 
 
 def _weight_dtype(accelerator) -> torch.dtype:
@@ -154,13 +154,13 @@ def training_noise_scheduler(noise_scheduler: Any, config: FineTuneConfig) -> An
     return noise_scheduler
 
 
-def inject_adapter(unet: torch.nn.Module, config: FineTuneConfig, mask: Mask | None, adapter_name: str,
-                   weight_dtype: torch.dtype) -> list[torch.nn.Parameter]:
+def inject_adapter(unet: torch.nn.Module, config: FineTuneConfig, adapter_name: str, weight_dtype: torch.dtype
+                   ) -> list[torch.nn.Parameter]:
     """Add the adapter to `unet`; return its tensors in fp32, the frozen rest cast to `weight_dtype` (as diffusers)."""
     unet.requires_grad_(False)
     with torch.random.fork_rng(devices=[]):  # LoRA's random init follows the config's seed, not the global RNG
         torch.manual_seed(config.seed)
-        unet.add_adapter(config.adapter_config(mask), adapter_name=adapter_name)
+        unet.add_adapter(config.adapter_config(), adapter_name=adapter_name)
     params = [p for p in unet.parameters() if p.requires_grad]
     for p in params:
         p.data = p.data.float()
@@ -273,10 +273,10 @@ class _Run:
 
 
 def _setup_run(accelerator: Any, unet: torch.nn.Module, noise_scheduler: Any, data: TrainingData,
-               config: FineTuneConfig, mask: Mask | None, adapter_name: str, output_dir: str | None) -> _Run:
+               config: FineTuneConfig, adapter_name: str, output_dir: str | None) -> _Run:
     """Inject the adapter and build what the steps use: noise scheduler, optimizer, LR schedule, EMA, mitigations."""
     noise_scheduler = training_noise_scheduler(noise_scheduler, config)
-    params = inject_adapter(unet, config, mask, adapter_name, _weight_dtype(accelerator))
+    params = inject_adapter(unet, config, adapter_name, _weight_dtype(accelerator))
     plan = RunPlan.of(config, data.num_samples, accelerator.num_processes)
     model, optimizer, lr_scheduler = prepare_optimization(accelerator, unet, params, config, plan)
     ema = _make_ema(config, params, accelerator.device)
@@ -439,7 +439,7 @@ def _run_log(run: _Run, resumed_from: str | None, steps_run: int, train_time: fl
 
 
 def train(unet: torch.nn.Module, noise_scheduler: Any, data: TrainingData, config: FineTuneConfig, *,
-          accelerator: Any = None, mask: Mask | None = None, adapter_name: str = "default",
+          accelerator: Any = None, adapter_name: str = "default",
           output_dir: str | None = None, checkpointing_steps: int | None = None,
           checkpoints_total_limit: int | None = None, resume_from_checkpoint: str | None = None,
           progress: bool = True, on_epoch_end: Callable[[int, int], None] | None = None,
@@ -463,7 +463,7 @@ def train(unet: torch.nn.Module, noise_scheduler: Any, data: TrainingData, confi
                           bool(checkpointing_steps or resume_from_checkpoint))
     if output_dir:
         _prepare_output_dir(accelerator, output_dir)
-    run = _setup_run(accelerator, unet, noise_scheduler, data, config, mask, adapter_name, output_dir)
+    run = _setup_run(accelerator, unet, noise_scheduler, data, config, adapter_name, output_dir)
     state, plan, model, optimizer = run.state, run.plan, run.model, run.optimizer
     handles = register_adapter_hooks(accelerator, unet, adapter_name)
     accelerator.register_for_checkpointing(state, *([run.ema] if run.ema is not None else []))
