@@ -12,6 +12,7 @@ from diffusers import StableDiffusionPipeline
 from safetensors.torch import load_file
 
 from diffusers_memcontrol import tiny_base as tb
+from diffusers_memcontrol.arguments import build_parser
 from diffusers_memcontrol.errors import InputError
 
 SECRET_PROMPT = "a secret validation prompt qqzx"
@@ -171,8 +172,6 @@ def test_eval_only_on_an_adapter_for_another_base_fails_clearly(script, model_di
 
 
 def test_hpo_rwa_eval_and_push_to_hub(script, model_dir, cache_dir, tmp_path, monkeypatch):
-    from diffusers_memcontrol import evaluation, hub
-
     calls = {}
 
     def fake_evaluate(pipe, eval_dataset, dmem_dataset, reference_dataset, config, **kwargs):
@@ -184,8 +183,8 @@ def test_hpo_rwa_eval_and_push_to_hub(script, model_dir, cache_dir, tmp_path, mo
         calls["publish"] = (output_dir, repo_id, kwargs)
         return "https://hub.example/" + repo_id
 
-    monkeypatch.setattr(evaluation, "evaluate", fake_evaluate)
-    monkeypatch.setattr(hub, "publish", fake_publish)
+    monkeypatch.setattr(script, "evaluate", fake_evaluate)  # the names the trainer calls
+    monkeypatch.setattr(script, "publish", fake_publish)
     out = tmp_path / "hpo"
     summary = script.main(_args(model_dir, cache_dir, out, "--hpo", "--dmem_size", "4", "--dmem_repeats", "3",
                                 "--proxy_fraction", "0.05", "--mitigation", "rwa", "--eval", "--push_to_hub",
@@ -210,7 +209,7 @@ def test_hpo_rwa_eval_and_push_to_hub(script, model_dir, cache_dir, tmp_path, mo
 def test_every_flag_has_help_and_a_row_in_docs_flags(script):
     with open(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "docs", "flags.md")) as f:
         docs = f.read()
-    for action in script.build_parser()._actions:
+    for action in build_parser()._actions:
         flag = action.option_strings[0]
         if flag != "-h":
             assert action.help, flag
