@@ -96,9 +96,15 @@ def _run(argv: list[str] | None) -> int:
                    "as python -m diffusers_memcontrol.train --final --mask MASK).", add_help=False)
     sub.add_parser("train", help="Fine-tune with a mask (same arguments as python -m diffusers_memcontrol.train).",
                    add_help=False)
+    sub.add_parser("audit", help="Measure the memorization of any fine-tune (MemControl run or adapter, LoRA, UNet, "
+                   "pipeline) against its base; see `memcontrol audit --help` and docs/audit.md.", add_help=False)
     args, rest = parser.parse_known_args(argv)
     if args.command == "train":
         return _train(args, rest)
+    if args.command == "audit":
+        from .audit import main as audit_main
+
+        return audit_main(rest)
     if args.command == "search":
         from .runner import main_search
 
