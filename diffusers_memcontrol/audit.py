@@ -292,7 +292,7 @@ def _spread(values: np.ndarray) -> dict[str, float | None]:
 
 def run_audit(args: argparse.Namespace, explicit: set[str] | None = None) -> dict[str, Any]:
     """Audit MODEL (module docstring); write audit.json, audit.md, memorization.png; return the report."""
-    from .evaluation import EvaluationConfig, _pipe_default_resolution
+    from .evaluation import _pipe_default_resolution
     from .figures import DMEM_GENERATIONS_FILE, memorization_figure, save_dmem_generations
     from .files import write_json_atomic, write_text_atomic
     from .tiny_base import tiny_base_path
@@ -481,17 +481,17 @@ def render_report(report: dict[str, Any]) -> str:
         "", verdict, "",
         "| | Fine-tune | Base |", "|---|---|---|",
         f"| Extracted images | {report['extracted_images']} | {base['extracted_images'] if base else '—'} |",
-        f"| Memorized prompts (cliques) | {report['memorized_prompts_before_base_subtraction']} | "
-        f"{base['memorized_prompts'] if base else '—'} |",
+        (f"| Memorized prompts (cliques) | {report['memorized_prompts_before_base_subtraction']} | "
+        f"{base['memorized_prompts'] if base else '—'} |"),
         f"| Memorized prompts, base-only cliques subtracted | {report['memorized_prompts']} | |", "",
-        f"Attacked prompts: {report['attacked_prompts']} ({report['prompts']}), {report['generations_per_prompt']} "
-        f"generations each; D_mem size: {report['dmem_size'] if report['dmem_size'] is not None else 'unknown'}.",
+        (f"Attacked prompts: {report['attacked_prompts']} ({report['prompts']}), {report['generations_per_prompt']} "
+        f"generations each; D_mem size: {report['dmem_size'] if report['dmem_size'] is not None else 'unknown'}."),
     ]
     detection = report.get("detection")
     if detection:
-        lines += ["", f"Scan: {detection['n_scanned']} distinct training captions ranked by Wen et al.'s first-step "
+        lines += ["", (f"Scan: {detection['n_scanned']} distinct training captions ranked by Wen et al.'s first-step "
                       f"detection score (median {detection['scores']['median']:.4g}, max "
-                      f"{detection['scores']['max']:.4g}); the top {detection['top_k']} were attacked."]
+                      f"{detection['scores']['max']:.4g}); the top {detection['top_k']} were attacked.")]
         if "auc" in detection:
             base_auc = (base or {}).get("detection") or {}
             lines.append(f"Detection AUC against the known D_mem: {detection['auc']:.3f} (TPR at 1% FPR "
@@ -509,10 +509,10 @@ def render_report(report: dict[str, Any]) -> str:
                          f"{'yes' if p['base_clique'] else 'no'} | {score} |" +
                          (f" {p.get('caption', '')} |" if report["settings"].get("include_prompts") else ""))
     calibration = report["extraction"]
-    lines += ["", f"Attack: Carlini et al.'s cliques (>= {report['settings']['attack']['extraction_min_clique_size']} "
+    lines += ["", (f"Attack: Carlini et al.'s cliques (>= {report['settings']['attack']['extraction_min_clique_size']} "
                   f"generations, tiled l2 < {report['settings']['attack']['extraction_threshold']}) matched to the "
                   f"training image as the VAE renders it (median match threshold "
-                  f"{(calibration.get('thresholds') or {}).get('median')}); rows index the training split.",
+                  f"{(calibration.get('thresholds') or {}).get('median')}); rows index the training split."),
               "`memorization.png` (local only, never published) shows training images next to generations.", ""]
     return "\n".join(lines)
 
@@ -524,10 +524,10 @@ def audit_card_section(report: dict[str, Any]) -> str:
     lines = ["", "## Memorization audit (`memcontrol audit`)", "",
              "| | This model | Base |", "|---|---|---|",
              f"| Extracted images | {report['extracted_images']} | {base.get('extracted_images', '—')} |",
-             f"| Memorized prompts (base-only cliques subtracted) | {report['memorized_prompts']} | "
-             f"{base.get('memorized_prompts', '—')} |", "",
-             f"{report['attacked_prompts']} prompts attacked ({report['prompts']}), "
-             f"{report['generations_per_prompt']} generations each."]
+             (f"| Memorized prompts (base-only cliques subtracted) | {report['memorized_prompts']} | "
+             f"{base.get('memorized_prompts', '—')} |"), "",
+             (f"{report['attacked_prompts']} prompts attacked ({report['prompts']}), "
+             f"{report['generations_per_prompt']} generations each.")]
     if "auc" in detection:
         lines.append(f"Detection AUC (Wen et al., first step): {detection['auc']:.3f}.")
     return "\n".join(lines) + "\n"

@@ -52,8 +52,20 @@ def _train(args: argparse.Namespace, rest: list[str]) -> int:
 
 
 def _publish(args: argparse.Namespace) -> int:
+    import os
+
     from .hub import publish
 
+    if args.audit:  # the audit's figures go into the model card (hub.py); its images stay local
+        from .audit import EXTRACTION_EXIT_STATUS
+        from .audit import main as audit_main
+
+        audit_args = [args.output_dir, "--output_dir", os.path.join(args.output_dir, "audit"), *args.audit_args]
+        status = audit_main([*audit_args, "--fail_on_extraction"] if args.fail_on_extraction else audit_args)
+        if status == EXTRACTION_EXIT_STATUS:
+            print("error: the audit extracted training images; nothing was published (see audit/audit.md)",
+                  file=sys.stderr)
+            return status
     where = publish(args.output_dir, args.repo_id, private=not args.public, token=args.hub_token,
                     revision=args.revision, include_adapter=not args.mask_only, include_samples=args.include_samples,
                     dry_run=args.dry_run, local_dir=args.local_dir, endpoint=args.endpoint)
@@ -90,6 +102,12 @@ def _run(argv: list[str] | None) -> int:
     pub.add_argument("--hub_token", default=None)
     pub.add_argument("--revision", default=None)
     pub.add_argument("--endpoint", default=None, help="Hub endpoint (default: HF_ENDPOINT or huggingface.co).")
+    pub.add_argument("--audit", action="store_true",
+                     help="Run `memcontrol audit` on output_dir first and put its figures (never images) in the card.")
+    pub.add_argument("--fail_on_extraction", action="store_true",
+                     help="With --audit: publish nothing (exit 3) when the audit extracts a training image.")
+    pub.add_argument("--audit_args", nargs=argparse.REMAINDER, default=[],
+                     help="Flags passed to `memcontrol audit` (last on the command line), e.g. --scan.")
     sub.add_parser("search", help="Run MemControl: search masks, final fine-tunes and the comparison table "
                    "(same arguments as python -m diffusers_memcontrol.train --search).", add_help=False)
     sub.add_parser("transfer", help="Stage 2 and the table with a mask found elsewhere, no search (same arguments "

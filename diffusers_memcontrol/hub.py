@@ -488,6 +488,11 @@ def _assemble(output_dir: str, staging: str, repo_id: str, include_adapter: bool
         metrics=metrics, base_model=base_model or recorded_base_model(output_dir), has_pareto=has_pareto,
         include_samples=include_samples,
     )
+    audit_path = os.path.join(output_dir, "audit", "audit.json")
+    if os.path.isfile(audit_path):  # `memcontrol publish --audit`: the audit's figures, never its images or captions
+        from .audit import audit_card_section
+
+        card.text += audit_card_section(_read_json(audit_path))
     card.save(os.path.join(staging, CARD_FILE))
     files.append(CARD_FILE)
     return files
