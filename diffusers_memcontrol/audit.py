@@ -52,6 +52,7 @@ DATA_FLAGS = ("pretrained_model_name_or_path", "revision", "variant", "cache_dir
               "image_column", "caption_column", "caption_template", "subject_column", "validation_fraction",
               "test_fraction", "max_train_samples", "resolution", "center_crop", "dmem_size", "dmem_selection",
               "dmem_file", "dmem_unique_captions", "seed", "mixed_precision")
+_PROMPT_SOURCES = {"run": "the run's D_mem", "dmem": "D_mem", "scan": "the top of the scan"}
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*$")
 
 
@@ -317,7 +318,16 @@ def run_audit(args: argparse.Namespace, explicit: set[str] | None = None) -> dic
         settings = AuditSettings(**{k: getattr(args, k) for k in AuditSettings.__dataclass_fields__ if k != "seed"},
                                  seed=ns.seed)
         config = _attack_config(args, run)
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    with user_input(f"--device {args.device!r}", catch=(RuntimeError,)):
+        device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if args.mixed_precision == "fp16" and device.type == "cpu":
+        raise InputError("--mixed_precision fp16 needs a GPU; on a CPU use bf16 or no.")
+    if args.enable_xformers_memory_efficient_attention:
+        from diffusers.utils import is_xformers_available
+
+        if not is_xformers_available():
+            raise InputError("--enable_xformers_memory_efficient_attention needs xformers, which is not installed: "
+                             "`pip install xformers` (or drop the flag).")
     progress = not args.no_progress
 
     clock = time.perf_counter()
@@ -473,6 +483,7 @@ def _attack_config(args: argparse.Namespace, run: dict | None) -> Any:
 def render_report(report: dict[str, Any]) -> str:
     """audit.md: one page, numbers only (captions only when the audit ran with --include_prompts)."""
     base = report.get("base")
+    dmem_size = report["dmem_size"] if report["dmem_size"] is not None else "unknown"
     verdict = ("**Training images were extracted.** Do not publish this model as is." if report["extracted_images"]
                else "No training image was extracted by this attack.")
     lines = [
@@ -484,8 +495,8 @@ def render_report(report: dict[str, Any]) -> str:
         (f"| Memorized prompts (cliques) | {report['memorized_prompts_before_base_subtraction']} | "
         f"{base['memorized_prompts'] if base else '—'} |"),
         f"| Memorized prompts, base-only cliques subtracted | {report['memorized_prompts']} | |", "",
-        (f"Attacked prompts: {report['attacked_prompts']} ({report['prompts']}), {report['generations_per_prompt']} "
-        f"generations each; D_mem size: {report['dmem_size'] if report['dmem_size'] is not None else 'unknown'}."),
+        (f"Attacked prompts: {report['attacked_prompts']} ({_PROMPT_SOURCES[report['prompts']]}), "
+         f"{report['generations_per_prompt']} generations each; D_mem size: {dmem_size}."),
     ]
     detection = report.get("detection")
     if detection:
@@ -508,11 +519,12 @@ def render_report(report: dict[str, Any]) -> str:
             lines.append(f"| {p['row']} | {'yes' if p['extracted'] else 'no'} | {'yes' if p['clique'] else 'no'} | "
                          f"{'yes' if p['base_clique'] else 'no'} | {score} |" +
                          (f" {p.get('caption', '')} |" if report["settings"].get("include_prompts") else ""))
-    calibration = report["extraction"]
-    lines += ["", (f"Attack: Carlini et al.'s cliques (>= {report['settings']['attack']['extraction_min_clique_size']} "
-                  f"generations, tiled l2 < {report['settings']['attack']['extraction_threshold']}) matched to the "
+    median = (report["extraction"].get("thresholds") or {}).get("median")
+    attack = report["settings"]["attack"]
+    lines += ["", (f"Attack: Carlini et al.'s cliques (>= {attack['extraction_min_clique_size']} "
+                  f"generations, tiled l2 < {attack['extraction_threshold']}) matched to the "
                   f"training image as the VAE renders it (median match threshold "
-                  f"{(calibration.get('thresholds') or {}).get('median')}); rows index the training split."),
+                  f"{'—' if median is None else f'{median:.4g}'}); rows index the training split."),
               "`memorization.png` (local only, never published) shows training images next to generations.", ""]
     return "\n".join(lines)
 
@@ -526,7 +538,7 @@ def audit_card_section(report: dict[str, Any]) -> str:
              f"| Extracted images | {report['extracted_images']} | {base.get('extracted_images', '—')} |",
              (f"| Memorized prompts (base-only cliques subtracted) | {report['memorized_prompts']} | "
              f"{base.get('memorized_prompts', '—')} |"), "",
-             (f"{report['attacked_prompts']} prompts attacked ({report['prompts']}), "
+             (f"{report['attacked_prompts']} prompts attacked ({_PROMPT_SOURCES[report['prompts']]}), "
              f"{report['generations_per_prompt']} generations each.")]
     if "auc" in detection:
         lines.append(f"Detection AUC (Wen et al., first step): {detection['auc']:.3f}.")
@@ -568,7 +580,8 @@ def build_parser(prog: str = "memcontrol audit") -> argparse.ArgumentParser:
     for name in ("extraction_threshold", "extraction_match_threshold", "extraction_separation"):
         g.add_argument(f"--{name}", type=float, default=None, help="As in EvaluationConfig (default: its value).")
     g.add_argument("--extraction_min_clique_size", type=int, default=None, help="As in EvaluationConfig.")
-    g.add_argument("--eval_config", default=None, help="JSON file of EvaluationConfig fields (the attack's thresholds).")
+    g.add_argument("--eval_config", default=None,
+                   help="JSON file of EvaluationConfig fields (the attack's thresholds).")
     o = p.add_argument_group("outputs")
     o.add_argument("--output_dir", default=None, help="Default: MODEL/audit (a Hub repo: ./audit-ORG--NAME).")
     o.add_argument("--include_prompts", action="store_true",

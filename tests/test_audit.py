@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -110,7 +111,8 @@ def _fails_with_one_line(capsys, argv: list[str], message: str) -> None:
 def test_bad_input_is_one_error_line(capsys, tmp_path, diffusers_lora):
     _fails_with_one_line(capsys, [str(tmp_path / "missing")], "neither a folder nor a Hub repository id")
     _fails_with_one_line(capsys, [str(tmp_path)], "holds no model the audit knows")
-    _fails_with_one_line(capsys, [diffusers_lora[0], "--dataset_name", "digits"], "--dmem_file, --dmem_size N or --scan")
+    _fails_with_one_line(capsys, [diffusers_lora[0], "--dataset_name", "digits"],
+                         "--dmem_file, --dmem_size N or --scan")
     _fails_with_one_line(capsys, [diffusers_lora[0], "--scan", "--scan_top_k", "0"], "--scan_top_k must be")
     _fails_with_one_line(capsys, [diffusers_lora[0], "--dmem_file", str(tmp_path / "nope.json")], "dmem_file")
 
@@ -148,7 +150,7 @@ def test_a_run_folder_audits_with_no_other_argument_and_the_scan_ranks_dmem_on_t
     from diffusers_memcontrol.train import build_sets, load_splits
 
     ns = audit._trainer_namespace(audit.build_parser().parse_args([memorizing_run]),
-                                  json.loads(open(os.path.join(memorizing_run, "training_config.json")).read())["run"],
+                                  json.loads(Path(memorizing_run, "training_config.json").read_text())["run"],
                                   set())
     ns.eval = True
     _, dmem = build_sets(ns, load_splits(ns)[0])
@@ -164,7 +166,7 @@ def test_the_run_folder_d_mem_attack_matches_and_publish_audit_puts_figures_in_t
                        "--audit", "--audit_args", "--generations", "10", "--num_inference_steps", "20",
                        "--no_progress"])
     assert status == 0
-    report = json.loads(open(os.path.join(memorizing_run, "audit", "audit.json")).read())
+    report = json.loads(Path(memorizing_run, "audit", "audit.json").read_text())
     assert report["prompts"] == "run" and report["attacked_prompts"] == 5 and report["extracted_images"] >= 3
     card = (local / "README.md").read_text()
     assert "Memorization audit" in card and f"| Extracted images | {report['extracted_images']} | 0 |" in card
