@@ -63,7 +63,7 @@ def test_load_lora_weights_reproduces_the_memcontrol_lora(trained, tmp_path):
     config = masked_lora_config(mask, pipe.unet, rank=2, alpha=3.0, scope="strict")
     with_lora = {name for name, module in fresh.unet.named_modules() if hasattr(module, "lora_A")}
     assert with_lora == set(config.target_modules)
-    off = [p for p, b in zip(mask.positions, mask.bits) if not b][0]
+    off = next(p for p, b in zip(mask.positions, mask.bits) if not b)
     assert config.target_modules and not any(t.startswith(off) for t in config.target_modules)
     assert read_lora_mask(str(tmp_path)) == mask
     assert json.loads((tmp_path / "mask.json").read_text())["bits"] == list(mask.bits)
