@@ -302,7 +302,7 @@ def run_audit(args: argparse.Namespace, explicit: set[str] | None = None) -> dic
     timings: dict[str, float] = {}
     explicit = explicit if explicit is not None else set()
     model = args.model
-    with user_input(f"MODEL {model!r}", catch=(ValueError, FileNotFoundError, OSError)):
+    with user_input(catch=(ValueError, FileNotFoundError, OSError)):  # the messages name MODEL
         kind = detect_model_kind(model)
     run = None
     if kind == "run":

@@ -115,6 +115,15 @@ def test_bad_input_is_one_error_line(capsys, tmp_path, diffusers_lora):
                          "--dmem_file, --dmem_size N or --scan")
     _fails_with_one_line(capsys, [diffusers_lora[0], "--scan", "--scan_top_k", "0"], "--scan_top_k must be")
     _fails_with_one_line(capsys, [diffusers_lora[0], "--dmem_file", str(tmp_path / "nope.json")], "dmem_file")
+    _fails_with_one_line(capsys, [diffusers_lora[0], "--scan", "--mixed_precision", "fp16", "--device", "cpu"],
+                         "fp16 needs a GPU")
+
+
+def test_a_hub_repo_that_cannot_be_fetched_is_one_error_line(capsys, monkeypatch):
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    _fails_with_one_line(capsys, ["no-such-org/no-such-adapter", *CHEAP], "MODEL 'no-such-org/no-such-adapter'")
 
 
 # ---------------------------------------------------------------------------------------------------------------
