@@ -330,14 +330,23 @@ def run_audit(args: argparse.Namespace, explicit: set[str] | None = None) -> dic
                              "`pip install xformers` (or drop the flag).")
     progress = not args.no_progress
 
+    if not progress:
+        import datasets
+        import transformers
+        from diffusers.utils import logging as diffusers_logging
+
+        datasets.disable_progress_bars()
+        diffusers_logging.disable_progress_bar()
+        transformers.utils.logging.disable_progress_bar()
+
+    clock = time.perf_counter()
+    pipe = _prepare(load_audited_pipeline(model, kind, base, ns), args, device)  # a bad MODEL fails before the data
+    timings["load"] = time.perf_counter() - clock
+
     clock = time.perf_counter()
     pool, dmem, _ = _data(ns, dmem_given)
     caption_column, image_column = ns.caption_column, ns.image_column
     timings["data"] = time.perf_counter() - clock
-
-    clock = time.perf_counter()
-    pipe = _prepare(load_audited_pipeline(model, kind, base, ns), args, device)
-    timings["load"] = time.perf_counter() - clock
     resolution = ns.resolution or config.resolution or _pipe_default_resolution(pipe)
 
     dmem_rows = [int(r) for r in dmem["dmem_index"]] if dmem is not None else []
