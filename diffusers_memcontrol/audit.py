@@ -258,7 +258,7 @@ def _scan_scores(pipe: Any, captions: list[str], settings: AuditSettings, progre
 def _attack(pipe: Any, captions: list[str], pool: Any, rows: list[int], image_column: str, settings: AuditSettings,
             config: Any, resolution: int, progress: bool, desc: str) -> tuple[dict, torch.Tensor, torch.Tensor, Any]:
     """The calibrated extraction attack of the evaluation on `captions` (training images: `rows` of `pool`)."""
-    from .evaluation import _real_images, generate_images
+    from .evaluation import _real_images, _subset, generate_images
     from .metrics.extraction import calibrated_extraction, vae_round_trip
 
     images = generate_images(pipe, captions, settings.generations, num_inference_steps=settings.num_inference_steps,
@@ -273,7 +273,9 @@ def _attack(pipe: Any, captions: list[str], pool: Any, rows: list[int], image_co
 
     with torch.no_grad():
         summary, flags = calibrated_extraction(
-            generations, training, render, _real_images(pool, image_column, range(len(pool)), resolution, config),
+            generations, training, render,
+            _real_images(pool, image_column, _subset(len(pool), config.max_train_images, config.seed, keep=rows),
+                         resolution, config),
             threshold=config.extraction_threshold,
             pixel_threshold=config.extraction_match_threshold or config.extraction_threshold,
             separation=config.extraction_separation, min_clique_size=config.extraction_min_clique_size,
@@ -478,7 +480,7 @@ def _attack_config(args: argparse.Namespace, run: dict | None) -> Any:
         with user_input(f"--eval_config {source!r}"), open(source, encoding="utf-8") as f:
             values.update(json.load(f))
     for name in ("extraction_threshold", "extraction_match_threshold", "extraction_separation",
-                 "extraction_min_clique_size"):
+                 "extraction_min_clique_size", "max_train_images"):
         if getattr(args, name) is not None:
             values[name] = getattr(args, name)
     values.update(extraction_generations=args.generations, show_progress=not args.no_progress)
@@ -589,6 +591,10 @@ def build_parser(prog: str = "memcontrol audit") -> argparse.ArgumentParser:
     for name in ("extraction_threshold", "extraction_match_threshold", "extraction_separation"):
         g.add_argument(f"--{name}", type=float, default=None, help="As in EvaluationConfig (default: its value).")
     g.add_argument("--extraction_min_clique_size", type=int, default=None, help="As in EvaluationConfig.")
+    g.add_argument("--max_train_images", type=int, default=None,
+                   help="Cap on the training images each match is calibrated against (the nearest other training "
+                        "image; seeded subset, the attacked rows kept); default: all. At real scale each is rendered "
+                        "by the VAE once per model.")
     g.add_argument("--eval_config", default=None,
                    help="JSON file of EvaluationConfig fields (the attack's thresholds).")
     o = p.add_argument_group("outputs")
