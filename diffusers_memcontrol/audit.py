@@ -316,6 +316,10 @@ def run_audit(args: argparse.Namespace, explicit: set[str] | None = None) -> dic
     if not (dmem_given or args.scan):
         raise InputError(f"Which prompts should be attacked? MODEL {model!r} is not a MemControl run folder: pass "
                          "--dmem_file, --dmem_size N or --scan.")
+    for flag, recorded in (("generations", "eval_extraction_generations"), ("num_inference_steps",
+                                                                           "eval_inference_steps")):
+        if run and flag not in explicit and run.get(recorded):  # a run's own evaluation settings: its metrics.json
+            setattr(args, flag, run[recorded])
     with user_input("--eval_config and the attack flags"):
         settings = AuditSettings(**{k: getattr(args, k) for k in AuditSettings.__dataclass_fields__ if k != "seed"},
                                  seed=ns.seed)
