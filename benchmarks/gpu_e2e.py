@@ -1,4 +1,5 @@
-"""MemControl end to end on one machine: a 2-trial search, stage 2 for two rows, publish --dry_run, load and generate.
+"""MemControl end to end on one machine: a 2-trial search, stage 2 for two rows, publish --dry_run, load and generate,
+`memcontrol audit --scan` of the MemControl row (scan time per 1,000 captions).
 
 `--model sd15`: Stable Diffusion 1.5's architecture with random weights (`sd15.py`), 512 px, bf16 and gradient
 checkpointing, on the GPU (`benchmarks/gpu_e2e.sh`). `--model tiny`: the shipped tiny base at its own size on CPU (the
@@ -126,11 +127,25 @@ def main(argv: list[str] | None = None) -> dict:
         model["image_size"] = list(image.size)
 
     phase("load_and_generate", load_and_generate)
+    # `memcontrol audit` of the MemControl row: a scan of 1,000 distinct captions (100 at tiny size: D_mem pairs with a
+    # unique word each) by Wen et al.'s first-step score, then the extraction attack on the top 4, against the base
+    scanned = 1000 if args.model == "sd15" else 100
+    audit_dir = os.path.join(args.work_dir, "audit")
+    precision = ["--mixed_precision", "bf16", "--resolution", "512"] if args.model == "sd15" else []
+    phase("audit", lambda: subprocess.run(
+        [sys.executable, "-m", "diffusers_memcontrol.cli", "audit", os.path.join(out, "final", "memcontrol-none"),
+         "--max_train_samples", str(scanned + 200), "--dmem_size", str(scanned), "--scan", "--scan_top_k", "4",
+         "--generations", "3", "--extraction_min_clique_size", "2", "--num_inference_steps", "2", *precision,
+         "--output_dir", audit_dir, "--no_progress"], check=True, env=env))
+    with open(os.path.join(audit_dir, "audit.json"), encoding="utf-8") as f:
+        scan = json.load(f)["detection"]
     with open(os.path.join(out, "results.json"), encoding="utf-8") as f:
         rows = json.load(f)
     report = {"model": args.model, "gpus_per_trial": args.gpus_per_trial, "phases": phases,
               "total_wall_s": round(sum(p["wall_s"] for p in phases.values()), 1), "image_size": model["image_size"],
               "stage_two_rows": [f"{r['method']}-{r['mitigation']}" for r in rows],
+              "audit_scan": {"captions": scan["n_scanned"], "seconds": phases["audit"]["wall_s"],
+                             "scan_seconds_per_1000_captions": scan["seconds_per_1000_captions"]},
               "device": _device()}
     os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
     with open(args.output, "w", encoding="utf-8") as f:

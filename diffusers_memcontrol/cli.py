@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 from diffusers import UNet2DConditionModel
 
 from .arguments import expand_preset
+from .audit import EXTRACTION_EXIT_STATUS
+from .audit import main as audit_main
 from .errors import ArgumentParser, run_command
 from .hub import publish
 from .masks import builtin_masks
@@ -19,8 +22,6 @@ from .tuners import MaskSpace
 
 
 def _mask_space(args: argparse.Namespace) -> int:
-
-
     unet = UNet2DConditionModel.from_pretrained(args.pretrained_model_name_or_path or tiny_base_path(),
                                                 subfolder="unet")
     space = MaskSpace.from_unet(unet, method=args.peft_method, layout=args.mask_layout)
@@ -54,6 +55,13 @@ def _train(args: argparse.Namespace, rest: list[str]) -> int:
 
 
 def _publish(args: argparse.Namespace) -> int:
+    if args.audit:  # the audit's figures go into the model card (hub.py); its images stay local
+        audit_args = [args.output_dir, "--output_dir", os.path.join(args.output_dir, "audit"), *args.audit_args]
+        status = audit_main([*audit_args, "--fail_on_extraction"] if args.fail_on_extraction else audit_args)
+        if status == EXTRACTION_EXIT_STATUS:
+            print("error: the audit extracted training images; nothing was published (see audit/audit.md)",
+                  file=sys.stderr)
+            return status
     where = publish(args.output_dir, args.repo_id, private=not args.public, token=args.hub_token,
                     revision=args.revision, include_adapter=not args.mask_only, include_samples=args.include_samples,
                     dry_run=args.dry_run, local_dir=args.local_dir, endpoint=args.endpoint)
@@ -90,6 +98,12 @@ def _run(argv: list[str] | None) -> int:
     pub.add_argument("--hub_token", default=None)
     pub.add_argument("--revision", default=None)
     pub.add_argument("--endpoint", default=None, help="Hub endpoint (default: HF_ENDPOINT or huggingface.co).")
+    pub.add_argument("--audit", action="store_true",
+                     help="Run `memcontrol audit` on output_dir first and put its figures (never images) in the card.")
+    pub.add_argument("--fail_on_extraction", action="store_true",
+                     help="With --audit: publish nothing (exit 3) when the audit extracts a training image.")
+    pub.add_argument("--audit_args", nargs=argparse.REMAINDER, default=[],
+                     help="Flags passed to `memcontrol audit` (last on the command line), e.g. --scan.")
     sub.add_parser("search", help="Run MemControl: search masks, final fine-tunes and the comparison table (same "
                    "arguments as training/train_memcontrol.py --search; `--preset quickstart`: README's quickstart).",
                    add_help=False)
@@ -97,9 +111,13 @@ def _run(argv: list[str] | None) -> int:
                    "as training/train_memcontrol.py --final --mask MASK).", add_help=False)
     sub.add_parser("train", help="Fine-tune with a mask (same arguments as python -m diffusers_memcontrol.train).",
                    add_help=False)
+    sub.add_parser("audit", help="Measure the memorization of any fine-tune (MemControl run or adapter, LoRA, UNet, "
+                   "pipeline) against its base; see `memcontrol audit --help` and docs/audit.md.", add_help=False)
     args, rest = parser.parse_known_args(argv)
     if args.command == "train":
         return _train(args, rest)
+    if args.command == "audit":
+        return audit_main(rest)
     if args.command in ("search", "transfer"):
         main_search(["--search" if args.command == "search" else "--final", *expand_preset(rest)])
         return 0

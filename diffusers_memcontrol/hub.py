@@ -20,6 +20,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from .audit_report import AUDIT_FILE, audit_card_section
 from .figures import DMEM_GENERATIONS_FILE, MEMORIZATION_FIGURE
 from .files import usual_mode, write_json_atomic
 from .tuners import Mask
@@ -488,6 +489,9 @@ def _assemble(output_dir: str, staging: str, repo_id: str, include_adapter: bool
         metrics=metrics, base_model=base_model or recorded_base_model(output_dir), has_pareto=has_pareto,
         include_samples=include_samples,
     )
+    audit_path = os.path.join(output_dir, "audit", AUDIT_FILE)
+    if os.path.isfile(audit_path):  # `memcontrol publish --audit`: the audit's figures, never its images or captions
+        card.text += audit_card_section(_read_json(audit_path))
     card.save(os.path.join(staging, CARD_FILE))
     files.append(CARD_FILE)
     return files
