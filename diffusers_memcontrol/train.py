@@ -22,6 +22,7 @@ mask, file or dataset) ends the run with one line `error: ...` and exit status 2
 from __future__ import annotations
 
 import argparse
+import hashlib
 import dataclasses
 import json
 import logging
@@ -224,6 +225,27 @@ def _validate_args(parser: argparse.ArgumentParser, args: argparse.Namespace) ->
     for name in ("checkpointing_steps", "checkpoints_total_limit", "max_train_samples", "validation_epochs"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             parser.error(f"--{name} must be >= 1, got {getattr(args, name)}.")
+
+
+def public_argv(argv: list[str]) -> list[str]:
+    """`argv` without the values of PRIVATE_ARGS (`--hub_token X`, `--validation_prompts A B`, `--flag=X`)."""
+    flags = {f"--{name}" for name in PRIVATE_ARGS}
+    kept, skipping = [], False
+    for item in argv:
+        if item.startswith("--"):
+            skipping = item in flags
+            if skipping or item.split("=", 1)[0] in flags:
+                kept.append(item.split("=", 1)[0])
+                continue
+        elif skipping:
+            continue
+        kept.append(item)
+    return kept
+
+
+def argv_digest(argv: list[str]) -> str:
+    """SHA-256 of the whole `argv` (private values included): compares runs' arguments without storing them."""
+    return hashlib.sha256(json.dumps(list(argv)).encode()).hexdigest()
 
 
 def run_config(args: argparse.Namespace) -> dict:
