@@ -6,7 +6,7 @@ import argparse
 import json
 import sys
 
-from .errors import ArgumentParser, run_command
+from .errors import ArgumentParser, run_command, user_input
 
 
 def _mask_space(args: argparse.Namespace) -> int:
@@ -54,9 +54,11 @@ def _train(args: argparse.Namespace, rest: list[str]) -> int:
 def _publish(args: argparse.Namespace) -> int:
     from .hub import publish
 
-    where = publish(args.output_dir, args.repo_id, private=not args.public, token=args.hub_token,
-                    revision=args.revision, include_adapter=not args.mask_only, include_samples=args.include_samples,
-                    dry_run=args.dry_run, local_dir=args.local_dir, endpoint=args.endpoint)
+    with user_input(catch=(ValueError, FileNotFoundError, FileExistsError)):  # a refused folder: one error line
+        where = publish(args.output_dir, args.repo_id, private=not args.public, token=args.hub_token,
+                        revision=args.revision, include_adapter=not args.mask_only,
+                        include_samples=args.include_samples, dry_run=args.dry_run, local_dir=args.local_dir,
+                        endpoint=args.endpoint)
     print(f"published to {where}")
     return 0
 
