@@ -15,7 +15,6 @@ import sys
 from collections.abc import Callable, Iterator
 from typing import Any, NoReturn
 
-
 _URL_PASSWORD = re.compile(r"(\b[A-Za-z][\w+.-]*://)[^/@\s'\"]*@")
 
 

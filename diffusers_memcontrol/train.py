@@ -22,8 +22,8 @@ mask, file or dataset) ends the run with one line `error: ...` and exit status 2
 from __future__ import annotations
 
 import argparse
-import hashlib
 import dataclasses
+import hashlib
 import json
 import logging
 import os

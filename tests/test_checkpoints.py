@@ -7,9 +7,9 @@ import copy
 import json
 import os
 import pickle
+from pathlib import Path
 
 import pytest
-import torch
 
 from diffusers_memcontrol import training
 from diffusers_memcontrol.checkpoints import list_checkpoints, resolve_checkpoint
@@ -19,7 +19,8 @@ from diffusers_memcontrol.training_data import prepare_training_data
 from tests.test_training import _tiny_pipeline
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-CONFIG = dict(peft_method="svdiff", max_train_steps=2, train_batch_size=4, learning_rate=1e-2, use_ema=True)
+CONFIG = {"peft_method": "svdiff", "max_train_steps": 2, "train_batch_size": 4, "learning_rate": 1e-2,
+          "use_ema": True}
 
 
 @pytest.fixture(scope="module")
@@ -61,7 +62,7 @@ def test_checkpoint_holds_safetensors_json_and_a_manifest_only(saved):
     folder = os.path.join(saved, "checkpoint-2")
     names = sorted(os.listdir(folder))
     assert all(n.endswith((".json", ".safetensors")) for n in names), names
-    manifest = json.load(open(os.path.join(folder, "manifest.json"), encoding="utf-8"))
+    manifest = json.loads(Path(folder, "manifest.json").read_text(encoding="utf-8"))
     assert set(manifest["files"]) == set(names) - {"manifest.json"}
     assert {"optimizer.safetensors", "lr_scheduler.json", "ema.safetensors", "rng.json", "train_state.json",
             "adapter_model.safetensors"} <= set(names)
@@ -98,9 +99,9 @@ def test_named_checkpoint_that_does_not_match_is_refused(saved, tmp_path, change
         os.remove(os.path.join(folder, "manifest.json"))
     else:
         path = os.path.join(folder, "optimizer.safetensors")
-        data = open(path, "rb").read()
+        data = Path(path).read_bytes()
         data = data[:len(data) // 2] if change == "truncated" else data[:-4] + b"\x00\x00\x80\x7f"
-        open(path, "wb").write(data)
+        Path(path).write_bytes(data)
     with pytest.raises(InputError, match="manifest"):
         resolve_checkpoint(out, folder)
     assert resolve_checkpoint(out, "latest").endswith("checkpoint-1")
@@ -129,7 +130,7 @@ def test_kill_during_save_with_limit_1_keeps_the_previous_checkpoint(pipe, data8
 def test_latest_skips_an_incomplete_newest_checkpoint_with_a_log_line(saved, tmp_path, caplog):
     out = _copy(saved, tmp_path)
     os.makedirs(os.path.join(out, "checkpoint-7"))
-    open(os.path.join(out, "checkpoint-7", "adapter_model.safetensors"), "wb").write(b"partial")
+    Path(out, "checkpoint-7", "adapter_model.safetensors").write_bytes(b"partial")
     with caplog.at_level("WARNING"):
         assert resolve_checkpoint(out, "latest").endswith("checkpoint-2")
     assert "checkpoint-7" in caplog.text

@@ -28,7 +28,8 @@ from tests.test_checkpoints import _tiny_pipeline
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 STEPS = 6
-CONFIG = dict(peft_method="svdiff", max_train_steps=STEPS, train_batch_size=4, learning_rate=1e-2, use_ema=True)
+CONFIG = {"peft_method": "svdiff", "max_train_steps": STEPS, "train_batch_size": 4, "learning_rate": 1e-2,
+          "use_ema": True}
 
 
 @pytest.fixture(scope="module")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -48,7 +49,7 @@ def _copy(adapter_dir, tmp_path) -> str:
 def _poison(folder: str, value: float) -> None:
     path = os.path.join(folder, "adapter_model.safetensors")
     state = load_file(path)
-    key = sorted(state)[0]
+    key = min(state)
     state[key] = torch.full_like(state[key], value)
     save_file(state, path, metadata={"format": "pt"})
 
@@ -94,8 +95,8 @@ def test_fuse_that_overflows_is_rolled_back(base_unet, adapter_dir, tmp_path):
 def test_truncated_files_raise_a_repo_error_naming_the_file(base_unet, adapter_dir, tmp_path, broken):
     folder = _copy(adapter_dir, tmp_path)
     path = os.path.join(folder, broken)
-    data = open(path, "rb").read()
-    open(path, "wb").write(data[:len(data) // 2])
+    data = Path(path).read_bytes()
+    Path(path).write_bytes(data[:len(data) // 2])
     with pytest.raises(MemControlRepoError, match=broken.replace(".", r"\.")):
         load_unet_adapter(copy.deepcopy(base_unet), folder, local_files_only=True)
 
@@ -115,7 +116,7 @@ def test_poisoned_svd_cache_file_is_not_used(monkeypatch, tmp_path):
 
     monkeypatch.setenv("MEMCONTROL_CACHE_DIR", str(tmp_path))
     weight = torch.randn(16, 8, generator=torch.Generator().manual_seed(0))
-    u, s, vh = svd_cache.layer_svd(weight)  # computed and cached
+    svd_cache.layer_svd(weight)  # computed and cached
     path = svd_cache.svd_cache_path(svd_cache.weight_key(weight))
     other = torch.linalg.svd(torch.randn(16, 8, generator=torch.Generator().manual_seed(1)), full_matrices=False)
     save_file({"u": other[0].contiguous(), "s": other[1].contiguous(), "vh": other[2].contiguous()}, path)
@@ -131,7 +132,7 @@ def test_interrupted_save_adapter_never_mixes_versions(base_unet, adapter_dir, t
     from diffusers_memcontrol import adapters
 
     folder = _copy(adapter_dir, tmp_path)
-    old = {n: open(os.path.join(folder, n), "rb").read() for n in os.listdir(folder)}
+    old = {n: Path(folder, n).read_bytes() for n in os.listdir(folder)}
     unet = copy.deepcopy(base_unet)
     unet.add_adapter(FineTuneConfig(peft_method="svdiff").adapter_config())
     with torch.no_grad():
@@ -152,7 +153,7 @@ def test_interrupted_save_adapter_never_mixes_versions(base_unet, adapter_dir, t
         save_adapter(unet, folder)
     monkeypatch.undo()
     if os.path.exists(folder):
-        now = {n: open(os.path.join(folder, n), "rb").read() for n in os.listdir(folder)}
+        now = {n: Path(folder, n).read_bytes() for n in os.listdir(folder)}
         assert now == old
 
 
@@ -193,7 +194,7 @@ def test_publish_refuses_to_replace_another_runs_folder(output_dir, tmp_path):  
     folder, _ = output_dir
     other_run = tmp_path / "other-run"
     (other_run / "checkpoint-4").mkdir(parents=True)
-    (other_run / "mask.json").write_text(open(os.path.join(folder, "mask.json")).read())
+    (other_run / "mask.json").write_text(Path(folder, "mask.json").read_text())
     (other_run / "checkpoint-4" / "adapter_model.safetensors").write_bytes(b"weights of days of training")
     with pytest.raises(FileExistsError, match="refusing to replace"):
         publish(folder, "org/x", dry_run=True, local_dir=other_run)
@@ -218,8 +219,7 @@ def test_publish_never_uploads_run_arguments(output_dir, tmp_path):  # noqa: F81
     publish(folder, "org/x", dry_run=True, local_dir=repo, include_samples=True)
     names = {os.path.basename(p) for p, _, _ in os.walk(repo)} | {n for _, _, fs in os.walk(repo) for n in fs}
     assert "run_args.json" not in names and "training_config.json" not in names
-    assert "hf_secret" not in "".join(open(os.path.join(d, n), errors="ignore").read()
-                                      for d, _, fs in os.walk(repo) for n in fs)
+    assert b"hf_secret" not in b"".join(Path(d, n).read_bytes() for d, _, fs in os.walk(repo) for n in fs)
 
 
 def test_run_args_keep_no_token_or_prompt_and_compare_by_digest(tmp_path, monkeypatch):
@@ -238,7 +238,7 @@ def test_run_args_keep_no_token_or_prompt_and_compare_by_digest(tmp_path, monkey
     monkeypatch.setattr(runner, "run_trainer", fake_trainer)
     run_dir = str(tmp_path / "row")
     runner.run_or_reuse(args, run_dir)
-    text = open(os.path.join(run_dir, "run_args.json"), encoding="utf-8").read()
+    text = Path(run_dir, "run_args.json").read_text(encoding="utf-8")
     assert "hf_secret" not in text and "patient 42" not in text and "chest" not in text
     assert runner.run_or_reuse(args, run_dir) == {"fid": 1.0} and len(calls) == 1  # same arguments: reused
     runner.run_or_reuse([*args[:3], "hf_other", *args[4:]], run_dir)  # another token: not the same run
