@@ -71,10 +71,12 @@ def check_adapter_tensors(state: dict[str, torch.Tensor], expected: dict[str, tu
 
 
 def _only_adapter_files(folder: str, names: set[str]) -> bool:
-    """Whether `folder` is missing or holds nothing but files named in `names` (a folder save_adapter may replace)."""
+    """Whether `folder` is missing or holds an adapter and nothing else (a folder save_adapter replaces as a whole;
+    an existing empty folder, e.g. a checkpoint being written, is filled in place)."""
     if not os.path.isdir(folder):
         return not os.path.lexists(folder)
-    return all(n in names and os.path.isfile(os.path.join(folder, n)) for n in os.listdir(folder))
+    found = os.listdir(folder)
+    return bool(found) and all(n in names and os.path.isfile(os.path.join(folder, n)) for n in found)
 
 
 def save_adapter(unet: torch.nn.Module, output_dir: str, adapter_name: str = "default", extra_files: dict | None = None

@@ -61,32 +61,36 @@ def _in_child(work, report_fd: int) -> int:
     return pid
 
 
-def _kill_at_random(work, rng: random.Random, max_delay: float) -> tuple[list[str], int | None]:
-    """Run `work` in a child, SIGKILL it after a random delay (unless it ended first); return its report lines and
-    its exit status (None when killed)."""
+def _kill_at_random(work, rng: random.Random, max_delay: float, trigger: str | None = None, nth: int = 1
+                    ) -> tuple[list[str], int | None]:
+    """Run `work` in a child and SIGKILL it after a random delay (from its start, or from its `nth` report starting
+    with `trigger`: aimed at a checkpoint save), unless it ended first; return its report lines and its exit status
+    (None when killed)."""
     read_fd, write_fd = os.pipe()
     pid = _in_child(work, write_fd)
     os.close(write_fd)
-    deadline = time.monotonic() + rng.uniform(0.0, max_delay)
+    buffer = b""
+    deadline = None if trigger else time.monotonic() + rng.uniform(0.0, max_delay)
     status = None
-    while time.monotonic() < deadline:
+    while deadline is None or time.monotonic() < deadline:
         done, status = os.waitpid(pid, os.WNOHANG)
         if done:
             break
-        time.sleep(0.005)
+        if select.select([read_fd], [], [], 0.002)[0]:
+            buffer += os.read(read_fd, 1 << 16)
+        if deadline is None and sum(line.startswith(trigger) for line in buffer.decode().splitlines()) >= nth:
+            deadline = time.monotonic() + rng.uniform(0.0, max_delay)
     else:
         os.kill(pid, signal.SIGKILL)
         os.waitpid(pid, 0)
         status = None
-    chunks = []
     while select.select([read_fd], [], [], 0)[0]:
         chunk = os.read(read_fd, 1 << 16)
         if not chunk:
             break
-        chunks.append(chunk)
+        buffer += chunk
     os.close(read_fd)
-    lines = b"".join(chunks).decode().splitlines()
-    return lines, (os.waitstatus_to_exitcode(status) if status is not None else None)
+    return buffer.decode().splitlines(), (os.waitstatus_to_exitcode(status) if status is not None else None)
 
 
 def _adapter(unet) -> dict:
@@ -99,6 +103,7 @@ def _train_chain(pipe, data8, out: str, limit: int | None):
         real = training.save_checkpoint
 
         def reporting(output_dir, step, total_limit, write_state):
+            report(f"saving {step}")
             folder = real(output_dir, step, total_limit, write_state)
             report(f"saved {step}")
             return folder
@@ -124,7 +129,7 @@ def _check_checkpoints(out: str, saved: list[int], limit: int | None) -> int:
     return step
 
 
-def _run_kills(pipe, data8, tmp_path, rng, kills: int, limit: int | None, max_delay: float):
+def _run_kills(pipe, data8, tmp_path, rng, kills: int, limit: int | None, max_delay: float, aimed: bool = False):
     """Kill a training run `kills` times at random; resume after each kill; the finished adapter must match an
     uninterrupted run's."""
     reference = copy.deepcopy(pipe.unet)
@@ -137,9 +142,12 @@ def _run_kills(pipe, data8, tmp_path, rng, kills: int, limit: int | None, max_de
         os.makedirs(out)
         saved: list[int] = []
         for _ in range(4 * STEPS):
-            lines, code = _kill_at_random(_train_chain(pipe, data8, out, limit), rng, max_delay)
+            lines, code = _kill_at_random(_train_chain(pipe, data8, out, limit), rng, max_delay,
+                                          trigger="saving" if aimed else None, nth=rng.randint(1, 2))
             assert code in (None, 0), lines  # resuming never crashes
             saved += [int(line.split()[1]) for line in lines if line.startswith("saved")]
+            if code is None and any(n.startswith(".checkpoint-") for n in os.listdir(out)):
+                print(f"killed while a checkpoint was being written or rotated: {sorted(os.listdir(out))}")
             _check_checkpoints(out, saved, limit)
             if code is None:
                 killed += 1
@@ -156,9 +164,10 @@ def _run_kills(pipe, data8, tmp_path, rng, kills: int, limit: int | None, max_de
 
 def test_kills_during_training_checkpoints_and_rotation(pipe, data8, tmp_path):
     rng = random.Random(19)
-    killed = _run_kills(pipe, data8, tmp_path / "limit1", rng, kills=8, limit=1, max_delay=1.5)
+    killed = _run_kills(pipe, data8, tmp_path / "limit1", rng, kills=4, limit=1, max_delay=1.5)
+    killed += _run_kills(pipe, data8, tmp_path / "aimed", rng, kills=8, limit=1, max_delay=0.05, aimed=True)
     killed += _run_kills(pipe, data8, tmp_path / "nolimit", rng, kills=4, limit=None, max_delay=1.5)
-    assert killed >= 12
+    assert killed >= 16
 
 
 def test_kills_during_adapter_saves_and_publishing(pipe, tmp_path):
