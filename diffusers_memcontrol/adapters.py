@@ -50,9 +50,10 @@ CONFIG_DIGEST_KEY = "memcontrol_config_sha256"
 
 
 def check_adapter_tensors(state: dict[str, torch.Tensor], expected: dict[str, tuple[tuple[int, ...], torch.dtype]],
-                          source: str, error: type[Exception] | None = None) -> None:
-    """Refuse (MemControlRepoError, or `error`) adapter tensors with missing or unknown keys, another shape or dtype,
-    or NaN/inf values, before any of them reaches a model."""
+                          source: str, error: type[Exception] | None = None, strict_dtype: bool = False) -> None:
+    """Refuse (MemControlRepoError, or `error`) adapter tensors with missing or unknown keys, another shape, another
+    dtype (`strict_dtype`; else any float dtype for a float tensor: fp16/bf16 adapters load), or NaN/inf values,
+    before any of them reaches a model."""
     from .hub import MemControlRepoError
 
     error = error or MemControlRepoError
@@ -64,7 +65,7 @@ def check_adapter_tensors(state: dict[str, torch.Tensor], expected: dict[str, tu
         value = state[key]
         if tuple(value.shape) != tuple(shape):
             raise error(f"The adapter {source}: tensor {key} has shape {tuple(value.shape)}, expected {tuple(shape)}.")
-        if value.dtype != dtype:
+        if value.dtype != dtype and (strict_dtype or not (value.is_floating_point() and dtype.is_floating_point)):
             raise error(f"The adapter {source}: tensor {key} is {value.dtype}, expected {dtype}.")
         if value.is_floating_point() and not torch.isfinite(value).all():
             raise error(f"The adapter {source}: tensor {key} holds NaN or infinite values; refusing to load it.")

@@ -309,5 +309,5 @@ def load_checkpoint_adapter(unet: torch.nn.Module, folder: str, adapter_name: st
                          "scope; resume with the same --peft_method, --mask and --mask_scope.")
     expected = get_peft_model_state_dict(unet, adapter_name=adapter_name)
     check_adapter_tensors(state, {k: (tuple(v.shape), v.dtype) for k, v in expected.items()}, repr(folder),
-                          error=CheckpointError)
+                          error=CheckpointError, strict_dtype=True)
     set_peft_model_state_dict(unet, state, adapter_name=adapter_name)
