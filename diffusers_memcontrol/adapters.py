@@ -3,14 +3,19 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import re
 import shutil
 import tempfile
 
 import torch
+from peft import PeftConfig, get_peft_model_state_dict
+from peft.tuners.tuners_utils import BaseTunerLayer
+from safetensors.torch import save_file
 
-from .files import usual_mode
+from .files import file_digest, usual_mode
+from .hub import MemControlRepoError, download_memcontrol
 from .masks import BUILTIN_PREFIX, builtin_mask
 from .tuners import Mask, MaskSpace, MemControlConfig
 
@@ -26,8 +31,6 @@ def resolve_mask(spec: str | None, unet: torch.nn.Module, method: str | None, la
     if spec.startswith(BUILTIN_PREFIX):  # a mask shipped with the package (`memcontrol masks` lists them)
         return builtin_mask(spec).fit(unet, method)
     if not os.path.exists(spec) and re.fullmatch(r"[\w.-]+/[\w.-]+", spec):  # a Hub repo holding a published mask
-        from .hub import download_memcontrol
-
         spec = download_memcontrol(spec, require_adapter=False)
     if os.path.exists(spec):
         mask = Mask.load(spec)
@@ -43,27 +46,65 @@ def resolve_mask(spec: str | None, unet: torch.nn.Module, method: str | None, la
     raise ValueError(f"--mask {spec!r} is neither a file, a folder, nor a bit string of length {len(space)}.")
 
 
+ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors", "mask.json")
+# safetensors metadata of adapter_model.safetensors: the SHA-256 of the adapter_config.json saved with it
+CONFIG_DIGEST_KEY = "memcontrol_config_sha256"
+
+
+def check_adapter_tensors(state: dict[str, torch.Tensor], expected: dict[str, tuple[tuple[int, ...], torch.dtype]],
+                          source: str, error: type[Exception] | None = None, strict_dtype: bool = False) -> None:
+    """Refuse (MemControlRepoError, or `error`) adapter tensors with missing or unknown keys, another shape, another
+    dtype (`strict_dtype`; else any float dtype for a float tensor: fp16/bf16 adapters load), or NaN/inf values,
+    before any of them reaches a model."""
+    error = error or MemControlRepoError
+    missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
+    if missing or unexpected:
+        raise error(f"The adapter {source} does not fit this UNet: missing tensors {missing[:2]}, unexpected "
+                    f"tensors {unexpected[:2]}.")
+    for key, (shape, dtype) in expected.items():
+        value = state[key]
+        if tuple(value.shape) != tuple(shape):
+            raise error(f"The adapter {source}: tensor {key} has shape {tuple(value.shape)}, expected {tuple(shape)}.")
+        if value.dtype != dtype and (strict_dtype or not (value.is_floating_point() and dtype.is_floating_point)):
+            raise error(f"The adapter {source}: tensor {key} is {value.dtype}, expected {dtype}.")
+        if value.is_floating_point() and not torch.isfinite(value).all():
+            raise error(f"The adapter {source}: tensor {key} holds NaN or infinite values; refusing to load it.")
+
+
+def _only_adapter_files(folder: str, names: set[str]) -> bool:
+    """Whether `folder` is missing or holds an adapter and nothing else (a folder save_adapter replaces as a whole;
+    an existing empty folder, e.g. a checkpoint being written, is filled in place)."""
+    if not os.path.isdir(folder):
+        return not os.path.lexists(folder)
+    found = os.listdir(folder)
+    return bool(found) and all(n in names and os.path.isfile(os.path.join(folder, n)) for n in found)
+
+
 def save_adapter(unet: torch.nn.Module, output_dir: str, adapter_name: str = "default", extra_files: dict | None = None
                  ) -> None:
     """Write the adapter in peft format (adapter_config.json + adapter_model.safetensors + mask.json) atomically.
 
-    Files are written into a temporary folder next to `output_dir` and moved in place one by one with `os.replace`,
-    so a crash never leaves a half-written adapter file. Non-finite adapter tensors are refused.
+    The files are written into a temporary folder first. A folder that holds nothing but an adapter is replaced as a
+    whole (renames only); in a folder that holds other files too (a trainer's output folder), the old weights are
+    removed first and the new ones moved in last, and the weights' metadata records the digest of their config, so a
+    crash never leaves new weights beside an old config. Non-finite adapter tensors are refused.
     """
-    from peft import get_peft_model_state_dict
-    from safetensors.torch import save_file
-
     config: MemControlConfig = unet.peft_config[adapter_name]
     state = {k: v.detach().contiguous().cpu() for k, v in get_peft_model_state_dict(
         unet, adapter_name=adapter_name).items()}
     bad = [k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()]
     if bad:
         raise FloatingPointError(f"Refusing to write an adapter with NaN/inf tensors ({bad[:3]}).")
-    os.makedirs(output_dir, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=".adapter-", dir=output_dir)
+    output_dir = os.path.abspath(output_dir)
+    whole = _only_adapter_files(output_dir, set(ADAPTER_FILES) | set(extra_files or {}))
+    parent = os.path.dirname(output_dir) if whole else output_dir
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=".adapter-", dir=parent)
     try:
-        save_file(state, os.path.join(tmp, "adapter_model.safetensors"), metadata={"format": "pt"})
         config.save_pretrained(tmp)
+        config_digest = file_digest(os.path.join(tmp, "adapter_config.json"))
+        save_file(state, os.path.join(tmp, "adapter_model.safetensors"),
+                  metadata={"format": "pt", CONFIG_DIGEST_KEY: config_digest})
         mask = config.get_mask()
         if mask is not None:
             mask.save(os.path.join(tmp, "mask.json"))
@@ -72,18 +113,42 @@ def save_adapter(unet: torch.nn.Module, output_dir: str, adapter_name: str = "de
                 f.write(text)
         for name in os.listdir(tmp):
             usual_mode(os.path.join(tmp, name))
+            with open(os.path.join(tmp, name), "rb") as f:
+                os.fsync(f.fileno())
+        usual_mode(tmp)
+        if whole:
+            _replace_folder(tmp, output_dir)
+            return
+        weights = os.path.join(output_dir, "adapter_model.safetensors")
+        if os.path.exists(weights):
+            os.remove(weights)
+        for name in sorted(os.listdir(tmp), key=lambda n: n == "adapter_model.safetensors"):  # the weights last
             os.replace(os.path.join(tmp, name), os.path.join(output_dir, name))
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def _replace_folder(new: str, target: str) -> None:
+    """Put the finished folder `new` at `target` with renames only (an old `target` is moved away, then removed)."""
+    if not os.path.exists(target):
+        os.replace(new, target)
+        return
+    old = tempfile.mkdtemp(prefix=".adapter-old-", dir=os.path.dirname(target))
+    os.rmdir(old)
+    os.replace(target, old)
+    os.replace(new, target)
+    shutil.rmtree(old, ignore_errors=True)
+
+
 def read_adapter_config(adapter_dir: str) -> MemControlConfig:
     """The MemControlConfig saved in `adapter_dir` (clear errors for a missing or non-MemControl adapter)."""
-    from peft import PeftConfig
-
     if not os.path.isfile(os.path.join(adapter_dir, "adapter_config.json")):
         raise FileNotFoundError(f"{adapter_dir!r} has no adapter_config.json: not an adapter folder.")
-    config = PeftConfig.from_pretrained(adapter_dir)
+    try:
+        config = PeftConfig.from_pretrained(adapter_dir)
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise MemControlRepoError(f"{os.path.join(adapter_dir, 'adapter_config.json')!r} is not valid JSON: "
+                                  f"{error}") from None
     if not isinstance(config, MemControlConfig):
         raise ValueError(  # noqa: TRY004 - kept a ValueError (bad input folder), as before
             f"{adapter_dir!r} holds a {type(config).__name__}, not a MemControl adapter.")
@@ -102,24 +167,9 @@ def check_adapter_fits(unet: torch.nn.Module, adapter_dir: str) -> MemControlCon
     return config
 
 
-def load_adapter(unet: torch.nn.Module, adapter_dir: str, adapter_name: str = "default") -> MemControlConfig:
-    """Load a saved MemControl adapter folder into `unet` (checked before any weight moves); return its config.
-
-    The same checks and loading as `pipe.load_memcontrol_adapter` (`loaders.load_unet_adapter`), local folder only.
-    """
-    from .loaders import load_unet_adapter
-
-    name = load_unet_adapter(unet, adapter_dir, adapter_name=adapter_name, local_files_only=True)
-    return unet.peft_config[name]
-
-
-
-
 @contextlib.contextmanager
 def merged_adapters(unet: torch.nn.Module):
     """Fold the adapters into the UNet's weights while sampling (no adapter overhead per step), then restore them."""
-    from peft.tuners.tuners_utils import BaseTunerLayer
-
     layers = [m for m in unet.modules() if isinstance(m, BaseTunerLayer) and not m.merged]
     for layer in layers:
         layer.merge()

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import hashlib
 import importlib.util
 import json
 import os
@@ -350,6 +351,27 @@ def parse_search_args(argv: list[str]) -> tuple:
     train_args = passthrough + ["--seed", str(args.seed)]
     parse_args(train_args)  # every fine-tune's flags are checked once here, not in a failed trial
     return args, train_args
+
+
+def public_argv(argv: list[str]) -> list[str]:
+    """`argv` without the values of PRIVATE_ARGS (`--hub_token X`, `--validation_prompts A B`, `--flag=X`)."""
+    flags = {f"--{name}" for name in PRIVATE_ARGS}
+    kept, skipping = [], False
+    for item in argv:
+        if item.startswith("--"):
+            skipping = item in flags
+            if skipping or item.split("=", 1)[0] in flags:
+                kept.append(item.split("=", 1)[0])
+                continue
+        elif skipping:
+            continue
+        kept.append(item)
+    return kept
+
+
+def argv_digest(argv: list[str]) -> str:
+    """SHA-256 of the whole `argv` (private values included): compares runs' arguments without storing them."""
+    return hashlib.sha256(json.dumps(list(argv)).encode()).hexdigest()
 
 
 def run_config(args: argparse.Namespace) -> dict:

@@ -12,7 +12,7 @@ from diffusers import UNet2DConditionModel
 from .arguments import expand_preset
 from .audit import EXTRACTION_EXIT_STATUS
 from .audit import main as audit_main
-from .errors import ArgumentParser, run_command
+from .errors import ArgumentParser, run_command, user_input
 from .hub import publish
 from .masks import builtin_masks
 from .runner import main_search
@@ -62,9 +62,11 @@ def _publish(args: argparse.Namespace) -> int:
             print("error: the audit extracted training images; nothing was published (see audit/audit.md)",
                   file=sys.stderr)
             return status
-    where = publish(args.output_dir, args.repo_id, private=not args.public, token=args.hub_token,
-                    revision=args.revision, include_adapter=not args.mask_only, include_samples=args.include_samples,
-                    dry_run=args.dry_run, local_dir=args.local_dir, endpoint=args.endpoint)
+    with user_input(catch=(ValueError, FileNotFoundError, FileExistsError)):  # a refused folder: one error line
+        where = publish(args.output_dir, args.repo_id, private=not args.public, token=args.hub_token,
+                        revision=args.revision, include_adapter=not args.mask_only,
+                        include_samples=args.include_samples, dry_run=args.dry_run, local_dir=args.local_dir,
+                        endpoint=args.endpoint)
     print(f"published to {where}")
     return 0
 

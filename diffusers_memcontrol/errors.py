@@ -10,9 +10,17 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
+import re
 import sys
 from collections.abc import Callable, Iterator
 from typing import Any, NoReturn
+
+_URL_PASSWORD = re.compile(r"(\b[A-Za-z][\w+.-]*://)[^/@\s'\"]*@")
+
+
+def redact_url(text: str) -> str:
+    """`text` with the credentials of every URL in it (`scheme://user:password@host`) replaced by `***`."""
+    return _URL_PASSWORD.sub(r"\1***@", text)
 
 
 class InputError(ValueError):
@@ -47,5 +55,5 @@ def run_command(main: Callable[[list[str] | None], Any], argv: list[str] | None 
         return main(argv)
     except InputError as err:
         if os.environ.get("RANK", "0") == "0":  # under a multi-process launcher, one line, not one per process
-            print(f"error: {' '.join(str(err).split())}", file=sys.stderr)
+            print(f"error: {redact_url(' '.join(str(err).split()))}", file=sys.stderr)
         raise SystemExit(2) from None

@@ -22,7 +22,7 @@ from typing import Any
 
 from .audit_report import AUDIT_FILE, audit_card_section
 from .figures import DMEM_GENERATIONS_FILE, MEMORIZATION_FIGURE
-from .files import usual_mode, write_json_atomic
+from .files import file_digest, usual_mode, write_json_atomic
 from .tuners import Mask
 
 logger = logging.getLogger(__name__)
@@ -38,13 +38,19 @@ TRAINING_CONFIG_FILE = "training_config.json"  # the trainer's arguments: `run.p
 # the base model of runs without --pretrained_model_name_or_path (diffusers_memcontrol.tiny_base.tiny_base_path())
 TINY_BASE_NAME = "diffusers-memcontrol/tiny_base"
 CARD_TEMPLATE = "memcontrol_card.md"
-# what download_memcontrol fetches from a Hub repository: never pickles
-DOWNLOAD_PATTERNS = ["*.json", "*.safetensors", CARD_FILE]
+RUN_ARGS_FILE = "run_args.json"  # a search row's trainer arguments: never published
+# what download_memcontrol fetches from a Hub repository: exact top-level names (fnmatch's `*` would also match nested
+# files, so a hostile repository could force unbounded downloads), never pickles
+DOWNLOAD_PATTERNS = [MASK_FILE, ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE, METRICS_FILE, CARD_FILE]
+# written by publish into local_dir (never uploaded): the files of that publication and their digests, so a later
+# publish replaces the folder only when it still holds nothing but them
+PUBLICATION_RECORD = ".memcontrol-publication.json"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
 # extra files copied with include_samples=True (images and text; never pickles, never checkpoints)
 SAMPLE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".gif", ".txt", ".json", ".jsonl", ".csv", ".md")
-# files holding training images (figures.py): never published, even with include_samples=True
-PRIVATE_FILES = (MEMORIZATION_FIGURE, DMEM_GENERATIONS_FILE)
+# files holding training images (figures.py) or run arguments (which may hold prompts and paths): never published,
+# even with include_samples=True
+PRIVATE_FILES = (MEMORIZATION_FIGURE, DMEM_GENERATIONS_FILE, RUN_ARGS_FILE, TRAINING_CONFIG_FILE)
 # metrics.json keys whose textual values may hold training data (prompts, captions, file names)
 _PRIVATE_KEY = re.compile(r"prompt|caption|text|image|sample|file|path|token", re.IGNORECASE)
 # numeric metrics.json entries that describe the run rather than evaluate it
@@ -169,8 +175,13 @@ def _validate_folder(folder: str, root: str, source: str, require_adapter: bool)
         raise MemControlRepoError(f"{source}: {MASK_FILE} is not a valid MemControl mask: {error}") from error
     config_path = os.path.join(folder, ADAPTER_CONFIG_FILE)
     if os.path.isfile(config_path):
-        with open(config_path, encoding="utf-8") as f:
-            config = json.load(f)
+        try:
+            with open(config_path, encoding="utf-8") as f:
+                config = json.load(f)
+        except (ValueError, UnicodeDecodeError) as error:
+            raise MemControlRepoError(f"{source}: {ADAPTER_CONFIG_FILE} is not valid JSON: {error}") from None
+        if not isinstance(config, dict):
+            raise MemControlRepoError(f"{source}: {ADAPTER_CONFIG_FILE} is not a JSON object.")
         if config.get("mask") is not None and Mask.from_dict(config["mask"]) != mask:
             raise MemControlRepoError(f"{source}: {MASK_FILE} and the mask in {ADAPTER_CONFIG_FILE} disagree.")
 
@@ -497,21 +508,58 @@ def _assemble(output_dir: str, staging: str, repo_id: str, include_adapter: bool
     return files
 
 
+def _folder_files(folder: str) -> dict[str, str]:
+    """Every file under `folder` (relative name -> SHA-256), the publication record excluded; links count as foreign."""
+    found = {}
+    for dirpath, dirnames, filenames in os.walk(folder):
+        for name in dirnames + filenames:
+            path = os.path.join(dirpath, name)
+            rel = os.path.relpath(path, folder).replace(os.sep, "/")
+            if os.path.islink(path):
+                found[rel] = "link"
+            elif name in filenames and rel != PUBLICATION_RECORD:
+                found[rel] = file_digest(path)
+    return found
+
+
+def _record_publication(staging: str) -> None:
+    """Write the publication record (its files and their digests) into `staging`."""
+    write_json_atomic(os.path.join(staging, PUBLICATION_RECORD),
+                      {"format": "memcontrol-publication/1", "files": _folder_files(staging)})
+
+
+def _is_earlier_publication(folder: str) -> bool:
+    """Whether `folder` holds nothing but the files of an earlier publication, unchanged (per its record; a folder
+    published before the record existed: only the fixed publication file names, with a mask)."""
+    files = _folder_files(folder)
+    record_path = os.path.join(folder, PUBLICATION_RECORD)
+    if os.path.isfile(record_path) and not os.path.islink(record_path):
+        try:
+            record = _read_json(record_path)
+            return isinstance(record, dict) and record.get("files") == files
+        except (OSError, ValueError):
+            return False
+    known = {MASK_FILE, ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE, METRICS_FILE, PARETO_FILE, CARD_FILE}
+    return MASK_FILE in files and all(name in known and digest != "link" for name, digest in files.items())
+
+
 def _place_atomically(staging: str, local_dir: str, output_dir: str) -> None:
-    """Move the finished `staging` folder to `local_dir` with renames only, so `local_dir` is never half written."""
+    """Move the finished `staging` folder to `local_dir` with renames only, so `local_dir` is never half written.
+
+    An existing `local_dir` is replaced only when it is empty or holds nothing but an earlier publication's files."""
     target = os.path.realpath(local_dir)
     source = os.path.realpath(output_dir)
     if target == source or os.path.commonpath([target, source]) in (target, source):
         raise ValueError(f"local_dir {local_dir!r} must not be, contain or lie inside output_dir {output_dir!r}.")
     usual_mode(staging)  # mkdtemp made it 0700
-    if not os.path.exists(local_dir):
+    if not os.path.lexists(local_dir):
         os.replace(staging, local_dir)
         return
-    if not os.path.isdir(local_dir):
+    if not os.path.isdir(local_dir) or os.path.islink(local_dir):
         raise FileExistsError(f"local_dir {local_dir!r} exists and is not a folder.")
-    if os.listdir(local_dir) and not os.path.isfile(os.path.join(local_dir, MASK_FILE)):
-        raise FileExistsError(f"local_dir {local_dir!r} is not empty and holds no earlier MemControl publication; "
-                              "refusing to replace it.")
+    if os.listdir(local_dir) and not _is_earlier_publication(local_dir):
+        raise FileExistsError(f"local_dir {local_dir!r} holds files that are not an earlier MemControl publication's "
+                              "(or they were changed since); refusing to replace it. Pass a new or empty folder.")
     old = tempfile.mkdtemp(prefix=".memcontrol-old-", dir=os.path.dirname(os.path.abspath(local_dir)))
     os.rmdir(old)
     os.replace(local_dir, old)
@@ -563,6 +611,7 @@ def publish(
     staging = tempfile.mkdtemp(prefix=".memcontrol-publish-", dir=parent)
     try:
         files = _assemble(output_dir, staging, repo_id, include_adapter, include_samples, base_model)
+        _record_publication(staging)
         logger.info("MemControl repository %s: %s", repo_id, files)
         folder = staging
         if local_dir is not None:
@@ -583,6 +632,7 @@ def publish(
             repo_type="model",
             revision=revision,
             token=token,
+            ignore_patterns=[PUBLICATION_RECORD],
             commit_message=commit_message or f"Publish MemControl {'adapter' if ADAPTER_WEIGHTS_FILE in files else 'mask'}",
         )
         _record_hub_url(output_dir, str(url))

@@ -20,6 +20,7 @@ import warnings
 import torch
 from torch import nn
 
+from .adapters import CONFIG_DIGEST_KEY, check_adapter_tensors
 from .hub import ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE, MASK_FILE, MemControlRepoError, download_memcontrol
 from .tuners import Mask, MaskSpace, MemControlConfig
 
@@ -32,8 +33,13 @@ _MARK = "__memcontrol_loader__"
 # ----------------------------------------------------------------------------------------------------------------
 def _read_config(folder: str, source: str) -> MemControlConfig:
     path = os.path.join(folder, ADAPTER_CONFIG_FILE)
-    with open(path, encoding="utf-8") as f:
-        data = json.load(f)
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise MemControlRepoError(f"{source}: {ADAPTER_CONFIG_FILE} ({path}) is not valid JSON: {error}") from None
+    if not isinstance(data, dict):
+        raise MemControlRepoError(f"{source}: {ADAPTER_CONFIG_FILE} ({path}) is not a JSON object.")
     if data.get("peft_type") != "MEMCONTROL":
         raise MemControlRepoError(
             f"{source} holds a {data.get('peft_type')!r} adapter, not a MemControl one (peft_type MEMCONTROL); use "
@@ -78,6 +84,12 @@ def _meta_twin(unet: nn.Module) -> nn.Module | None:
 
 def _expected_shapes(unet: nn.Module, config: MemControlConfig) -> dict[str, tuple[int, ...]] | None:
     """Keys and shapes of the adapter state dict that injecting `config` into `unet` creates."""
+    expected = _expected_tensors(unet, config)
+    return None if expected is None else {k: shape for k, (shape, _) in expected.items()}
+
+
+def _expected_tensors(unet: nn.Module, config: MemControlConfig) -> dict[str, tuple[tuple, torch.dtype]] | None:
+    """Keys, shapes and dtypes of the adapter state dict that injecting `config` into `unet` creates."""
     from peft import get_peft_model_state_dict, inject_adapter_in_model
 
     twin = _meta_twin(unet)
@@ -85,14 +97,60 @@ def _expected_shapes(unet: nn.Module, config: MemControlConfig) -> dict[str, tup
         return None
     probe = "memcontrol_probe"
     inject_adapter_in_model(copy.deepcopy(config), twin, probe)
-    return {k: tuple(v.shape) for k, v in get_peft_model_state_dict(twin, adapter_name=probe).items()}
+    return {k: (tuple(v.shape), v.dtype) for k, v in get_peft_model_state_dict(twin, adapter_name=probe).items()}
 
 
 def _file_shapes(weights: str) -> dict[str, tuple[int, ...]]:
     from safetensors import safe_open
 
-    with safe_open(weights, framework="pt") as f:
-        return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}  # noqa: SIM118 (safe_open is not iterable)
+    try:
+        with safe_open(weights, framework="pt") as f:
+            return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}  # noqa: SIM118 (not iterable)
+    except Exception as error:  # noqa: BLE001 - SafetensorError, OSError: a truncated or corrupt file
+        raise MemControlRepoError(f"{weights!r} is not a readable safetensors file: {error}") from None
+
+
+def _read_weights(weights: str, config_path: str, source: str) -> dict[str, torch.Tensor]:
+    """The tensors of `weights` (MemControlRepoError naming the file when it is truncated or corrupt), checked to
+    belong to the adapter_config.json saved with them when their metadata records its digest."""
+    from safetensors import safe_open
+
+    from .files import file_digest
+
+    try:
+        with safe_open(weights, framework="pt", device="cpu") as f:
+            metadata = f.metadata() or {}
+            state = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (not iterable)
+    except Exception as error:  # noqa: BLE001 - SafetensorError, OSError: a truncated or corrupt file
+        raise MemControlRepoError(f"{weights!r} is not a readable safetensors file: {error}") from None
+    recorded = metadata.get(CONFIG_DIGEST_KEY)
+    if recorded is not None and recorded != file_digest(config_path):
+        raise MemControlRepoError(f"The adapter {source}: {ADAPTER_WEIGHTS_FILE} was saved with another "
+                                  f"{ADAPTER_CONFIG_FILE} (an interrupted save?); refusing to load them together.")
+    return state
+
+
+def _fuse(unet: nn.Module, name: str, source: str) -> None:
+    """Merge adapter `name` into the weights, checking every merged weight is finite; on failure restore them."""
+    layers = [layer for _, layer in _tuner_layers(unet) if name in getattr(layer, "memcontrol_roles", {name: 0})]
+    saved = []
+    try:
+        for layer in layers:
+            base = layer.get_base_layer()
+            saved.append((layer, base.weight.detach().clone(),
+                          None if getattr(base, "bias", None) is None else base.bias.detach().clone()))
+            layer.merge(safe_merge=True, adapter_names=[name])
+    except ValueError as error:
+        with torch.no_grad():
+            for layer, weight, bias in saved:
+                base = layer.get_base_layer()
+                base.weight.copy_(weight)
+                if bias is not None:
+                    base.bias.copy_(bias)
+                if name in layer.merged_adapters:
+                    layer.merged_adapters.remove(name)
+        raise MemControlRepoError(f"The adapter {source} cannot be fused: {error}; the UNet was left as it was.") \
+            from None
 
 
 def _compare_shapes(expected: dict, found: dict, source: str) -> None:
@@ -191,7 +249,6 @@ def load_unet_adapter(
     mismatched adapter leaves the UNet exactly as it was.
     """
     from peft import set_peft_model_state_dict
-    from safetensors.torch import load_file
 
     source = os.fspath(repo_id_or_path)
     folder = download_memcontrol(source, revision=revision, token=token, cache_dir=cache_dir,
@@ -203,10 +260,14 @@ def load_unet_adapter(
         raise ValueError(f"An adapter named {name!r} is already loaded; pass another adapter_name or unload it first.")
     _check_positions(unet, config, label)
     weights = os.path.join(folder, ADAPTER_WEIGHTS_FILE)
-    expected = _expected_shapes(unet, config)
+    expected = _expected_tensors(unet, config)
     if expected is not None:
-        _compare_shapes(expected, _file_shapes(weights), label)
-    state = load_file(weights, device="cpu")
+        _compare_shapes({k: shape for k, (shape, _) in expected.items()}, _file_shapes(weights), label)
+    state = _read_weights(weights, os.path.join(folder, ADAPTER_CONFIG_FILE), label)
+    model_dtype = next((p.dtype for p in unet.parameters() if p.is_floating_point()), torch.float32)
+    if expected is not None:
+        check_adapter_tensors(state, expected, label)
+        _check_in_dtype(state, model_dtype, label)
 
     previously_active = _active_adapters(unet)
     grads_before = {id(p): p.requires_grad for p in unet.parameters()}
@@ -217,8 +278,11 @@ def load_unet_adapter(
         if expected is None:  # no meta twin: check shapes against the injected layers, before copying values
             from peft import get_peft_model_state_dict
 
-            _compare_shapes({k: tuple(v.shape) for k, v in get_peft_model_state_dict(unet, adapter_name=name).items()},
+            injected = get_peft_model_state_dict(unet, adapter_name=name)
+            _compare_shapes({k: tuple(v.shape) for k, v in injected.items()},
                             {k: tuple(v.shape) for k, v in state.items()}, label)
+            check_adapter_tensors(state, {k: (tuple(v.shape), v.dtype) for k, v in injected.items()}, label)
+            _check_in_dtype(state, model_dtype, label)
         result = set_peft_model_state_dict(unet, state, adapter_name=name)
         if result.unexpected_keys:
             raise MemControlRepoError(f"The adapter {label} does not fit this UNet: unexpected keys "
@@ -236,9 +300,20 @@ def load_unet_adapter(
     for p in unet.parameters():
         p.requires_grad_(grads_before.get(id(p), False))
     if fuse:
-        for _, layer in _tuner_layers(unet):
-            layer.merge(adapter_names=[name])
+        try:
+            _fuse(unet, name, label)
+        except MemControlRepoError:
+            _remove(unet, name)
+            raise
     return name
+
+
+def _check_in_dtype(state: dict[str, torch.Tensor], dtype: torch.dtype, source: str) -> None:
+    """Refuse adapter values that become infinite in the UNet's dtype (e.g. 1e30 in a half-precision UNet)."""
+    for key, value in state.items():
+        if value.is_floating_point() and not torch.isfinite(value.to(dtype)).all():
+            raise MemControlRepoError(f"The adapter {source}: tensor {key} overflows the UNet's {dtype}; refusing "
+                                      "to load it.")
 
 
 def unload_unet_adapter(unet: nn.Module, adapter_name: str | None = None) -> list[str]:
@@ -255,6 +330,15 @@ def unload_unet_adapter(unet: nn.Module, adapter_name: str | None = None) -> lis
 # ----------------------------------------------------------------------------------------------------------------
 # pipeline mixin
 # ----------------------------------------------------------------------------------------------------------------
+def load_adapter(unet: torch.nn.Module, adapter_dir: str, adapter_name: str = "default") -> MemControlConfig:
+    """Load a saved MemControl adapter folder into `unet` (checked before any weight moves); return its config.
+
+    The same checks and loading as `pipe.load_memcontrol_adapter` (`load_unet_adapter`), local folder only.
+    """
+    name = load_unet_adapter(unet, adapter_dir, adapter_name=adapter_name, local_files_only=True)
+    return unet.peft_config[name]
+
+
 def _require_unet(pipe) -> nn.Module:
     unet = getattr(pipe, "unet", None)
     if unet is None:

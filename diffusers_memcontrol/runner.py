@@ -20,8 +20,17 @@ from queue import SimpleQueue
 import optuna
 
 from .adapters import resolve_mask
-from .arguments import BASELINES, STAGE2_PROTOCOLS, check_inputs, meta_unet, parse_args, parse_search_args
-from .errors import InputError, user_input
+from .arguments import (
+    BASELINES,
+    STAGE2_PROTOCOLS,
+    argv_digest,
+    check_inputs,
+    meta_unet,
+    parse_args,
+    parse_search_args,
+    public_argv,
+)
+from .errors import InputError, redact_url, user_input
 from .figures import write_memorization_figure
 from .files import write_json_atomic
 from .mitigation import MITIGATIONS
@@ -253,8 +262,9 @@ def finished_run(args: list[str], run_dir: str) -> dict | None:
     if not (os.path.isfile(args_path) and os.path.isfile(metrics_path)):
         return None
     with open(args_path, encoding="utf-8") as f:
-        if json.load(f) != list(args):
-            return None
+        recorded = json.load(f)
+    if not isinstance(recorded, dict) or recorded.get("sha256") != argv_digest(args):  # compared by digest only
+        return None
     with open(metrics_path, encoding="utf-8") as f:
         return json.load(f)
 
@@ -269,7 +279,7 @@ def run_or_reuse(args: list[str], run_dir: str, **kwargs) -> dict:
     os.makedirs(run_dir, exist_ok=True)
     if os.path.isfile(metrics_path):
         os.remove(metrics_path)  # another run's figures must never pass for this one's
-    write_json_atomic(args_path, list(args))
+    write_json_atomic(args_path, {"sha256": argv_digest(args), "args": public_argv(args)})  # no token, no prompt
     return run_trainer(args, run_dir, **kwargs)
 
 
@@ -326,7 +336,7 @@ def main_search(argv: list[str]) -> dict:
                               selection=args.selection, gpus_per_trial=args.gpus_per_trial,
                               accelerate_config=args.accelerate_config, heartbeat_interval=args.heartbeat_interval,
                               grace_period=args.grace_period)
-    with user_input(f"--storage {args.storage!r}", catch=(ValueError, ConnectionError)):
+    with user_input(f"--storage {redact_url(args.storage or '')!r}", catch=(ValueError, ConnectionError)):
         resolve_storage(args.storage, args.output_dir, config)
     # a dataset or a flag that does not fit fails here, not in every trial
     check_inputs(parse_args([*train_args, "--hpo", "--eval", "--eval_split", "validation", "--eval_preset", "search"]))
@@ -356,7 +366,8 @@ def _check_stage_one(config: SearchConfig, args, spaces: list[str]) -> None:
         try:
             study = optuna.load_study(study_name=name, storage=storage)
         except KeyError:
-            raise InputError(f"--stage 2: no study {name!r} in --storage {args.storage or 'output_dir/study.db'}; "
+            where = redact_url(args.storage or "output_dir/study.db")
+            raise InputError(f"--stage 2: no study {name!r} in --storage {where}; "
                              "run --stage 1 first (same --storage, --study_name and --search_space).") from None
         done = len(study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)))
         if done < config.n_trials:

@@ -32,7 +32,7 @@ from optuna.storages._heartbeat import is_heartbeat_enabled
 from optuna.study import MaxTrialsCallback
 from optuna.trial import FrozenTrial, TrialState
 
-from .errors import InputError
+from .errors import InputError, redact_url
 from .files import atomic_open, write_json_atomic
 from .tuners import Mask, MaskSpace
 
@@ -117,7 +117,7 @@ def resolve_storage(storage: str | None, output_dir: str, config: SearchConfig |
             os.makedirs(os.path.dirname(path), exist_ok=True)
         return JournalStorage(JournalFileBackend(path))
     if "://" not in storage:
-        raise ValueError(f"Storage {storage!r} is neither a database URL (sqlite:///..., postgresql://..., "
+        raise ValueError(f"Storage {_redact(storage)!r} is neither a database URL (sqlite:///..., postgresql://..., "
                          "mysql://...) nor a journal file (*.log, *.journal, journal://path).")
     try:
         with warnings.catch_warnings():
@@ -130,14 +130,12 @@ def resolve_storage(storage: str | None, output_dir: str, config: SearchConfig |
                 engine_kwargs={"pool_pre_ping": True} if not storage.startswith("sqlite") else None,
             )
     except Exception as err:  # sqlalchemy raises many types; name the URL without its password
-        raise ConnectionError(f"Cannot open Optuna storage {_redact(storage)}: {type(err).__name__}: {err}") from err
+        raise ConnectionError(f"Cannot open Optuna storage {_redact(storage)}: {type(err).__name__}: "
+                              f"{_redact(str(err))}") from err
 
 
 def _redact(url: str) -> str:
-    if "@" in url and "://" in url:
-        scheme, rest = url.split("://", 1)
-        return f"{scheme}://***@{rest.split('@', 1)[1]}"
-    return url
+    return redact_url(url)
 
 
 def _space_record(space: MaskSpace, config: SearchConfig) -> dict:

@@ -34,13 +34,14 @@ from accelerate import Accelerator
 from accelerate.utils import ProjectConfiguration, set_seed
 from diffusers import StableDiffusionPipeline
 
-from .adapters import load_adapter, merged_adapters, save_adapter
+from .adapters import merged_adapters, save_adapter
 from .arguments import CheckedInputs, check_inputs, parse_args, run_config
 from .errors import run_command, user_input
 from .evaluation import evaluate, write_metrics
 from .figures import DMEM_GENERATIONS_FILE
 from .files import write_json_atomic
 from .hub import base_model_name, publish
+from .loaders import load_adapter
 from .search import die_with_parent
 from .tiny_base import DOMAINS
 from .training import log_validation, train

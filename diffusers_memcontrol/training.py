@@ -9,7 +9,7 @@ A search trial (or the script) does, in this order::
     save_adapter(unet, output_dir)
 
 `train` sets up the run (`check_training_inputs`, `inject_adapter`, `RunPlan`, `prepare_optimization`, EMA,
-mitigations, `register_adapter_hooks`), then loops over micro-batches: `training_step` (encode or read the cache,
+mitigations), then loops over micro-batches: `training_step` (encode or read the cache,
 noise, threshold mitigation, predict, loss, NaN guard, backward), `optimizer_step` at the end of each accumulation
 window, then the step's record (losses, EMA, logs), checkpoint and epoch callback. What a micro-batch holds, and how
 its random draws are seeded, lives in `training_data.py`.
@@ -41,10 +41,14 @@ from .adapters import save_adapter
 from .checkpoints import (
     CHECKPOINT_PREFIX,
     TrainState,
+    has_state_part,
     list_checkpoints,
     load_checkpoint_adapter,
+    read_state_part,
     resolve_checkpoint,
     save_checkpoint,
+    verify_checkpoint,
+    write_state_part,
 )
 from .config import FineTuneConfig
 from .files import atomic_path
@@ -230,26 +234,6 @@ def _make_mitigations(config: FineTuneConfig, data: TrainingData) -> tuple[Any, 
     return threshold, rwa
 
 
-def register_adapter_hooks(accelerator: Any, unet: torch.nn.Module, adapter_name: str) -> list:
-    """Make `save_state`/`load_state` write and read the adapter in peft format, not the whole UNet; return handles."""
-
-    def save_hook(models, weights, folder):
-        for i in reversed(range(len(models))):
-            if accelerator.unwrap_model(models[i]) is unet:
-                if accelerator.is_main_process:
-                    save_adapter(unet, folder, adapter_name)
-                if i < len(weights):
-                    weights.pop(i)
-
-    def load_hook(models, folder):
-        for i in reversed(range(len(models))):
-            if accelerator.unwrap_model(models[i]) is unet:
-                load_checkpoint_adapter(unet, folder, adapter_name)
-                models.pop(i)
-
-    return [accelerator.register_save_state_pre_hook(save_hook), accelerator.register_load_state_pre_hook(load_hook)]
-
-
 @dataclass
 class _Run:
     """What every step of one run uses: the models, the optimisation, the mitigations and the resumable state."""
@@ -387,11 +371,62 @@ def _record_step(run: _Run, window_losses: list[float], has_grad: bool) -> None:
         run.accelerator.log(logs, step=state.global_step)
 
 
-def _resume(run: _Run, resume_from_checkpoint: str | None) -> str | None:
-    """Load the checkpoint `resume_from_checkpoint` names ("latest" or a folder), if any; return its folder."""
+def _rng_state() -> dict:
+    """The RNG states of this process (Python, NumPy, torch CPU and CUDA)."""
+    import random
+
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    """Inverse of `_rng_state`."""
+    import random
+
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _state_parts(run: _Run) -> dict[str, Any]:
+    """The objects with a state_dict that a checkpoint holds, by part name."""
+    parts = {"train_state": run.state, "optimizer": run.optimizer, "lr_scheduler": run.lr_scheduler,
+             "ema": run.ema, "scaler": getattr(run.accelerator, "scaler", None)}
+    return {name: obj for name, obj in parts.items() if obj is not None}
+
+
+def write_training_state(run: _Run, folder: str, adapter_name: str) -> None:
+    """Write the whole resumable state into `folder`: the adapter (peft format), then each part as JSON +
+    safetensors (no pickle): optimizer, LR schedule, EMA, gradient scaler, RNG states and the TrainState."""
+    save_adapter(run.unet, folder, adapter_name)
+    for name, obj in _state_parts(run).items():
+        write_state_part(folder, name, obj.state_dict())
+    write_state_part(folder, "rng", _rng_state())
+
+
+def _resume(run: _Run, resume_from_checkpoint: str | None, adapter_name: str) -> str | None:
+    """Load the checkpoint `resume_from_checkpoint` names ("latest" or a folder), if any; return its folder.
+
+    Every file is checked against the checkpoint's manifest before anything is loaded; nothing is unpickled."""
     resumed_from = resolve_checkpoint(run.output_dir, resume_from_checkpoint)
     if resumed_from is not None:
-        run.accelerator.load_state(resumed_from)
+        manifest = verify_checkpoint(resumed_from)
+        parts = _state_parts(run)
+        missing = [name for name in parts if not has_state_part(manifest, name)]
+        if missing:
+            raise ValueError(f"Checkpoint {resumed_from!r} has no {missing} state: it was written by a run with other "
+                             "settings (optimizer, EMA, mixed precision); resume with the same settings.")
+        states = {name: read_state_part(resumed_from, name, manifest) for name in parts}
+        rng = read_state_part(resumed_from, "rng", manifest) if has_state_part(manifest, "rng") else None
+        load_checkpoint_adapter(run.unet, resumed_from, adapter_name, manifest)
+        for name, obj in parts.items():
+            obj.load_state_dict(states[name])
+        if rng is not None and run.accelerator.is_main_process:
+            _set_rng_state(rng)
         if run.ema is not None:
             run.ema.to(run.accelerator.device)
     run.accelerator.step = run.state.micro_step
@@ -450,9 +485,9 @@ def train(unet: torch.nn.Module, noise_scheduler: Any, data: TrainingData, confi
     `num_workers` threads decode and transform the next micro-batches' images while one trains (uncached latents).
 
     Only the adapter's tensors train (fp32 master copies; the frozen UNet is cast to the mixed-precision dtype).
-    Checkpoints (`accelerator.save_state`: adapter, optimizer, scheduler, EMA, RNG and data position) go to
-    `output_dir/checkpoint-<step>` every `checkpointing_steps`; `resume_from_checkpoint` ("latest" or a folder)
-    continues one exactly. A NaN/inf loss raises FloatingPointError naming the step (checkpoints stay as they were).
+    Checkpoints (adapter, optimizer, scheduler, EMA, RNG and data position, as safetensors + JSON with a manifest of
+    digests) go to `output_dir/checkpoint-<step>` every `checkpointing_steps`; `resume_from_checkpoint` ("latest": the
+    newest complete one, or a folder) continues one exactly. A NaN/inf loss raises FloatingPointError naming the step (checkpoints stay as they were).
     The final adapter is left in `unet` (EMA weights when `use_ema`); write it with `save_adapter`.
     """
     started = time.time()
@@ -465,12 +500,10 @@ def train(unet: torch.nn.Module, noise_scheduler: Any, data: TrainingData, confi
         _prepare_output_dir(accelerator, output_dir)
     run = _setup_run(accelerator, unet, noise_scheduler, data, config, adapter_name, output_dir)
     state, plan, model, optimizer = run.state, run.plan, run.model, run.optimizer
-    handles = register_adapter_hooks(accelerator, unet, adapter_name)
-    accelerator.register_for_checkpointing(state, *([run.ema] if run.ema is not None else []))
 
     pixels: Prefetcher | None = None
     try:
-        resumed_from = _resume(run, resume_from_checkpoint)
+        resumed_from = _resume(run, resume_from_checkpoint, adapter_name)
         total_micro = plan.max_steps * config.gradient_accumulation_steps
         bar = tqdm(total=plan.max_steps, initial=state.global_step, desc=f"train {config.peft_method}",
                    disable=not progress or not accelerator.is_local_main_process)
@@ -500,7 +533,8 @@ def train(unet: torch.nn.Module, noise_scheduler: Any, data: TrainingData, confi
                 bar.set_postfix(loss=f"{np.mean(state.losses[-20:]):.4f}")
             if checkpointing_steps and state.global_step % checkpointing_steps == 0:
                 if accelerator.is_main_process:
-                    save_checkpoint(accelerator, output_dir, state.global_step, checkpoints_total_limit)
+                    save_checkpoint(output_dir, state.global_step, checkpoints_total_limit,
+                                    lambda folder: write_training_state(run, folder, adapter_name))
                 accelerator.wait_for_everyone()
             if on_epoch_end is not None and state.micro_step // plan.batches_per_epoch > epochs_done:
                 epochs_done = state.micro_step // plan.batches_per_epoch
@@ -510,8 +544,6 @@ def train(unet: torch.nn.Module, noise_scheduler: Any, data: TrainingData, confi
     finally:
         if pixels is not None:
             pixels.close()
-        for h in handles:
-            h.remove()
     _finish(run)
     return _run_log(run, resumed_from, steps_run, train_time, started)
 

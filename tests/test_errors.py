@@ -82,9 +82,9 @@ def build_data(folder: str) -> None:
     from datasets import ClassLabel, Dataset, Features, Image
     from PIL import Image as PILImage
 
+    from diffusers_memcontrol import Mask
     from diffusers_memcontrol.adapters import save_adapter
     from diffusers_memcontrol.config import FineTuneConfig
-    from diffusers_memcontrol import Mask
     from tests.conftest import make_small_unet
 
     os.makedirs(folder, exist_ok=True)

@@ -87,9 +87,14 @@ def _all_text(folder) -> str:
 
 
 def _tree(folder) -> dict:
+    """The published files (publish's own record of them, which is never uploaded, left out)."""
+    from diffusers_memcontrol.hub import PUBLICATION_RECORD
+
     out = {}
     for dirpath, _, filenames in os.walk(folder):
         for name in filenames:
+            if name == PUBLICATION_RECORD:
+                continue
             path = os.path.join(dirpath, name)
             out[os.path.relpath(path, folder).replace(os.sep, "/")] = Path(path).read_bytes()
     return out

@@ -8,13 +8,13 @@ import pytest
 import torch
 from diffusers import StableDiffusionPipeline
 
+from diffusers_memcontrol import MaskSpace
 from diffusers_memcontrol import tiny_base as tb
 from diffusers_memcontrol.lora_export import (
     masked_lora_config,
     read_lora_mask,
     save_lora_weights_diffusers,
 )
-from diffusers_memcontrol.masks import MaskSpace
 from diffusers_memcontrol.tuners import MemControlConfig
 
 pytestmark = pytest.mark.usefixtures("one_thread")

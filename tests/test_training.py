@@ -13,9 +13,10 @@ from diffusers import StableDiffusionPipeline
 from safetensors.torch import load_file
 
 from diffusers_memcontrol import tiny_base as tb
-from diffusers_memcontrol.adapters import check_adapter_fits, load_adapter, resolve_mask, save_adapter
+from diffusers_memcontrol.adapters import check_adapter_fits, resolve_mask, save_adapter
 from diffusers_memcontrol.checkpoints import list_checkpoints, resolve_checkpoint
 from diffusers_memcontrol.config import FineTuneConfig, parse_threshold
+from diffusers_memcontrol.loaders import load_adapter
 from diffusers_memcontrol.training import train
 from diffusers_memcontrol.training_data import prepare_training_data, training_data_from_tensors
 

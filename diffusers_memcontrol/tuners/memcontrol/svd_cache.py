@@ -4,7 +4,9 @@ Every SV-DIFF injection (each search trial, each `load_memcontrol_adapter`) need
 SD1.5 that is minutes on a GPU and tens of minutes on a CPU. The cache key is the SHA-256 of the weight's shape, dtype
 and bytes, so any model holding the same weight (whatever its name or path) reuses the same factors. Files live in
 `<cache root>/svd/v1/<key[:2]>/<key>.safetensors` (the root is `$MEMCONTROL_CACHE_DIR` or the user cache folder) and
-are written atomically; a missing, unreadable or unwritable cache only costs the SVD.
+are written atomically; a missing, unreadable or unwritable cache only costs the SVD. Cached factors are used only
+after `check_factors` finds them an SVD of this very weight (shapes, dtype, finite values, orthonormal U and Vh,
+non-negative sorted S, and U diag(S) Vh reproducing the weight on random probes); a file that fails is recomputed.
 """
 
 from __future__ import annotations
@@ -50,6 +52,34 @@ def compute_svd(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch
     return u.contiguous(), s.contiguous(), vh.contiguous()
 
 
+def check_factors(weight: torch.Tensor, u: torch.Tensor, s: torch.Tensor, vh: torch.Tensor,
+                  probes: int = 4, tol: float = 1e-3) -> str | None:
+    """Why (u, s, vh) is not a thin SVD of `weight` flattened to out x rest, or None when it is (checked on random
+    probe vectors: O((out + in) * r) per probe, not a decomposition)."""
+    matrix = weight.detach().reshape(weight.shape[0], -1).float()
+    out, fan_in = matrix.shape
+    rank = min(out, fan_in)
+    if tuple(u.shape) != (out, rank) or tuple(s.shape) != (rank,) or tuple(vh.shape) != (rank, fan_in):
+        return f"shapes {tuple(u.shape)}, {tuple(s.shape)}, {tuple(vh.shape)} do not fit a {out}x{fan_in} weight"
+    if any(t.dtype != torch.float32 for t in (u, s, vh)):
+        return "factors are not float32"
+    if not all(torch.isfinite(t).all() for t in (u, s, vh)):
+        return "factors hold NaN or infinite values"
+    if (s < 0).any() or (s[1:] > s[:-1] * (1 + tol) + tol).any():
+        return "singular values are not non-negative and sorted"
+    generator = torch.Generator(device="cpu").manual_seed(0)
+    x = torch.randn(fan_in, probes, generator=generator).to(matrix.device)
+    y = torch.randn(rank, probes, generator=generator).to(matrix.device)
+    u, s, vh = u.to(matrix.device), s.to(matrix.device), vh.to(matrix.device)
+    scale = float(s[0]) if rank else 0.0
+    if (matrix @ x - u @ (s[:, None] * (vh @ x))).norm() > tol * max(scale, 1e-12) * x.norm():
+        return "factors do not reproduce the weight"
+    for basis in (u, vh.T):
+        if (basis.T @ (basis @ y) - y).norm() > tol * y.norm():
+            return "U or Vh is not orthonormal"
+    return None
+
+
 def layer_svd(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """U, S, Vh of `weight` on its device, read from the on-disk cache when this weight was decomposed before."""
     if weight.device.type == "meta":
@@ -58,7 +88,11 @@ def layer_svd(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.T
     if os.path.exists(path):
         try:
             factors = load_file(path, device=str(weight.device))
-            return factors["u"], factors["s"], factors["vh"]
+            u, s, vh = factors["u"], factors["s"], factors["vh"]
+            problem = check_factors(weight, u, s, vh)
+            if problem is None:
+                return u, s, vh
+            warnings.warn(f"Ignoring the SVD cache file {path}: {problem}; recomputing it.", stacklevel=2)
         except (OSError, SafetensorError, KeyError) as error:
             warnings.warn(f"Ignoring an unreadable SVD cache file {path}: {error}", stacklevel=2)
     u, s, vh = compute_svd(weight)
