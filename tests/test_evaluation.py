@@ -50,7 +50,7 @@ def setup(tmp_path_factory):
     config = EvaluationConfig(
         num_inference_steps=2, images_per_prompt=2, num_eval_prompts=4, extraction_generations=3,
         extraction_min_clique_size=2, dmem_batch_size=2, generation_batch_size=8, show_progress=False,
-        cache_dir=str(tmp_path_factory.mktemp("eval-cache")),
+        cache_dir=str(tmp_path_factory.mktemp("eval-cache")), quality_images=8,
     )
     pipe, encoder = make_pipeline(), make_encoder()
     generations = str(tmp_path_factory.mktemp("run") / "dmem_generations.safetensors")
@@ -138,7 +138,9 @@ def test_search_objectives(setup):
     config = EvaluationConfig.for_search(num_eval_prompts=4, num_inference_steps=2, dmem_batch_size=2,
                                          cache_dir=setup["config"].cache_dir)
     out = evaluate_search_objectives(setup["pipe"], setup["dmem"], setup["test"], config, encoder=setup["encoder"])
-    assert set(out) == {"dmem", "fid"} and all(_finite(v) for v in out.values())
+    assert {"dmem", "fid", "kid", "search_quality"} <= set(out)
+    assert all(_finite(out[k]) for k in ("dmem", "fid", "kid", "search_quality"))
+    assert out["search_objective"] == "fid" and out["search_quality"] == out["fid"] and out["agreement"] is None
     assert out["dmem"] == pytest.approx(setup["first"]["dmem"], rel=1e-5)  # same D_mem, seed and batch size
 
 
