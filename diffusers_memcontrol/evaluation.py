@@ -653,7 +653,8 @@ def _dmem_prompt_metrics(pipe: Any, dmem_dataset: Any, reference_dataset: Any, t
     if generations_path is not None:
         from .figures import save_dmem_generations
 
-        save_dmem_generations(generations_path, generations, training_images, flags)
+        save_dmem_generations(generations_path, generations, training_images, flags,
+                              round_trips=vae_round_trip(pipe.vae, training_images, config.encoder_batch_size))
     out.update(extracted_images=extraction["n_extracted"], memorized_prompts=extraction["n_flagged_prompts"],
                extraction=extraction)
     timings["extraction"] = time.perf_counter() - clock

@@ -158,6 +158,10 @@ def _add_run_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--eval_extraction_generations", type=int, default=None,
                    help="Generations per D_mem prompt in the extraction attack.")
     g.add_argument("--eval_inference_steps", type=int, default=None, help="Sampling steps of the evaluation.")
+    g.add_argument("--search_quality_objective", default=None, choices=["fid", "kid", "c2st", "agreement",
+                                                                        "fid_agreement"],
+                   help="Quality objective of search trials (EvaluationConfig.search_objective; default fid): FID, "
+                        "KID, C2ST accuracy, 1 - agreement, or FID x (1 - agreement).")
     g.add_argument("--report_to", default="tensorboard", help='tensorboard, wandb, all, or "none".')
     g.add_argument("--logging_dir", default="logs", help="Tracker folder, relative to output_dir.")
     g.add_argument("--tracker_project_name", default="memcontrol", help="Project name of the trackers.")
@@ -317,6 +321,13 @@ def evaluation_config(args: argparse.Namespace, domain: str | None) -> Any:
         values["feature_encoder"] = args.feature_encoder
     if domain != "digits" and "agreement" not in values:
         values["agreement"] = "none"
+    if "in_domain_classifier" not in values and domain is not None and args.pretrained_model_name_or_path is None:
+        from .metrics.in_domain import in_domain_classifier_path
+
+        if os.path.isfile(in_domain_classifier_path(domain)):  # fitted on the tiny base's VAE round trips
+            values["in_domain_classifier"] = domain
+    if args.search_quality_objective is not None:
+        values["search_objective"] = args.search_quality_objective
     for arg, name in (("eval_num_prompts", "num_eval_prompts"), ("eval_extraction_generations",
                       "extraction_generations"), ("eval_inference_steps", "num_inference_steps")):
         if getattr(args, arg) is not None:
