@@ -64,6 +64,7 @@ __all__ = [
     "evaluate_search_objectives",
     "generate_images",
     "reference_cache_dir",
+    "score_images",
     "search_quality",
     "write_metrics",
 ]
@@ -408,6 +409,31 @@ class _QualityJudges:
             "agreement": None if self.agreement is None else self.agreement(images, prompts, labels),
             "in_domain": None if self.in_domain is None else in_domain_rate(images, self.in_domain),
         }
+
+
+def score_images(images: torch.Tensor, eval_dataset: Any, config: EvaluationConfig | None = None, *,
+                 labels: Sequence[int] | None = None, prompts: Sequence[str] | None = None, encoder: Any = None,
+                 image_column: str = "image") -> dict[str, Any]:
+    """Every quality metric (:data:`QUALITY_METRICS`, with ``kid_std`` and the ``<name>_noise`` values) of any image
+    set ``[N, 3, H, W]`` in [-1, 1] against the real images of ``eval_dataset``, exactly as :func:`evaluate` scores
+    a model's generations: e.g. real images through a VAE (the ceiling) or another domain's images (a negative).
+
+    ``labels`` (one class per image) feed classifier agreement, ``prompts`` CLIP/BioViL agreement.
+    """
+    config = config or EvaluationConfig()
+    _check_dataset(eval_dataset, {"image_column": image_column}, "eval_dataset")
+    if encoder is None:
+        encoder = _load_feature_encoder(config, torch.device("cpu"))
+    resolution = config.resolution or int(images.shape[-1])
+    kind = _agreement_kind(config)
+    if kind == "classifier" and labels is None:
+        config = replace(config, agreement="none", search_objective="fid")
+    elif kind in ("clip", "biovil") and prompts is None:
+        raise ValueError(f"agreement={kind!r} needs one prompt per image.")
+    judges = _QualityJudges(encoder, eval_dataset, image_column, config, resolution)
+    feats = encoder.features(images, batch_size=config.encoder_batch_size)
+    prompts = list(prompts) if prompts is not None else [""] * len(images)
+    return judges.score(images, feats, prompts, None if labels is None else [int(v) for v in labels])
 
 
 def search_quality(metrics: dict[str, Any], objective: str) -> float:
