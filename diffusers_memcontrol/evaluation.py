@@ -4,9 +4,14 @@
 datasets:
 
 * ``fid`` -- quality: images generated for ``num_eval_prompts`` captions of ``eval_dataset`` (the test split in
-  stage 2, the validation split during the search) against the real images of ``eval_dataset``, in the feature
-  space of ``feature_encoder``. Reference statistics are cached on disk under a key built from the encoder's
-  weights and the reference images' bytes/paths, so every search trial reuses them.
+  stage 2, the validation split during the search; ``images_per_prompt`` raised until the set holds
+  ``quality_images``) against the real images of ``eval_dataset``, in the feature space of ``feature_encoder``.
+  Reference statistics are cached on disk under a key built from the encoder's weights and the reference images'
+  bytes/paths, so every search trial reuses them.
+* ``kid`` (unbiased at small n), ``c2st_accuracy`` (classifier two-sample test, 0.5 = indistinguishable) and
+  ``in_domain`` (share of generations a target-vs-pretraining-domain classifier calls in-domain) beside FID, each
+  with its noise (``<metric>_noise``: two disjoint halves of the generations), and the ``ceiling``: every quality
+  metric of real eval images through the pipeline's VAE (cached), the best any fine-tune can reach (docs/metrics.md).
 * ``amd`` -- memorization, eq. 5 of the paper (lower = more memorized): mean over the images generated for the
   ``D_mem`` prompts (``extraction_generations`` per prompt) of the minimum cosine distance to the features of the
   *training* images (``reference_dataset``: the data the model was fine-tuned on, which contains ``D_mem``).
@@ -23,7 +28,9 @@ datasets:
 * ``agreement`` -- text-image agreement of the eval generations: domain-classifier accuracy (built-in domains),
   CLIP score, or BioViL-T score.
 
-:func:`evaluate_search_objectives` computes only ``dmem`` and ``fid`` (the two objectives of a search trial).
+:func:`evaluate_search_objectives` computes only ``dmem`` and ``search_quality`` (the two objectives of a search
+trial: ``search_objective`` of FID, KID, C2ST, agreement or FID x (1 - agreement)). :func:`score_images` scores any
+image set with every quality metric.
 The returned dicts hold numbers, counts and the configuration only: never prompts or captions.
 """
 

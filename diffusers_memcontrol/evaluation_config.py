@@ -129,6 +129,15 @@ class EvaluationConfig:
         if self.in_domain_classifier is not None and not (isinstance(self.in_domain_classifier, str)
                                                           and self.in_domain_classifier):
             raise ValueError(f"in_domain_classifier must be None or a name/path, got {self.in_domain_classifier!r}.")
+        if self.in_domain_classifier is not None:
+            import os
+
+            from .metrics.in_domain import in_domain_classifier_path
+
+            if not (os.path.isfile(self.in_domain_classifier)
+                    or os.path.isfile(in_domain_classifier_path(self.in_domain_classifier))):
+                raise ValueError(f"in_domain_classifier {self.in_domain_classifier!r} is neither a shipped target "
+                                 "domain ('digits', 'animal-mnist') nor a .safetensors file.")
         for name in ("num_eval_prompts", "resolution", "max_reference_images", "max_train_images", "quality_images"):
             if getattr(self, name) is not None:
                 _positive_int(getattr(self, name), name)

@@ -150,8 +150,8 @@ def _add_run_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--eval_config", default=None, help="JSON file of EvaluationConfig fields.")
     g.add_argument("--eval_preset", default="full", choices=["full", "search"],
                    help="Starting EvaluationConfig: 'full' (every metric, the paper's settings) or 'search' (the "
-                        "reference code's cheap trial settings: FID and d_mem; no extraction attack or agreement, "
-                        "whatever --eval_extraction_generations says).")
+                        "reference code's cheap trial settings: FID, d_mem and the cheap quality metrics; no "
+                        "extraction attack, ceiling or noise estimate, whatever --eval_extraction_generations says).")
     g.add_argument("--feature_encoder", default=None,
                    help="FID/AMD features (default: tiny-domain on built-in domains, else inception).")
     g.add_argument("--eval_num_prompts", type=int, default=None, help="Prompts generated for FID/AMD.")
@@ -334,7 +334,11 @@ def evaluation_config(args: argparse.Namespace, domain: str | None) -> Any:
             values[name] = getattr(args, arg)
     if args.eval_preset == "search":  # trials score FID and d_mem only, whatever the stage-2 settings say
         search = EvaluationConfig.for_search()
-        values.update(extraction_generations=search.extraction_generations, agreement=search.agreement)
+        # agreement stays (cheap, and each trial's agreement shows whether its quality objective ranks masks as
+        # prompt fidelity does); extraction, the ceiling and the noise estimate are left to stage 2
+        values.update(extraction_generations=search.extraction_generations,
+                      **{name: values.get(name, getattr(search, name))
+                         for name in ("quality_images", "ceiling", "quality_noise")})
     values.setdefault("seed", args.seed)
     values.setdefault("show_progress", not args.no_progress)
     if args.resolution and "resolution" not in values:
