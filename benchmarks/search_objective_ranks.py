@@ -8,12 +8,14 @@ accuracy, 1 - agreement, FID x (1 - agreement)) per trial and its Spearman rank 
     python benchmarks/search_objective_ranks.py                       # ~10 trainer runs
     python benchmarks/search_objective_ranks.py --runs freeze:: full::1e-3 svdiff:11111:1e-2
 
-Writes benchmarks/results/search_objective_ranks.json and .md.
+Writes benchmarks/results/search_objective_ranks.json and .md. Runs that already hold a metrics.json in
+--output_dir are reused (rerun with the finished runs to collect a partial set).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import time
 
@@ -47,7 +49,12 @@ def main(argv=None) -> dict:
         flags += ["--mask", mask] if mask else []
         flags += ["--learning_rate", lr] if lr else []
         start = time.perf_counter()
-        metrics = run_trainer(flags, os.path.join(args.output_dir, spec.replace(":", "_")))
+        run_dir = os.path.join(args.output_dir, spec.replace(":", "_"))
+        if os.path.isfile(os.path.join(run_dir, "metrics.json")):  # a finished run of an earlier call: reused
+            with open(os.path.join(run_dir, "metrics.json"), encoding="utf-8") as f:
+                metrics = json.load(f)
+        else:
+            metrics = run_trainer(flags, run_dir)
         row = {"run": spec, "seconds": round(time.perf_counter() - start, 1),
                **{k: metrics.get(k) for k in ("fid", "kid", "c2st_accuracy", "agreement", "in_domain", "dmem")}}
         row.update({f"objective_{o}": search_quality(metrics, o) for o in OBJECTIVES})
