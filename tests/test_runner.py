@@ -39,13 +39,17 @@ def test_search_final_and_table(tmp_path):
     assert _read(os.path.join(out, "pareto.png"), "rb")[:4] == b"\x89PNG"
     assert "Full FT" in result["pareto_baselines"]
     rows = _json(os.path.join(out, "results.json"))
-    assert [(r["method"], r["mitigation"]) for r in rows] == [("freeze", "none"), ("memcontrol", "none")]
+    assert [(r["method"], r["mitigation"]) for r in rows] == [("ceiling", "none"), ("freeze", "none"),
+                                                              ("memcontrol", "none")]
+    ceiling, rows = rows[0], rows[1:]
+    assert ceiling["fid"] < rows[0]["fid"] and ceiling["in_domain"] > rows[0]["in_domain"]  # above the floor
+    assert _json(os.path.join(out, "search_summary.json"))["quality_objective"] == "fid"
     for row in rows:
         for key in ("fid", "amd", "dmem", "trainable_params", "extracted_images"):
             assert key in row
     assert rows[0]["trainable_params"] == 0 and rows[1]["trainable_params"] > 0
     table = _read(os.path.join(out, "results.md"))
-    assert "| Freeze |" in table and "| MemControl |" in table
+    assert "| Freeze |" in table and "| MemControl |" in table and "(ceiling) |" in table
     for name in ("trials.csv", "pareto.json"):
         assert os.path.exists(os.path.join(out, "search", "difffit", name))
     trial = _json(os.path.join(out, "trials", "memcontrol-difffit-paper", "trial-0000", "metrics.json"))
