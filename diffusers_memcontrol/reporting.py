@@ -68,8 +68,8 @@ def results_markdown(rows: Sequence[dict]) -> str:
         lines.append("| " + " | ".join(cells) + " |")
     noise = [(key, title) for key, title in NOISE_COLUMNS if any(r.get(key) is not None for r in rows)]
     if noise:
-        lines += ["", "Noise of each quality metric: |metric(half A) - metric(half B)| over two disjoint halves of "
-                  "one row's generations.", "",
+        lines += ["", ("Noise of each quality metric: |metric(half A) - metric(half B)| over two disjoint halves of "
+                       "one row's generations."), "",
                   "| Method | Mitigation | " + " | ".join(title for _, title in noise) + " |",
                   "|" + "---|" * (2 + len(noise))]
         for r in rows:

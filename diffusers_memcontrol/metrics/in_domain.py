@@ -13,8 +13,6 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import dataclass, field
-from typing import Any
-
 import numpy as np
 import torch
 import torch.nn.functional as F
