@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import dataclass, field
+
 import numpy as np
 import torch
 import torch.nn.functional as F
