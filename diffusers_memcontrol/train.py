@@ -328,6 +328,10 @@ def evaluation_config(args: argparse.Namespace, domain: str | None) -> Any:
             values["in_domain_classifier"] = domain
     if args.search_quality_objective is not None:
         values["search_objective"] = args.search_quality_objective
+    if values.get("search_objective") in ("agreement", "fid_agreement") and values.get("agreement") == "none":
+        raise InputError(f"--search_quality_objective {values['search_objective']} needs an agreement score, which "
+                         "only the digits domain has built in: choose fid, kid or c2st, or set \"agreement\" "
+                         "('clip', or 'classifier' with a label column and agreement_model) in --eval_config.")
     for arg, name in (("eval_num_prompts", "num_eval_prompts"), ("eval_extraction_generations",
                       "extraction_generations"), ("eval_inference_steps", "num_inference_steps")):
         if getattr(args, arg) is not None:
