@@ -20,7 +20,9 @@ import time
 
 import torch
 
-METRICS = ("fid", "amd", "agreement", "extracted_images", "memorized_prompts", "dmem", "dmem_exposures")
+METRICS = ("fid", "kid", "c2st_accuracy", "in_domain", "amd", "agreement", "extracted_images", "memorized_prompts",
+           "dmem", "dmem_exposures", "fid_noise", "kid_noise")
+# the ceiling row (real test images through the base's VAE) is a row of every seed's table, as "ceiling"
 # the quickstart's stage-2 settings (README)
 DEFAULT_TRAINER_ARGS = ("--max_train_steps 250 --learning_rate 1e-3 --caption_dropout 0.1 --max_train_samples 100 "
                         "--dmem_size 5 --dmem_unique_captions --eval_num_prompts 50 --eval_inference_steps 20 "
@@ -47,14 +49,18 @@ def summarize(runs: dict[int, list[dict]]) -> list[dict]:
 
 
 def markdown(summary: list[dict]) -> str:
-    """The summary as a Markdown table of mean ± std."""
+    """The summary as a Markdown table of mean ± std, the ceiling first."""
+    from diffusers_memcontrol.reporting import ROW_NAMES, ROW_ORDER
+
     names = [n for n in METRICS if any(n in row for row in summary)]
     lines = ["| Method | Mitigation | " + " | ".join(names) + " | Trainable params |",
              "|---|---|" + "---|" * len(names) + "---|"]
-    for row in summary:
+    order = {m: i for i, m in enumerate(ROW_ORDER)}
+    for row in sorted(summary, key=lambda r: order.get(r["method"], len(order))):
         cells = [f"{row[n]['mean']:.4g} ± {row[n]['std']:.2g}" if n in row else "—" for n in names]
-        lines.append(f"| {row['method']} | {row['mitigation']} | " + " | ".join(cells)
-                     + f" | {row['trainable_params']:,} |")
+        params = row["trainable_params"]
+        lines.append(f"| {ROW_NAMES.get(row['method'], row['method'])} | {row['mitigation']} | " + " | ".join(cells)
+                     + f" | {'—' if params is None else f'{params:,}'} |")
     return "\n".join(lines) + "\n"
 
 

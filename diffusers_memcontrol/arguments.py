@@ -29,6 +29,7 @@ from .config import DEFAULT_LR, FineTuneConfig, add_config_arguments, parse_thre
 from .errors import ArgumentParser, InputError, user_input
 from .evaluation_config import EvaluationConfig
 from .images import scan_images
+from .metrics.in_domain import in_domain_classifier_path
 from .mitigation import MITIGATIONS
 from .search import SELECTIONS, SearchConfig, default_n_workers
 from .tiny_base import DOMAINS, tiny_base_path
@@ -178,14 +179,18 @@ def _add_run_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--eval_config", default=None, help="JSON file of EvaluationConfig fields.")
     g.add_argument("--eval_preset", default="full", choices=["full", "search"],
                    help="Starting EvaluationConfig: 'full' (every metric, the paper's settings) or 'search' (the "
-                        "reference code's cheap trial settings: FID and d_mem; no extraction attack or agreement, "
-                        "whatever --eval_extraction_generations says).")
+                        "reference code's cheap trial settings: FID, d_mem and the cheap quality metrics; no "
+                        "extraction attack, ceiling or noise estimate, whatever --eval_extraction_generations says).")
     g.add_argument("--feature_encoder", default=None,
                    help="FID/AMD features (default: tiny-domain on built-in domains, else inception).")
     g.add_argument("--eval_num_prompts", type=int, default=None, help="Prompts generated for FID/AMD.")
     g.add_argument("--eval_extraction_generations", type=int, default=None,
                    help="Generations per D_mem prompt in the extraction attack.")
     g.add_argument("--eval_inference_steps", type=int, default=None, help="Sampling steps of the evaluation.")
+    g.add_argument("--search_quality_objective", default=None, choices=["fid", "kid", "c2st", "agreement",
+                                                                        "fid_agreement"],
+                   help="Quality objective of search trials (EvaluationConfig.search_objective; default fid): FID, "
+                        "KID, C2ST accuracy, 1 - agreement, or FID x (1 - agreement).")
     g.add_argument("--report_to", default="tensorboard", help='tensorboard, wandb, all, or "none".')
     g.add_argument("--logging_dir", default="logs", help="Tracker folder, relative to output_dir.")
     g.add_argument("--tracker_project_name", default="memcontrol", help="Project name of the trackers.")
@@ -454,13 +459,26 @@ def evaluation_config(args: argparse.Namespace, domain: str | None) -> Any:
         values["feature_encoder"] = args.feature_encoder
     if domain != "digits" and "agreement" not in values:
         values["agreement"] = "none"
+    if "in_domain_classifier" not in values and domain is not None and args.pretrained_model_name_or_path is None:
+        if os.path.isfile(in_domain_classifier_path(domain)):  # fitted on the tiny base's VAE round trips
+            values["in_domain_classifier"] = domain
+    if args.search_quality_objective is not None:
+        values["search_objective"] = args.search_quality_objective
+    if values.get("search_objective") in ("agreement", "fid_agreement") and values.get("agreement") == "none":
+        raise InputError(f"--search_quality_objective {values['search_objective']} needs an agreement score, which "
+                         "only the digits domain has built in: choose fid, kid or c2st, or set \"agreement\" "
+                         "('clip', or 'classifier' with a label column and agreement_model) in --eval_config.")
     for arg, name in (("eval_num_prompts", "num_eval_prompts"), ("eval_extraction_generations",
                       "extraction_generations"), ("eval_inference_steps", "num_inference_steps")):
         if getattr(args, arg) is not None:
             values[name] = getattr(args, arg)
     if args.eval_preset == "search":  # trials score FID and d_mem only, whatever the stage-2 settings say
         search = EvaluationConfig.for_search()
-        values.update(extraction_generations=search.extraction_generations, agreement=search.agreement)
+        # agreement stays (cheap, and each trial's agreement shows whether its quality objective ranks masks as
+        # prompt fidelity does); extraction, the ceiling and the noise estimate are left to stage 2
+        values.update(extraction_generations=search.extraction_generations,
+                      **{name: values.get(name, getattr(search, name))
+                         for name in ("quality_images", "ceiling", "quality_noise")})
     values.setdefault("seed", args.seed)
     values.setdefault("show_progress", not args.no_progress)
     if args.resolution and "resolution" not in values:

@@ -4,9 +4,14 @@
 datasets:
 
 * ``fid`` -- quality: images generated for ``num_eval_prompts`` captions of ``eval_dataset`` (the test split in
-  stage 2, the validation split during the search) against the real images of ``eval_dataset``, in the feature
-  space of ``feature_encoder``. Reference statistics are cached on disk under a key built from the encoder's
-  weights and the reference images' bytes/paths, so every search trial reuses them.
+  stage 2, the validation split during the search; ``images_per_prompt`` raised until the set holds
+  ``quality_images``) against the real images of ``eval_dataset``, in the feature space of ``feature_encoder``.
+  Reference statistics are cached on disk under a key built from the encoder's weights and the reference images'
+  bytes/paths, so every search trial reuses them.
+* ``kid`` (unbiased at small n), ``c2st_accuracy`` (classifier two-sample test, 0.5 = indistinguishable) and
+  ``in_domain`` (share of generations a target-vs-pretraining-domain classifier calls in-domain) beside FID, each
+  with its noise (``<metric>_noise``: two disjoint halves of the generations), and the ``ceiling``: every quality
+  metric of real eval images through the pipeline's VAE (cached), the best any fine-tune can reach (docs/metrics.md).
 * ``amd`` -- memorization, eq. 5 of the paper (lower = more memorized): mean over the images generated for the
   ``D_mem`` prompts (``extraction_generations`` per prompt) of the minimum cosine distance to the features of the
   *training* images (``reference_dataset``: the data the model was fine-tuned on, which contains ``D_mem``).
@@ -23,23 +28,27 @@ datasets:
 * ``agreement`` -- text-image agreement of the eval generations: domain-classifier accuracy (built-in domains),
   CLIP score, or BioViL-T score.
 
-:func:`evaluate_search_objectives` computes only ``dmem`` and ``fid`` (the two objectives of a search trial).
+:func:`evaluate_search_objectives` computes only ``dmem`` and ``search_quality`` (the two objectives of a search
+trial: ``search_objective`` of FID, KID, C2ST, agreement or FID x (1 - agreement)). :func:`score_images` scores any
+image set with every quality metric.
 The returned dicts hold numbers, counts and the configuration only: never prompts or captions.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import time
 from collections.abc import Sequence
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
 import torch
 
 from .columns import check_captions, check_columns
-from .evaluation_config import AGREEMENT_KINDS, EvaluationConfig, _positive_int
+from .evaluation_config import AGREEMENT_KINDS, SEARCH_OBJECTIVES, EvaluationConfig, _positive_int
 from .files import write_json_atomic
 from .images import pixel_batch
 from .metrics.fid import (
@@ -55,11 +64,15 @@ from .tuners import trainable_parameters
 
 __all__ = [
     "AGREEMENT_KINDS",
+    "QUALITY_METRICS",
+    "SEARCH_OBJECTIVES",
     "EvaluationConfig",
     "evaluate",
     "evaluate_search_objectives",
     "generate_images",
     "reference_cache_dir",
+    "score_images",
+    "search_quality",
     "write_metrics",
 ]
 
@@ -286,12 +299,19 @@ def _dmem(pipe: Any, dmem_dataset: Any, image_column: str, caption_column: str, 
                        batch_size=config.dmem_batch_size)
 
 
-def _agreement(images: torch.Tensor, prompts: list[str], labels: list[int] | None, encoder: Any,
-               config: EvaluationConfig) -> float | None:
-    """Mean text-image agreement of eval generations for the configured kind (None for 'none')."""
+def _agreement_kind(config: EvaluationConfig) -> str:
+    """The agreement kind to compute: the configured one, or 'classifier' where the search objective needs it."""
+    if config.agreement == "none" and config.search_objective in ("agreement", "fid_agreement"):
+        return "classifier"
+    return config.agreement
+
+
+def _agreement_scorer(encoder: Any, config: EvaluationConfig) -> Any:
+    """``score(images, prompts, labels) -> mean agreement`` of the configured kind, its model loaded once (None for
+    'none')."""
     from .metrics.agreement import biovil_score, classifier_agreement, clip_score
 
-    kind = config.agreement
+    kind = _agreement_kind(config)
     if kind == "none":
         return None
     if kind == "classifier":
@@ -300,19 +320,178 @@ def _agreement(images: torch.Tensor, prompts: list[str], labels: list[int] | Non
             from .tiny_base import load_domain_encoder
 
             classifier = load_domain_encoder(config.agreement_model)
-        return float(classifier_agreement(images, labels, classifier, image_size=32,
-                                          batch_size=config.encoder_batch_size))
+        return lambda images, prompts, labels: float(classifier_agreement(
+            images, labels, classifier, image_size=32, batch_size=config.encoder_batch_size))
     if kind == "clip":
         from .metrics.encoders import load_encoder
 
         clip = load_encoder("clip", weights_path=config.agreement_model)
-        return float(clip_score(images, prompts, clip, batch_size=config.encoder_batch_size).mean())
-    return float(biovil_score(images, prompts).mean())
+        return lambda images, prompts, labels: float(clip_score(
+            images, prompts, clip, batch_size=config.encoder_batch_size).mean())
+    return lambda images, prompts, labels: float(biovil_score(images, prompts).mean())
+
+
+def _agreement(images: torch.Tensor, prompts: list[str], labels: list[int] | None, encoder: Any,
+               config: EvaluationConfig) -> float | None:
+    """Mean text-image agreement of eval generations for the configured kind (None for 'none')."""
+    scorer = _agreement_scorer(encoder, config)
+    return None if scorer is None else scorer(images, prompts, labels)
+
+
+QUALITY_METRICS = ("fid", "kid", "c2st_accuracy", "agreement", "in_domain")
+"""Quality metrics scored on every generated set and on the ceiling; each also gets a ``<name>_noise``."""
+
+
+def _reference_features(encoder: Any, eval_dataset: Any, image_column: str, config: EvaluationConfig,
+                        resolution: int) -> np.ndarray:
+    """Cached features of the real eval images (the KID / C2ST reference; the same rows as FID's)."""
+    rows = _subset(len(eval_dataset), config.max_reference_images, config.seed)
+    key = content_key("quality-reference", _CACHE_VERSION, encoder_identity(encoder),
+                      image_column_fingerprint(eval_dataset, image_column, rows), resolution, config.center_crop,
+                      config.image_interpolation_mode)
+
+    def compute() -> np.ndarray:
+        return np.concatenate([encoder.features(batch, batch_size=config.encoder_batch_size).numpy()
+                               for batch in _real_images(eval_dataset, image_column, rows, resolution, config)])
+
+    return cached_features(config.cache_dir or reference_cache_dir(), key, compute)[0]
+
+
+class _QualityJudges:
+    """Everything that scores a set of images for quality, loaded once: feature encoder, FID statistics and
+    features of the real eval images, agreement scorer, in-domain classifier."""
+
+    def __init__(self, encoder: Any, eval_dataset: Any, image_column: str, config: EvaluationConfig,
+                 resolution: int) -> None:
+        self.encoder, self.config = encoder, config
+        self.ref_stats, self.ref_cached, self.n_ref = _fid_reference(encoder, eval_dataset, image_column, config,
+                                                                     resolution)
+        self.ref_feats = _reference_features(encoder, eval_dataset, image_column, config, resolution)
+        self.agreement = _agreement_scorer(encoder, config)
+        self.in_domain = None
+        if config.in_domain_classifier is not None:
+            from .metrics.in_domain import load_in_domain_classifier
+
+            self.in_domain = load_in_domain_classifier(config.in_domain_classifier)
+
+    def identity(self) -> list[Any]:
+        """What the scores depend on besides the images (a cache key part)."""
+        c = self.config
+        judge = getattr(self.encoder, "model", None) if c.agreement_model is None else c.agreement_model
+        return [encoder_identity(self.encoder), _agreement_kind(c), c.agreement_model,
+                encoder_identity(judge) if hasattr(judge, "state_dict") else None,
+                None if self.in_domain is None else self.in_domain.weight.numpy().tobytes().hex()[:64] +
+                str(float(self.in_domain.bias)), c.kid_subsets, c.kid_subset_size, c.c2st_folds, c.seed,
+                c.quality_noise, c.max_reference_images]
+
+    def score(self, images: torch.Tensor, feats: torch.Tensor, prompts: list[str],
+              labels: list[int] | None) -> dict[str, Any]:
+        """Every quality metric of one image set (and, with ``quality_noise``, its noise over two halves)."""
+        out = self._score(images, feats, prompts, labels)
+        if self.config.quality_noise and len(images) >= 4:
+            from .metrics.quality import disjoint_halves
+
+            halves = [self._score(images[h], feats[h], [prompts[i] for i in h],
+                                  None if labels is None else [labels[i] for i in h])
+                      for h in disjoint_halves(len(images))]
+            for name in QUALITY_METRICS:
+                a, b = halves[0][name], halves[1][name]
+                out[f"{name}_noise"] = None if a is None or b is None else abs(a - b)
+        return out
+
+    def _score(self, images: torch.Tensor, feats: torch.Tensor, prompts: list[str],
+               labels: list[int] | None) -> dict[str, Any]:
+        from .metrics.in_domain import in_domain_rate
+        from .metrics.quality import c2st_accuracy, kernel_inception_distance
+
+        c = self.config
+        kid, kid_std = kernel_inception_distance(feats, self.ref_feats, num_subsets=c.kid_subsets,
+                                                 subset_size=c.kid_subset_size, seed=c.seed)
+        n = min(len(feats), len(self.ref_feats))
+        return {
+            "fid": float(frechet_distance_from_stats(_stats_of(feats, "generated eval images"), self.ref_stats)),
+            "kid": kid, "kid_std": kid_std,
+            "c2st_accuracy": c2st_accuracy(feats, self.ref_feats, folds=c.c2st_folds, seed=c.seed)
+            if n >= c.c2st_folds else None,
+            "agreement": None if self.agreement is None else self.agreement(images, prompts, labels),
+            "in_domain": None if self.in_domain is None else in_domain_rate(images, self.in_domain),
+        }
+
+
+def score_images(images: torch.Tensor, eval_dataset: Any, config: EvaluationConfig | None = None, *,
+                 labels: Sequence[int] | None = None, prompts: Sequence[str] | None = None, encoder: Any = None,
+                 image_column: str = "image") -> dict[str, Any]:
+    """Every quality metric (:data:`QUALITY_METRICS`, with ``kid_std`` and the ``<name>_noise`` values) of any image
+    set ``[N, 3, H, W]`` in [-1, 1] against the real images of ``eval_dataset``, exactly as :func:`evaluate` scores
+    a model's generations: e.g. real images through a VAE (the ceiling) or another domain's images (a negative).
+
+    ``labels`` (one class per image) feed classifier agreement, ``prompts`` CLIP/BioViL agreement.
+    """
+    config = config or EvaluationConfig()
+    _check_dataset(eval_dataset, {"image_column": image_column}, "eval_dataset")
+    if encoder is None:
+        encoder = _load_feature_encoder(config, torch.device("cpu"))
+    resolution = config.resolution or int(images.shape[-1])
+    kind = _agreement_kind(config)
+    if kind == "classifier" and labels is None:
+        config = replace(config, agreement="none", search_objective="fid")
+    elif kind in ("clip", "biovil") and prompts is None:
+        raise ValueError(f"agreement={kind!r} needs one prompt per image.")
+    judges = _QualityJudges(encoder, eval_dataset, image_column, config, resolution)
+    feats = encoder.features(images, batch_size=config.encoder_batch_size)
+    prompts = list(prompts) if prompts is not None else [""] * len(images)
+    return judges.score(images, feats, prompts, None if labels is None else [int(v) for v in labels])
+
+
+def search_quality(metrics: dict[str, Any], objective: str) -> float:
+    """The search trial's quality objective (lower is better) from evaluation metrics."""
+    if objective == "fid":
+        return float(metrics["fid"])
+    if objective == "kid":
+        return float(metrics["kid"])
+    if objective == "c2st":
+        return float(metrics["c2st_accuracy"])
+    if metrics.get("agreement") is None:
+        raise ValueError(f"search_objective {objective!r} needs an agreement score (class labels on the validation "
+                         "split, or agreement 'clip'); none was computed.")
+    if objective == "agreement":
+        return 1.0 - float(metrics["agreement"])
+    return float(metrics["fid"]) * (1.0 - float(metrics["agreement"]))
+
+
+def _ceiling(pipe: Any, judges: _QualityJudges, eval_dataset: Any, image_column: str, caption_column: str,
+             label_column: str | None, config: EvaluationConfig, resolution: int, n_images: int) -> dict[str, Any]:
+    """Every quality metric of real eval images through the pipeline's VAE (as many as the generated set, up to
+    every eval image), cached on disk: the best any fine-tune of this pipeline can reach."""
+    from .metrics.extraction import vae_round_trip
+
+    rows = _subset(len(eval_dataset), n_images, config.seed)
+    labels = _labels(eval_dataset, rows, label_column, config) if judges.agreement is not None else None
+    key = content_key("ceiling", _CACHE_VERSION, encoder_identity(pipe.vae), *judges.identity(),
+                      image_column_fingerprint(eval_dataset, image_column, rows), labels, resolution,
+                      config.center_crop, config.image_interpolation_mode, _agreement_kind(config))
+    path = os.path.join(config.cache_dir or reference_cache_dir(), f"ceiling-{key}.json")
+    if os.path.isfile(path):
+        try:
+            with open(path, encoding="utf-8") as f:
+                return {**json.load(f), "cached": True}
+        except (OSError, ValueError):
+            pass  # unreadable: recompute and overwrite
+    clock = time.perf_counter()
+    images = torch.cat([vae_round_trip(pipe.vae, batch, config.encoder_batch_size)
+                        for batch in _real_images(eval_dataset, image_column, rows, resolution, config)])
+    feats = judges.encoder.features(images, batch_size=config.encoder_batch_size)
+    prompts = [""] * len(images) if _agreement_kind(config) in ("classifier", "none") else check_captions(
+        eval_dataset.select(rows)[caption_column], caption_column, "eval_dataset")
+    out = {**judges.score(images, feats, prompts, labels), "num_images": len(images),
+           "seconds": round(time.perf_counter() - clock, 3)}
+    write_json_atomic(path, out, sort_keys=True)
+    return {**out, "cached": False}
 
 
 def _labels(dataset: Any, rows: np.ndarray, label_column: str | None, config: EvaluationConfig) -> list[int] | None:
     """Integer labels of the eval rows when classifier agreement needs them."""
-    if config.agreement != "classifier":
+    if _agreement_kind(config) != "classifier":
         return None
     if label_column is None:
         if "label" not in dataset.column_names:
@@ -414,38 +593,52 @@ def evaluate(
         "resolution": int(resolution),
         "feature_encoder": str(getattr(encoder, "name", config.feature_encoder)),
         "train_features_cached": bool(train_cached),
+        "search_objective": config.search_objective,
+        "search_quality": search_quality(out, config.search_objective),
         "timings": {k: round(v, 3) for k, v in timings.items()},
         "config": config.to_dict(),
     })
     return out
 
 
+def _images_per_prompt(config: EvaluationConfig, n_prompts: int) -> int:
+    """Generations per eval prompt: images_per_prompt, raised until the set holds quality_images."""
+    if config.quality_images is None:
+        return config.images_per_prompt
+    return max(config.images_per_prompt, -(-config.quality_images // n_prompts))
+
+
 def _eval_prompt_metrics(pipe: Any, eval_dataset: Any, image_column: str, caption_column: str,
                          label_column: str | None, encoder: Any, config: EvaluationConfig, resolution: int,
                          timings: dict[str, float]) -> tuple[dict[str, Any], torch.Tensor]:
-    """FID and agreement of the eval prompts' generations; (metrics, their features)."""
+    """Quality metrics (FID, KID, C2ST, agreement, in-domain, their noise, the ceiling) of the eval prompts'
+    generations; (metrics, their features)."""
     clock = time.perf_counter()
     rows = _subset(len(eval_dataset), config.num_eval_prompts, config.seed)
     prompts = check_captions(eval_dataset.select(rows)[caption_column], caption_column, "eval_dataset")
     labels = _labels(eval_dataset, rows, label_column, config)
+    k = _images_per_prompt(config, len(prompts))
     eval_images = generate_images(
-        pipe, prompts, config.images_per_prompt, num_inference_steps=config.num_inference_steps,
+        pipe, prompts, k, num_inference_steps=config.num_inference_steps,
         guidance_scale=config.guidance_scale, resolution=resolution, batch_size=config.generation_batch_size,
         seed=config.seed, show_progress=config.show_progress, desc="generate (eval prompts)")
     timings["generate_eval"] = time.perf_counter() - clock
     clock = time.perf_counter()
     eval_feats = encoder.features(eval_images, batch_size=config.encoder_batch_size)
-    ref_stats, from_cache, n_ref = _fid_reference(encoder, eval_dataset, image_column, config, resolution)
-    fid = frechet_distance_from_stats(_stats_of(eval_feats, "generated eval images"), ref_stats)
-    timings["fid"] = time.perf_counter() - clock
-    clock = time.perf_counter()
-    repeated_labels = None if labels is None else [v for v in labels for _ in range(config.images_per_prompt)]
-    repeated_prompts = [p for p in prompts for _ in range(config.images_per_prompt)]
-    agreement = _agreement(eval_images, repeated_prompts, repeated_labels, encoder, config)
-    timings["agreement"] = time.perf_counter() - clock
-    return {"fid": float(fid), "agreement": agreement, "agreement_kind": config.agreement,
-            "num_eval_prompts": len(prompts), "num_eval_images": int(eval_images.shape[0]),
-            "num_fid_reference_images": int(n_ref), "fid_reference_cached": bool(from_cache)}, eval_feats
+    judges = _QualityJudges(encoder, eval_dataset, image_column, config, resolution)
+    repeated_labels = None if labels is None else [v for v in labels for _ in range(k)]
+    repeated_prompts = [p for p in prompts for _ in range(k)]
+    out: dict[str, Any] = judges.score(eval_images, eval_feats, repeated_prompts, repeated_labels)
+    timings["quality"] = time.perf_counter() - clock
+    out.update({"agreement_kind": _agreement_kind(config), "num_eval_prompts": len(prompts),
+                "num_eval_images": int(eval_images.shape[0]), "images_per_prompt": k,
+                "num_fid_reference_images": int(judges.n_ref), "fid_reference_cached": bool(judges.ref_cached)})
+    if config.ceiling:
+        clock = time.perf_counter()
+        out["ceiling"] = _ceiling(pipe, judges, eval_dataset, image_column, caption_column, label_column, config,
+                                  resolution, int(eval_images.shape[0]))
+        timings["ceiling"] = time.perf_counter() - clock
+    return out, eval_feats
 
 
 def _dmem_prompt_metrics(pipe: Any, dmem_dataset: Any, reference_dataset: Any, train_rows: np.ndarray,
@@ -493,7 +686,8 @@ def _dmem_prompt_metrics(pipe: Any, dmem_dataset: Any, reference_dataset: Any, t
     if generations_path is not None:
         from .figures import save_dmem_generations
 
-        save_dmem_generations(generations_path, generations, training_images, flags)
+        save_dmem_generations(generations_path, generations, training_images, flags,
+                              round_trips=vae_round_trip(pipe.vae, training_images, config.encoder_batch_size))
     out.update(extracted_images=extraction["n_extracted"], memorized_prompts=extraction["n_flagged_prompts"],
                extraction=extraction)
     timings["extraction"] = time.perf_counter() - clock
@@ -509,8 +703,11 @@ def evaluate_search_objectives(
     image_column: str = "image",
     caption_column: str = "text",
     encoder: Any = None,
-) -> dict[str, float]:
-    """The two objectives of a search trial: ``dmem`` (on D_mem, lower = less memorized) and ``fid`` (on validation).
+    label_column: str | None = None,
+) -> dict[str, Any]:
+    """The two objectives of a search trial: ``dmem`` (on D_mem, lower = less memorized) and ``search_quality`` (on
+    validation: ``config.search_objective`` of :data:`SEARCH_OBJECTIVES`, lower is better), with ``fid``, ``kid``,
+    ``c2st_accuracy`` and ``agreement`` (None unless computed) beside them.
 
     Uses ``config`` as given (default: :meth:`EvaluationConfig.for_search`, the reference code's trial settings);
     the validation reference statistics are cached on disk, so only the generations are paid per trial.
@@ -527,15 +724,22 @@ def evaluate_search_objectives(
         encoder = _load_feature_encoder(config, pipe.unet.device)
     rows = _subset(len(validation_dataset), config.num_eval_prompts, config.seed)
     prompts = check_captions(validation_dataset.select(rows)[caption_column], caption_column, "validation_dataset")
+    labels = _labels(validation_dataset, rows, label_column, config)
+    k = _images_per_prompt(config, len(prompts))
     images = generate_images(
-        pipe, prompts, config.images_per_prompt, num_inference_steps=config.num_inference_steps,
+        pipe, prompts, k, num_inference_steps=config.num_inference_steps,
         guidance_scale=config.guidance_scale, resolution=resolution, batch_size=config.generation_batch_size,
         seed=config.seed, show_progress=config.show_progress, desc="generate (validation prompts)")
     feats = encoder.features(images, batch_size=config.encoder_batch_size)
-    ref_stats, _, _ = _fid_reference(encoder, validation_dataset, image_column, config, resolution)
-    fid = frechet_distance_from_stats(_stats_of(feats, "generated validation images"), ref_stats)
+    judges = _QualityJudges(encoder, validation_dataset, image_column, replace(config, quality_noise=False),
+                            resolution)
+    quality = judges.score(images, feats, [p for p in prompts for _ in range(k)],
+                           None if labels is None else [v for v in labels for _ in range(k)])
     dmem = _dmem(pipe, dmem_dataset, image_column, caption_column, config, resolution)
-    return {"dmem": float(dmem.max), "fid": float(fid)}
+    return {"dmem": float(dmem.max), "fid": quality["fid"], "kid": quality["kid"],
+            "c2st_accuracy": quality["c2st_accuracy"], "agreement": quality["agreement"],
+            "search_objective": config.search_objective,
+            "search_quality": search_quality(quality, config.search_objective)}
 
 
 def write_metrics(metrics: dict[str, Any], path: str | os.PathLike) -> str:

@@ -10,9 +10,12 @@ from typing import Any
 
 from .images import check_interpolation
 
-__all__ = ["AGREEMENT_KINDS", "EvaluationConfig"]
+__all__ = ["AGREEMENT_KINDS", "SEARCH_OBJECTIVES", "EvaluationConfig"]
 
 AGREEMENT_KINDS = ("classifier", "clip", "biovil", "none")
+SEARCH_OBJECTIVES = ("fid", "kid", "c2st", "agreement", "fid_agreement")
+"""Quality objectives a search trial can minimize (``search_quality`` in the metrics): FID, KID, C2ST accuracy,
+1 - agreement, or FID x (1 - agreement)."""
 
 
 def _positive_int(value: Any, name: str, allow_zero: bool = False) -> None:
@@ -37,6 +40,28 @@ class EvaluationConfig:
     images_per_prompt: int = field(default=1, metadata={"help": "Generations per eval prompt (FID, agreement)."})
     num_eval_prompts: int | None = field(default=100, metadata={
         "help": "Eval prompts drawn (seeded) from eval_dataset; None = every row."})
+    quality_images: int | None = field(default=200, metadata={
+        "help": "Generations scored by the quality metrics (FID, KID, C2ST, agreement, in-domain): images_per_prompt "
+                "is raised until num_eval_prompts x images_per_prompt reaches it (FID is biased at small n); None: "
+                "images_per_prompt as given."})
+    kid_subsets: int = field(default=100, metadata={"help": "Random subsets averaged by KID."})
+    kid_subset_size: int = field(default=1000, metadata={
+        "help": "Rows per KID subset (capped by the smaller set)."})
+    c2st_folds: int = field(default=5, metadata={
+        "help": "Cross-validation folds of the classifier two-sample test (generated vs real eval features)."})
+    in_domain_classifier: str | None = field(default=None, metadata={
+        "help": "In-domain rate: a shipped classifier's target domain ('digits', 'animal-mnist': against the tiny "
+                "base's Fashion-MNIST) or a .safetensors file of metrics.in_domain.InDomainClassifier; None: none."})
+    quality_noise: bool = field(default=True, metadata={
+        "help": "Report each quality metric's noise (<metric>_noise): |metric(half A) - metric(half B)| over two "
+                "disjoint halves of the generations."})
+    ceiling: bool = field(default=True, metadata={
+        "help": "Also score real eval images through the pipeline's VAE (the best any fine-tune can reach) with "
+                "every quality metric (`ceiling` in the metrics; cached: it depends on the VAE, the eval images "
+                "and these settings only)."})
+    search_objective: str = field(default="fid", metadata={
+        "help": "Quality objective of a search trial, returned as search_quality (lower is better): 'fid', 'kid', "
+                "'c2st' (accuracy), 'agreement' (1 - agreement) or 'fid_agreement' (FID x (1 - agreement))."})
     resolution: int | None = field(default=None, metadata={
         "help": "Square generation size in pixels; None = the pipeline's default (unet sample_size x VAE factor)."})
     center_crop: bool = field(default=True, metadata={
@@ -94,7 +119,26 @@ class EvaluationConfig:
                      "dmem_batch_size", "generation_batch_size", "encoder_batch_size"):
             _positive_int(getattr(self, name), name)
         _positive_int(self.extraction_generations, "extraction_generations", allow_zero=True)
-        for name in ("num_eval_prompts", "resolution", "max_reference_images", "max_train_images"):
+        for name in ("kid_subsets", "kid_subset_size", "c2st_folds"):
+            _positive_int(getattr(self, name), name)
+        if self.kid_subset_size < 2 or self.c2st_folds < 2:
+            raise ValueError(f"kid_subset_size and c2st_folds must be >= 2, got {self.kid_subset_size}, "
+                             f"{self.c2st_folds}.")
+        if self.search_objective not in SEARCH_OBJECTIVES:
+            raise ValueError(f"search_objective must be one of {SEARCH_OBJECTIVES}, got {self.search_objective!r}.")
+        if self.in_domain_classifier is not None and not (isinstance(self.in_domain_classifier, str)
+                                                          and self.in_domain_classifier):
+            raise ValueError(f"in_domain_classifier must be None or a name/path, got {self.in_domain_classifier!r}.")
+        if self.in_domain_classifier is not None:
+            import os
+
+            from .metrics.in_domain import in_domain_classifier_path
+
+            if not (os.path.isfile(self.in_domain_classifier)
+                    or os.path.isfile(in_domain_classifier_path(self.in_domain_classifier))):
+                raise ValueError(f"in_domain_classifier {self.in_domain_classifier!r} is neither a shipped target "
+                                 "domain ('digits', 'animal-mnist') nor a .safetensors file.")
+        for name in ("num_eval_prompts", "resolution", "max_reference_images", "max_train_images", "quality_images"):
             if getattr(self, name) is not None:
                 _positive_int(getattr(self, name), name)
         if not isinstance(self.guidance_scale, (int, float)) or not math.isfinite(self.guidance_scale):
@@ -151,8 +195,10 @@ class EvaluationConfig:
 
     @classmethod
     def for_search(cls, **overrides: Any) -> EvaluationConfig:
-        """The reference code's cheap trial settings: 100 validation prompts x 1 image, guidance 4, no extraction."""
+        """The reference code's cheap trial settings: 100 validation prompts x 1 image, guidance 4, no extraction,
+        no ceiling and no noise estimate."""
         base: dict[str, Any] = {"num_eval_prompts": 100, "images_per_prompt": 1, "extraction_generations": 0,
-                                "agreement": "none", "show_progress": False}
+                                "agreement": "none", "show_progress": False, "quality_images": None,
+                                "ceiling": False, "quality_noise": False}
         base.update(overrides)
         return cls(**base)

@@ -10,6 +10,9 @@ from .files import atomic_path, write_json_atomic, write_text_atomic
 
 TABLE_COLUMNS = (
     ("fid", "FID ↓"),
+    ("kid", "KID ↓"),
+    ("c2st_accuracy", "C2ST acc. ↓"),
+    ("in_domain", "In-domain ↑"),
     ("amd", "AMD ↑"),
     ("agreement", "Agreement ↑"),
     ("extracted_images", "Extracted ↓"),
@@ -17,9 +20,14 @@ TABLE_COLUMNS = (
     ("dmem", "d_mem ↓"),
     ("trainable_params", "Trainable params"),
 )
-ROW_ORDER = ("freeze", "full", "svdiff", "difffit", "attention", "memcontrol")
-ROW_NAMES = {"freeze": "Freeze", "full": "Full FT", "svdiff": "SV-DIFF", "difffit": "DiffFit",
-             "attention": "Attention tuning", "memcontrol": "MemControl", "lora": "LoRA"}
+_QUALITY = {"fid", "kid", "c2st_accuracy", "in_domain", "agreement"}  # the columns the ceiling row fills
+NOISE_COLUMNS = (("fid_noise", "FID"), ("kid_noise", "KID"), ("c2st_accuracy_noise", "C2ST acc."),
+                 ("in_domain_noise", "In-domain"), ("agreement_noise", "Agreement"))
+CEILING = "ceiling"
+ROW_ORDER = (CEILING, "freeze", "full", "svdiff", "difffit", "attention", "memcontrol")
+ROW_NAMES = {CEILING: "Real test images through the VAE (ceiling)", "freeze": "Freeze", "full": "Full FT",
+             "svdiff": "SV-DIFF", "difffit": "DiffFit", "attention": "Attention tuning", "memcontrol": "MemControl",
+             "lora": "LoRA"}
 MITIGATION_NAMES = {"none": "—", "rwa": "RWA", "threshold": "Threshold"}
 
 
@@ -33,8 +41,20 @@ def _format(value) -> str:
     return str(value)
 
 
+def ceiling_row(metrics: dict) -> dict | None:
+    """The table row of the ceiling (real eval images through the base's VAE) from a run's metrics, or None."""
+    ceiling = metrics.get(CEILING)
+    if not isinstance(ceiling, dict):
+        return None
+    return {"method": CEILING, "peft_method": None, "mitigation": "none",
+            **{k: v for k, v in ceiling.items() if isinstance(v, (int, float)) and not isinstance(v, bool)
+               or v is None}}
+
+
 def results_markdown(rows: Sequence[dict]) -> str:
-    """Markdown table with one row per (method, mitigation) and the paper's metric columns."""
+    """Markdown table with one row per (method, mitigation) and the paper's metric columns; the ceiling first (the
+    best any fine-tune can reach on the quality columns), then Freeze (the floor). A second table gives each quality
+    metric's noise (two disjoint halves of one model's generations) where the rows hold it."""
     order = {m: i for i, m in enumerate(ROW_ORDER)}
     mitigations = list(MITIGATION_NAMES)
     rows = sorted(rows, key=lambda r: (order.get(r["method"], len(order)),
@@ -43,9 +63,20 @@ def results_markdown(rows: Sequence[dict]) -> str:
     lines = [header, "|" + "---|" * (2 + len(TABLE_COLUMNS))]
     for r in rows:
         cells = [ROW_NAMES.get(r["method"], r["method"]), MITIGATION_NAMES.get(r.get("mitigation", "none"), "?")]
-        cells += [_format(r.get(key)) for key, _ in TABLE_COLUMNS]
+        cells += [_format(r.get(key)) if r["method"] != CEILING or key in _QUALITY else "—"
+                  for key, _ in TABLE_COLUMNS]
         lines.append("| " + " | ".join(cells) + " |")
+    noise = [(key, title) for key, title in NOISE_COLUMNS if any(r.get(key) is not None for r in rows)]
+    if noise:
+        lines += ["", ("Noise of each quality metric: |metric(half A) - metric(half B)| over two disjoint halves of "
+                       "one row's generations."), "",
+                  "| Method | Mitigation | " + " | ".join(title for _, title in noise) + " |",
+                  "|" + "---|" * (2 + len(noise))]
+        for r in rows:
+            cells = [ROW_NAMES.get(r["method"], r["method"]), MITIGATION_NAMES.get(r.get("mitigation", "none"), "?")]
+            lines.append("| " + " | ".join(cells + [_format(r.get(key)) for key, _ in noise]) + " |")
     return "\n".join(lines) + "\n"
+
 
 
 def write_results(rows: Sequence[dict], output_dir: str) -> tuple[str, str]:

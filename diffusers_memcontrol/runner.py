@@ -34,7 +34,7 @@ from .errors import InputError, redact_url, user_input
 from .figures import write_memorization_figure
 from .files import write_json_atomic
 from .mitigation import MITIGATIONS
-from .reporting import pareto_plot, write_results
+from .reporting import ceiling_row, pareto_plot, write_results
 from .search import (
     OBJECTIVES,
     SearchConfig,
@@ -70,7 +70,9 @@ def run_search(unet, train_args: list[str], output_dir: str, search_spaces: list
         for t in study.trials:
             if t.values is not None:
                 trials.append({"study": study.study_name, "method": method, "number": len(trials), "trial": t.number,
-                               "dmem": t.values[0], "fid": t.values[1], "mask": mask_of_trial(t, space).bitstring,
+                               "dmem": t.values[0], "fid": t.values[1], "fid_score": t.user_attrs.get("fid"),
+                               "quality_objective": t.user_attrs.get("search_objective", "fid"),
+                               "mask": mask_of_trial(t, space).bitstring,
                                "default_mask": bool(t.user_attrs.get("seeded")),
                                "trainable_params": t.user_attrs.get("trainable_params"),
                                "dmem_exposures": t.user_attrs.get("dmem_exposures")})
@@ -90,6 +92,8 @@ def run_search(unet, train_args: list[str], output_dir: str, search_spaces: list
         "scope": scope,
         "selection": config.selection,
         "objectives": list(OBJECTIVES),
+        # what the second objective (the trials' "fid" values) measures: EvaluationConfig.search_objective
+        "quality_objective": ",".join(sorted({t["quality_objective"] for t in trials})),
         "chosen": {"method": chosen_method, "mask": mask.to_dict(), "dmem": chosen.values[0], "fid": chosen.values[1],
                    "learning_rate": chosen.params.get("learning_rate"), "row": chosen_row},
         "front": [row_of[(name, t.number)] for name, t in union],
@@ -167,13 +171,16 @@ def run_final(train_args: list[str], output_dir: str, chosen: dict, layout: str,
             run_dir = os.path.join(output_dir, "final", f"{row_name}-{mitigation}")
             runs.append((row_name, method, mitigation, args, run_dir))
     done: dict[int, dict] = {}
+    ceiling: list[dict] = []  # the same for every row (base VAE, test split): kept from the first that has it
 
     def collect(index: int, metrics: dict) -> None:
         row_name, method, mitigation, _, run_dir = runs[index]
         done[index] = {"method": row_name, "peft_method": method, "mitigation": mitigation,
                        **{k: v for k, v in metrics.items() if isinstance(v, (int, float)) or v is None},
                        "dmem_exposures": dmem_exposures(run_dir)["dmem_exposures"]}
-        write_results([done[i] for i in sorted(done)], output_dir)  # partial tables survive an interrupted run
+        if not ceiling and (row := ceiling_row(metrics)) is not None:
+            ceiling.append(row)
+        write_results(ceiling + [done[i] for i in sorted(done)], output_dir)  # partial tables survive a stop
 
     order = sorted(range(len(runs)), key=lambda i: runs[i][1] == "freeze")
     index_of = {pool.submit(runs[i][3], runs[i][4], wait=False): i for i in order}
@@ -186,7 +193,7 @@ def run_final(train_args: list[str], output_dir: str, chosen: dict, layout: str,
     for i, future in [(i, pool.submit(runs[i][3], runs[i][4], wait=True)) for i in sorted(deferred)]:
         collect(i, future.result())
     write_memorization_figure([done[i] for i in sorted(done)], output_dir)
-    return [done[i] for i in sorted(done)]
+    return ceiling + [done[i] for i in sorted(done)]
 
 
 CLAIM_POLL_SECONDS = 2.0

@@ -303,7 +303,8 @@ def make_objective(space: MaskSpace, config: SearchConfig, run_trial: TrialFunct
         for key, value in metrics.items():
             if isinstance(value, (int, float, str, bool)) or value is None:
                 trial.set_user_attr(key, value)
-        values = tuple(float(metrics[k]) for k in OBJECTIVES)
+        # the quality objective: EvaluationConfig.search_objective's value where the evaluation reports it, else FID
+        values = (float(metrics["dmem"]), float(metrics.get("search_quality", metrics["fid"])))
         if not all(math.isfinite(v) for v in values):
             raise optuna.TrialPruned(f"non-finite objectives {values}")
         return values

@@ -50,7 +50,7 @@ def setup(tmp_path_factory):
     config = EvaluationConfig(
         num_inference_steps=2, images_per_prompt=2, num_eval_prompts=4, extraction_generations=3,
         extraction_min_clique_size=2, dmem_batch_size=2, generation_batch_size=8, show_progress=False,
-        cache_dir=str(tmp_path_factory.mktemp("eval-cache")),
+        cache_dir=str(tmp_path_factory.mktemp("eval-cache")), quality_images=8,
     )
     pipe, encoder = make_pipeline(), make_encoder()
     generations = str(tmp_path_factory.mktemp("run") / "dmem_generations.safetensors")
@@ -138,7 +138,9 @@ def test_search_objectives(setup):
     config = EvaluationConfig.for_search(num_eval_prompts=4, num_inference_steps=2, dmem_batch_size=2,
                                          cache_dir=setup["config"].cache_dir)
     out = evaluate_search_objectives(setup["pipe"], setup["dmem"], setup["test"], config, encoder=setup["encoder"])
-    assert set(out) == {"dmem", "fid"} and all(_finite(v) for v in out.values())
+    assert {"dmem", "fid", "kid", "search_quality"} <= set(out)
+    assert all(_finite(out[k]) for k in ("dmem", "fid", "kid", "search_quality"))
+    assert out["search_objective"] == "fid" and out["search_quality"] == out["fid"] and out["agreement"] is None
     assert out["dmem"] == pytest.approx(setup["first"]["dmem"], rel=1e-5)  # same D_mem, seed and batch size
 
 
@@ -280,3 +282,33 @@ def test_pixel_replication_space_tells_a_copy_from_its_classmates_on_tiny_base()
     classmates = (train_feats[:20] @ train_feats.T).masked_fill(labels[:20, None] != labels[None], -1)
     classmates.fill_diagonal_(-1)
     assert bool((similarity.diagonal() > classmates.max(1).values).all())
+
+
+def test_quality_metrics_noise_and_ceiling_are_reported(setup):
+    metrics = setup["first"]
+    assert _finite(metrics["kid"]) and _finite(metrics["fid_noise"]) and _finite(metrics["kid_noise"])
+    assert 0 <= metrics["c2st_accuracy"] <= 1 and metrics["in_domain"] is None  # no in-domain classifier named
+    ceiling = metrics["ceiling"]
+    assert ceiling["num_images"] == metrics["num_eval_images"] == 8 and ceiling["cached"] is False
+    assert all(_finite(ceiling[k]) for k in ("fid", "kid", "c2st_accuracy", "agreement"))
+    assert metrics["search_objective"] == "fid" and metrics["search_quality"] == metrics["fid"]
+
+
+def test_quality_images_raise_the_generations_per_prompt():
+    from diffusers_memcontrol.evaluation import _images_per_prompt
+
+    assert _images_per_prompt(EvaluationConfig(num_eval_prompts=50), 50) == 4  # default quality_images=200
+    assert _images_per_prompt(EvaluationConfig(quality_images=None, images_per_prompt=3), 50) == 3
+    assert _images_per_prompt(EvaluationConfig(quality_images=10, images_per_prompt=3), 50) == 3
+
+
+def test_search_quality_objectives():
+    from diffusers_memcontrol.evaluation import search_quality
+
+    metrics = {"fid": 40.0, "kid": 1.5, "c2st_accuracy": 0.9, "agreement": 0.25}
+    assert [search_quality(metrics, o) for o in ("fid", "kid", "c2st", "agreement", "fid_agreement")] == [
+        40.0, 1.5, 0.9, 0.75, 30.0]
+    with pytest.raises(ValueError, match="needs an agreement"):
+        search_quality({**metrics, "agreement": None}, "agreement")
+    with pytest.raises(ValueError, match="search_objective"):
+        EvaluationConfig(search_objective="bleu")

@@ -84,3 +84,44 @@ def test_stage_two_figure_picks_full_memcontrol_and_the_best_other_baseline(tmp_
         assert fh.read(4) == b"\x89PNG"
     rows[2]["fid"] = 20.0  # SV-DIFF is now the best other baseline, and its run kept no generations
     assert write_memorization_figure(rows, str(tmp_path)) is None
+
+
+def test_ceiling_row_comes_first_with_quality_columns_only_and_a_noise_table():
+    from diffusers_memcontrol.reporting import ceiling_row
+
+    metrics = {"fid": 70.0, "kid": 2.0, "fid_noise": 3.0, "dmem": 0.5, "trainable_params": 0,
+               "ceiling": {"fid": 3.2, "kid": 0.11, "agreement": 0.99, "in_domain": 1.0, "fid_noise": 1.7,
+                           "cached": True, "num_images": 200}}
+    ceiling = ceiling_row(metrics)
+    assert ceiling["method"] == "ceiling" and "cached" not in ceiling and ceiling["fid"] == 3.2
+    assert ceiling_row({"fid": 1.0}) is None
+    text = results_markdown([{"method": "freeze", "mitigation": "none", **metrics}, ceiling])
+    body = text.splitlines()[2:4]
+    assert body[0].startswith("| Real test images through the VAE (ceiling) | — | 3.2 | 0.11 |")
+    assert body[1].startswith("| Freeze |")
+    header = [cell.strip() for cell in text.splitlines()[0].split("|")]
+    assert [c.strip() for c in body[0].split("|")][header.index("d_mem ↓")] == "—"
+    assert "Noise of each quality metric" in text and "| Freeze | — | 3 |" in text
+
+
+def test_memorization_figure_shows_the_vae_round_trip_ceiling(tmp_path):
+    import torch
+    from PIL import Image
+
+    from diffusers_memcontrol.figures import (
+        DMEM_GENERATIONS_FILE,
+        load_dmem_generations,
+        memorization_figure,
+        save_dmem_generations,
+    )
+
+    plain = _fake_run(tmp_path / "plain", 2, 0)
+    generations = torch.rand(2, 10, 3, 32, 32) * 2 - 1
+    (tmp_path / "ceiling").mkdir()
+    save_dmem_generations(tmp_path / "ceiling" / DMEM_GENERATIONS_FILE, generations, generations[:, 0],
+                          torch.zeros(2, 10, dtype=torch.uint8), round_trips=generations[:, 1])
+    assert load_dmem_generations(tmp_path / "ceiling" / DMEM_GENERATIONS_FILE)["round_trips"].shape == (2, 3, 32, 32)
+    without = memorization_figure({"A": plain}, str(tmp_path / "a.png"), n_pairs=2, n_generations=3)
+    with_ceiling = memorization_figure({"A": str(tmp_path / "ceiling")}, str(tmp_path / "b.png"), n_pairs=2,
+                                       n_generations=3)
+    assert Image.open(with_ceiling).size[0] > Image.open(without).size[0]  # one more column: the ceiling

@@ -39,13 +39,17 @@ def test_search_final_and_table(tmp_path):
     assert _read(os.path.join(out, "pareto.png"), "rb")[:4] == b"\x89PNG"
     assert "Full FT" in result["pareto_baselines"]
     rows = _json(os.path.join(out, "results.json"))
-    assert [(r["method"], r["mitigation"]) for r in rows] == [("freeze", "none"), ("memcontrol", "none")]
+    assert [(r["method"], r["mitigation"]) for r in rows] == [("ceiling", "none"), ("freeze", "none"),
+                                                              ("memcontrol", "none")]
+    ceiling, rows = rows[0], rows[1:]
+    assert ceiling["fid"] < rows[0]["fid"] and ceiling["in_domain"] >= 0.9  # above the floor; digits through the VAE
+    assert _json(os.path.join(out, "search_summary.json"))["quality_objective"] == "fid"
     for row in rows:
         for key in ("fid", "amd", "dmem", "trainable_params", "extracted_images"):
             assert key in row
     assert rows[0]["trainable_params"] == 0 and rows[1]["trainable_params"] > 0
     table = _read(os.path.join(out, "results.md"))
-    assert "| Freeze |" in table and "| MemControl |" in table
+    assert "| Freeze |" in table and "| MemControl |" in table and "(ceiling) |" in table
     for name in ("trials.csv", "pareto.json"):
         assert os.path.exists(os.path.join(out, "search", "difffit", name))
     trial = _json(os.path.join(out, "trials", "memcontrol-difffit-paper", "trial-0000", "metrics.json"))
@@ -71,7 +75,10 @@ def test_transfer_runs_stage_two_with_a_given_mask(tmp_path):
     result = main_search(argv)
     assert result["transfer"]["mask"] == Mask.load(str(found)).to_dict()
     rows = _json(os.path.join(out, "results.json"))
-    assert [(r["method"], r["peft_method"]) for r in rows] == [("freeze", "freeze"), ("memcontrol", "difffit")]
+    assert [(r["method"], r["peft_method"]) for r in rows] == [("ceiling", None), ("freeze", "freeze"),
+                                                               ("memcontrol", "difffit")]
+    assert rows[0]["in_domain"] >= 0.9  # real animal-mnist test images through the VAE, vs the base's Fashion-MNIST
+    rows = rows[1:]
     memcontrol = _json(os.path.join(out, "final", "memcontrol-none", "summary.json"))
     assert memcontrol["mask"] == Mask.load(str(found)).to_dict()
     data = _json(os.path.join(out, "final", "memcontrol-none", "training_config.json"))["data"]
@@ -86,8 +93,8 @@ def test_transfer_runs_stage_two_with_a_given_mask(tmp_path):
     again = main_search(argv)
     assert os.stat(summaries["freeze-none"]).st_mtime_ns == before["freeze-none"]
     assert os.stat(summaries["memcontrol-none"]).st_mtime_ns != before["memcontrol-none"]
-    assert again["rows"][0] == result["rows"][0]  # reused as it was
-    assert again["rows"][1]["trainable_params"] == result["rows"][1]["trainable_params"]
+    assert again["rows"][:2] == result["rows"][:2]  # the ceiling (cached) and Freeze, reused as they were
+    assert again["rows"][2]["trainable_params"] == result["rows"][2]["trainable_params"]
 
 
 def test_search_arguments_are_checked():

@@ -99,6 +99,15 @@ def test_nsga2_is_used_and_default_mask_seeded(space, tmp_path):
     assert isinstance(worker_study.sampler, optuna.samplers.NSGAIISampler)
 
 
+def test_the_quality_objective_is_search_quality_where_the_trial_reports_it(space, tmp_path):
+    def kid_trial(mask, learning_rate, trial):
+        return {"dmem": 1.0, "fid": 50.0, "search_quality": 0.25, "search_objective": "kid"}
+
+    study = optimize(space, _config(None, n_trials=2), str(tmp_path), kid_trial)
+    for t in study.get_trials(states=(TrialState.COMPLETE,)):
+        assert t.values == [1.0, 0.25] and t.user_attrs["fid"] == 50.0 and t.user_attrs["search_objective"] == "kid"
+
+
 def test_pareto_selection_and_exports(space, tmp_path):
     config = _config(None, n_trials=12, seed=1)
     study = optimize(space, config, str(tmp_path), toy_trial)
