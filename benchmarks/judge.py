@@ -85,7 +85,7 @@ class Judge:
         x = _features(np.asarray(pixels))
         in_domain = self.domain.predict(x).astype(bool)
         right = self.classes.predict(x) == np.asarray(prompted)
-        return {"n": int(len(x)), "in_domain": float(in_domain.mean()), "prompt_fidelity": float(right.mean()),
+        return {"n": len(x), "in_domain": float(in_domain.mean()), "prompt_fidelity": float(right.mean()),
                 "prompt_fidelity_in_domain": float(right[in_domain].mean()) if in_domain.any() else 0.0}
 
 

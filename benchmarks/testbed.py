@@ -11,24 +11,28 @@ prompt, 20 sampling steps), merged by run name into the results file.
 from __future__ import annotations
 
 import argparse
+import fcntl
 import json
 import os
 import sys
+import tempfile
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from judge import Judge, judge_run  # noqa: E402
+from judge import Judge, judge_run
 
-from diffusers_memcontrol.files import write_json_atomic  # noqa: E402
-from diffusers_memcontrol.search import dmem_exposures  # noqa: E402
+from diffusers_memcontrol.files import write_json_atomic
+from diffusers_memcontrol.search import dmem_exposures
 
 
 def describe(run_dir: str) -> dict:
     """The run's configuration and memorization figures, from the files the trainer wrote."""
     with open(os.path.join(run_dir, "training_config.json"), encoding="utf-8") as f:
         config = json.load(f)
-    with open(os.path.join(run_dir, "metrics.json"), encoding="utf-8") as f:
-        metrics = json.load(f)
+    metrics = {}  # a run trained without --eval: no memorization figures
+    if os.path.isfile(os.path.join(run_dir, "metrics.json")):
+        with open(os.path.join(run_dir, "metrics.json"), encoding="utf-8") as f:
+            metrics = json.load(f)
     run, fine_tune, data = config["run"], config["fine_tune"], config["data"]
     copies = run["dmem_repeats"] if run.get("hpo") or run.get("duplicate_dmem") else 1
     rows = data["train_samples"]
@@ -54,20 +58,24 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     torch.set_num_threads(1)
-    results = {"runs": {}}
-    if os.path.isfile(args.results):
-        with open(args.results, encoding="utf-8") as f:
-            results = json.load(f)
     judge = Judge()
-    results["judge_ceiling"] = judge.ceiling
     for run_dir in args.runs:
         row = describe(run_dir)
         row.update(judge_run(judge, run_dir))
         if args.note:
             row["note"] = args.note
-        results["runs"][os.path.basename(os.path.normpath(run_dir))] = row
-        print(os.path.basename(run_dir), json.dumps(row), flush=True)
-        write_json_atomic(args.results, results)
+        name = os.path.basename(os.path.normpath(run_dir))
+        print(name, json.dumps(row), flush=True)
+        lock_path = os.path.join(tempfile.gettempdir(), "memcontrol-testbed.lock")
+        with open(lock_path, "w") as lock:  # several collectors may run at once
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            results = {"runs": {}}
+            if os.path.isfile(args.results):
+                with open(args.results, encoding="utf-8") as f:
+                    results = json.load(f)
+            results["judge_ceiling"] = judge.ceiling
+            results["runs"][name] = row
+            write_json_atomic(args.results, results)
     return 0
 
 
