@@ -23,6 +23,7 @@ import argparse
 import json
 import os
 import sys
+import tempfile
 
 import numpy as np
 import torch
@@ -59,9 +60,18 @@ def _features(pixels: np.ndarray) -> np.ndarray:
 class Judge:
     """The two classifiers, fitted on VAE round trips; `score` rates generated images of known prompted classes."""
 
-    def __init__(self, seed: int = 0):
+    def __init__(self, seed: int = 0, cache: str | None = None):
         from sklearn.linear_model import LogisticRegression
 
+        cache = cache or os.path.join(tempfile.gettempdir(), f"memcontrol-judge-{seed}.npz")
+        if os.path.isfile(cache):  # plain arrays (no pickle): the fitted coefficients and the ceiling
+            saved = np.load(cache)
+            self.domain, self.classes = LogisticRegression(), LogisticRegression()
+            for name, model in (("domain", self.domain), ("classes", self.classes)):
+                model.coef_, model.intercept_ = saved[f"{name}_coef"], saved[f"{name}_intercept"]
+                model.classes_ = saved[f"{name}_classes"]
+            self.ceiling = json.loads(str(saved["ceiling"]))
+            return
         vae = _vae()
         rng = np.random.default_rng(seed)
         digits, labels = load_domain_arrays("digits", "train")
@@ -79,6 +89,9 @@ class Judge:
             "in_domain_fashion_test": float(self.domain.predict(tf).mean()),
             "class_accuracy_digits_test": float((self.classes.predict(td) == test_labels).mean()),
         }
+        np.savez(cache, ceiling=json.dumps(self.ceiling),
+                 **{f"{name}_{part}": getattr(model, f"{part}_") for name, model in
+                    (("domain", self.domain), ("classes", self.classes)) for part in ("coef", "intercept", "classes")})
 
     def score(self, pixels: np.ndarray, prompted: np.ndarray) -> dict:
         """Rate generations ([N, 1024] or [N, 32, 32] pixels in [0, 1]) prompted with digit classes `prompted`."""
