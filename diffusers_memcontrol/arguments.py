@@ -542,7 +542,8 @@ def check_inputs(args: argparse.Namespace) -> CheckedInputs:
             with user_input():
                 scan_images(dataset, args.image_column, progress=False)
     values = {name: getattr(args, name) for names in CONFIG_FLAGS.values() for name in names}
-    values["learning_rate"] = args.learning_rate or DEFAULT_LR[args.peft_method]
+    values["learning_rate"] = (args.learning_rate or args.learning_rates.get(args.peft_method)
+                               or DEFAULT_LR[args.peft_method])
     if args.max_train_steps is None and args.num_train_epochs is None:
         del values["max_train_steps"]  # the config's default step count
     with user_input():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 from dataclasses import asdict, dataclass, field, fields
@@ -14,6 +15,23 @@ from .tuners import METHODS as PEFT_METHODS
 
 LR_SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup")
 DEFAULT_LR = {"svdiff": 1e-3, "difffit": 1e-3, "lora": 1e-4, "attention": 1e-5, "full": 1e-5, "freeze": 1e-3}
+
+
+def parse_learning_rates(text: str) -> dict[str, float]:
+    """`"svdiff=3e-2,attention=3e-3"` -> {method: learning rate} (PEFT methods usually train with larger rates)."""
+    rates = {}
+    for item in (i.strip() for i in text.split(",")):
+        method, _, value = item.partition("=")
+        try:
+            rate = float(value)
+        except ValueError:
+            rate = float("nan")
+        if method.strip() not in PEFT_METHODS or not (rate > 0 and math.isfinite(rate)):
+            raise argparse.ArgumentTypeError(f"{item!r}: expected METHOD=RATE with METHOD one of "
+                                             f"{', '.join(PEFT_METHODS)} and RATE a positive number, e.g. "
+                                             "svdiff=3e-2,full=1e-3")
+        rates[method.strip()] = rate
+    return rates
 
 
 @dataclass
@@ -169,7 +187,12 @@ def add_config_arguments(group: Any, names: tuple[str, ...]) -> None:
         default = f.default
         if name == "learning_rate":
             default = None
-            help_text += " Default: " + ", ".join(f"{lr:g} for {m}" for m, lr in DEFAULT_LR.items()) + "."
+            help_text += (" Default: the method's rate in --learning_rates, else " +
+                          ", ".join(f"{lr:g} for {m}" for m, lr in DEFAULT_LR.items()) + ".")
+            group.add_argument("--learning_rates", type=parse_learning_rates, default={}, metavar="METHOD=LR,...",
+                               help="Per-method learning rates (e.g. svdiff=3e-2,attention=3e-3,full=1e-3), used when "
+                                    "--learning_rate is not given: every row of a search or a table trains its method "
+                                    "at its own rate.")
         elif name == "max_train_steps":
             default = None
             help_text += f" Default when --num_train_epochs is not given either: {f.default}."

@@ -13,6 +13,7 @@ Also the MemControl data protocol (paper Sec. 4.1):
 from __future__ import annotations
 
 import json
+import logging
 import os
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
@@ -22,6 +23,8 @@ import numpy as np
 from .columns import check_captions, check_columns
 from .files import write_text_atomic
 from .images import undecoded_column
+
+logger = logging.getLogger(__name__)
 
 if TYPE_CHECKING:
     from datasets import Dataset, DatasetDict
@@ -514,6 +517,10 @@ def with_dmem_captions(train: Dataset, dmem: Dataset, caption_column: str = "tex
         train.column_names)
 
 
+MAX_DUPLICATED_SHARE = 0.25
+"""Most of the stage-2 training rows that D_mem's duplicates should be (:func:`with_duplicated_dmem` warns above)."""
+
+
 def with_duplicated_dmem(train: Dataset, dmem: Dataset, dmem_repeats: int, seed: int = 0) -> Dataset:
     """`train` with each D_mem pair appearing `dmem_repeats` times in all (its own row + copies), shuffled.
 
@@ -527,6 +534,12 @@ def with_duplicated_dmem(train: Dataset, dmem: Dataset, dmem_repeats: int, seed:
     check_columns(dmem, ["dmem_index"], "the D_mem set (build it with build_memorization_set)")
     if dmem_repeats == 1:
         return train
+    share = len(dmem) * dmem_repeats / (len(train) + len(dmem) * (dmem_repeats - 1))
+    if share > MAX_DUPLICATED_SHARE:
+        logger.warning("The %d D_mem pairs x %d copies are %.0f%% of the training rows: duplicates dominate the "
+                       "fine-tune, which then learns the domain poorly (the paper's stage 2 trains on a split where "
+                       "they are a minority). Keep them at most %.0f%%: lower --dmem_repeats or --dmem_size, or raise "
+                       "--max_train_samples.", len(dmem), dmem_repeats, 100 * share, 100 * MAX_DUPLICATED_SHARE)
     copies = train.select(np.tile(np.asarray(dmem["dmem_index"], dtype=np.int64), dmem_repeats - 1))
     return concatenate_datasets([train, copies]).shuffle(seed=seed)
 

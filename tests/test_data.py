@@ -251,6 +251,17 @@ def test_stage_two_split_with_duplicated_dmem():
         with_duplicated_dmem(train, dmem, dmem_repeats=0)
 
 
+def test_duplicated_dmem_warns_when_duplicates_exceed_a_quarter_of_the_rows(caplog):
+    table = make_table(100)
+    dmem = build_memorization_set(table, dmem_size=5, seed=0)
+    with caplog.at_level("WARNING", logger="diffusers_memcontrol.data"):
+        with_duplicated_dmem(table, dmem, dmem_repeats=6)  # 30 of 125 rows: 24%
+    assert not caplog.records
+    with caplog.at_level("WARNING", logger="diffusers_memcontrol.data"):
+        with_duplicated_dmem(table, dmem, dmem_repeats=7)  # 35 of 130 rows: 27%
+    assert "27% of the training rows" in caplog.text
+
+
 # ---------------------------------------------------------------------------- CSV / JSONL loading
 
 
