@@ -54,12 +54,15 @@ STAGE2_PROTOCOLS = {"split": [], "duplicated": ["--duplicate_dmem"]}  # trainer 
 
 # named command lines: `--preset NAME` expands to these flags, and any flag after it adds to or overrides them
 PRESETS = {
+    # the tiny base on digits (docs/results.md): D_mem duplicates are a quarter of stage 2's rows, each method trains at
+    # its own rate (docs/testbed.md), and trials score quality by prompt fidelity (docs/metrics.md)
     "quickstart": ["--search", "--search_space", "svdiff,difffit,attention", "--n_trials", "4", "--population_size",
-                   "2", "--n_workers", "2", "--max_train_steps", "250", "--learning_rate", "1e-3",
-                   "--caption_dropout", "0.1", "--max_train_samples", "100", "--dmem_size", "5",
-                   "--dmem_unique_captions", "--stage2_protocol", "duplicated", "--mitigations", "none",
-                   "--selection", "normalized_mean", "--eval_num_prompts", "50", "--eval_inference_steps", "20",
-                   "--eval_extraction_generations", "10", "--output_dir", "outputs/quickstart"],
+                   "2", "--n_workers", "2", "--max_train_steps", "250", "--train_batch_size", "64",
+                   "--learning_rates", "svdiff=3e-2,difffit=3e-2,attention=3e-3,full=1e-3", "--caption_dropout", "0.1",
+                   "--dmem_size", "5", "--dmem_repeats", "85", "--dmem_unique_captions", "--stage2_protocol",
+                   "duplicated", "--mitigations", "none", "--selection", "normalized_mean",
+                   "--search_quality_objective", "agreement", "--eval_num_prompts", "50", "--eval_inference_steps",
+                   "20", "--eval_extraction_generations", "10", "--output_dir", "outputs/quickstart"],
 }
 
 
