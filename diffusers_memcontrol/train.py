@@ -530,8 +530,8 @@ def run_summary(args: argparse.Namespace, pipe: Any, log: dict, data: Any) -> di
 
 def main(argv: list[str] | None = None) -> dict:
     """Load model and data, check them, fine-tune, save the adapter and outputs, optionally evaluate and publish."""
-    if os.environ.get("MEMCONTROL_DIE_WITH_PARENT"):  # a run of a search: it dies with it (search.run_trainer)
-        from .search import die_with_parent
+    if os.environ.get("MEMCONTROL_DIE_WITH_PARENT"):  # a run of a search: it dies with it (launching.run_trainer)
+        from .launching import die_with_parent
 
         die_with_parent()
     argv = sys.argv[1:] if argv is None else list(argv)
@@ -546,6 +546,7 @@ def main(argv: list[str] | None = None) -> dict:
     from .tiny_base import DOMAINS
     from .training import log_validation, train
     from .training_data import prepare_training_data
+    from .trial_result import TrialResult
 
     # arguments, then everything they name (model, mask, data, configs), checked before any weight is loaded
     args = parse_args(argv)
@@ -590,6 +591,7 @@ def main(argv: list[str] | None = None) -> dict:
                                os.path.join(args.output_dir, "validation.png"), log["global_step"],
                                progress=not args.no_progress)
             summary["validation"] = "validation.png"
+        metrics = None
         if args.eval:
             metrics = run_evaluation(args, pipe, inputs, log["trainable_params"])
             summary["metrics"] = "metrics.json"
@@ -597,6 +599,10 @@ def main(argv: list[str] | None = None) -> dict:
                              and not isinstance(v, bool)}, step=log["global_step"])
         summary["wall_time_s"] = round(time.time() - started, 1)
         write_json_atomic(os.path.join(args.output_dir, "summary.json"), summary)
+        # last: trial_result.json marks the run finished (runs.finished_run)
+        TrialResult.from_run(summary, metrics, dmem_copies=args.dmem_repeats if args.hpo or args.duplicate_dmem else 1,
+                             samples_per_step=inputs.config.train_batch_size * inputs.config.gradient_accumulation_steps
+                             * accelerator.num_processes).save(args.output_dir)
         if args.push_to_hub:  # publish adds hub_url to summary.json
             from .hub import publish
 
