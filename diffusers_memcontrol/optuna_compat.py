@@ -58,6 +58,12 @@ def reseed_nsga2(sampler: optuna.samplers.NSGAIISampler, state: np.ndarray) -> N
     sampler._random_sampler._rng.rng.seed(state)
 
 
+def nsga2_child(sampler: optuna.samplers.NSGAIISampler, study: optuna.Study, search_space: dict,
+                parents: list[FrozenTrial]) -> dict:
+    """The parameters of a child of `parents` (NSGA-II's crossover and mutation of the sampler's settings)."""
+    return sampler._child_generation_strategy(study, search_space, parents)
+
+
 def _begin_immediate(engine: Any) -> None:
     """Make every transaction of a pysqlite engine start with BEGIN IMMEDIATE (SQLAlchemy's documented recipe for
     pysqlite transactions, with SQLite's write lock taken at the start)."""

@@ -159,10 +159,12 @@ class ReproducibleNSGAIISampler(optuna.samplers.NSGAIISampler):
     previous one has finished and its parents are the same whatever the timing. Every trial gets a generation,
     enqueued ones too (the default mask is a member of the first population).
 
-    Populations and parents are lists in trial-number order. Optuna returns a generation's parents in the order its
-    elite selection ranked them to the worker that selects them first, and in trial-number order to every worker
-    that reads them back from the study; parent selection draws positions in that list, so the children depended on
-    which worker got there first (the PostgreSQL reproducibility race).
+    The order of a generation's parents is fixed too: parent selection draws positions in that list. Optuna gives
+    them in elite-selection order to the worker that selects them first and in trial-number order to every worker
+    that reads them back from the study, so a child depended on which worker got there first (the PostgreSQL
+    reproducibility race). Here the first trial of a generation always uses the elite-selection order and the others
+    the trial-number order, whoever selected them: the order a one-worker run has always had, so fixed-seed searches
+    sample what they sampled before. Populations are read in trial-number order.
     """
 
     def __init__(self, *, population_size: int, seed: int) -> None:
@@ -177,6 +179,18 @@ class ReproducibleNSGAIISampler(optuna.samplers.NSGAIISampler):
         optuna_compat.forget_cached_trials(study)  # trials finished while this one waited
         optuna_compat.reseed_nsga2(self, np.random.SeedSequence([self._seed, trial.number]).generate_state(4))
         super().before_trial(study, trial)
+
+    def sample_relative(self, study: optuna.Study, trial: FrozenTrial, search_space: dict) -> dict:
+        """NSGA-II's child for `trial` (crossover of parents drawn from its generation's parent population)."""
+        generation = self.get_trial_generation(study, trial)
+        parents = self.get_parent_population(study, generation)  # selected once, stored in the study
+        if not parents:
+            return {}
+        key = optuna_compat.generation_key(type(self))
+        if not any(t.system_attrs.get(key) == generation and t.number < trial.number
+                   for t in study.get_trials(deepcopy=False)):
+            parents = self.select_parent(study, generation)  # the same trials, in elite-selection order
+        return optuna_compat.nsga2_child(self, study, search_space, parents)
 
     def get_population(self, study: optuna.Study, generation: int) -> list[FrozenTrial]:
         """The completed trials of `generation`, in trial-number order."""

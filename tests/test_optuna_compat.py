@@ -6,7 +6,7 @@ import sqlite3
 
 import numpy as np
 import optuna
-from optuna.distributions import FloatDistribution
+from optuna.distributions import CategoricalDistribution, FloatDistribution
 
 from diffusers_memcontrol import optuna_compat
 from diffusers_memcontrol.search import ReproducibleNSGAIISampler
@@ -83,3 +83,15 @@ def test_sqlite_transactions_take_the_write_lock_when_they_begin(tmp_path):
                     locked = True
             assert locked
             connection.rollback()
+
+
+def test_nsga2_child():
+    sampler = optuna.samplers.NSGAIISampler(population_size=2, seed=0, mutation_prob=0.0)
+    study = optuna.create_study(directions=["minimize", "minimize"])
+    for a, b in ((0, 1), (1, 0)):
+        study.enqueue_trial({"a": a, "b": b})
+        trial = study.ask()
+        study.tell(trial, [trial.suggest_categorical("a", [0, 1]), trial.suggest_categorical("b", [0, 1])])
+    space = {name: CategoricalDistribution([0, 1]) for name in ("a", "b")}
+    child = optuna_compat.nsga2_child(sampler, study, space, study.trials)
+    assert set(child) == {"a", "b"} and all(value in (0, 1) for value in child.values())  # crossover, no mutation
