@@ -54,7 +54,8 @@ def main() -> None:
     from diffusers import UNet2DConditionModel
 
     from diffusers_memcontrol import MaskSpace
-    from diffusers_memcontrol.search import SearchConfig, TrainerTrial, optimize
+    from diffusers_memcontrol.launching import TrainerTrial
+    from diffusers_memcontrol.search import SearchConfig, optimize
     from diffusers_memcontrol.tiny_base import tiny_base_path
 
     unet = UNet2DConditionModel.from_pretrained(tiny_base_path(), subfolder="unet")

@@ -29,9 +29,10 @@ from .config import DEFAULT_LR, FineTuneConfig, add_config_arguments, parse_thre
 from .errors import ArgumentParser, InputError, user_input
 from .evaluation_config import EvaluationConfig
 from .images import scan_images
+from .launching import default_n_workers
 from .metrics.in_domain import in_domain_classifier_path
 from .mitigation import MITIGATIONS
-from .search import SELECTIONS, SearchConfig, default_n_workers
+from .search import SELECTIONS, SearchConfig
 from .tiny_base import DOMAINS, tiny_base_path
 
 # arguments never written to training_config.json or to trackers (prompts are private data, tokens are secrets)

@@ -8,6 +8,7 @@ place with `os.replace`, which is atomic on POSIX and Windows within one filesys
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import math
@@ -51,6 +52,45 @@ def atomic_path(path: str | os.PathLike, suffix: str = ".tmp") -> Iterator[str]:
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+def create_exclusive(path: str | os.PathLike, text: str) -> bool:
+    """Create `path` holding `text` in one step, unless it exists (then False): a complete temporary file is
+    hard-linked to `path`, so no reader ever sees it empty or half written. Where the filesystem has no hard links,
+    O_CREAT | O_EXCL then a write."""
+    path = os.fspath(path)
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        usual_mode(tmp)
+        try:
+            os.link(tmp, path)
+            return True
+        except FileExistsError:
+            return False
+        except OSError as err:
+            if err.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.ENOSYS, errno.EMLINK):
+                raise
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666 & ~_read_umask())
+        except FileExistsError:
+            return False
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        return True
+    finally:
+        os.remove(tmp)
+
+
+def move(src: str | os.PathLike, dst: str | os.PathLike) -> None:
+    """Move a file or folder to `dst` on the same filesystem in one step (`os.rename`: atomic; an existing file
+    `dst` is replaced). Raises FileNotFoundError when `src` is gone (another process moved it first)."""
+    os.rename(src, dst)
 
 
 @contextlib.contextmanager

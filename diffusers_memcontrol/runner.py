@@ -3,19 +3,16 @@
 Stage 1 runs one study per search space (`search.optimize`), takes the union of their Pareto fronts and picks one mask
 (`search.select_trial`). Stage 2 retrains that mask and every baseline on the full training split, with each
 mitigation, evaluates on the test split and writes the paper's Table 1 (`results.md`, `results.json`) and Figure 3
-(`pareto.png`). Every fine-tune runs the trainer in its own process (`search.run_trainer`).
+(`pareto.png`). Every fine-tune runs the trainer in its own process (`launching.run_trainer`), claimed through
+`runs.run_claimed` so that several commands sharing an output folder train each run once.
 """
 
 from __future__ import annotations
 
-import json
 import os
-import socket
-import time
 from collections.abc import Sequence
-from concurrent.futures import Future, ThreadPoolExecutor, as_completed
+from concurrent.futures import as_completed
 from dataclasses import replace
-from queue import SimpleQueue
 
 import optuna
 
@@ -23,33 +20,31 @@ from .adapters import resolve_mask
 from .arguments import (
     BASELINES,
     STAGE2_PROTOCOLS,
-    argv_digest,
     check_inputs,
     meta_unet,
     parse_args,
     parse_search_args,
-    public_argv,
 )
 from .errors import InputError, redact_url, user_input
 from .figures import write_memorization_figure
 from .files import write_json_atomic
+from .launching import TrainerTrial
 from .mitigation import MITIGATIONS
 from .reporting import ceiling_row, pareto_plot, write_results
+from .runs import WorkerPool
 from .search import (
     OBJECTIVES,
     SearchConfig,
-    TrainerTrial,
-    dmem_exposures,
     export_study,
     exposure_report,
     mask_of_trial,
     optimize,
     pareto_front,
     resolve_storage,
-    run_trainer,
     select_trial,
 )
 from .tiny_base import tiny_base_path
+from .trial_result import TrialResult
 from .tuners import METHODS, Mask, MaskSpace
 
 
@@ -108,37 +103,6 @@ def _dominates(a, b) -> bool:
     return all(x <= y for x, y in zip(a.values, b.values)) and tuple(a.values) != tuple(b.values)
 
 
-class WorkerPool:
-    """The command's `n_workers` worker slots: submitted runs train `n_workers` at a time, each with its slot's GPUs
-    (`gpus_per_trial`) or share of the CPU cores, in the order submitted."""
-
-    def __init__(self, n_workers: int = 1, gpus_per_trial: int = 1, accelerate_config: str | None = None):
-        self.n_workers, self.gpus_per_trial, self.accelerate_config = n_workers, gpus_per_trial, accelerate_config
-        self._executor = ThreadPoolExecutor(max_workers=n_workers)
-        self._slots: SimpleQueue = SimpleQueue()
-        for slot in range(n_workers):
-            self._slots.put(slot)
-
-    def submit(self, args: list[str], run_dir: str, wait: bool = True) -> Future:
-        """`run_claimed(args, run_dir, wait)` on the next free slot: a future of its metrics (None: not claimed)."""
-        return self._executor.submit(self._run, args, run_dir, wait)
-
-    def _run(self, args: list[str], run_dir: str, wait: bool) -> dict | None:
-        slot = self._slots.get()
-        try:
-            return run_claimed(args, run_dir, wait, worker=slot if self.n_workers > 1 else None,
-                               num_workers=self.n_workers, num_processes=self.gpus_per_trial,
-                               accelerate_config=self.accelerate_config)
-        finally:
-            self._slots.put(slot)
-
-    def __enter__(self) -> WorkerPool:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._executor.shutdown(wait=True)
-
-
 def run_final(train_args: list[str], output_dir: str, chosen: dict, layout: str, scope: str,
               baselines: Sequence[str] = BASELINES, mitigations: Sequence[str] = MITIGATIONS,
               n_workers: int = 1, gpus_per_trial: int = 1, accelerate_config: str | None = None,
@@ -173,12 +137,12 @@ def run_final(train_args: list[str], output_dir: str, chosen: dict, layout: str,
     done: dict[int, dict] = {}
     ceiling: list[dict] = []  # the same for every row (base VAE, test split): kept from the first that has it
 
-    def collect(index: int, metrics: dict) -> None:
-        row_name, method, mitigation, _, run_dir = runs[index]
+    def collect(index: int, result: TrialResult) -> None:
+        row_name, method, mitigation, _, _ = runs[index]
         done[index] = {"method": row_name, "peft_method": method, "mitigation": mitigation,
-                       **{k: v for k, v in metrics.items() if isinstance(v, (int, float)) or v is None},
-                       "dmem_exposures": dmem_exposures(run_dir)["dmem_exposures"]}
-        if not ceiling and (row := ceiling_row(metrics)) is not None:
+                       **{k: v for k, v in result.metrics.items() if isinstance(v, (int, float)) or v is None},
+                       "dmem_exposures": result.dmem_exposures}
+        if not ceiling and (row := ceiling_row(result.metrics)) is not None:
             ceiling.append(row)
         write_results(ceiling + [done[i] for i in sorted(done)], output_dir)  # partial tables survive a stop
 
@@ -186,108 +150,14 @@ def run_final(train_args: list[str], output_dir: str, chosen: dict, layout: str,
     index_of = {pool.submit(runs[i][3], runs[i][4], wait=False): i for i in order}
     deferred = []  # claimed by another command: collected after this command's own runs
     for future in as_completed(index_of):  # each row's table line as soon as it finishes
-        if (metrics := future.result()) is None:
+        if (result := future.result()) is None:
             deferred.append(index_of[future])
         else:
-            collect(index_of[future], metrics)
+            collect(index_of[future], result)
     for i, future in [(i, pool.submit(runs[i][3], runs[i][4], wait=True)) for i in sorted(deferred)]:
         collect(i, future.result())
     write_memorization_figure([done[i] for i in sorted(done)], output_dir)
     return ceiling + [done[i] for i in sorted(done)]
-
-
-CLAIM_POLL_SECONDS = 2.0
-
-
-def run_claimed(args: list[str], run_dir: str, wait: bool = True, **kwargs) -> dict | None:
-    """`run_or_reuse` under a claim on `run_dir` (`claim_run`): train it here, or (`wait`) poll until the command
-    that claimed it has finished it (None at once without `wait`)."""
-    while (metrics := finished_run(args, run_dir)) is None:
-        if claim_run(run_dir):
-            try:
-                return run_or_reuse(args, run_dir, **kwargs)
-            finally:
-                release_run(run_dir)
-        if not wait:
-            return None
-        time.sleep(CLAIM_POLL_SECONDS)
-    return metrics
-
-
-def claim_run(run_dir: str) -> bool:
-    """Claim a stage-2 run for this process: create `run_dir.lock` (O_CREAT | O_EXCL) holding this host and pid.
-
-    False when another live process holds it. A lock left by a dead process of this host is reclaimed; one of another
-    host is only released by its owner (remove it by hand if that machine died)."""
-    path = run_dir + ".lock"
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    for _ in range(2):
-        try:
-            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-        except FileExistsError:
-            if not _stale(path):
-                return False
-            try:
-                os.remove(path)
-            except FileNotFoundError:
-                pass
-            continue
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump({"host": socket.gethostname(), "pid": os.getpid()}, f)
-        return True
-    return False
-
-
-def release_run(run_dir: str) -> None:
-    """Remove this process's claim on `run_dir` (`claim_run`)."""
-    try:
-        os.remove(run_dir + ".lock")
-    except FileNotFoundError:
-        pass
-
-
-def _stale(lock_path: str) -> bool:
-    try:
-        with open(lock_path, encoding="utf-8") as f:
-            owner = json.load(f)
-    except (OSError, ValueError):
-        return False  # being written, or just released
-    if owner.get("host") != socket.gethostname():
-        return False
-    try:
-        os.kill(int(owner["pid"]), 0)
-    except ProcessLookupError:
-        return True
-    except PermissionError:  # alive, another user's
-        pass
-    return False
-
-
-def finished_run(args: list[str], run_dir: str) -> dict | None:
-    """The metrics of a finished run of `args` in `run_dir`, or None."""
-    args_path, metrics_path = os.path.join(run_dir, "run_args.json"), os.path.join(run_dir, "metrics.json")
-    if not (os.path.isfile(args_path) and os.path.isfile(metrics_path)):
-        return None
-    with open(args_path, encoding="utf-8") as f:
-        recorded = json.load(f)
-    if not isinstance(recorded, dict) or recorded.get("sha256") != argv_digest(args):  # compared by digest only
-        return None
-    with open(metrics_path, encoding="utf-8") as f:
-        return json.load(f)
-
-
-def run_or_reuse(args: list[str], run_dir: str, **kwargs) -> dict:
-    """`search.run_trainer`, unless `run_dir` already holds the metrics of a finished run with the same arguments:
-    a restarted command redoes only the fine-tunes that had not finished."""
-    args_path, metrics_path = os.path.join(run_dir, "run_args.json"), os.path.join(run_dir, "metrics.json")
-    finished = finished_run(args, run_dir)
-    if finished is not None:
-        return finished
-    os.makedirs(run_dir, exist_ok=True)
-    if os.path.isfile(metrics_path):
-        os.remove(metrics_path)  # another run's figures must never pass for this one's
-    write_json_atomic(args_path, {"sha256": argv_digest(args), "args": public_argv(args)})  # no token, no prompt
-    return run_trainer(args, run_dir, **kwargs)
 
 
 def run_memcontrol(unet, train_args: list[str], output_dir: str, search_spaces: list[str], layout: str, scope: str,
@@ -315,8 +185,8 @@ def run_memcontrol(unet, train_args: list[str], output_dir: str, search_spaces: 
                                        mitigations, protocol=stage2_protocol, pool=pool)
             result["results_md"] = os.path.join(output_dir, "results.md")
         if full_ft is not None:
-            metrics = full_ft.result()
-            plot_baselines["Full FT"] = (metrics["dmem"], metrics["fid"])
+            plot_run = full_ft.result()
+            plot_baselines["Full FT"] = (plot_run.dmem, plot_run.fid)
     result["pareto_plot"] = pareto_plot(summary["trials"], summary["front"], summary["chosen"]["row"],
                                         os.path.join(output_dir, "pareto.png"), baselines=plot_baselines)
     result["pareto_baselines"] = plot_baselines

@@ -8,32 +8,35 @@ machines share a study; with an RDB storage, heartbeats fail the trials of a kil
 
 The search is reproducible: the same seed gives the same trials and the same chosen mask whatever the number of workers
 (see `ReproducibleNSGAIISampler`).
+
+This module is the Optuna part only: the objective (`make_objective`: `objective(trial)` suggests a mask, has a trial
+function train and score it, and returns (d_mem, FID)), the workers and the choice. Running the trainer for a trial is
+`launching.TrainerTrial`; Optuna's private attributes are reached through `optuna_compat`.
 """
 
 from __future__ import annotations
 
 import csv
-import functools
 import json
 import logging
 import math
 import multiprocessing
 import os
-import sys
 import time
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
 import optuna
 from optuna.storages import RetryHeartbeatStaleTrialCallback, fail_stale_trials
-from optuna.storages._heartbeat import is_heartbeat_enabled
 from optuna.study import MaxTrialsCallback
 from optuna.trial import FrozenTrial, TrialState
 
-from .errors import InputError, redact_url
+from . import optuna_compat
+from .errors import redact_url
 from .files import atomic_open, write_json_atomic
+from .launching import die_with_parent
 from .tuners import Mask, MaskSpace
 
 logger = logging.getLogger(__name__)
@@ -119,15 +122,18 @@ def resolve_storage(storage: str | None, output_dir: str, config: SearchConfig |
     if "://" not in storage:
         raise ValueError(f"Storage {_redact(storage)!r} is neither a database URL (sqlite:///..., postgresql://..., "
                          "mysql://...) nor a journal file (*.log, *.journal, journal://path).")
+    sqlite = storage.startswith("sqlite")
+    # SQLite ignores Optuna's row locks: its storage locks the database instead (two workers never pop one trial)
+    storage_class = optuna_compat.LockingSQLiteStorage if sqlite else optuna.storages.RDBStorage
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            return optuna.storages.RDBStorage(
+            return storage_class(
                 storage,
                 heartbeat_interval=config.heartbeat_interval,
                 grace_period=config.grace_period,
                 heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=config.max_retry),
-                engine_kwargs={"pool_pre_ping": True} if not storage.startswith("sqlite") else None,
+                engine_kwargs=None if sqlite else {"pool_pre_ping": True},
             )
     except Exception as err:  # sqlalchemy raises many types; name the URL without its password
         raise ConnectionError(f"Cannot open Optuna storage {_redact(storage)}: {type(err).__name__}: "
@@ -151,6 +157,13 @@ class ReproducibleNSGAIISampler(optuna.samplers.NSGAIISampler):
     storage, while the current generation has no free slot but still runs trials, so a generation starts once the
     previous one has finished and its parents are the same whatever the timing. Every trial gets a generation,
     enqueued ones too (the default mask is a member of the first population).
+
+    The order of a generation's parents is fixed too: parent selection draws positions in that list. Optuna gives
+    them in elite-selection order to the worker that selects them first and in trial-number order to every worker
+    that reads them back from the study, so a child depended on which worker got there first (the PostgreSQL
+    reproducibility race). Here the first trial of a generation always uses the elite-selection order and the others
+    the trial-number order, whoever selected them: the order a one-worker run has always had, so fixed-seed searches
+    sample what they sampled before. Populations are read in trial-number order.
     """
 
     def __init__(self, *, population_size: int, seed: int) -> None:
@@ -158,15 +171,34 @@ class ReproducibleNSGAIISampler(optuna.samplers.NSGAIISampler):
         self._seed = seed
 
     def before_trial(self, study: optuna.Study, trial: FrozenTrial) -> None:
-        key = self._get_generation_key()
+        key = optuna_compat.generation_key(type(self))
         generation = _wait(study, trial, lambda others: _generation(others, trial.number, key, self.population_size))
-        study._storage.set_trial_system_attr(trial._trial_id, key, generation)
+        optuna_compat.storage_of(study).set_trial_system_attr(optuna_compat.trial_id_of(trial), key, generation)
         trial.system_attrs[key] = generation  # the copy that sample_relative reads
-        study._thread_local.cached_all_trials = None  # trials finished while this one waited
-        state = np.random.SeedSequence([self._seed, trial.number]).generate_state(4)
-        self._rng.rng.seed(state)
-        self._random_sampler._rng.rng.seed(state)
+        optuna_compat.forget_cached_trials(study)  # trials finished while this one waited
+        optuna_compat.reseed_nsga2(self, np.random.SeedSequence([self._seed, trial.number]).generate_state(4))
         super().before_trial(study, trial)
+
+    def sample_relative(self, study: optuna.Study, trial: FrozenTrial, search_space: dict) -> dict:
+        """NSGA-II's child for `trial` (crossover of parents drawn from its generation's parent population)."""
+        generation = self.get_trial_generation(study, trial)
+        parents = self.get_parent_population(study, generation)  # selected once, stored in the study
+        if not parents:
+            return {}
+        key = optuna_compat.generation_key(type(self))
+        if not any(t.system_attrs.get(key) == generation and t.number < trial.number
+                   for t in study.get_trials(deepcopy=False)):
+            parents = self.select_parent(study, generation)  # the same trials, in elite-selection order
+        return optuna_compat.nsga2_child(self, study, search_space, parents)
+
+    def get_population(self, study: optuna.Study, generation: int) -> list[FrozenTrial]:
+        """The completed trials of `generation`, in trial-number order."""
+        return sorted(super().get_population(study, generation), key=lambda t: t.number)
+
+    def get_parent_population(self, study: optuna.Study, generation: int) -> list[FrozenTrial]:
+        """The parents of `generation` (elite selection over the previous generation and its parents), in
+        trial-number order whether this worker selected them or read them from the study."""
+        return sorted(super().get_parent_population(study, generation), key=lambda t: t.number)
 
 
 def _generation(others: list[FrozenTrial], number: int, key: str, population_size: int) -> int | None:
@@ -198,14 +230,13 @@ def _within_budget(others: list[FrozenTrial], number: int, n_trials: int) -> boo
 def _wait(study: optuna.Study, trial: FrozenTrial | optuna.Trial, decide: Callable[[list[FrozenTrial]], object]):
     """Poll the storage until `decide(the other trials)` is not None; meanwhile keep this trial's heartbeat and fail
     stale trials (a killed worker's trial would block the others forever)."""
-    storage = study._storage
+    storage, study_id = optuna_compat.storage_of(study), optuna_compat.study_id_of(study)
     while True:
-        if is_heartbeat_enabled(storage):
-            storage.record_heartbeat(trial._trial_id)
+        if optuna_compat.record_heartbeat(study, trial):
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
                 fail_stale_trials(study)
-        others = [t for t in storage.get_all_trials(study._study_id, deepcopy=False) if t.number != trial.number]
+        others = [t for t in storage.get_all_trials(study_id, deepcopy=False) if t.number != trial.number]
         decision = decide(others)
         if decision is not None:
             return decision
@@ -273,14 +304,19 @@ def mask_of_trial(trial: FrozenTrial, space: MaskSpace) -> Mask:
     return space.mask([int(trial.params[_param_name(i)]) for i in range(len(space))])
 
 
-TrialFunction = Callable[[Mask, float | None, optuna.Trial], dict]
+TrialFunction = Callable[[Mask, float | None, optuna.Trial], Mapping]
+"""`run_trial(mask, learning_rate, trial) -> metrics` (at least `dmem` and `fid`): trains and scores one mask.
+
+A trial function with a `for_worker(index, count)` method is given, in each worker, the one it returns (the trainer's
+trial function takes that worker's GPUs)."""
 
 
 def make_objective(space: MaskSpace, config: SearchConfig, run_trial: TrialFunction):
-    """Wrap `run_trial(mask, learning_rate, trial) -> metrics` into an Optuna objective returning (dmem, fid).
+    """The Optuna objective of a search: `objective(trial)` suggests a mask (and learning rate), has `run_trial`
+    train and score it, and returns (dmem, fid).
 
-    Every metric is stored as a trial user attribute and the mask JSON as the `mask` attribute, so the study alone
-    holds what is needed to rebuild the Pareto plot and the chosen mask.
+    Every scalar metric is stored as a trial user attribute and the mask JSON as the `mask` attribute, so the study
+    alone holds what is needed to rebuild the Pareto plot and the chosen mask.
     """
 
     def objective(trial: optuna.Trial) -> tuple[float, float]:
@@ -318,8 +354,8 @@ def run_worker(space: MaskSpace, config: SearchConfig, output_dir: str, run_tria
     trials the same whatever the number of workers)."""
     if multiprocessing.parent_process() is not None:
         die_with_parent()  # a worker of a killed orchestrator must not go on training trials nobody collects
-    os.environ["MEMCONTROL_WORKER_INDEX"] = str(worker_index)
-    os.environ["MEMCONTROL_NUM_WORKERS"] = str(config.n_workers)
+    if hasattr(run_trial, "for_worker"):
+        run_trial = run_trial.for_worker(worker_index, config.n_workers)
     storage = resolve_storage(config.storage, output_dir, config)
     name = config.study_name or f"memcontrol-{space.method}-{space.layout}"
     study = optuna.load_study(study_name=name, storage=storage, sampler=_sampler(config))
@@ -433,52 +469,6 @@ def _trial_row(trial: FrozenTrial, space: MaskSpace) -> dict:
     return row
 
 
-@dataclass
-class TrainerTrial:
-    """A trial function that fine-tunes and scores one mask with the installed trainer in its own process.
-
-    Each trial gets a fresh process (accelerate's state is per process) and its own folder
-    `output_dir/trials/<study>/trial-<n>`; `train_args` are the trainer arguments shared by every trial (model, data,
-    steps, D_mem settings). The trial trains on the HPO set (proxy + D_mem x repeats) and is scored on the validation
-    split; its metrics.json must hold `dmem` and `fid`.
-    """
-
-    train_args: list[str]
-    output_dir: str
-    method: str
-    layout: str
-    scope: str = "reference"
-    script: str | None = None
-    python: str | None = None
-    gpus_per_trial: int = 1
-    accelerate_config: str | None = None
-
-    def __call__(self, mask: Mask, learning_rate: float | None, trial: optuna.Trial) -> dict:
-        trial_dir = os.path.join(self.output_dir, "trials", trial.study.study_name, f"trial-{trial.number:04d}")
-        args = [*self.train_args, "--peft_method", self.method, "--mask_layout", self.layout,
-                "--mask_scope", self.scope, "--mask", mask.bitstring, "--hpo", "--eval", "--eval_split", "validation",
-                "--eval_preset", "search"]
-        if learning_rate is not None:
-            args += ["--learning_rate", repr(learning_rate)]
-        metrics = run_trainer(args, trial_dir, script=self.script, python=self.python,
-                              num_processes=self.gpus_per_trial, accelerate_config=self.accelerate_config)
-        return {**metrics, **dmem_exposures(trial_dir)}
-
-
-def dmem_exposures(run_dir: str) -> dict:
-    """How often a trainer run showed each D_mem pair (samples trained on x copies of the pair / training-set size),
-    read from its training_config.json and summary.json, with the training-set size (`train_samples`). A pair has
-    --dmem_repeats copies under --hpo or --duplicate_dmem, else one."""
-    with open(os.path.join(run_dir, "training_config.json"), encoding="utf-8") as f:
-        config = json.load(f)
-    with open(os.path.join(run_dir, "summary.json"), encoding="utf-8") as f:
-        steps = json.load(f)["global_step"]
-    fine_tune, images, run = config["fine_tune"], config["data"]["train_samples"], config["run"]
-    samples = steps * fine_tune["train_batch_size"] * fine_tune["gradient_accumulation_steps"]
-    copies = run["dmem_repeats"] if run.get("hpo") or run.get("duplicate_dmem") else 1
-    return {"train_samples": images, "dmem_exposures": round(samples * copies / images, 1)}
-
-
 def exposure_report(exposures: Sequence[float]) -> dict:
     """The D_mem exposures of a search's trials next to the paper's; warn when they are below a tenth of it (trials
     that short cannot memorize, so d_mem cannot tell masks that memorize from those that do not)."""
@@ -488,114 +478,3 @@ def exposure_report(exposures: Sequence[float]) -> dict:
                        "short do not memorize. Raise --max_train_steps or lower --dmem_size.", report["per_trial"],
                        PAPER_DMEM_EXPOSURES)
     return report
-
-
-def trainer_command(script: str | None = None, python: str | None = None, num_processes: int = 1,
-                    accelerate_config: str | None = None, port: int | None = None) -> list[str]:
-    """The command that runs the installed trainer, `python -m diffusers_memcontrol.train` (or `script` instead); with
-    `num_processes` > 1 or an accelerate config file, `accelerate launch` of it (data parallel over the processes:
-    one per visible GPU, or gloo processes on CPU)."""
-    python = python or sys.executable
-    target = [script] if script else ["-m", "diffusers_memcontrol.train"]
-    if num_processes == 1 and accelerate_config is None:
-        return [python, *target]
-    launch = [python, "-m", "accelerate.commands.launch", "--num_processes", str(num_processes), "--num_machines", "1"]
-    if accelerate_config is not None:
-        launch += ["--config_file", accelerate_config]
-    else:  # torchrun's launcher: NCCL on GPUs, gloo on CPU
-        launch += ["--multi_gpu", "--dynamo_backend", "no"] if num_processes > 1 else ["--dynamo_backend", "no"]
-    if port is not None:
-        launch += ["--main_process_port", str(port)]
-    return [*launch, *target]
-
-
-def visible_gpus() -> list[str]:
-    """The GPUs this process may hand out: CUDA_VISIBLE_DEVICES's entries, else every device torch counts."""
-    if os.environ.get("CUDA_VISIBLE_DEVICES") is not None:
-        return [d for d in os.environ["CUDA_VISIBLE_DEVICES"].split(",") if d.strip()]
-    import torch
-
-    return [str(i) for i in range(torch.cuda.device_count())]
-
-
-def gpus_of_worker(worker: int, gpus_per_trial: int, gpus: Sequence[str]) -> list[str]:
-    """Worker `worker`'s `gpus_per_trial` devices among `gpus`: the w-th consecutive group (more workers than groups
-    share them, round robin)."""
-    groups = len(gpus) // gpus_per_trial
-    if groups == 0:
-        raise ValueError(f"gpus_per_trial={gpus_per_trial} but only {len(gpus)} GPU(s) are visible "
-                         f"({','.join(gpus) or 'none'}): lower --gpus_per_trial.")
-    first = (worker % groups) * gpus_per_trial
-    return list(gpus[first:first + gpus_per_trial])
-
-
-def default_n_workers(gpus_per_trial: int = 1) -> int:
-    """Workers that fit this machine: visible GPUs // gpus_per_trial (1 without GPUs)."""
-    return max(1, len(visible_gpus()) // gpus_per_trial)
-
-
-@functools.cache
-def _prctl():
-    import ctypes
-
-    return ctypes.CDLL(None, use_errno=True).prctl if sys.platform.startswith("linux") else None
-
-
-def die_with_parent() -> None:
-    """Have Linux SIGKILL this process when its parent dies (PR_SET_PDEATHSIG); elsewhere, nothing."""
-    prctl = _prctl()  # resolved before any fork: a forked child only calls it
-    if prctl is not None:
-        prctl(1, 9)  # PR_SET_PDEATHSIG, SIGKILL
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def run_trainer(args: list[str], output_dir: str, script: str | None = None, python: str | None = None,
-                worker: int | None = None, num_workers: int | None = None, num_processes: int = 1,
-                accelerate_config: str | None = None) -> dict:
-    """Run the trainer (`trainer_command`) with `args` in a fresh process writing to `output_dir`; return its
-    metrics.json. The log goes to output_dir/train.log (it holds no captions or prompts); a user's mistake reported
-    by the trainer (exit status 2) is raised again here as an InputError with the trainer's message.
-
-    `worker` of `num_workers` (default: this search worker's, from the environment) gets its own `num_processes`
-    GPUs (CUDA_VISIBLE_DEVICES: the worker's group of the visible ones) and, on CPU, a share of the cores
-    (OMP_NUM_THREADS, unless already set). The trainer (and each of its accelerate processes) is killed when this
-    process dies, so no run goes on that nobody collects.
-    """
-    import subprocess
-
-    os.makedirs(output_dir, exist_ok=True)
-    launched = num_processes > 1 or accelerate_config is not None
-    cmd = [*trainer_command(script, python, num_processes, accelerate_config, _free_port() if launched else None),
-           *args, "--output_dir", output_dir, "--report_to", "none", "--no_progress", "--num_validation_images", "0"]
-    env = dict(os.environ, MEMCONTROL_DIE_WITH_PARENT="1")  # accelerate's processes: see train.main
-    _prctl()
-    if worker is None and os.environ.get("MEMCONTROL_WORKER_INDEX") is not None:
-        worker = int(os.environ["MEMCONTROL_WORKER_INDEX"])
-    num_workers = num_workers or int(os.environ.get("MEMCONTROL_NUM_WORKERS", "1"))
-    gpus = visible_gpus()
-    if gpus and (worker is not None or num_processes > 1):
-        env["CUDA_VISIBLE_DEVICES"] = ",".join(gpus_of_worker(worker or 0, num_processes, gpus))
-    elif not gpus and launched:
-        env["ACCELERATE_USE_CPU"] = "true"  # accelerate's MULTI_CPU (gloo) under its torchrun launcher
-    processes = num_workers * num_processes
-    if processes > 1 and "OMP_NUM_THREADS" not in os.environ:
-        env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // processes))
-    with open(os.path.join(output_dir, "train.log"), "w", encoding="utf-8") as log:
-        result = subprocess.run(cmd, check=False, stdout=log, stderr=subprocess.STDOUT, env=env,
-                                preexec_fn=die_with_parent)
-    if result.returncode == 2:
-        with open(os.path.join(output_dir, "train.log"), encoding="utf-8", errors="replace") as f:
-            errors = [line[len("error: "):].strip() for line in f if line.startswith("error: ")]
-        if errors:
-            raise InputError(errors[-1])
-    if result.returncode != 0:
-        raise RuntimeError(f"Trainer run failed (exit {result.returncode}); see {output_dir}/train.log.")
-    with open(os.path.join(output_dir, "metrics.json"), encoding="utf-8") as f:
-        return json.load(f)

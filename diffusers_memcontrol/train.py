@@ -41,11 +41,12 @@ from .evaluation import evaluate, write_metrics
 from .figures import DMEM_GENERATIONS_FILE
 from .files import write_json_atomic
 from .hub import base_model_name, publish
+from .launching import die_with_parent
 from .loaders import load_adapter
-from .search import die_with_parent
 from .tiny_base import DOMAINS
 from .training import log_validation, train
 from .training_data import prepare_training_data
+from .trial_result import TrialResult
 from .tuners import trainable_parameters
 
 
@@ -159,7 +160,7 @@ def run_summary(args: argparse.Namespace, pipe: Any, log: dict, data: Any) -> di
 
 def main(argv: list[str] | None = None) -> dict:
     """Load model and data, check them, fine-tune, save the adapter and outputs, optionally evaluate and publish."""
-    if os.environ.get("MEMCONTROL_DIE_WITH_PARENT"):  # a run of a search: it dies with it (search.run_trainer)
+    if os.environ.get("MEMCONTROL_DIE_WITH_PARENT"):  # a run of a search: it dies with it (launching.run_trainer)
         die_with_parent()
     # arguments, then everything they name (model, mask, data, configs), checked before any weight is loaded
     args = parse_args(argv)
@@ -204,6 +205,8 @@ def main(argv: list[str] | None = None) -> dict:
                                os.path.join(args.output_dir, "validation.png"), log["global_step"],
                                progress=not args.no_progress)
             summary["validation"] = "validation.png"
+        metrics = None
+        metrics = None
         if args.eval:
             metrics = run_evaluation(args, pipe, inputs, log["trainable_params"])
             summary["metrics"] = "metrics.json"
@@ -211,6 +214,14 @@ def main(argv: list[str] | None = None) -> dict:
                              and not isinstance(v, bool)}, step=log["global_step"])
         summary["wall_time_s"] = round(time.time() - started, 1)
         write_json_atomic(os.path.join(args.output_dir, "summary.json"), summary)
+        # last: trial_result.json marks the run finished (runs.finished_run)
+        TrialResult.from_run(summary, metrics, dmem_copies=args.dmem_repeats if args.hpo or args.duplicate_dmem else 1,
+                             samples_per_step=inputs.config.train_batch_size * inputs.config.gradient_accumulation_steps
+                             * accelerator.num_processes).save(args.output_dir)
+        # last: trial_result.json marks the run finished (runs.finished_run)
+        TrialResult.from_run(summary, metrics, dmem_copies=args.dmem_repeats if args.hpo or args.duplicate_dmem else 1,
+                             samples_per_step=inputs.config.train_batch_size * inputs.config.gradient_accumulation_steps
+                             * accelerator.num_processes).save(args.output_dir)
         if args.push_to_hub:  # publish adds hub_url to summary.json
             repo_id = args.hub_model_id or os.path.basename(os.path.abspath(args.output_dir))
             summary["hub_url"] = publish(args.output_dir, repo_id, token=args.hub_token,

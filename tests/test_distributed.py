@@ -7,13 +7,12 @@ import multiprocessing
 import os
 import shutil
 import subprocess
-import sys
 
-import pytest
 from safetensors.torch import load_file
 
-from diffusers_memcontrol import runner
-from diffusers_memcontrol.search import gpus_of_worker, run_trainer, trainer_command
+from diffusers_memcontrol import runner, runs
+from diffusers_memcontrol.launching import run_trainer, trainer_command
+from diffusers_memcontrol.trial_result import TrialResult
 
 # a trial's fine-tune at its smallest: 4 steps on the HPO set (16 proxy rows + 4 D_mem pairs x 2), search scoring
 TINY = ["--max_train_steps", "4", "--max_train_samples", "16", "--dmem_size", "4", "--dmem_repeats", "2",
@@ -26,23 +25,6 @@ def _adapter(folder) -> dict:
     return load_file(os.path.join(folder, "adapter_model.safetensors"))
 
 
-def test_trainer_command_launches_k_processes_with_accelerate():
-    assert trainer_command() == [sys.executable, "-m", "diffusers_memcontrol.train"]
-    cmd = trainer_command(num_processes=4, accelerate_config="fsdp.yaml", port=29600)
-    assert cmd[:3] == [sys.executable, "-m", "accelerate.commands.launch"]
-    assert cmd[cmd.index("--num_processes") + 1] == "4" and cmd[cmd.index("--config_file") + 1] == "fsdp.yaml"
-    assert cmd[cmd.index("--main_process_port") + 1] == "29600" and cmd[-2:] == ["-m", "diffusers_memcontrol.train"]
-    assert "--multi_gpu" in trainer_command(num_processes=2)  # no config file: torchrun's launcher
-
-
-def test_each_worker_gets_its_own_gpus():
-    gpus = [str(i) for i in range(8)]
-    assert [gpus_of_worker(w, 2, gpus) for w in range(4)] == [["0", "1"], ["2", "3"], ["4", "5"], ["6", "7"]]
-    assert gpus_of_worker(1, 3, ["4", "5", "6", "7", "9", "11"]) == ["7", "9", "11"]
-    with pytest.raises(ValueError, match="gpus_per_trial=4 but only 2 GPU"):
-        gpus_of_worker(0, 4, ["0", "1"])
-
-
 def test_two_processes_train_like_one_and_resume(tmp_path, monkeypatch):
     """1 process x batch 8 and 2 gloo processes x batch 4 see the same samples and the same noise (each process draws
     the global batch's noise and keeps its rows) and DDP averages the two half-batch gradients: the adapters differ
@@ -53,10 +35,14 @@ def test_two_processes_train_like_one_and_resume(tmp_path, monkeypatch):
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
     one, two = tmp_path / "one", tmp_path / "two"
     cache = ["--latent_cache_dir", str(tmp_path / "cache")]
-    m1 = run_trainer([*TINY, *cache, "--train_batch_size", "8"], str(one))
-    m2 = run_trainer([*TINY, *cache, "--train_batch_size", "4", "--checkpointing_steps", "2"], str(two),
+    r1 = run_trainer([*TINY, *cache, "--train_batch_size", "8"], str(one))
+    r2 = run_trainer([*TINY, *cache, "--train_batch_size", "4", "--checkpointing_steps", "2"], str(two),
                      num_processes=2)
-    assert sorted(m1) == sorted(m2) and m1["trainable_params"] == m2["trainable_params"]
+    assert sorted(r1.metrics) == sorted(r2.metrics) and r1.trainable_params == r2.trainable_params > 0
+    # trial_result.json: 4 steps x 8 samples (1 x 8, or 2 processes x 4) x 2 copies of each D_mem pair / 24 rows
+    assert r1.train_samples == r2.train_samples == 16 + 4 * 2 and r1.global_step == r2.global_step == 4
+    assert r1.dmem_exposures == r2.dmem_exposures == round(4 * 8 * 2 / 24, 1)
+    assert r1.dmem == r1.metrics["dmem"] and r1.fid == r1.metrics["fid"]
     a1, a2 = _adapter(one), _adapter(two)
     assert a1.keys() == a2.keys()
     moved = max(float(t.abs().max()) for t in a1.values())
@@ -92,13 +78,13 @@ def _stage_two_machine(output_dir: str, trained_log: str) -> list[dict]:
         import time
 
         time.sleep(0.3)
-        metrics = {"dmem": 0.1, "fid": 1.0, "trainable_params": 7}
-        with open(os.path.join(run_dir, "metrics.json"), "w", encoding="utf-8") as f:
-            json.dump(metrics, f)
-        return metrics
+        result = TrialResult(dmem=0.1, fid=1.0, trainable_params=7,
+                             metrics={"dmem": 0.1, "fid": 1.0, "trainable_params": 7})
+        result.save(run_dir)
+        return result
 
-    runner.run_trainer = fake_trainer
-    runner.CLAIM_POLL_SECONDS = 0.1
+    runs.run_trainer = fake_trainer
+    runs.CLAIM_POLL_SECONDS = 0.1
     chosen = {"method": "difffit", "mask": {"method": "difffit", "layout": "blocks", "bits": [1]}}
     rows = runner.run_final(["--max_train_steps", "1"], output_dir, chosen, "blocks", "reference",
                             ["freeze", "full", "svdiff"], ["none", "rwa"], n_workers=2)
@@ -108,7 +94,6 @@ def _stage_two_machine(output_dir: str, trained_log: str) -> list[dict]:
 def test_two_stage_two_commands_split_the_rows(tmp_path, monkeypatch):
     """Two stage-2 commands sharing an output folder: each row is trained once, both write the whole table."""
     monkeypatch.setattr(runner, "write_results", lambda rows, output_dir: None)
-    monkeypatch.setattr(runner, "dmem_exposures", lambda run_dir: {"dmem_exposures": None})  # no trainer files
     monkeypatch.setattr(runner.Mask, "from_dict", classmethod(lambda cls, d: type("M", (), {"bitstring": "1"})()))
     log = str(tmp_path / "trained.txt")
     context = multiprocessing.get_context("fork")
@@ -121,18 +106,3 @@ def test_two_stage_two_commands_split_the_rows(tmp_path, monkeypatch):
     assert len({pid for pid, _ in trained}) == 2  # both machines trained some
     assert tables[0] == tables[1] and len(tables[0]) == 8
     assert not [f for f in os.listdir(tmp_path / "final") if f.endswith(".lock")]
-
-
-def test_a_dead_owners_claim_is_reclaimed(tmp_path):
-    run_dir = str(tmp_path / "final" / "full-none")
-    assert runner.claim_run(run_dir) and not runner.claim_run(run_dir)  # held by this live process
-    dead = subprocess.Popen([sys.executable, "-c", "pass"])
-    dead.wait()
-    with open(run_dir + ".lock", "w", encoding="utf-8") as f:
-        json.dump({"host": runner.socket.gethostname(), "pid": dead.pid}, f)
-    assert runner.claim_run(run_dir)
-    with open(run_dir + ".lock", "w", encoding="utf-8") as f:
-        json.dump({"host": "another-machine", "pid": dead.pid}, f)
-    assert not runner.claim_run(run_dir)  # another host's pid cannot be checked from here
-    runner.release_run(run_dir)
-    assert not os.path.exists(run_dir + ".lock")

@@ -89,7 +89,7 @@ def test_transfer_runs_stage_two_with_a_given_mask(tmp_path):
     # a restarted command reuses finished fine-tunes with the same arguments and redoes the others
     summaries = {name: os.path.join(out, "final", name, "summary.json") for name in ("freeze-none", "memcontrol-none")}
     before = {name: os.stat(path).st_mtime_ns for name, path in summaries.items()}
-    os.remove(os.path.join(out, "final", "memcontrol-none", "metrics.json"))  # as if killed before its evaluation
+    os.remove(os.path.join(out, "final", "memcontrol-none", "trial_result.json"))  # as if killed before its end
     again = main_search(argv)
     assert os.stat(summaries["freeze-none"]).st_mtime_ns == before["freeze-none"]
     assert os.stat(summaries["memcontrol-none"]).st_mtime_ns != before["memcontrol-none"]
@@ -113,26 +113,25 @@ def test_search_arguments_are_checked():
 def test_stage_two_shares_the_pool_and_trains_freeze_last(tmp_path, monkeypatch):
     """A run submitted before stage 2 (the Pareto plot's Full FT) trains first on the same slots; Freeze rows, the
     cheapest, go last so that they fill the other slot's last run instead of delaying the table."""
-    from diffusers_memcontrol import runner
+    from diffusers_memcontrol import runner, runs
+    from diffusers_memcontrol.trial_result import TrialResult
 
     started = []
 
     def fake_trainer(args, run_dir, worker=None, num_workers=1, **kwargs):
         started.append((os.path.basename(run_dir), worker, num_workers))
-        metrics = {"dmem": 0.1, "fid": 1.0}
-        with open(os.path.join(run_dir, "metrics.json"), "w", encoding="utf-8") as f:
-            json.dump(metrics, f)
-        return metrics
+        result = TrialResult(dmem=0.1, fid=1.0, metrics={"dmem": 0.1, "fid": 1.0})
+        result.save(run_dir)
+        return result
 
-    monkeypatch.setattr(runner, "run_trainer", fake_trainer)
-    monkeypatch.setattr(runner, "dmem_exposures", lambda run_dir: {"dmem_exposures": None})
+    monkeypatch.setattr(runs, "run_trainer", fake_trainer)
     monkeypatch.setattr(runner, "write_memorization_figure", lambda rows, output_dir: None)
     chosen = {"method": "difffit", "mask": {"method": "difffit", "layout": "blocks", "positions": ["a"], "bits": [1]}}
-    with runner.WorkerPool(n_workers=1) as pool:  # one slot: the training order is the order of the queue
+    with runs.WorkerPool(n_workers=1) as pool:  # one slot: the training order is the order of the queue
         plot_run = pool.submit(["--hpo"], str(tmp_path / "trials" / "full-ft"))
         rows = runner.run_final(["--max_train_steps", "1"], str(tmp_path), chosen, "blocks", "reference",
                                 ["freeze", "full"], ["none", "rwa"], pool=pool)
-        assert plot_run.result() == {"dmem": 0.1, "fid": 1.0}
+        assert (plot_run.result().dmem, plot_run.result().fid) == (0.1, 1.0)
     assert [name for name, _, _ in started] == ["full-ft", "full-none", "full-rwa", "memcontrol-none", "memcontrol-rwa",
                                                 "freeze-none", "freeze-rwa"]
     # the table keeps the documented row order whatever the training order

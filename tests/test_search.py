@@ -16,18 +16,17 @@ import pytest
 from optuna.trial import TrialState
 
 from diffusers_memcontrol import MaskSpace
+from diffusers_memcontrol.optuna_compat import generation_key, record_heartbeat
 from diffusers_memcontrol.search import (
     PAPER_DMEM_EXPOSURES,
     ReproducibleNSGAIISampler,
     SearchConfig,
     create_study,
-    dmem_exposures,
     export_study,
     exposure_report,
     optimize,
     pareto_front,
     resolve_storage,
-    run_trainer,
     run_worker,
     select_trial,
 )
@@ -53,7 +52,7 @@ def slow_toy_trial(mask, learning_rate, trial):
     if os.path.exists(flag):
         # Optuna never marks a trial stale before its first heartbeat, and its heartbeat thread races this
         # function; record one here so the kill always lands on a trial the retry logic can see.
-        trial.study._storage.record_heartbeat(trial._trial_id)
+        record_heartbeat(trial.study, trial)
         open(flag + ".started", "w").close()
         while os.path.exists(flag):
             time.sleep(0.1)
@@ -142,7 +141,7 @@ def test_normalized_selection_scales_by_every_trial():
 
 def _history(study):
     """{number: (parameters, generation)} of the completed trials."""
-    key = ReproducibleNSGAIISampler._get_generation_key()
+    key = generation_key(ReproducibleNSGAIISampler)
     return {t.number: (t.params, t.system_attrs[key]) for t in study.get_trials(states=(TrialState.COMPLETE,))}
 
 
@@ -179,7 +178,7 @@ def test_a_trial_waits_until_its_view_shows_the_previous_generation_finished():
 
     from diffusers_memcontrol.search import _generation
 
-    key = ReproducibleNSGAIISampler._get_generation_key()
+    key = generation_key(ReproducibleNSGAIISampler)
 
     def trial(number, state, generation):
         return SimpleNamespace(number=number, state=state, system_attrs={key: generation})
@@ -187,6 +186,76 @@ def test_a_trial_waits_until_its_view_shows_the_previous_generation_finished():
     finished = [trial(0, TrialState.COMPLETE, 0), trial(1, TrialState.COMPLETE, 0)]
     assert _generation([*finished, trial(2, TrialState.RUNNING, 0), trial(3, TrialState.RUNNING, 1)], 4, key, 3) is None
     assert _generation([*finished, trial(2, TrialState.COMPLETE, 0), trial(3, TrialState.RUNNING, 1)], 4, key, 3) == 1
+
+
+def test_parents_do_not_depend_on_which_worker_selects_them(space, tmp_path):
+    """The PostgreSQL race: the worker that selects a generation's parents first got them in elite-selection order,
+    the others read them back from the study in trial-number order, and parent selection draws positions in that
+    list. Here another worker selects generation 1's parents before trial 3 samples: trial 3 must not change."""
+    straight = optimize(space, _config(None, n_trials=6, population_size=3, seed=3), str(tmp_path / "a"), toy_trial)
+    config = _config(None, n_trials=3, population_size=3, seed=3)
+    study = optimize(space, config, str(tmp_path / "b"), toy_trial)  # generation 0
+    other_worker = ReproducibleNSGAIISampler(population_size=3, seed=3)
+    selected = other_worker.get_parent_population(study, 1)  # selects them and stores them in the study
+    assert [t.number for t in selected] == [t.number for t in other_worker.get_parent_population(study, 1)]
+    config.n_trials = 6
+    interleaved = optimize(space, config, str(tmp_path / "b"), toy_trial)
+    assert _history(interleaved) == _history(straight)
+
+
+def recording_trial(mask, learning_rate, trial):
+    """toy_trial that appends `<pid> <trial number>` to $MEMCONTROL_TEST_TRAINED_LOG."""
+    with open(os.environ["MEMCONTROL_TEST_TRAINED_LOG"], "a", encoding="utf-8") as f:
+        f.write(f"{os.getpid()} {trial.number}\n")
+    return toy_trial(mask, learning_rate, trial)
+
+
+def _worker_asking_with_the_other(barrier, space, config, output_dir, index):
+    """run_worker whose first ask starts together with the other worker's, on a machine so loaded that a trial's
+    state update comes 0.3 s after the read that chose it (both workers then read the queue before either updates)."""
+    import sqlalchemy
+
+    ask = optuna.Study.ask
+    first = [True]
+
+    def ask_together(self, *args, **kwargs):
+        if first[0]:
+            first[0] = False
+            barrier.wait()
+        return ask(self, *args, **kwargs)
+
+    def slow_state_update(conn, cursor, statement, parameters, context, executemany):
+        if statement.lstrip().upper().startswith("UPDATE TRIALS SET STATE"):
+            time.sleep(0.3)
+
+    optuna.Study.ask = ask_together
+    sqlalchemy.event.listen(sqlalchemy.engine.Engine, "before_cursor_execute", slow_state_update)
+    run_worker(space, config, output_dir, recording_trial, index)
+
+
+def test_two_sqlite_workers_never_train_one_trial_twice(space, tmp_path, monkeypatch, capfd):
+    """Issue 19: both workers of a SQLite study popped the enqueued default mask (SQLite ignores SELECT ... FOR
+    UPDATE), trained it, and the second `tell` killed its worker with a traceback."""
+    log = tmp_path / "trained.txt"
+    monkeypatch.setenv("MEMCONTROL_TEST_TRAINED_LOG", str(log))
+    config = _config(None, n_trials=4, n_workers=2)
+    create_study(space, config, str(tmp_path))
+    context = multiprocessing.get_context("spawn")
+    barrier = context.Barrier(2)
+    workers = [context.Process(target=_worker_asking_with_the_other, args=(barrier, space, config, str(tmp_path), i))
+               for i in range(2)]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join()
+    trained = [line.split() for line in log.read_text().splitlines()]
+    numbers = [int(number) for _, number in trained]
+    assert sorted(numbers) == sorted(set(numbers)), f"a trial was trained twice: {trained}"
+    assert [w.exitcode for w in workers] == [0, 0]
+    assert "Traceback" not in capfd.readouterr().err
+    study = optuna.load_study(study_name=config.study_name, storage=resolve_storage(None, str(tmp_path)))
+    assert len(study.get_trials(states=(TrialState.COMPLETE,))) == 4
+    assert len({pid for pid, _ in trained}) == 2  # both workers trained
 
 
 def test_two_workers_share_one_study(space, storage_url, tmp_path):
@@ -225,19 +294,9 @@ def test_killed_worker_trial_is_retried(space, storage_url, tmp_path, monkeypatc
     assert len(study.get_trials(states=(TrialState.COMPLETE,))) == 3
 
 
-def test_dmem_exposures_and_the_warning(tmp_path, caplog):
-    (tmp_path / "training_config.json").write_text(json.dumps({
-        "fine_tune": {"train_batch_size": 8, "gradient_accumulation_steps": 2},
-        "run": {"dmem_repeats": 5, "hpo": True}, "data": {"train_samples": 40}}))
-    (tmp_path / "summary.json").write_text(json.dumps({"global_step": 30}))
-    figures = dmem_exposures(str(tmp_path))
-    assert figures == {"train_samples": 40, "dmem_exposures": 30 * 8 * 2 * 5 / 40}
-    for run, copies in (({"dmem_repeats": 5, "duplicate_dmem": True}, 5), ({"dmem_repeats": 5}, 1)):  # stage 2
-        config = json.loads((tmp_path / "training_config.json").read_text())
-        (tmp_path / "training_config.json").write_text(json.dumps({**config, "run": run}))
-        assert dmem_exposures(str(tmp_path))["dmem_exposures"] == 30 * 8 * 2 * copies / 40
+def test_exposure_report_warns_below_a_tenth_of_the_paper(caplog):
     with caplog.at_level("WARNING", logger="diffusers_memcontrol.search"):
-        report = exposure_report([figures["dmem_exposures"], 200.0])
+        report = exposure_report([60.0, 200.0])
     assert report == {"per_trial": 60.0, "paper": PAPER_DMEM_EXPOSURES}
     assert "below a tenth of the paper's" in caplog.text
     caplog.clear()
@@ -280,30 +339,6 @@ def test_always_failing_trials_stop_the_search(space, tmp_path):
     config = _config(None, n_trials=5, max_failed_trials=2)
     with pytest.raises(RuntimeError, match="2 trials of this worker failed.*the trainer could not start"):
         optimize(space, config, str(tmp_path), failing_trial)
-
-
-def test_run_trainer_gives_each_worker_its_gpu_and_a_share_of_the_cores(tmp_path, monkeypatch):
-    script = tmp_path / "fake_trainer.py"
-    script.write_text(
-        "import json, os, sys\n"
-        "out = sys.argv[sys.argv.index('--output_dir') + 1]\n"
-        "json.dump({k: os.environ.get(k) for k in ('CUDA_VISIBLE_DEVICES', 'OMP_NUM_THREADS')},\n"
-        "          open(os.path.join(out, 'metrics.json'), 'w'))\n")
-    for name in ("CUDA_VISIBLE_DEVICES", "OMP_NUM_THREADS", "MEMCONTROL_WORKER_INDEX", "MEMCONTROL_NUM_WORKERS"):
-        monkeypatch.delenv(name, raising=False)
-    monkeypatch.setattr(os, "cpu_count", lambda: 8)
-    assert run_trainer([], str(tmp_path / "b"), script=str(script)) == {"CUDA_VISIBLE_DEVICES": None,
-                                                                        "OMP_NUM_THREADS": None}
-    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "4,5,6,7")  # the GPUs this search may use
-    env = run_trainer([], str(tmp_path / "a"), script=str(script), worker=3, num_workers=4)
-    assert env == {"CUDA_VISIBLE_DEVICES": "7", "OMP_NUM_THREADS": "2"}
-    monkeypatch.setenv("OMP_NUM_THREADS", "5")  # the user's settings win
-    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "7")
-    env = run_trainer([], str(tmp_path / "c"), script=str(script), worker=1, num_workers=2)
-    assert env == {"CUDA_VISIBLE_DEVICES": "7", "OMP_NUM_THREADS": "5"}  # more workers than GPUs share them
-    with pytest.raises(RuntimeError, match="see .*train.log"):
-        script.write_text("raise SystemExit(3)\n")
-        run_trainer([], str(tmp_path / "d"), script=str(script))
 
 
 def _processes_naming(text: str) -> list[int]:
