@@ -258,8 +258,10 @@ def _flatten_numbers(data: Any, prefix: str = "") -> list[tuple[str, float]]:
 
 def _metric_entries(metrics: dict) -> list[tuple[str, float]]:
     scope = metrics.get("metrics") if isinstance(metrics.get("metrics"), dict) else metrics
+    # the ceiling (real images through the VAE) and the noise estimates are references, not this model's results
     entries = [(name, value) for name, value in _flatten_numbers(scope)
-               if not _NOT_A_METRIC.match(name.rsplit("/", 1)[-1])]
+               if not _NOT_A_METRIC.match(name.rsplit("/", 1)[-1]) and not name.startswith("ceiling/")
+               and not name.endswith("_noise")]
     return entries[:_MAX_EVAL_RESULTS]
 
 
