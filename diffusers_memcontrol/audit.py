@@ -50,7 +50,7 @@ from .audit_report import AUDIT_FILE, AUDIT_REPORT, render_report
 from .columns import check_captions
 from .data import with_dmem_captions
 from .errors import ArgumentParser, InputError, run_command, user_input
-from .evaluation import _pipe_default_resolution, _real_images, _subset, generate_images
+from .evaluation import generate_images, pipe_default_resolution, real_images, subset_rows
 from .evaluation_config import EvaluationConfig
 from .figures import DMEM_GENERATIONS_FILE, memorization_figure, save_dmem_generations
 from .files import write_json_atomic, write_text_atomic
@@ -262,7 +262,7 @@ def _attack(pipe: Any, captions: list[str], pool: Any, rows: list[int], image_co
                              batch_size=settings.generation_batch_size, seed=settings.seed + 1,
                              show_progress=progress, desc=desc)
     generations = images.reshape(len(captions), settings.generations, *images.shape[1:])
-    training = torch.cat(list(_real_images(pool, image_column, rows, resolution, config)))
+    training = torch.cat(list(real_images(pool, image_column, rows, resolution, config)))
 
     def render(x: torch.Tensor) -> torch.Tensor:
         return vae_round_trip(pipe.vae, x, config.encoder_batch_size)
@@ -270,7 +270,7 @@ def _attack(pipe: Any, captions: list[str], pool: Any, rows: list[int], image_co
     with torch.no_grad():
         summary, flags = calibrated_extraction(
             generations, training, render,
-            _real_images(pool, image_column, _subset(len(pool), config.max_train_images, config.seed, keep=rows),
+            real_images(pool, image_column, subset_rows(len(pool), config.max_train_images, config.seed, keep=rows),
                          resolution, config),
             threshold=config.extraction_threshold,
             pixel_threshold=config.extraction_match_threshold or config.extraction_threshold,
@@ -340,7 +340,7 @@ def run_audit(args: argparse.Namespace, explicit: set[str] | None = None) -> dic
     pool, dmem, _ = _data(ns, dmem_given)
     caption_column, image_column = ns.caption_column, ns.image_column
     timings["data"] = time.perf_counter() - clock
-    resolution = ns.resolution or config.resolution or _pipe_default_resolution(pipe)
+    resolution = ns.resolution or config.resolution or pipe_default_resolution(pipe)
 
     dmem_rows = [int(r) for r in dmem["dmem_index"]] if dmem is not None else []
     detection: dict[str, Any] | None = None

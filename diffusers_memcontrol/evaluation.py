@@ -36,7 +36,6 @@ The returned dicts hold numbers, counts and the configuration only: never prompt
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import time
@@ -48,9 +47,9 @@ import numpy as np
 import torch
 
 from .columns import check_captions, check_columns
-from .evaluation_config import AGREEMENT_KINDS, SEARCH_OBJECTIVES, EvaluationConfig, _positive_int
+from .evaluation_config import AGREEMENT_KINDS, SEARCH_OBJECTIVES, EvaluationConfig
 from .files import write_json_atomic
-from .images import pixel_batch
+from .generation import generate_images, pipe_default_resolution, progress_bar, real_images, subset_rows
 from .metrics.fid import (
     FeatureStatistics,
     cached_features,
@@ -110,107 +109,6 @@ def _check_dataset(dataset: Any, columns: dict[str, str], what: str) -> None:
         raise ValueError(f"{what} is empty.")
 
 
-def _subset(n: int, cap: int | None, seed: int, keep: Sequence[int] = ()) -> np.ndarray:
-    """Sorted seeded subset of range(n) of size cap (all when None), always containing `keep`."""
-    if cap is None or cap >= n:
-        return np.arange(n)
-    keep_arr = np.unique(np.asarray(list(keep), dtype=np.int64))
-    rest = np.setdiff1d(np.arange(n), keep_arr)
-    extra = max(0, cap - len(keep_arr))
-    chosen = np.random.default_rng(seed).choice(rest, size=min(extra, len(rest)), replace=False)
-    return np.sort(np.concatenate([keep_arr, chosen]).astype(np.int64))
-
-
-def _progress(total: int, desc: str, enabled: bool) -> Any:
-    """A tqdm bar (disabled when not `enabled`)."""
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, desc=desc, disable=not enabled, leave=False)
-
-
-def _pipe_default_resolution(pipe: Any) -> int:
-    """Pixel size a pipeline generates by default: unet sample_size x VAE scale factor."""
-    size = pipe.unet.config.sample_size
-    size = size if isinstance(size, int) else int(size[0])
-    factor = getattr(pipe, "vae_scale_factor", None) or 2 ** (len(pipe.vae.config.block_out_channels) - 1)
-    return int(size * factor)
-
-
-def generate_images(
-    pipe: Any,
-    prompts: Sequence[str],
-    num_images_per_prompt: int = 1,
-    *,
-    num_inference_steps: int = 50,
-    guidance_scale: float = 4.0,
-    resolution: int | None = None,
-    batch_size: int = 16,
-    seed: int = 0,
-    show_progress: bool = True,
-    desc: str = "generate",
-) -> torch.Tensor:
-    """Images ``[len(prompts) * k, 3, H, W]`` in [-1, 1] (prompt-major), reproducible whatever the batch size.
-
-    Each image has its own CPU generator seeded from ``(seed, prompt index, image index)``, so the same image comes
-    out whether it is generated alone or in a batch of any size; the pipeline is called on batches of
-    ``batch_size`` (prompt, image) pairs with ``output_type="pt"``. The pipeline's own progress bar is silenced
-    for the call and restored afterwards.
-    """
-    prompts = list(prompts)
-    if not prompts or not all(isinstance(p, str) for p in prompts):
-        raise ValueError("prompts must be a non-empty sequence of strings.")
-    _positive_int(num_images_per_prompt, "num_images_per_prompt")
-    _positive_int(batch_size, "batch_size")
-    _positive_int(num_inference_steps, "num_inference_steps")
-    resolution = resolution or _pipe_default_resolution(pipe)
-    pairs = [(i, j) for i in range(len(prompts)) for j in range(num_images_per_prompt)]
-    previous = dict(getattr(pipe, "_progress_bar_config", {}) or {})
-    had_config = hasattr(pipe, "_progress_bar_config")
-    pipe.set_progress_bar_config(disable=True)
-    out = []
-    bar = _progress(len(pairs), desc, show_progress)
-    try:
-        for start in range(0, len(pairs), batch_size):
-            chunk = pairs[start:start + batch_size]
-            generators = [torch.Generator("cpu").manual_seed(_image_seed(seed, i, j)) for i, j in chunk]
-            result = pipe(
-                prompt=[prompts[i] for i, _ in chunk],
-                num_images_per_prompt=1,
-                num_inference_steps=num_inference_steps,
-                guidance_scale=guidance_scale,
-                height=resolution,
-                width=resolution,
-                generator=generators,
-                output_type="pt",
-            )
-            images = result.images if hasattr(result, "images") else result[0]
-            images = torch.as_tensor(images).float().cpu()
-            out.append(images.mul(2.0).sub(1.0).clamp(-1.0, 1.0))
-            bar.update(len(chunk))
-    finally:
-        bar.close()
-        if had_config:
-            pipe._progress_bar_config = previous
-        else:
-            del pipe._progress_bar_config
-    return torch.cat(out)
-
-
-def _image_seed(seed: int, prompt_index: int, image_index: int) -> int:
-    """A 63-bit seed for one (prompt, image) pair, stable across runs and batch sizes."""
-    digest = hashlib.blake2b(f"{seed}:{prompt_index}:{image_index}".encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little") & ((1 << 63) - 1)
-
-
-def _real_images(dataset: Any, column: str, rows: Sequence[int], resolution: int, config: EvaluationConfig) -> Any:
-    """Yield ``[B, 3, R, R]`` tensors in [-1, 1] of `rows` of an image column, decoding a batch at a time."""
-    rows = [int(r) for r in rows]
-    generator = torch.Generator().manual_seed(config.seed)  # random crops (center_crop False) are seeded
-    for start in range(0, len(rows), config.encoder_batch_size):
-        images = dataset.select(rows[start:start + config.encoder_batch_size])[column]
-        yield pixel_batch(images, resolution, config.center_crop, config.image_interpolation_mode, generator)
-
-
 def _load_feature_encoder(config: EvaluationConfig, device: torch.device) -> Any:
     """The configured feature encoder on `device`."""
     from .metrics.encoders import load_encoder
@@ -221,7 +119,7 @@ def _load_feature_encoder(config: EvaluationConfig, device: torch.device) -> Any
 def _fid_reference(encoder: Any, eval_dataset: Any, image_column: str, config: EvaluationConfig,
                    resolution: int) -> tuple[FeatureStatistics, bool, int]:
     """Cached feature statistics of the real eval images: (statistics, from_cache, number of images)."""
-    rows = _subset(len(eval_dataset), config.max_reference_images, config.seed)
+    rows = subset_rows(len(eval_dataset), config.max_reference_images, config.seed)
     key = content_key("fid-reference", _CACHE_VERSION, encoder_identity(encoder),
                       image_column_fingerprint(eval_dataset, image_column, rows), resolution, config.center_crop,
                       config.image_interpolation_mode)
@@ -229,8 +127,8 @@ def _fid_reference(encoder: Any, eval_dataset: Any, image_column: str, config: E
 
     def compute() -> FeatureStatistics:
         stats = FeatureStatistics()
-        bar = _progress(len(rows), "FID reference features", config.show_progress)
-        for batch in _real_images(eval_dataset, image_column, rows, resolution, config):
+        bar = progress_bar(len(rows), "FID reference features", config.show_progress)
+        for batch in real_images(eval_dataset, image_column, rows, resolution, config):
             stats.update(encoder.features(batch, batch_size=config.encoder_batch_size))
             bar.update(len(batch))
         bar.close()
@@ -254,8 +152,8 @@ def _train_features(encoder: Any, dataset: Any, image_column: str, config: Evalu
 
     def compute() -> np.ndarray:
         out = []
-        bar = _progress(len(rows), "training-set features", config.show_progress)
-        for batch in _real_images(dataset, image_column, rows, resolution, config):
+        bar = progress_bar(len(rows), "training-set features", config.show_progress)
+        for batch in real_images(dataset, image_column, rows, resolution, config):
             if vae is not None:
                 batch = vae_round_trip(vae, batch, config.encoder_batch_size)
             out.append(encoder.features(batch, batch_size=config.encoder_batch_size).numpy())
@@ -283,7 +181,7 @@ def _dmem(pipe: Any, dmem_dataset: Any, image_column: str, caption_column: str, 
     from .training_data import encode_images, encode_prompts
 
     captions = check_captions(dmem_dataset[caption_column], caption_column, "dmem_dataset")
-    images = torch.cat(list(_real_images(dmem_dataset, image_column, range(len(dmem_dataset)), resolution, config)))
+    images = torch.cat(list(real_images(dmem_dataset, image_column, range(len(dmem_dataset)), resolution, config)))
     generator = torch.Generator("cpu").manual_seed(config.seed)
     with torch.no_grad():
         latents = encode_images(pipe.vae, images, batch_size=config.encoder_batch_size, generator=generator)
@@ -345,14 +243,14 @@ QUALITY_METRICS = ("fid", "kid", "c2st_accuracy", "agreement", "in_domain")
 def _reference_features(encoder: Any, eval_dataset: Any, image_column: str, config: EvaluationConfig,
                         resolution: int) -> np.ndarray:
     """Cached features of the real eval images (the KID / C2ST reference; the same rows as FID's)."""
-    rows = _subset(len(eval_dataset), config.max_reference_images, config.seed)
+    rows = subset_rows(len(eval_dataset), config.max_reference_images, config.seed)
     key = content_key("quality-reference", _CACHE_VERSION, encoder_identity(encoder),
                       image_column_fingerprint(eval_dataset, image_column, rows), resolution, config.center_crop,
                       config.image_interpolation_mode)
 
     def compute() -> np.ndarray:
         return np.concatenate([encoder.features(batch, batch_size=config.encoder_batch_size).numpy()
-                               for batch in _real_images(eval_dataset, image_column, rows, resolution, config)])
+                               for batch in real_images(eval_dataset, image_column, rows, resolution, config)])
 
     return cached_features(config.cache_dir or reference_cache_dir(), key, compute)[0]
 
@@ -465,7 +363,7 @@ def _ceiling(pipe: Any, judges: _QualityJudges, eval_dataset: Any, image_column:
     every eval image), cached on disk: the best any fine-tune of this pipeline can reach."""
     from .metrics.extraction import vae_round_trip
 
-    rows = _subset(len(eval_dataset), n_images, config.seed)
+    rows = subset_rows(len(eval_dataset), n_images, config.seed)
     labels = _labels(eval_dataset, rows, label_column, config) if judges.agreement is not None else None
     key = content_key("ceiling", _CACHE_VERSION, encoder_identity(pipe.vae), *judges.identity(),
                       image_column_fingerprint(eval_dataset, image_column, rows), labels, resolution,
@@ -479,7 +377,7 @@ def _ceiling(pipe: Any, judges: _QualityJudges, eval_dataset: Any, image_column:
             pass  # unreadable: recompute and overwrite
     clock = time.perf_counter()
     images = torch.cat([vae_round_trip(pipe.vae, batch, config.encoder_batch_size)
-                        for batch in _real_images(eval_dataset, image_column, rows, resolution, config)])
+                        for batch in real_images(eval_dataset, image_column, rows, resolution, config)])
     feats = judges.encoder.features(images, batch_size=config.encoder_batch_size)
     prompts = [""] * len(images) if _agreement_kind(config) in ("classifier", "none") else check_captions(
         eval_dataset.select(rows)[caption_column], caption_column, "eval_dataset")
@@ -559,7 +457,7 @@ def evaluate(
     _check_dataset(reference_dataset, {"image_column": image_column}, "reference_dataset")
     timings: dict[str, float] = {}
     clock = time.perf_counter()
-    resolution = config.resolution or _pipe_default_resolution(pipe)
+    resolution = config.resolution or pipe_default_resolution(pipe)
     device = pipe.unet.device
     if encoder is None:
         encoder = _load_feature_encoder(config, device)
@@ -569,7 +467,7 @@ def evaluate(
     clock = time.perf_counter()
     keep = [int(i) for i in dmem_dataset["dmem_index"]] if "dmem_index" in dmem_dataset.column_names else []
     keep = [i for i in keep if 0 <= i < len(reference_dataset)]
-    train_rows = _subset(len(reference_dataset), config.max_train_images, config.seed, keep=keep)
+    train_rows = subset_rows(len(reference_dataset), config.max_train_images, config.seed, keep=keep)
     train_feats, train_cached = _train_features(encoder, reference_dataset, image_column, config, resolution,
                                                 train_rows)
     timings["train_features"] = time.perf_counter() - clock
@@ -614,7 +512,7 @@ def _eval_prompt_metrics(pipe: Any, eval_dataset: Any, image_column: str, captio
     """Quality metrics (FID, KID, C2ST, agreement, in-domain, their noise, the ceiling) of the eval prompts'
     generations; (metrics, their features)."""
     clock = time.perf_counter()
-    rows = _subset(len(eval_dataset), config.num_eval_prompts, config.seed)
+    rows = subset_rows(len(eval_dataset), config.num_eval_prompts, config.seed)
     prompts = check_captions(eval_dataset.select(rows)[caption_column], caption_column, "eval_dataset")
     labels = _labels(eval_dataset, rows, label_column, config)
     k = _images_per_prompt(config, len(prompts))
@@ -674,11 +572,11 @@ def _dmem_prompt_metrics(pipe: Any, dmem_dataset: Any, reference_dataset: Any, t
     timings["amd_replication"] = time.perf_counter() - clock
     clock = time.perf_counter()
     generations = images.reshape(len(captions), g, *images.shape[1:])
-    training_images = torch.cat(list(_real_images(dmem_dataset, image_column, range(len(dmem_dataset)),
+    training_images = torch.cat(list(real_images(dmem_dataset, image_column, range(len(dmem_dataset)),
                                                   resolution, config)))
     extraction, flags = calibrated_extraction(
         generations, training_images, lambda x: vae_round_trip(pipe.vae, x, config.encoder_batch_size),
-        _real_images(reference_dataset, image_column, train_rows, resolution, config),
+        real_images(reference_dataset, image_column, train_rows, resolution, config),
         threshold=config.extraction_threshold, pixel_threshold=config.extraction_match_threshold or
         config.extraction_threshold, separation=config.extraction_separation,
         min_clique_size=config.extraction_min_clique_size, grid=config.extraction_grid,
@@ -719,10 +617,10 @@ def evaluate_search_objectives(
     _check_dataset(dmem_dataset, {"image_column": image_column, "caption_column": caption_column}, "dmem_dataset")
     _check_dataset(validation_dataset, {"image_column": image_column, "caption_column": caption_column},
                    "validation_dataset")
-    resolution = config.resolution or _pipe_default_resolution(pipe)
+    resolution = config.resolution or pipe_default_resolution(pipe)
     if encoder is None:
         encoder = _load_feature_encoder(config, pipe.unet.device)
-    rows = _subset(len(validation_dataset), config.num_eval_prompts, config.seed)
+    rows = subset_rows(len(validation_dataset), config.num_eval_prompts, config.seed)
     prompts = check_captions(validation_dataset.select(rows)[caption_column], caption_column, "validation_dataset")
     labels = _labels(validation_dataset, rows, label_column, config)
     k = _images_per_prompt(config, len(prompts))
