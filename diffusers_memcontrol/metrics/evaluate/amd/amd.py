@@ -1,10 +1,10 @@
 """`evaluate` metric: average minimum cosine distance (AMD, MemControl eq. 5) of generations to training data."""
 
-import datasets
 import evaluate
 import numpy as np
 
 from diffusers_memcontrol.metrics.distances import average_min_cosine_distance
+from diffusers_memcontrol.metrics.evaluate_info import feature_metric_info, require_reference_features
 
 _DESCRIPTION = """
 Average minimum cosine distance (AMD, eq. 5 of the MemControl paper): for each generated feature vector the
@@ -42,18 +42,11 @@ class Amd(evaluate.Metric):
 
     def _info(self) -> evaluate.MetricInfo:
         """Metric card: one feature vector per prediction row."""
-        return evaluate.MetricInfo(
-            description=_DESCRIPTION,
-            citation=_CITATION,
-            inputs_description=_KWARGS_DESCRIPTION,
-            features=datasets.Features({"predictions": datasets.Sequence(datasets.Value("float32"))}),
-            reference_urls=["https://arxiv.org/abs/2405.19458"],
-        )
+        return feature_metric_info(_DESCRIPTION, _CITATION, _KWARGS_DESCRIPTION, "https://arxiv.org/abs/2405.19458")
 
     def _compute(self, predictions, reference_features=None, chunk_size=4096, train_chunk_size=4096) -> dict:
         """AMD of the accumulated predictions."""
-        if reference_features is None:
-            raise ValueError("reference_features=[M, D] training features is required")
+        require_reference_features(reference_features)
         value = average_min_cosine_distance(
             np.asarray(predictions, dtype=np.float32),
             reference_features,

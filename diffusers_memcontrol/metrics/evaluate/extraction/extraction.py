@@ -8,6 +8,7 @@ import numpy as np
 
 from diffusers_memcontrol.metrics.distances import DEFAULT_EXTRACTION_THRESHOLD
 from diffusers_memcontrol.metrics.distances import extraction_attack
+from diffusers_memcontrol.metrics.evaluate_info import feature_metric_info
 
 _DESCRIPTION = """
 Extraction attack of Carlini et al. (USENIX Security 2023). Per prompt, generations are compared with the
@@ -58,13 +59,8 @@ class Extraction(evaluate.Metric):
 
     def _info(self) -> evaluate.MetricInfo:
         """Metric card: per prompt a [G, C, H, W] prediction and a [C, H, W] reference image."""
-        return evaluate.MetricInfo(
-            description=_DESCRIPTION,
-            citation=_CITATION,
-            inputs_description=_KWARGS_DESCRIPTION,
-            features=datasets.Features({"predictions": _nested(4), "references": _nested(3)}),
-            reference_urls=["https://arxiv.org/abs/2301.13188"],
-        )
+        return feature_metric_info(_DESCRIPTION, _CITATION, _KWARGS_DESCRIPTION, "https://arxiv.org/abs/2301.13188",
+                                   features=datasets.Features({"predictions": _nested(4), "references": _nested(3)}))
 
     def _compute(
         self,

@@ -2,12 +2,12 @@
 
 # ruff: noqa: I001  (evaluate's loader parses imports line by line: keep one import per line)
 
-import datasets
 import evaluate
 import numpy as np
 
 from diffusers_memcontrol.metrics.fid import FeatureStatistics
 from diffusers_memcontrol.metrics.fid import frechet_distance_from_stats
+from diffusers_memcontrol.metrics.evaluate_info import feature_metric_info
 
 _DESCRIPTION = """
 Frechet distance between Gaussians fitted to two sets of image features (FID when the features come from
@@ -46,13 +46,8 @@ class Fid(evaluate.Metric):
 
     def _info(self) -> evaluate.MetricInfo:
         """Metric card: one feature vector per prediction row."""
-        return evaluate.MetricInfo(
-            description=_DESCRIPTION,
-            citation=_CITATION,
-            inputs_description=_KWARGS_DESCRIPTION,
-            features=datasets.Features({"predictions": datasets.Sequence(datasets.Value("float64"))}),
-            reference_urls=["https://arxiv.org/abs/1706.08500"],
-        )
+        return feature_metric_info(_DESCRIPTION, _CITATION, _KWARGS_DESCRIPTION, "https://arxiv.org/abs/1706.08500",
+                                   dtype="float64")
 
     def _compute(self, predictions, reference_features=None, reference_statistics=None, eps=1e-6) -> dict:
         """FID of the accumulated predictions against the reference."""

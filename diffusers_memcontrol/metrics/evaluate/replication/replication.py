@@ -1,10 +1,10 @@
 """`evaluate` metric: Somepalli et al.'s replication score (top-1 cosine similarity to the training set)."""
 
-import datasets
 import evaluate
 import numpy as np
 
 from diffusers_memcontrol.metrics.distances import replication_scores
+from diffusers_memcontrol.metrics.evaluate_info import feature_metric_info, require_reference_features
 
 _DESCRIPTION = """
 Replication metric of Somepalli et al. (NeurIPS 2023): the top-1 cosine similarity of each generation to the
@@ -43,20 +43,13 @@ class Replication(evaluate.Metric):
 
     def _info(self) -> evaluate.MetricInfo:
         """Metric card: one feature vector per prediction row."""
-        return evaluate.MetricInfo(
-            description=_DESCRIPTION,
-            citation=_CITATION,
-            inputs_description=_KWARGS_DESCRIPTION,
-            features=datasets.Features({"predictions": datasets.Sequence(datasets.Value("float32"))}),
-            reference_urls=["https://arxiv.org/abs/2305.20086"],
-        )
+        return feature_metric_info(_DESCRIPTION, _CITATION, _KWARGS_DESCRIPTION, "https://arxiv.org/abs/2305.20086")
 
     def _compute(
         self, predictions, reference_features=None, threshold=0.5, chunk_size=4096, train_chunk_size=4096
     ) -> dict:
         """Replication statistics of the accumulated predictions."""
-        if reference_features is None:
-            raise ValueError("reference_features=[M, D] training features is required")
+        require_reference_features(reference_features)
         return replication_scores(
             np.asarray(predictions, dtype=np.float32),
             reference_features,
