@@ -61,19 +61,9 @@ from .metrics.fid import (
 )
 from .tuners import trainable_parameters
 
-__all__ = [
-    "AGREEMENT_KINDS",
-    "QUALITY_METRICS",
-    "SEARCH_OBJECTIVES",
-    "EvaluationConfig",
-    "evaluate",
-    "evaluate_search_objectives",
-    "generate_images",
-    "reference_cache_dir",
-    "score_images",
-    "search_quality",
-    "write_metrics",
-]
+__all__ = ["AGREEMENT_KINDS", "QUALITY_METRICS", "SEARCH_OBJECTIVES", "EvaluationConfig", "evaluate",
+           "evaluate_search_objectives", "generate_images", "reference_cache_dir", "score_images",
+           "search_quality", "write_metrics"]
 
 _CACHE_VERSION = 1
 
@@ -499,6 +489,20 @@ def evaluate(
     return out
 
 
+def _generate_for_captions(pipe: Any, dataset: Any, caption_column: str, label_column: str | None,
+                           config: EvaluationConfig, resolution: int, what: str, desc: str
+                           ) -> tuple[list[str], list[int] | None, torch.Tensor]:
+    """(prompts, labels, images): `num_eval_prompts` seeded captions of `dataset` and their generations."""
+    rows = subset_rows(len(dataset), config.num_eval_prompts, config.seed)
+    prompts = check_captions(dataset.select(rows)[caption_column], caption_column, what)
+    labels = _labels(dataset, rows, label_column, config)
+    images = generate_images(
+        pipe, prompts, _images_per_prompt(config, len(prompts)), num_inference_steps=config.num_inference_steps,
+        guidance_scale=config.guidance_scale, resolution=resolution, batch_size=config.generation_batch_size,
+        seed=config.seed, show_progress=config.show_progress, desc=f"generate ({desc})")
+    return prompts, labels, images
+
+
 def _images_per_prompt(config: EvaluationConfig, n_prompts: int) -> int:
     """Generations per eval prompt: images_per_prompt, raised until the set holds quality_images."""
     if config.quality_images is None:
@@ -512,14 +516,9 @@ def _eval_prompt_metrics(pipe: Any, eval_dataset: Any, image_column: str, captio
     """Quality metrics (FID, KID, C2ST, agreement, in-domain, their noise, the ceiling) of the eval prompts'
     generations; (metrics, their features)."""
     clock = time.perf_counter()
-    rows = subset_rows(len(eval_dataset), config.num_eval_prompts, config.seed)
-    prompts = check_captions(eval_dataset.select(rows)[caption_column], caption_column, "eval_dataset")
-    labels = _labels(eval_dataset, rows, label_column, config)
-    k = _images_per_prompt(config, len(prompts))
-    eval_images = generate_images(
-        pipe, prompts, k, num_inference_steps=config.num_inference_steps,
-        guidance_scale=config.guidance_scale, resolution=resolution, batch_size=config.generation_batch_size,
-        seed=config.seed, show_progress=config.show_progress, desc="generate (eval prompts)")
+    prompts, labels, eval_images = _generate_for_captions(pipe, eval_dataset, caption_column, label_column, config,
+                                                          resolution, "eval_dataset", "eval prompts")
+    k = eval_images.shape[0] // len(prompts)  # images per prompt
     timings["generate_eval"] = time.perf_counter() - clock
     clock = time.perf_counter()
     eval_feats = encoder.features(eval_images, batch_size=config.encoder_batch_size)
@@ -620,14 +619,9 @@ def evaluate_search_objectives(
     resolution = config.resolution or pipe_default_resolution(pipe)
     if encoder is None:
         encoder = _load_feature_encoder(config, pipe.unet.device)
-    rows = subset_rows(len(validation_dataset), config.num_eval_prompts, config.seed)
-    prompts = check_captions(validation_dataset.select(rows)[caption_column], caption_column, "validation_dataset")
-    labels = _labels(validation_dataset, rows, label_column, config)
-    k = _images_per_prompt(config, len(prompts))
-    images = generate_images(
-        pipe, prompts, k, num_inference_steps=config.num_inference_steps,
-        guidance_scale=config.guidance_scale, resolution=resolution, batch_size=config.generation_batch_size,
-        seed=config.seed, show_progress=config.show_progress, desc="generate (validation prompts)")
+    prompts, labels, images = _generate_for_captions(pipe, validation_dataset, caption_column, label_column, config,
+                                                     resolution, "validation_dataset", "validation prompts")
+    k = images.shape[0] // len(prompts)  # images per prompt
     feats = encoder.features(images, batch_size=config.encoder_batch_size)
     judges = _QualityJudges(encoder, validation_dataset, image_column, replace(config, quality_noise=False),
                             resolution)

@@ -119,3 +119,12 @@ def imagenette_like_dir(tmp_path_factory) -> str:
             pq.write_table(table, root / config / f"{split}-00000-of-00001.parquet")
     (root / "README.md").write_text(_imagenette_readme())
     return str(root)
+
+
+def unet_output(unet: UNet2DConditionModel, batch: int = 1) -> torch.Tensor:
+    """The UNet's prediction on a fixed random input (8x8 latents, 4 text tokens): to compare two loaded models."""
+    generator = torch.Generator().manual_seed(0)
+    sample = torch.randn(batch, unet.config.in_channels, 8, 8, generator=generator)
+    hidden = torch.randn(batch, 4, unet.config.cross_attention_dim, generator=generator)
+    with torch.no_grad():
+        return unet(sample, 10, encoder_hidden_states=hidden).sample

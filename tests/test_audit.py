@@ -13,6 +13,7 @@ from diffusers import StableDiffusionPipeline
 
 from diffusers_memcontrol import audit, cli
 from diffusers_memcontrol import tiny_base as tb
+from tests.conftest import unet_output
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -32,14 +33,6 @@ def _lora_unet(rank: int = 2):
     return pipe
 
 
-def _unet_output(unet) -> torch.Tensor:
-    generator = torch.Generator().manual_seed(0)
-    sample = torch.randn(1, unet.config.in_channels, 8, 8, generator=generator)
-    hidden = torch.randn(1, 4, unet.config.cross_attention_dim, generator=generator)
-    with torch.no_grad():
-        return unet(sample, 10, encoder_hidden_states=hidden).sample
-
-
 def _namespace(model: str):
     return audit.build_parser().parse_args([model])
 
@@ -54,7 +47,7 @@ def diffusers_lora(tmp_path_factory) -> tuple[str, torch.Tensor]:
     folder = str(tmp_path_factory.mktemp("diffusers_lora"))
     StableDiffusionPipeline.save_lora_weights(
         folder, unet_lora_layers=convert_state_dict_to_diffusers(get_peft_model_state_dict(pipe.unet)))
-    return folder, _unet_output(pipe.unet)
+    return folder, unet_output(pipe.unet)
 
 
 def test_a_lora_saved_by_diffusers_loads_and_audits_with_the_data_flags(diffusers_lora, tmp_path):
@@ -62,8 +55,8 @@ def test_a_lora_saved_by_diffusers_loads_and_audits_with_the_data_flags(diffuser
     assert audit.detect_model_kind(folder) == "diffusers_lora"
     pipe = audit.load_audited_pipeline(folder, "diffusers_lora", tb.tiny_base_path(), _namespace(folder))
     base = StableDiffusionPipeline.from_pretrained(tb.tiny_base_path(), safety_checker=None)
-    assert torch.allclose(_unet_output(pipe.unet), expected, atol=1e-4)
-    assert not torch.allclose(_unet_output(base.unet), expected, atol=1e-3)  # the LoRA changes the model
+    assert torch.allclose(unet_output(pipe.unet), expected, atol=1e-4)
+    assert not torch.allclose(unet_output(base.unet), expected, atol=1e-3)  # the LoRA changes the model
 
     out = tmp_path / "out"
     assert audit.main([folder, *CHEAP, "--output_dir", str(out), "--no_base"]) == 0
@@ -84,7 +77,7 @@ def test_a_peft_lora_folder_loads(tmp_path):
               str(tmp_path / "adapter_model.safetensors"))
     assert audit.detect_model_kind(str(tmp_path)) == "peft_lora"
     loaded = audit.load_audited_pipeline(str(tmp_path), "peft_lora", tb.tiny_base_path(), _namespace(str(tmp_path)))
-    assert torch.allclose(_unet_output(loaded.unet), _unet_output(pipe.unet), atol=1e-4)
+    assert torch.allclose(unet_output(loaded.unet), unet_output(pipe.unet), atol=1e-4)
 
 
 def test_cliques_the_base_already_forms_are_subtracted(tmp_path):

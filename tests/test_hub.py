@@ -37,13 +37,7 @@ PUBLISHED = {"mask.json", "adapter_config.json", "adapter_model.safetensors", "m
 SECRET_CAPTION = "patient 4711 chest x-ray left lung"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """SV-DIFF's per-layer SVDs are ~20x slower with 2 threads on a shared 2-core machine: use one, then restore."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # SV-DIFF's per-layer SVDs: one thread (conftest)
 
 
 @pytest.fixture(scope="module")

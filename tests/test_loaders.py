@@ -28,13 +28,7 @@ from tests.conftest import make_small_unet
 register_pipeline_methods()  # what diffusers_memcontrol/__init__.py does on import
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """SV-DIFF's per-layer SVDs are ~20x slower with 2 threads on a shared 2-core machine: use one, then restore."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # SV-DIFF's per-layer SVDs: one thread (conftest)
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -16,16 +16,9 @@ from diffusers_memcontrol.lora_export import (
     save_lora_weights_diffusers,
 )
 from diffusers_memcontrol.tuners import MemControlConfig
+from tests.conftest import unet_output
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-def _output(unet) -> torch.Tensor:
-    generator = torch.Generator().manual_seed(0)
-    sample = torch.randn(2, unet.config.in_channels, 8, 8, generator=generator)
-    hidden = torch.randn(2, 4, unet.config.cross_attention_dim, generator=generator)
-    with torch.no_grad():
-        return unet(sample, 10, encoder_hidden_states=hidden).sample
 
 
 @pytest.fixture
@@ -45,15 +38,15 @@ def trained(tmp_path):
 
 def test_load_lora_weights_reproduces_the_memcontrol_lora(trained, tmp_path):
     pipe, mask = trained
-    expected = _output(pipe.unet)
+    expected = unet_output(pipe.unet)
     path = save_lora_weights_diffusers(pipe.unet, str(tmp_path))
     assert path.endswith("pytorch_lora_weights.safetensors")
 
     fresh = StableDiffusionPipeline.from_pretrained(tb.tiny_base_path(), safety_checker=None)
-    base_output = _output(fresh.unet)
+    base_output = unet_output(fresh.unet)
     fresh.load_lora_weights(str(tmp_path))
     assert not torch.allclose(base_output, expected, atol=1e-4)  # the LoRA changes the model
-    assert torch.allclose(_output(fresh.unet), expected, atol=1e-5)
+    assert torch.allclose(unet_output(fresh.unet), expected, atol=1e-5)
 
     # a standard peft LoraConfig whose targets are the projections the mask switches on, and the mask kept
     from peft import LoraConfig
