@@ -1,6 +1,6 @@
 """Wall time per search trial, split into train / eval / overhead, on the tiny base.
 
-Runs a real MemControl study (`search.optimize` with `search.TrainerTrial`: every trial is the trainer in its own
+Runs a real MemControl study (`search.optimize` with `launching.TrainerTrial`: every trial is the trainer in its own
 process, on the HPO set, scored with the search evaluation preset) and splits each trial's wall time, as Optuna
 recorded it, into:
 
@@ -53,8 +53,9 @@ def main() -> None:
 
     from diffusers import UNet2DConditionModel
 
+    from diffusers_memcontrol.launching import TrainerTrial
     from diffusers_memcontrol.masks import MaskSpace
-    from diffusers_memcontrol.search import SearchConfig, TrainerTrial, optimize
+    from diffusers_memcontrol.search import SearchConfig, optimize
     from diffusers_memcontrol.tiny_base import tiny_base_path
 
     unet = UNet2DConditionModel.from_pretrained(tiny_base_path(), subfolder="unet")
