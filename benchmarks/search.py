@@ -1,6 +1,6 @@
 """Wall time per search trial, split into train / eval / overhead, on the tiny base.
 
-Runs a real MemControl study (`search.optimize` with `search.TrainerTrial`: every trial is the trainer in its own
+Runs a real MemControl study (`search.optimize` with `launching.TrainerTrial`: every trial is the trainer in its own
 process, on the HPO set, scored with the search evaluation preset) and splits each trial's wall time, as Optuna
 recorded it, into:
 

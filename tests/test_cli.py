@@ -64,7 +64,7 @@ def test_search_help_lists_the_trainer_and_search_flags(capsys):
 def test_the_search_runs_the_installed_module_not_a_checkout_path():
     import sys
 
-    from diffusers_memcontrol.search import trainer_command
+    from diffusers_memcontrol.launching import trainer_command
 
     assert trainer_command() == [sys.executable, "-m", "diffusers_memcontrol.train"]
 

