@@ -43,6 +43,7 @@ from .files import write_json_atomic
 from .hub import base_model_name, publish
 from .launching import die_with_parent
 from .loaders import load_adapter
+from .lora_export import save_lora_weights_diffusers
 from .tiny_base import DOMAINS
 from .training import log_validation, train
 from .training_data import prepare_training_data
@@ -199,6 +200,8 @@ def main(argv: list[str] | None = None) -> dict:
     summary = run_summary(args, pipe, log, data)
     if accelerator.is_main_process:
         save_adapter(pipe.unet, args.output_dir)
+        if args.peft_method == "lora":  # also in diffusers' LoRA format: pipe.load_lora_weights(output_dir) loads it
+            save_lora_weights_diffusers(pipe.unet, args.output_dir)
         if prompts and args.num_validation_images:
             with merged_adapters(pipe.unet):
                 log_validation(pipe, accelerator, prompts, args.num_validation_images, args.seed,

@@ -4,7 +4,7 @@ import os
 
 import pytest
 import torch
-from diffusers import UNet2DConditionModel
+from diffusers import StableDiffusionPipeline, UNet2DConditionModel
 
 # One thread: the tests' small matmuls and SVDs gain nothing from more, and oversubscribed cores slow LAPACK ~20x.
 torch.set_num_threads(1)
@@ -128,3 +128,28 @@ def unet_output(unet: UNet2DConditionModel, batch: int = 1) -> torch.Tensor:
     hidden = torch.randn(batch, 4, unet.config.cross_attention_dim, generator=generator)
     with torch.no_grad():
         return unet(sample, 10, encoder_hidden_states=hidden).sample
+
+
+def random_tiny_pipeline() -> StableDiffusionPipeline:
+    """A tiny SD-shaped pipeline built from the tiny base's configs (random weights, no file read)."""
+    from diffusers_memcontrol import tiny_base as tb
+
+    return StableDiffusionPipeline(vae=tb.build_vae(), text_encoder=tb.build_text_encoder(),
+                                   tokenizer=tb.build_tokenizer(), unet=tb.build_unet(), scheduler=tb.build_scheduler(),
+                                   safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+
+
+@pytest.fixture(scope="module")
+def pipe() -> StableDiffusionPipeline:
+    """`random_tiny_pipeline()`, once per test module."""
+    return random_tiny_pipeline()
+
+
+@pytest.fixture(scope="module")
+def data8(pipe):
+    """The first 8 digits training images, encoded in memory for `pipe`."""
+    from diffusers_memcontrol import tiny_base as tb
+    from diffusers_memcontrol.training_data import prepare_training_data
+
+    return prepare_training_data(pipe, tb.load_domain("digits", "train").select(range(8)), cache="memory",
+                                 progress=False)

@@ -15,25 +15,10 @@ from diffusers_memcontrol import training
 from diffusers_memcontrol.checkpoints import list_checkpoints, resolve_checkpoint
 from diffusers_memcontrol.config import FineTuneConfig
 from diffusers_memcontrol.training import train
-from diffusers_memcontrol.training_data import prepare_training_data
-from tests.test_training import _tiny_pipeline
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 CONFIG = {"peft_method": "svdiff", "max_train_steps": 2, "train_batch_size": 4, "learning_rate": 1e-2,
           "use_ema": True}
-
-
-@pytest.fixture(scope="module")
-def pipe():
-    return _tiny_pipeline()
-
-
-@pytest.fixture(scope="module")
-def data8(pipe):
-    from diffusers_memcontrol import tiny_base as tb
-
-    return prepare_training_data(pipe, tb.load_domain("digits", "train").select(range(8)), cache="memory",
-                                 progress=False)
 
 
 @pytest.fixture(scope="module")

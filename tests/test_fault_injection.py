@@ -24,26 +24,11 @@ from diffusers_memcontrol import training
 from diffusers_memcontrol.checkpoints import list_checkpoints, resolve_checkpoint, verify_checkpoint
 from diffusers_memcontrol.config import FineTuneConfig
 from diffusers_memcontrol.training import train
-from tests.test_checkpoints import _tiny_pipeline
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 STEPS = 6
 CONFIG = {"peft_method": "svdiff", "max_train_steps": STEPS, "train_batch_size": 4, "learning_rate": 1e-2,
           "use_ema": True}
-
-
-@pytest.fixture(scope="module")
-def pipe():
-    return _tiny_pipeline()
-
-
-@pytest.fixture(scope="module")
-def data8(pipe):
-    from diffusers_memcontrol import tiny_base as tb
-    from diffusers_memcontrol.training_data import prepare_training_data
-
-    return prepare_training_data(pipe, tb.load_domain("digits", "train").select(range(8)), cache="memory",
-                                 progress=False)
 
 
 def _in_child(work, report_fd: int) -> int:

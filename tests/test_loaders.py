@@ -135,11 +135,16 @@ def test_load_reproduces_the_end_of_training(trained):
     name = pipe.load_memcontrol_adapter(str(folder))
     assert name == "memcontrol" and memcontrol_adapter_names(pipe.unet) == ["memcontrol"]
     assert not any(p.requires_grad for n, p in pipe.unet.named_parameters() if "memcontrol_" in n)
-    with torch.no_grad():
-        torch.testing.assert_close(pipe.unet(*unet_inputs()).sample, outputs, atol=1e-5, rtol=0)
+    assert_output(pipe, outputs)
     loaded_images = generate(pipe)
     assert abs(images - loaded_images).max() < 1e-5
     assert abs(base_images - loaded_images).max() > 1e-4  # the adapter really changes generations
+
+
+def assert_output(pipe, expected: torch.Tensor) -> None:
+    """The pipeline's UNet predicts `expected` on the fixed test inputs."""
+    with torch.no_grad():
+        torch.testing.assert_close(pipe.unet(*unet_inputs()).sample, expected, atol=1e-5, rtol=0)
 
 
 @pytest.mark.parametrize("method", ["difffit", "lora", "attention"])
@@ -148,8 +153,7 @@ def test_other_methods_round_trip(method, tmp_path):
     outputs = train_adapter(unet, tmp_path, method=method)
     pipe = make_tiny_pipeline()
     pipe.load_memcontrol_adapter(tmp_path)
-    with torch.no_grad():
-        torch.testing.assert_close(pipe.unet(*unet_inputs()).sample, outputs, atol=1e-5, rtol=0)
+    assert_output(pipe, outputs)
 
 
 def test_fuse_merges_and_unload_restores(trained):
@@ -161,14 +165,12 @@ def test_fuse_merges_and_unload_restores(trained):
     pipe.load_memcontrol_adapter(folder, fuse=True)
     layers = [m for m in pipe.unet.modules() if isinstance(m, BaseTunerLayer)]
     assert layers and all(m.merged for m in layers if m.memcontrol_roles.get("memcontrol"))
-    with torch.no_grad():
-        torch.testing.assert_close(pipe.unet(*unet_inputs()).sample, outputs, atol=1e-5, rtol=0)
+    assert_output(pipe, outputs)
     assert pipe.unload_memcontrol_adapter() == ["memcontrol"]
     assert not any(isinstance(m, BaseTunerLayer) for m in pipe.unet.modules())
     after = pipe.unet.state_dict()
     assert all(torch.allclose(after[k], before[k], atol=1e-5) for k in before)
-    with torch.no_grad():
-        torch.testing.assert_close(pipe.unet(*unet_inputs()).sample, base, atol=1e-5, rtol=0)
+    assert_output(pipe, base)
 
 
 def test_unload_unfused_restores_exactly(trained):
@@ -208,8 +210,7 @@ def test_load_into_bare_unet_and_from_hf_cache(trained, tmp_path):
         torch.testing.assert_close(unet(*unet_inputs()).sample, outputs, atol=1e-5, rtol=0)
     pipe = make_tiny_pipeline()
     pipe.load_memcontrol_adapter("org/memcontrol-svdiff", cache_dir=str(tmp_path / "cache"), local_files_only=True)
-    with torch.no_grad():
-        torch.testing.assert_close(pipe.unet(*unet_inputs()).sample, outputs, atol=1e-5, rtol=0)
+    assert_output(pipe, outputs)
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -9,7 +9,6 @@ import shutil
 
 import pytest
 import torch
-from diffusers import StableDiffusionPipeline
 from safetensors.torch import load_file
 
 from diffusers_memcontrol import tiny_base as tb
@@ -24,17 +23,6 @@ LEARNING_RATES = {"svdiff": 1e-2, "difffit": 1e-2, "attention": 1e-3, "lora": 3e
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-def _tiny_pipeline() -> StableDiffusionPipeline:
-    return StableDiffusionPipeline(vae=tb.build_vae(), text_encoder=tb.build_text_encoder(),
-                                   tokenizer=tb.build_tokenizer(), unet=tb.build_unet(), scheduler=tb.build_scheduler(),
-                                   safety_checker=None, feature_extractor=None, requires_safety_checker=False)
-
-
-@pytest.fixture(scope="module")
-def pipe() -> StableDiffusionPipeline:
-    return _tiny_pipeline()
 
 
 @pytest.fixture(scope="module")
