@@ -14,7 +14,7 @@ from peft import PeftConfig, get_peft_model_state_dict
 from peft.tuners.tuners_utils import BaseTunerLayer
 from safetensors.torch import save_file
 
-from .files import file_digest, usual_mode
+from .files import file_digest, move, replace_folder, usual_mode
 from .hub import MemControlRepoError, download_memcontrol
 from .masks import BUILTIN_PREFIX, builtin_mask
 from .tuners import Mask, MaskSpace, MemControlConfig
@@ -117,27 +117,15 @@ def save_adapter(unet: torch.nn.Module, output_dir: str, adapter_name: str = "de
                 os.fsync(f.fileno())
         usual_mode(tmp)
         if whole:
-            _replace_folder(tmp, output_dir)
+            replace_folder(tmp, output_dir)
             return
         weights = os.path.join(output_dir, "adapter_model.safetensors")
         if os.path.exists(weights):
             os.remove(weights)
         for name in sorted(os.listdir(tmp), key=lambda n: n == "adapter_model.safetensors"):  # the weights last
-            os.replace(os.path.join(tmp, name), os.path.join(output_dir, name))
+            move(os.path.join(tmp, name), os.path.join(output_dir, name))
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-
-
-def _replace_folder(new: str, target: str) -> None:
-    """Put the finished folder `new` at `target` with renames only (an old `target` is moved away, then removed)."""
-    if not os.path.exists(target):
-        os.replace(new, target)
-        return
-    old = tempfile.mkdtemp(prefix=".adapter-old-", dir=os.path.dirname(target))
-    os.rmdir(old)
-    os.replace(target, old)
-    os.replace(new, target)
-    shutil.rmtree(old, ignore_errors=True)
 
 
 def read_adapter_config(adapter_dir: str) -> MemControlConfig:

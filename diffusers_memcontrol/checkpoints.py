@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from .errors import InputError
-from .files import file_digest, usual_mode
+from .files import discard_folder, file_digest, replace_folder, usual_mode
 
 logger = logging.getLogger(__name__)
 
@@ -236,14 +236,6 @@ def resolve_checkpoint(output_dir: str | None, spec: str | None) -> str | None:
     raise FileNotFoundError(f"Checkpoint {spec!r} not found (looked for it as a path and inside {output_dir!r}).")
 
 
-def _discard(folder: str) -> None:
-    """Remove a folder: renamed to a hidden name first, so a kill mid-way never leaves a half-deleted checkpoint."""
-    trash = tempfile.mkdtemp(prefix=f".{CHECKPOINT_PREFIX}trash-", dir=os.path.dirname(folder))
-    os.rmdir(trash)
-    os.replace(folder, trash)
-    shutil.rmtree(trash, ignore_errors=True)
-
-
 def _fsync_folder(folder: str) -> None:
     for name in os.listdir(folder):
         with open(os.path.join(folder, name), "rb") as f:
@@ -273,15 +265,13 @@ def save_checkpoint(output_dir: str, step: int, total_limit: int | None, write_s
             usual_mode(os.path.join(tmp, name))
         usual_mode(tmp)
         _fsync_folder(tmp)
-        if os.path.isdir(final):
-            _discard(final)
-        os.replace(tmp, final)
+        replace_folder(tmp, final)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     if total_limit is not None and total_limit > 0:
         older = [c for c in list_checkpoints(output_dir) if c != final]
         for old in older[:max(0, len(older) + 1 - total_limit)]:
-            _discard(old)
+            discard_folder(old)
     return final
 
 

@@ -13,6 +13,7 @@ import hashlib
 import json
 import math
 import os
+import shutil
 import tempfile
 from collections.abc import Iterator
 from typing import IO, Any
@@ -91,6 +92,33 @@ def move(src: str | os.PathLike, dst: str | os.PathLike) -> None:
     """Move a file or folder to `dst` on the same filesystem in one step (`os.rename`: atomic; an existing file
     `dst` is replaced). Raises FileNotFoundError when `src` is gone (another process moved it first)."""
     os.rename(src, dst)
+
+
+def replace_folder(new: str | os.PathLike, target: str | os.PathLike) -> None:
+    """Put the finished folder `new` at `target` with renames only: an old `target` is renamed away, then removed, so
+    a kill at any moment leaves either the old folder or the new one, whole."""
+    if not os.path.lexists(target):
+        move(new, target)
+        return
+    old = _hidden_sibling(target, "old")
+    move(target, old)
+    move(new, target)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def discard_folder(folder: str | os.PathLike) -> None:
+    """Remove a folder, renamed to a hidden name first, so a kill mid-way never leaves it half deleted."""
+    trash = _hidden_sibling(folder, "trash")
+    move(folder, trash)
+    shutil.rmtree(trash, ignore_errors=True)
+
+
+def _hidden_sibling(path: str | os.PathLike, what: str) -> str:
+    """A fresh hidden name next to `path` (on the same filesystem, so a rename to it is atomic)."""
+    parent, name = os.path.split(os.path.abspath(path))
+    sibling = tempfile.mkdtemp(prefix=f".{name}-{what}-", dir=parent)
+    os.rmdir(sibling)
+    return sibling
 
 
 @contextlib.contextmanager

@@ -22,7 +22,7 @@ from typing import Any
 
 from .audit_report import AUDIT_FILE, audit_card_section
 from .figures import DMEM_GENERATIONS_FILE, MEMORIZATION_FIGURE
-from .files import file_digest, usual_mode, write_json_atomic
+from .files import file_digest, replace_folder, usual_mode, write_json_atomic
 from .tuners import Mask
 
 logger = logging.getLogger(__name__)
@@ -554,19 +554,12 @@ def _place_atomically(staging: str, local_dir: str, output_dir: str) -> None:
     if target == source or os.path.commonpath([target, source]) in (target, source):
         raise ValueError(f"local_dir {local_dir!r} must not be, contain or lie inside output_dir {output_dir!r}.")
     usual_mode(staging)  # mkdtemp made it 0700
-    if not os.path.lexists(local_dir):
-        os.replace(staging, local_dir)
-        return
-    if not os.path.isdir(local_dir) or os.path.islink(local_dir):
+    if os.path.lexists(local_dir) and (not os.path.isdir(local_dir) or os.path.islink(local_dir)):
         raise FileExistsError(f"local_dir {local_dir!r} exists and is not a folder.")
-    if os.listdir(local_dir) and not _is_earlier_publication(local_dir):
+    if os.path.lexists(local_dir) and os.listdir(local_dir) and not _is_earlier_publication(local_dir):
         raise FileExistsError(f"local_dir {local_dir!r} holds files that are not an earlier MemControl publication's "
                               "(or they were changed since); refusing to replace it. Pass a new or empty folder.")
-    old = tempfile.mkdtemp(prefix=".memcontrol-old-", dir=os.path.dirname(os.path.abspath(local_dir)))
-    os.rmdir(old)
-    os.replace(local_dir, old)
-    os.replace(staging, local_dir)
-    shutil.rmtree(old, ignore_errors=True)
+    replace_folder(staging, local_dir)
 
 
 def _record_hub_url(output_dir: str, url: str) -> None:

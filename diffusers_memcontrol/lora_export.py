@@ -18,7 +18,7 @@ import tempfile
 import torch
 from torch import nn
 
-from .files import usual_mode
+from .files import move, usual_mode
 from .tuners import Mask, MaskSpace
 from .tuners.memcontrol.mask import ROLE_LORA
 
@@ -94,7 +94,7 @@ def save_lora_weights_diffusers(unet: nn.Module, output_dir: str, adapter_name: 
             mask.save(os.path.join(tmp, "mask.json"))
         for name in os.listdir(tmp):
             usual_mode(os.path.join(tmp, name))
-            os.replace(os.path.join(tmp, name), os.path.join(output_dir, name))
+            move(os.path.join(tmp, name), os.path.join(output_dir, name))
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return os.path.join(output_dir, LORA_WEIGHTS_FILE)

@@ -140,15 +140,17 @@ def test_interrupted_save_adapter_never_mixes_versions(base_unet, adapter_dir, t
             if "memcontrol_" in name:
                 p.fill_(-0.02)  # another version of the same adapter
     calls = {"n": 0}
-    real = os.replace
 
-    def dying(src, dst):
-        calls["n"] += 1
-        if calls["n"] == fail_at:
-            raise KeyboardInterrupt
-        real(src, dst)
+    def dying(real):
+        def rename(src, dst):  # every rename counts, whichever call (os.replace or os.rename) makes it
+            calls["n"] += 1
+            if calls["n"] == fail_at:
+                raise KeyboardInterrupt
+            real(src, dst)
+        return rename
 
-    monkeypatch.setattr(adapters.os, "replace", dying)
+    monkeypatch.setattr(adapters.os, "replace", dying(os.replace))
+    monkeypatch.setattr(adapters.os, "rename", dying(os.rename))
     with pytest.raises(KeyboardInterrupt):
         save_adapter(unet, folder)
     monkeypatch.undo()
@@ -223,25 +225,27 @@ def test_publish_never_uploads_run_arguments(output_dir, tmp_path):  # noqa: F81
 
 
 def test_run_args_keep_no_token_or_prompt_and_compare_by_digest(tmp_path, monkeypatch):
-    from diffusers_memcontrol import runner
+    from diffusers_memcontrol import runs
+    from diffusers_memcontrol.trial_result import TrialResult
 
     args = ["--seed", "1", "--hub_token", "hf_secret", "--validation_prompts", "patient 42 x-ray", "chest",
             "--max_train_steps", "2"]
     calls = []
 
-    def fake_trainer(argv, run_dir, **kwargs):
+    def fake_trainer(argv, run_dir, **kwargs):  # a finished run: trial_result.json written last
         calls.append(argv)
-        with open(os.path.join(run_dir, "metrics.json"), "w", encoding="utf-8") as f:
-            json.dump({"fid": 1.0}, f)
-        return {"fid": 1.0}
+        result = TrialResult(dmem=None, fid=1.0, trainable_params=0, global_step=2, train_samples=8,
+                             dmem_exposures=None, metrics={"fid": 1.0})
+        result.save(run_dir)
+        return result
 
-    monkeypatch.setattr(runner, "run_trainer", fake_trainer)
+    monkeypatch.setattr(runs, "run_trainer", fake_trainer)
     run_dir = str(tmp_path / "row")
-    runner.run_or_reuse(args, run_dir)
+    runs.run_or_reuse(args, run_dir)
     text = Path(run_dir, "run_args.json").read_text(encoding="utf-8")
     assert "hf_secret" not in text and "patient 42" not in text and "chest" not in text
-    assert runner.run_or_reuse(args, run_dir) == {"fid": 1.0} and len(calls) == 1  # same arguments: reused
-    runner.run_or_reuse([*args[:3], "hf_other", *args[4:]], run_dir)  # another token: not the same run
+    assert runs.run_or_reuse(args, run_dir).fid == 1.0 and len(calls) == 1  # same arguments: reused
+    runs.run_or_reuse([*args[:3], "hf_other", *args[4:]], run_dir)  # another token: not the same run
     assert len(calls) == 2
 
 
