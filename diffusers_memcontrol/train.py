@@ -209,7 +209,6 @@ def main(argv: list[str] | None = None) -> dict:
                                progress=not args.no_progress)
             summary["validation"] = "validation.png"
         metrics = None
-        metrics = None
         if args.eval:
             metrics = run_evaluation(args, pipe, inputs, log["trainable_params"])
             summary["metrics"] = "metrics.json"
@@ -217,10 +216,6 @@ def main(argv: list[str] | None = None) -> dict:
                              and not isinstance(v, bool)}, step=log["global_step"])
         summary["wall_time_s"] = round(time.time() - started, 1)
         write_json_atomic(os.path.join(args.output_dir, "summary.json"), summary)
-        # last: trial_result.json marks the run finished (runs.finished_run)
-        TrialResult.from_run(summary, metrics, dmem_copies=args.dmem_repeats if args.hpo or args.duplicate_dmem else 1,
-                             samples_per_step=inputs.config.train_batch_size * inputs.config.gradient_accumulation_steps
-                             * accelerator.num_processes).save(args.output_dir)
         # last: trial_result.json marks the run finished (runs.finished_run)
         TrialResult.from_run(summary, metrics, dmem_copies=args.dmem_repeats if args.hpo or args.duplicate_dmem else 1,
                              samples_per_step=inputs.config.train_batch_size * inputs.config.gradient_accumulation_steps
