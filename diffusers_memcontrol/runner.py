@@ -227,7 +227,8 @@ def main_search(argv: list[str]) -> dict:
                             stage2_protocol=args.stage2_protocol, plot=args.stage != "1")
     chosen = result["search"]["chosen"]
     print(f"chosen mask: {chosen['method']} {Mask.from_dict(chosen['mask']).bitstring} "
-          f"(d_mem {chosen['dmem']:.4g}, FID {chosen['fid']:.4g})")
+          f"(d_mem {chosen['dmem']:.4g}, quality objective {result['search']['quality_objective']} "
+          f"{chosen['fid']:.4g})")
     if "pareto_plot" in result:
         print(f"Pareto plot: {os.path.abspath(result['pareto_plot'])}")
     if "results_md" in result:
