@@ -91,7 +91,7 @@ def memorization_figure(runs: Mapping[str, str], path: str, n_pairs: int = 4, n_
     for row, pair in enumerate(pairs):
         cells = [(first["training_images"][pair], 0, "training image")]
         if ceiling is not None:
-            cells.append((ceiling[pair], 0, "through the VAE (ceiling)"))
+            cells.append((ceiling[pair], 0, "VAE (ceiling)"))
         for title, run in data.items():
             k = min(n_generations, run["generations"].shape[1])
             cells += [(run["generations"][pair, j], int(run["flags"][pair, j]), title) for j in range(k)]
