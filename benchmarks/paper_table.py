@@ -7,6 +7,8 @@ the quickstart's stage 2) once per seed and reports each metric's mean and sampl
     python benchmarks/paper_table.py --mask outputs/quickstart           # the mask the quickstart chose
     python benchmarks/paper_table.py --mask outputs/quickstart --seeds 0,1,2 --mitigations none
 
+Each run uses the quickstart preset's stage-2 flags (`--trainer_args` replaces them).
+
 Writes benchmarks/results/paper_table.json (every seed's rows and the summary) and paper_table.md (the table).
 """
 
@@ -23,10 +25,23 @@ import torch
 METRICS = ("fid", "kid", "c2st_accuracy", "in_domain", "amd", "agreement", "extracted_images", "memorized_prompts",
            "dmem", "dmem_exposures", "fid_noise", "kid_noise")
 # the ceiling row (real test images through the base's VAE) is a row of every seed's table, as "ceiling"
-# the quickstart's stage-2 settings (README)
-DEFAULT_TRAINER_ARGS = ("--max_train_steps 250 --learning_rate 1e-3 --caption_dropout 0.1 --max_train_samples 100 "
-                        "--dmem_size 5 --dmem_unique_captions --eval_num_prompts 50 --eval_inference_steps 20 "
-                        "--eval_extraction_generations 10")
+# flags of the quickstart preset that only the search (or this script itself) sets
+SEARCH_ONLY_FLAGS = {"--search": 0, "--search_space": 1, "--n_trials": 1, "--population_size": 1, "--selection": 1,
+                     "--mitigations": 1, "--stage2_protocol": 1, "--n_workers": 1, "--output_dir": 1}
+
+
+def quickstart_stage2_args() -> str:
+    """The quickstart preset's stage-2 flags (arguments.PRESETS, their one home), without its search's flags."""
+    from diffusers_memcontrol.arguments import PRESETS
+
+    preset, kept, i = PRESETS["quickstart"], [], 0
+    while i < len(preset):
+        if preset[i] in SEARCH_ONLY_FLAGS:
+            i += 1 + SEARCH_ONLY_FLAGS[preset[i]]
+        else:
+            kept.append(preset[i])
+            i += 1
+    return " ".join(kept)
 
 
 def summarize(runs: dict[int, list[dict]]) -> list[dict]:
@@ -72,11 +87,12 @@ def main() -> None:
     p.add_argument("--mitigations", default="none,rwa,threshold")
     p.add_argument("--stage2_protocol", default="duplicated", choices=["split", "duplicated"])
     p.add_argument("--n_workers", type=int, default=2)
-    p.add_argument("--trainer_args", default=DEFAULT_TRAINER_ARGS,
-                   help="Trainer arguments of every stage-2 run (default: the README quickstart's).")
+    p.add_argument("--trainer_args", default=None,
+                   help="Trainer arguments of every stage-2 run (default: the quickstart preset's).")
     p.add_argument("--output_dir", default="outputs/paper_table")
     p.add_argument("--results", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
     args = p.parse_args()
+    args.trainer_args = args.trainer_args if args.trainer_args is not None else quickstart_stage2_args()
 
     from diffusers_memcontrol.files import write_json_atomic, write_text_atomic
     from diffusers_memcontrol.runner import main_search

@@ -22,7 +22,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from judge import Judge, judge_run
 
 from diffusers_memcontrol.files import write_json_atomic
-from diffusers_memcontrol.search import dmem_exposures
+from diffusers_memcontrol.trial_result import TrialResult
 
 
 def describe(run_dir: str) -> dict:
@@ -42,7 +42,7 @@ def describe(run_dir: str) -> dict:
         "max_train_samples": run.get("max_train_samples"), "dmem_size": data.get("dmem_pairs"),
         "dmem_repeats": copies, "train_rows": rows,
         "dmem_share": round(copies * data.get("dmem_pairs", 0) / rows, 3),
-        "dmem_exposures": dmem_exposures(run_dir)["dmem_exposures"],
+        "dmem_exposures": TrialResult.load(run_dir).dmem_exposures,
         "extracted": metrics.get("extracted_images"), "memorized_prompts": metrics.get("memorized_prompts"),
         "dmem": metrics.get("dmem"), "fid": metrics.get("fid"), "agreement": metrics.get("agreement"),
         "trainable_params": metrics.get("trainable_params"),
