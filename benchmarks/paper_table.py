@@ -7,7 +7,7 @@ the quickstart's stage 2) once per seed and reports each metric's mean and sampl
     python benchmarks/paper_table.py --mask outputs/quickstart           # the mask the quickstart chose
     python benchmarks/paper_table.py --mask outputs/quickstart --seeds 0,1,2 --mitigations none
 
-Each run uses the quickstart preset's stage-2 flags (`--trainer_args` replaces them).
+Each run uses the quickstart's stage-2 flags (`--trainer_args` replaces them; this script's own flags come last).
 
 Writes benchmarks/results/paper_table.json (every seed's rows and the summary) and paper_table.md (the table).
 """
@@ -25,23 +25,11 @@ import torch
 METRICS = ("fid", "kid", "c2st_accuracy", "in_domain", "amd", "agreement", "extracted_images", "memorized_prompts",
            "dmem", "dmem_exposures", "fid_noise", "kid_noise")
 # the ceiling row (real test images through the base's VAE) is a row of every seed's table, as "ceiling"
-# flags of the quickstart preset that only the search (or this script itself) sets
-SEARCH_ONLY_FLAGS = {"--search": 0, "--search_space": 1, "--n_trials": 1, "--population_size": 1, "--selection": 1,
-                     "--mitigations": 1, "--stage2_protocol": 1, "--n_workers": 1, "--output_dir": 1}
-
-
 def quickstart_stage2_args() -> str:
-    """The quickstart preset's stage-2 flags (arguments.PRESETS, their one home), without its search's flags."""
-    from diffusers_memcontrol.arguments import PRESETS
+    """The quickstart's stage-2 flags (arguments.QUICKSTART_STAGE2, their one home)."""
+    from diffusers_memcontrol.arguments import QUICKSTART_STAGE2
 
-    preset, kept, i = PRESETS["quickstart"], [], 0
-    while i < len(preset):
-        if preset[i] in SEARCH_ONLY_FLAGS:
-            i += 1 + SEARCH_ONLY_FLAGS[preset[i]]
-        else:
-            kept.append(preset[i])
-            i += 1
-    return " ".join(kept)
+    return " ".join(QUICKSTART_STAGE2)
 
 
 def summarize(runs: dict[int, list[dict]]) -> list[dict]:
@@ -100,10 +88,10 @@ def main() -> None:
     runs, seconds = {}, {}
     for seed in [int(s) for s in args.seeds.split(",")]:
         start = time.perf_counter()
-        result = main_search(["--final", "--mask", args.mask, "--mitigations", args.mitigations,
-                              "--stage2_protocol", args.stage2_protocol, "--n_workers", str(args.n_workers),
-                              "--seed", str(seed), "--output_dir", os.path.join(args.output_dir, f"seed-{seed}"),
-                              *args.trainer_args.split()])
+        result = main_search([*args.trainer_args.split(), "--final", "--mask", args.mask, "--mitigations",
+                              args.mitigations, "--stage2_protocol", args.stage2_protocol, "--n_workers",
+                              str(args.n_workers), "--seed", str(seed),
+                              "--output_dir", os.path.join(args.output_dir, f"seed-{seed}")])
         runs[seed], seconds[seed] = result["rows"], round(time.perf_counter() - start, 1)
     summary = summarize(runs)
     os.makedirs(args.results, exist_ok=True)

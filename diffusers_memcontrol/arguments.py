@@ -53,17 +53,27 @@ BASELINES = ("freeze", "full", "svdiff", "difffit", "attention")
 STAGE2_PROTOCOLS = {"split": [], "duplicated": ["--duplicate_dmem"]}  # trainer flags of each stage-2 protocol
 
 
+# the quickstart's stage-2 settings on the tiny base (docs/testbed.md): D_mem duplicates are a quarter of stage 2's
+# rows, each method trains at its own rate, and trials score quality by prompt fidelity (docs/metrics.md)
+QUICKSTART_STAGE2 = ["--max_train_steps", "250", "--train_batch_size", "64", "--learning_rates",
+                     "svdiff=3e-2,difffit=3e-2,attention=3e-3,full=1e-3", "--caption_dropout", "0.1", "--dmem_size",
+                     "5", "--dmem_repeats", "85", "--dmem_unique_captions", "--stage2_protocol", "duplicated",
+                     "--mitigations", "none", "--eval_num_prompts", "50", "--eval_inference_steps", "20",
+                     "--eval_extraction_generations", "10"]
+
 # named command lines: `--preset NAME` expands to these flags, and any flag after it adds to or overrides them
 PRESETS = {
-    # the tiny base on digits (docs/results.md): D_mem duplicates are a quarter of stage 2's rows, each method trains at
-    # its own rate (docs/testbed.md), and trials score quality by prompt fidelity (docs/metrics.md)
+    # the whole method on the tiny base and the digits (docs/results.md)
+    # trials train on the whole split plus D_mem (--proxy_fraction 1), as stage 2 does, and score memorization by
+    # cliques and quality by prompt fidelity (docs/testbed.md)
     "quickstart": ["--search", "--search_space", "svdiff,difffit,attention", "--n_trials", "4", "--population_size",
-                   "2", "--n_workers", "2", "--max_train_steps", "250", "--train_batch_size", "64",
-                   "--learning_rates", "svdiff=3e-2,difffit=3e-2,attention=3e-3,full=1e-3", "--caption_dropout", "0.1",
-                   "--dmem_size", "5", "--dmem_repeats", "85", "--dmem_unique_captions", "--stage2_protocol",
-                   "duplicated", "--mitigations", "none", "--selection", "normalized_mean",
-                   "--search_quality_objective", "agreement", "--eval_num_prompts", "50", "--eval_inference_steps",
-                   "20", "--eval_extraction_generations", "10", "--output_dir", "outputs/quickstart"],
+                   "2", "--n_workers", "2", "--selection", "normalized_mean", "--proxy_fraction", "1",
+                   "--search_memorization_objective", "cliques", "--search_quality_objective", "agreement",
+                   *QUICKSTART_STAGE2, "--output_dir", "outputs/quickstart"],
+    # the quickstart's mask on animal-MNIST (the paper's transfer), with as many training rows as the digits have
+    "transfer": ["--final", "--mask", "outputs/quickstart", "--dataset_name", "animal-mnist", "--feature_encoder",
+                 "tiny-domain", "--max_train_samples", "1293", "--n_workers", "2", *QUICKSTART_STAGE2,
+                 "--output_dir", "outputs/transfer"],
 }
 
 
@@ -195,6 +205,10 @@ def _add_run_arguments(p: argparse.ArgumentParser) -> None:
                                                                         "fid_agreement"],
                    help="Quality objective of search trials (EvaluationConfig.search_objective; default fid): FID, "
                         "KID, C2ST accuracy, 1 - agreement, or FID x (1 - agreement).")
+    g.add_argument("--search_memorization_objective", default=None, choices=["dmem", "cliques"],
+                   help="Memorization objective of search trials (EvaluationConfig.search_memorization; default "
+                        "dmem, the paper's): d_mem, or the share of each D_mem prompt's --eval_extraction_generations "
+                        "in their largest clique of near-identical images (metrics.clique_share).")
     g.add_argument("--report_to", default="tensorboard", help='tensorboard, wandb, all, or "none".')
     g.add_argument("--logging_dir", default="logs", help="Tracker folder, relative to output_dir.")
     g.add_argument("--tracker_project_name", default="memcontrol", help="Project name of the trackers.")
@@ -468,6 +482,8 @@ def evaluation_config(args: argparse.Namespace, domain: str | None) -> Any:
             values["in_domain_classifier"] = domain
     if args.search_quality_objective is not None:
         values["search_objective"] = args.search_quality_objective
+    if args.search_memorization_objective is not None:
+        values["search_memorization"] = args.search_memorization_objective
     if values.get("search_objective") in ("agreement", "fid_agreement") and values.get("agreement") == "none":
         raise InputError(f"--search_quality_objective {values['search_objective']} needs an agreement score, which "
                          "only the digits domain has built in: choose fid, kid or c2st, or set \"agreement\" "
@@ -480,7 +496,9 @@ def evaluation_config(args: argparse.Namespace, domain: str | None) -> Any:
         search = EvaluationConfig.for_search()
         # agreement stays (cheap, and each trial's agreement shows whether its quality objective ranks masks as
         # prompt fidelity does); extraction, the ceiling and the noise estimate are left to stage 2
-        values.update(extraction_generations=search.extraction_generations,
+        cliques = values.get("search_memorization") == "cliques"  # it needs the D_mem prompts' generations
+        generations = values.get("extraction_generations", EvaluationConfig.extraction_generations)
+        values.update(extraction_generations=generations if cliques else search.extraction_generations,
                       **{name: values.get(name, getattr(search, name))
                          for name in ("quality_images", "ceiling", "quality_noise")})
     values.setdefault("seed", args.seed)

@@ -47,7 +47,7 @@ import numpy as np
 import torch
 
 from .columns import check_captions, check_columns
-from .evaluation_config import AGREEMENT_KINDS, SEARCH_OBJECTIVES, EvaluationConfig
+from .evaluation_config import AGREEMENT_KINDS, SEARCH_OBJECTIVES, EvaluationConfig, search_quality
 from .files import write_json_atomic
 from .generation import generate_images, pipe_default_resolution, progress_bar, real_images, subset_rows
 from .metrics.fid import (
@@ -331,22 +331,6 @@ def score_images(images: torch.Tensor, eval_dataset: Any, config: EvaluationConf
     return judges.score(images, feats, prompts, None if labels is None else [int(v) for v in labels])
 
 
-def search_quality(metrics: dict[str, Any], objective: str) -> float:
-    """The search trial's quality objective (lower is better) from evaluation metrics."""
-    if objective == "fid":
-        return float(metrics["fid"])
-    if objective == "kid":
-        return float(metrics["kid"])
-    if objective == "c2st":
-        return float(metrics["c2st_accuracy"])
-    if metrics.get("agreement") is None:
-        raise ValueError(f"search_objective {objective!r} needs an agreement score (class labels on the validation "
-                         "split, or agreement 'clip'); none was computed.")
-    if objective == "agreement":
-        return 1.0 - float(metrics["agreement"])
-    return float(metrics["fid"]) * (1.0 - float(metrics["agreement"]))
-
-
 def _ceiling(pipe: Any, judges: _QualityJudges, eval_dataset: Any, image_column: str, caption_column: str,
              label_column: str | None, config: EvaluationConfig, resolution: int, n_images: int) -> dict[str, Any]:
     """Every quality metric of real eval images through the pipeline's VAE (as many as the generated set, up to
@@ -464,7 +448,8 @@ def evaluate(
     from .metrics.distances import average_min_cosine_distance
 
     out["amd_eval"] = float(average_min_cosine_distance(eval_feats, train_feats))
-    out.update(amd=None, extracted_images=None, memorized_prompts=None, extraction={}, replication=None)
+    out.update(amd=None, extracted_images=None, memorized_prompts=None, extraction={}, replication=None,
+               clique_share=None)
     if config.extraction_generations > 0:
         out.update(_dmem_prompt_metrics(pipe, dmem_dataset, reference_dataset, train_rows, train_feats,
                                         image_column, caption_column, encoder, config, resolution, timings,
@@ -483,6 +468,8 @@ def evaluate(
         "train_features_cached": bool(train_cached),
         "search_objective": config.search_objective,
         "search_quality": search_quality(out, config.search_objective),
+        "search_memorization_objective": config.search_memorization,
+        "search_memorization": out["clique_share"] if config.search_memorization == "cliques" else float(dmem.max),
         "timings": {k: round(v, 3) for k, v in timings.items()},
         "config": config.to_dict(),
     })
@@ -548,12 +535,8 @@ def _dmem_prompt_metrics(pipe: Any, dmem_dataset: Any, reference_dataset: Any, t
     from .metrics.extraction import calibrated_extraction, vae_round_trip
 
     clock = time.perf_counter()
-    captions = check_captions(dmem_dataset[caption_column], caption_column, "dmem_dataset")
-    g = config.extraction_generations
-    images = generate_images(
-        pipe, captions, g, num_inference_steps=config.num_inference_steps,
-        guidance_scale=config.guidance_scale, resolution=resolution, batch_size=config.generation_batch_size,
-        seed=config.seed + 1, show_progress=config.show_progress, desc="generate (D_mem prompts)")
+    generations = _dmem_generations(pipe, dmem_dataset, caption_column, config, resolution)
+    images = generations.flatten(0, 1)
     timings["generate_dmem"] = time.perf_counter() - clock
     clock = time.perf_counter()
     feats = encoder.features(images, batch_size=config.encoder_batch_size)
@@ -570,7 +553,6 @@ def _dmem_prompt_metrics(pipe: Any, dmem_dataset: Any, reference_dataset: Any, t
     out["replication_space"] = {"encoder": replication_name, "round_trip": config.replication_round_trip}
     timings["amd_replication"] = time.perf_counter() - clock
     clock = time.perf_counter()
-    generations = images.reshape(len(captions), g, *images.shape[1:])
     training_images = torch.cat(list(real_images(dmem_dataset, image_column, range(len(dmem_dataset)),
                                                   resolution, config)))
     extraction, flags = calibrated_extraction(
@@ -586,9 +568,27 @@ def _dmem_prompt_metrics(pipe: Any, dmem_dataset: Any, reference_dataset: Any, t
         save_dmem_generations(generations_path, generations, training_images, flags,
                               round_trips=vae_round_trip(pipe.vae, training_images, config.encoder_batch_size))
     out.update(extracted_images=extraction["n_extracted"], memorized_prompts=extraction["n_flagged_prompts"],
-               extraction=extraction)
+               extraction=extraction, clique_share=_clique_share(generations, config))
     timings["extraction"] = time.perf_counter() - clock
     return out
+
+
+def _dmem_generations(pipe: Any, dmem_dataset: Any, caption_column: str, config: EvaluationConfig,
+                      resolution: int) -> torch.Tensor:
+    """[P, G, C, H, W]: config.extraction_generations images of each D_mem prompt."""
+    captions = check_captions(dmem_dataset[caption_column], caption_column, "dmem_dataset")
+    images = generate_images(
+        pipe, captions, config.extraction_generations, num_inference_steps=config.num_inference_steps,
+        guidance_scale=config.guidance_scale, resolution=resolution, batch_size=config.generation_batch_size,
+        seed=config.seed + 1, show_progress=config.show_progress, desc="generate (D_mem prompts)")
+    return images.reshape(len(captions), config.extraction_generations, *images.shape[1:])
+
+
+def _clique_share(generations: torch.Tensor, config: EvaluationConfig) -> float:
+    from .metrics.distances import clique_share
+
+    return clique_share(generations, config.extraction_threshold, config.extraction_grid,
+                        reduction=config.extraction_reduction, value_range=(-1.0, 1.0))
 
 
 def evaluate_search_objectives(
@@ -627,11 +627,14 @@ def evaluate_search_objectives(
                             resolution)
     quality = judges.score(images, feats, [p for p in prompts for _ in range(k)],
                            None if labels is None else [v for v in labels for _ in range(k)])
-    dmem = _dmem(pipe, dmem_dataset, image_column, caption_column, config, resolution)
-    return {"dmem": float(dmem.max), "fid": quality["fid"], "kid": quality["kid"],
+    dmem = float(_dmem(pipe, dmem_dataset, image_column, caption_column, config, resolution).max)
+    memorization = (_clique_share(_dmem_generations(pipe, dmem_dataset, caption_column, config, resolution), config)
+                    if config.search_memorization == "cliques" else dmem)
+    return {"dmem": dmem, "fid": quality["fid"], "kid": quality["kid"],
             "c2st_accuracy": quality["c2st_accuracy"], "agreement": quality["agreement"],
             "search_objective": config.search_objective,
-            "search_quality": search_quality(quality, config.search_objective)}
+            "search_quality": search_quality(quality, config.search_objective),
+            "search_memorization_objective": config.search_memorization, "search_memorization": memorization}
 
 
 def write_metrics(metrics: dict[str, Any], path: str | os.PathLike) -> str:

@@ -10,10 +10,11 @@ from typing import Any
 
 from .images import check_interpolation
 
-__all__ = ["AGREEMENT_KINDS", "SEARCH_OBJECTIVES", "EvaluationConfig"]
+__all__ = ["AGREEMENT_KINDS", "SEARCH_MEMORIZATION_OBJECTIVES", "SEARCH_OBJECTIVES", "EvaluationConfig", "search_quality"]
 
 AGREEMENT_KINDS = ("classifier", "clip", "biovil", "none")
 SEARCH_OBJECTIVES = ("fid", "kid", "c2st", "agreement", "fid_agreement")
+SEARCH_MEMORIZATION_OBJECTIVES = ("dmem", "cliques")
 """Quality objectives a search trial can minimize (``search_quality`` in the metrics): FID, KID, C2ST accuracy,
 1 - agreement, or FID x (1 - agreement)."""
 
@@ -62,6 +63,10 @@ class EvaluationConfig:
     search_objective: str = field(default="fid", metadata={
         "help": "Quality objective of a search trial, returned as search_quality (lower is better): 'fid', 'kid', "
                 "'c2st' (accuracy), 'agreement' (1 - agreement) or 'fid_agreement' (FID x (1 - agreement))."})
+    search_memorization: str = field(default="dmem", metadata={
+        "help": "Memorization objective of a search trial, returned as search_memorization (lower is better): "
+                "'dmem' (the paper's d_mem) or 'cliques' (metrics.clique_share of the extraction_generations of each "
+                "D_mem prompt: how far they collapse onto one image)."})
     resolution: int | None = field(default=None, metadata={
         "help": "Square generation size in pixels; None = the pipeline's default (unet sample_size x VAE factor)."})
     center_crop: bool = field(default=True, metadata={
@@ -126,6 +131,12 @@ class EvaluationConfig:
                              f"{self.c2st_folds}.")
         if self.search_objective not in SEARCH_OBJECTIVES:
             raise ValueError(f"search_objective must be one of {SEARCH_OBJECTIVES}, got {self.search_objective!r}.")
+        if self.search_memorization not in SEARCH_MEMORIZATION_OBJECTIVES:
+            raise ValueError(f"search_memorization must be one of {SEARCH_MEMORIZATION_OBJECTIVES}, got "
+                             f"{self.search_memorization!r}.")
+        if self.search_memorization == "cliques" and self.extraction_generations < 2:
+            raise ValueError(f"search_memorization 'cliques' needs extraction_generations >= 2 (generations per "
+                             f"D_mem prompt), got {self.extraction_generations}.")
         if self.in_domain_classifier is not None and not (isinstance(self.in_domain_classifier, str)
                                                           and self.in_domain_classifier):
             raise ValueError(f"in_domain_classifier must be None or a name/path, got {self.in_domain_classifier!r}.")
@@ -202,3 +213,19 @@ class EvaluationConfig:
                                 "ceiling": False, "quality_noise": False}
         base.update(overrides)
         return cls(**base)
+
+
+def search_quality(metrics: dict[str, Any], objective: str) -> float:
+    """The search trial's quality objective (lower is better) from evaluation metrics."""
+    if objective == "fid":
+        return float(metrics["fid"])
+    if objective == "kid":
+        return float(metrics["kid"])
+    if objective == "c2st":
+        return float(metrics["c2st_accuracy"])
+    if metrics.get("agreement") is None:
+        raise ValueError(f"search_objective {objective!r} needs an agreement score (class labels on the validation "
+                         "split, or agreement 'clip'); none was computed.")
+    if objective == "agreement":
+        return 1.0 - float(metrics["agreement"])
+    return float(metrics["fid"]) * (1.0 - float(metrics["agreement"]))

@@ -89,6 +89,12 @@ def write_results(rows: Sequence[dict], output_dir: str) -> tuple[str, str]:
     return md_path, json_path
 
 
+# what a search trial's quality value is, for each --search_quality_objective (evaluation.search_quality)
+QUALITY_OBJECTIVE_LABELS = {"fid": "FID", "kid": "KID", "c2st": "C2ST accuracy", "agreement": "1 - agreement",
+                            "fid_agreement": "FID x (1 - agreement)"}
+MEMORIZATION_OBJECTIVE_LABELS = {"dmem": "d_mem", "cliques": "clique share of D_mem generations"}
+
+
 def pareto_plot(
     trials: Sequence[dict],
     front: Sequence[int],
@@ -96,8 +102,11 @@ def pareto_plot(
     path: str,
     baselines: dict[str, tuple[float, float]] | None = None,
     title: str = "MemControl search",
+    quality_objective: str = "fid",
+    memorization_objective: str = "dmem",
 ) -> str:
-    """Figure 3: every trial (d_mem vs FID), the Pareto front, the chosen mask and the baselines; saved as PNG."""
+    """Figure 3: every trial (memorization vs quality objective), the Pareto front, the chosen mask and the baselines;
+    saved as PNG."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -116,8 +125,9 @@ def pareto_plot(
     markers = iter("sD^vP<>")
     for name, (dmem, fid) in (baselines or {}).items():
         ax.scatter([dmem], [fid], marker=next(markers, "x"), s=60, zorder=4, label=name)
-    ax.set_xlabel("d_mem (memorization, lower is better)")
-    ax.set_ylabel("FID (lower is better)")
+    ax.set_xlabel(f"{MEMORIZATION_OBJECTIVE_LABELS.get(memorization_objective, memorization_objective)} "
+                  "(memorization, lower is better)")
+    ax.set_ylabel(f"{QUALITY_OBJECTIVE_LABELS.get(quality_objective, quality_objective)} (lower is better)")
     ax.set_title(title)
     ax.legend(fontsize=7, loc="best")
     fig.tight_layout()

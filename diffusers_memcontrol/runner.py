@@ -67,6 +67,8 @@ def run_search(unet, train_args: list[str], output_dir: str, search_spaces: list
                 trials.append({"study": study.study_name, "method": method, "number": len(trials), "trial": t.number,
                                "dmem": t.values[0], "fid": t.values[1], "fid_score": t.user_attrs.get("fid"),
                                "quality_objective": t.user_attrs.get("search_objective", "fid"),
+                               "memorization_objective": t.user_attrs.get("search_memorization_objective", "dmem"),
+                               "dmem_score": t.user_attrs.get("dmem"),
                                "mask": mask_of_trial(t, space).bitstring,
                                "default_mask": bool(t.user_attrs.get("seeded")),
                                "trainable_params": t.user_attrs.get("trainable_params"),
@@ -87,7 +89,8 @@ def run_search(unet, train_args: list[str], output_dir: str, search_spaces: list
         "scope": scope,
         "selection": config.selection,
         "objectives": list(OBJECTIVES),
-        # what the second objective (the trials' "fid" values) measures: EvaluationConfig.search_objective
+        # what the trials' "dmem" and "fid" values measure: EvaluationConfig.search_memorization and search_objective
+        "memorization_objective": ",".join(sorted({t["memorization_objective"] for t in trials})),
         "quality_objective": ",".join(sorted({t["quality_objective"] for t in trials})),
         "chosen": {"method": chosen_method, "mask": mask.to_dict(), "dmem": chosen.values[0], "fid": chosen.values[1],
                    "learning_rate": chosen.params.get("learning_rate"), "row": chosen_row},
@@ -188,7 +191,9 @@ def run_memcontrol(unet, train_args: list[str], output_dir: str, search_spaces: 
             plot_run = full_ft.result()
             plot_baselines["Full FT"] = (plot_run.dmem, plot_run.fid)
     result["pareto_plot"] = pareto_plot(summary["trials"], summary["front"], summary["chosen"]["row"],
-                                        os.path.join(output_dir, "pareto.png"), baselines=plot_baselines)
+                                        os.path.join(output_dir, "pareto.png"), baselines=plot_baselines,
+                                        quality_objective=summary.get("quality_objective", "fid"),
+                                        memorization_objective=summary.get("memorization_objective", "dmem"))
     result["pareto_baselines"] = plot_baselines
     write_json_atomic(os.path.join(output_dir, "memcontrol_run.json"),
                 {k: v for k, v in result.items() if k != "search"})

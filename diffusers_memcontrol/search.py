@@ -266,7 +266,8 @@ def create_study(space: MaskSpace, config: SearchConfig, output_dir: str) -> opt
         study.set_user_attr(_SPACE_ATTR, record)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            study.set_metric_names(list(OBJECTIVES))
+            # the --search_memorization_objective and --search_quality_objective values, both lower-is-better
+            study.set_metric_names(["memorization", "quality"])
         # seed the first generation with the method's default configuration (all ones)
         params = {_param_name(i): 1 for i in range(len(space))}
         # skip_if_exists: two machines creating the study at once seed it once
@@ -339,8 +340,9 @@ def make_objective(space: MaskSpace, config: SearchConfig, run_trial: TrialFunct
         for key, value in metrics.items():
             if isinstance(value, (int, float, str, bool)) or value is None:
                 trial.set_user_attr(key, value)
-        # the quality objective: EvaluationConfig.search_objective's value where the evaluation reports it, else FID
-        values = (float(metrics["dmem"]), float(metrics.get("search_quality", metrics["fid"])))
+        # EvaluationConfig.search_memorization's and search_objective's values where reported, else d_mem and FID
+        values = (float(metrics.get("search_memorization", metrics["dmem"])),
+                  float(metrics.get("search_quality", metrics["fid"])))
         if not all(math.isfinite(v) for v in values):
             raise optuna.TrialPruned(f"non-finite objectives {values}")
         return values

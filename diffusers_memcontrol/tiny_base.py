@@ -58,6 +58,7 @@ __all__ = [
     "images_to_tensor",
     "load_domain",
     "load_domain_arrays",
+    "printed_digits",
     "load_domain_encoder",
     "read_pretraining_report",
     "tiny_base_path",
@@ -392,16 +393,52 @@ def _load_fashion_mnist(split: str) -> tuple[np.ndarray, np.ndarray]:
     return _pad_to_32(_read_idx(img_path)), _read_idx(lbl_path).astype(np.int64)
 
 
-def _load_digits(split: str) -> tuple[np.ndarray, np.ndarray]:
+def _digits_to_32(levels: np.ndarray) -> np.ndarray:
+    """8x8 images of 17 grey levels (0-16, as the UCI digits store them) -> uint8 [N, 32, 32], bilinear."""
     from PIL import Image
+
+    small = np.clip(np.round(levels * (255.0 / 16.0)), 0, 255).astype(np.uint8)
+    return np.stack([np.asarray(Image.fromarray(im).resize((IMAGE_SIZE, IMAGE_SIZE), Image.BILINEAR)) for im in small])
+
+
+def _load_digits(split: str) -> tuple[np.ndarray, np.ndarray]:
     from sklearn.datasets import load_digits
 
     bunch = load_digits()
-    small = np.clip(np.round(bunch.images * (255.0 / 16.0)), 0, 255).astype(np.uint8)
-    big = np.stack([np.asarray(Image.fromarray(im).resize((IMAGE_SIZE, IMAGE_SIZE), Image.BILINEAR)) for im in small])
     labels = bunch.target.astype(np.int64)
     idx = _stratified_split(labels, split)
-    return big[idx], labels[idx]
+    return _digits_to_32(bunch.images)[idx], labels[idx]
+
+
+def printed_digits(n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """`n` typeset digits (Pillow's bundled font, jittered) made like the UCI digits: 8x8, 17 levels, 32x32.
+
+    The tiny base's "vocabulary" of the digits domain (training/pretrain_tiny_base.py): like SD1.5, which saw some
+    radiographs on the web before anyone fine-tuned it on MIMIC, the base sees digits that are not any image of the
+    fine-tuning splits. Returns ``(images uint8 [n, 32, 32], labels int64 [n])``, the same for a seed.
+    """
+    from PIL import Image, ImageDraw, ImageFont
+
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, 10, n).astype(np.int64)
+    levels = np.zeros((n, 8, 8))
+    fonts: dict[int, ImageFont.FreeTypeFont] = {}
+    for i, digit in enumerate(labels):
+        size = int(rng.integers(40, 60))
+        font = fonts.setdefault(size, ImageFont.load_default(size=size))
+        canvas = Image.new("L", (96, 96), 0)
+        stroke = int(rng.integers(0, 4))
+        ImageDraw.Draw(canvas).text((20, 10), str(digit), fill=255, font=font, stroke_width=stroke, stroke_fill=255)
+        glyph = canvas.crop(canvas.getbbox())
+        height = int(rng.integers(52, 64))  # the UCI digits fill their box, as these do
+        width = max(6, min(60, int(glyph.width * height / glyph.height * rng.uniform(0.8, 1.25))))
+        cell = Image.new("L", (64, 64), 0)
+        cell.paste(glyph.resize((width, height), Image.BILINEAR),
+                   ((64 - width) // 2 + int(rng.integers(-2, 3)), (64 - height) // 2 + int(rng.integers(-2, 3))))
+        cell = cell.rotate(float(rng.uniform(-15, 15)), resample=Image.BILINEAR)
+        small = np.asarray(cell.resize((8, 8), Image.BOX), dtype=np.float64)
+        levels[i] = np.round(small / max(small.max(), 1.0) * 16.0)
+    return _digits_to_32(levels), labels
 
 
 class _NumpyOnlyUnpickler(pickle.Unpickler):

@@ -24,17 +24,31 @@ def test_a_preset_expands_in_place_and_later_flags_override_it(capsys):
 
 
 def test_an_unknown_preset_is_a_user_error():
-    with pytest.raises(InputError, match=r"--preset 'nope': unknown preset; expected one of quickstart"):
+    with pytest.raises(InputError, match=r"--preset 'nope': unknown preset; expected one of quickstart, transfer"):
         expand_preset(["--preset", "nope"])
     with pytest.raises(InputError, match=r"--preset None"):
         expand_preset(["--preset"])
 
 
-def test_the_quickstart_preset_is_a_whole_method_run_and_its_fine_tunes_parse():
-    argv = expand_preset(["--preset", "quickstart"])
+@pytest.mark.parametrize("name", list(PRESETS))
+def test_each_preset_is_a_whole_method_run_and_its_fine_tunes_parse(name):
+    argv = expand_preset(["--preset", name])
     assert runs_whole_method(argv) and not runs_whole_method(["--peft_method", "svdiff"])
     _, train_args = parse_search_args(argv)
     assert parse_args(train_args).dmem_unique_captions
+
+
+def test_the_transfer_preset_runs_the_quickstarts_stage_2_on_as_many_animal_rows():
+    config, train_args = parse_search_args(expand_preset(["--preset", "transfer"]))
+    quickstart = parse_args(parse_search_args(expand_preset(["--preset", "quickstart"]))[1])
+    transfer = parse_args(train_args)
+    assert transfer.dataset_name == "animal-mnist" and quickstart.dataset_name is None  # digits
+    for name in ("max_train_steps", "train_batch_size", "learning_rates", "dmem_size", "dmem_repeats"):
+        assert getattr(transfer, name) == getattr(quickstart, name), name
+    from diffusers_memcontrol.arguments import load_splits
+
+    digits_rows = len(load_splits(quickstart)[0]["train"])
+    assert transfer.max_train_samples == digits_rows  # so D_mem's duplicates stay a quarter of the rows
 
 
 def test_the_trainer_refuses_the_whole_method_flags_with_a_pointer():

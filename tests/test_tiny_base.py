@@ -170,3 +170,26 @@ def test_shipped_text_encoder_is_the_seeded_random_init():
     built = tb.build_text_encoder(tb.read_pretraining_report()["text_encoder"]["frozen_random_init_seed"])
     for (name, a), b in zip(shipped.state_dict().items(), built.state_dict().values()):
         assert torch.equal(a, b), name
+
+
+@needs_assets
+def test_vocabulary_stage_saw_digits_but_no_image_of_the_fine_tuning_splits():
+    vocabulary = tb.read_pretraining_report()["vocabulary"]
+    shipped, labels = tb.printed_digits(vocabulary["args"]["digit_vocabulary"], seed=vocabulary["args"]["seed"])
+    assert sorted(set(labels.tolist())) == list(range(10))
+    real = np.concatenate([tb.load_domain_arrays("digits", split)[0] for split in ("train", "test")])
+    assert not {im.tobytes() for im in shipped} & {im.tobytes() for im in real}
+    a = torch.from_numpy(shipped.reshape(len(shipped), -1)).double() / 255
+    b = torch.from_numpy(real.reshape(len(real), -1)).double() / 255
+    nearest = torch.cdist(a, b).min(dim=1).values / 32  # RMS pixel distance to the closest real digit
+    assert nearest.min() > 0.05, float(nearest.min())
+
+
+def test_printed_digits_are_seeded_and_shaped_like_the_digits_domain():
+    images, labels = tb.printed_digits(20, seed=3)
+    again, _ = tb.printed_digits(20, seed=3)
+    other, _ = tb.printed_digits(20, seed=4)
+    assert images.shape == (20, 32, 32) and images.dtype == np.uint8 and labels.dtype == np.int64
+    assert np.array_equal(images, again) and not np.array_equal(images, other)
+    real = tb.load_domain_arrays("digits", "test")[0]
+    assert abs(images.mean() - real.mean()) < 0.5 * real.mean()  # white digits on black, filling the box

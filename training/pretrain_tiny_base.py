@@ -23,10 +23,14 @@ Steps:
 4. Save the pipeline (``StableDiffusionPipeline.save_pretrained``, safetensors, no safety checker)
    and the encoder (``domain_encoder/``), ``pretraining_report.json``, ``samples.png`` (4 samples
    per Fashion-MNIST class, guidance 4, 50 steps, DDPM) and ``vae_reconstructions.png``.
+5. The vocabulary stage (``--continue_from``): the UNet goes on training on Fashion-MNIST plus typeset digits
+   (``tiny_base.printed_digits``) captioned like the digits domain. It never sees an image of the digits' splits.
 
 Usage::
 
-    python training/pretrain_tiny_base.py                       # writes the package's asset folder
+    python training/pretrain_tiny_base.py --output_dir /tmp/stage1   # stage 1
+    python training/pretrain_tiny_base.py --continue_from /tmp/stage1 --unet_steps 800 --unet_lr 5e-4 \
+        --digit_vocabulary 3000 --fashion_images 30000              # stage 2: the package's asset folder
     python training/pretrain_tiny_base.py --output_dir /tmp/tb --vae_steps 50 --unet_steps 50 --encoder_steps 50
 
 Wall time (torch 2.13 CPU). Per-step costs measured on 2 idle cores: VAE 0.3 s, UNet 0.24 s at
@@ -35,7 +39,8 @@ batch 64, so the defaults should take about 14 minutes there (an estimate from t
 ``--num_threads 1`` while other jobs shared the 2 cores: 23.5 minutes in total (VAE 330 s, latent
 cache 68 s, UNet 946 s, encoder 58 s, samples 7 s; ``wall_time_s`` in ``pretraining_report.json``).
 On a shared machine prefer ``--num_threads 1``: two processes each spinning 2 OpenMP threads on 2
-cores ran 20-40x slower per step here. Reproducible for a given ``--seed``, thread count and torch
+cores ran 20-40x slower per step here. The vocabulary stage took about 4 minutes with 2 threads (``wall_time_s``
+under ``vocabulary``). Reproducible for a given ``--seed``, thread count and torch
 build.
 """
 
@@ -46,6 +51,7 @@ import json
 import math
 import os
 import platform
+import shutil
 import time
 
 import numpy as np
@@ -75,7 +81,18 @@ def parse_args(argv=None):
     p.add_argument("--psnr_images", type=int, default=2000, help="Fashion-MNIST test images for PSNR")
     p.add_argument("--num_threads", type=int, default=2)
     p.add_argument("--device", default="cpu")
-    return p.parse_args(argv)
+    g = p.add_argument_group("vocabulary stage (--continue_from): the digits' vocabulary, never their images")
+    g.add_argument("--continue_from", default=None,
+                   help="A pipeline made by the first stage: keep its VAE, text encoder and domain encoder, and go on "
+                        "training its UNet on Fashion-MNIST plus --digit_vocabulary typeset digits.")
+    g.add_argument("--digit_vocabulary", type=int, default=3000,
+                   help="Typeset digits (tiny_base.printed_digits) captioned like the digits domain.")
+    g.add_argument("--fashion_images", type=int, default=30000, help="Fashion-MNIST training images beside them.")
+    args = p.parse_args(argv)
+    if args.continue_from is not None and args.continue_from == args.output_dir:
+        p.error("--continue_from and --output_dir must differ: the first stage's folder is read while the new one "
+                "is written")
+    return args
 
 
 def cosine_lr(step: int, total: int, warmup: int) -> float:
@@ -268,6 +285,10 @@ def accuracy(encoder, images, labels, device) -> float:
 def write_model_card(output_dir: str, report: dict) -> None:
     """A short README.md for the asset folder: what it is, how it was made, its numbers."""
     r = report
+    v = r.get("vocabulary")
+    vocabulary = "" if v is None else (
+        f" Then its UNet went on for {v['args']['unet_steps']} steps on {v['data']}: the words and the look of"
+        " digits, not the shape of each class (`vocabulary` in the report).")
     text = f"""# tiny_base: a CPU-sized, Stable-Diffusion-1.5-shaped pipeline
 
 Made by `training/pretrain_tiny_base.py` of diffusers-memcontrol; the stand-in for SD1.5 in the
@@ -279,8 +300,8 @@ package's quickstart and tests. Load it offline with
   scaling_factor {r["vae"]["scaling_factor"]}), CLIPTextModel ({r["text_encoder"]["params"]:,} params, frozen
   random init) with a byte-level 514-token CLIP tokenizer, DDPMScheduler with SD1.5's schedule.
 - Pretrained on Fashion-MNIST (MIT), captions like "a photo of a sneaker", 10% captions dropped
-  for classifier-free guidance. The diffusion components never saw the digits (the quickstart's
-  sensitive fine-tuning data); only the domain encoder below was trained on them.
+  for classifier-free guidance.{vocabulary} The diffusion components never saw an image of the digits
+  (the quickstart's sensitive fine-tuning data); only the domain encoder below was trained on them.
 - VAE reconstruction PSNR: Fashion-MNIST test {r["psnr_fashion_mnist_test"]:.2f} dB, digits test
   {r["psnr_digits_test"]:.2f} dB (out of domain).
 - `domain_encoder/`: a small CNN (`diffusers_memcontrol.tiny_base.DomainEncoder`) trained on the
@@ -297,8 +318,64 @@ License: Apache-2.0 (weights); training data Fashion-MNIST (MIT) and scikit-lear
         f.write(text)
 
 
+@torch.no_grad()
+def save_samples(args, pipe, captions, name: str) -> None:
+    """4 samples of each caption (rows of 8 = two captions) as `name` in the output folder."""
+    pipe.set_progress_bar_config(disable=True)
+    out = pipe([c for c in captions for _ in range(4)], num_inference_steps=args.sample_steps,
+               guidance_scale=args.guidance_scale, generator=torch.Generator().manual_seed(args.seed),
+               output_type="pt").images
+    save_png(to_grid(out * 2 - 1, nrow=8), os.path.join(args.output_dir, name))
+
+
+def vocabulary_stage(args) -> None:
+    """Stage 2: the first stage's UNet goes on training on Fashion-MNIST plus typeset digits captioned like the
+    digits domain. SD1.5 had seen some radiographs before anyone fine-tuned it on MIMIC; this base has seen digits
+    that are no image of the fine-tuning splits, and it learns "a handwritten digit" without each class's shape."""
+    from diffusers import StableDiffusionPipeline
+
+    t_start = time.time()
+    pipe = StableDiffusionPipeline.from_pretrained(args.continue_from, safety_checker=None)
+    f_train, f_labels = tb.load_domain_arrays("fashion-mnist", "train")
+    keep = np.sort(np.random.default_rng(args.seed).choice(len(f_train), args.fashion_images, replace=False))
+    printed, printed_labels = tb.printed_digits(args.digit_vocabulary, seed=args.seed)
+    images = np.concatenate([f_train[keep], printed])
+    labels = np.concatenate([f_labels[keep], printed_labels + 10])  # rows of the caption table below
+    captions = [*tb.DOMAINS["fashion-mnist"].captions, *tb.DOMAINS["digits"].captions, ""]
+    text_table = embed_captions(pipe.tokenizer, pipe.text_encoder, captions, args.device)
+    lat_mean, lat_std = cache_latents(pipe.vae.to(args.device), images, args.device)
+    unet = pipe.unet.to(args.device).train().requires_grad_(True)
+    loss = train_unet(args, unet, pipe.scheduler, lat_mean, lat_std, pipe.vae.config.scaling_factor, labels,
+                      text_table, args.device)
+    pipe.to("cpu").save_pretrained(args.output_dir, safe_serialization=True)
+    save_samples(args, pipe, tb.DOMAINS["fashion-mnist"].captions, "samples.png")
+    save_samples(args, pipe, tb.DOMAINS["digits"].captions, "samples_digits.png")
+    for sub in ("domain_encoder", "in_domain"):
+        if os.path.isdir(os.path.join(args.continue_from, sub)):
+            shutil.copytree(os.path.join(args.continue_from, sub), os.path.join(args.output_dir, sub),
+                            dirs_exist_ok=True)
+    with open(os.path.join(args.continue_from, "pretraining_report.json"), encoding="utf-8") as f:
+        report = json.load(f)
+    report["vocabulary"] = {
+        "args": {k: v for k, v in vars(args).items() if k in ("unet_steps", "unet_lr", "batch_size", "seed",
+                 "ema_decay", "caption_dropout", "digit_vocabulary", "fashion_images", "num_threads")},
+        "data": f"{args.fashion_images} Fashion-MNIST training images and {args.digit_vocabulary} typeset digits "
+                "(tiny_base.printed_digits), the digits captioned 'a handwritten digit <word>'",
+        "final_loss": round(loss, 5),
+        "wall_time_s": round(time.time() - t_start, 1),
+    }
+    with open(os.path.join(args.output_dir, "pretraining_report.json"), "w", encoding="utf-8") as f:
+        json.dump(report, f, indent=2)
+    write_model_card(args.output_dir, report)
+    print(json.dumps(report["vocabulary"], indent=2))
+
+
 def main(argv=None):
     args = parse_args(argv)
+    if args.continue_from is not None:
+        torch.set_num_threads(args.num_threads)
+        torch.manual_seed(args.seed)
+        return vocabulary_stage(args)
     t_start = time.time()
     torch.set_num_threads(args.num_threads)
     torch.manual_seed(args.seed)
@@ -388,16 +465,7 @@ def main(argv=None):
 
     # 5. Samples -----------------------------------------------------------------------------
     t0 = time.time()
-    pipe.set_progress_bar_config(disable=True)
-    prompts = [c for c in fashion.captions for _ in range(4)]
-    out = pipe(
-        prompts,
-        num_inference_steps=args.sample_steps,
-        guidance_scale=args.guidance_scale,
-        generator=torch.Generator().manual_seed(args.seed),
-        output_type="pt",
-    ).images
-    save_png(to_grid(out * 2 - 1, nrow=8), os.path.join(args.output_dir, "samples.png"))
+    save_samples(args, pipe, fashion.captions, "samples.png")
     times["samples"] = time.time() - t0
     times["total"] = time.time() - t_start
 

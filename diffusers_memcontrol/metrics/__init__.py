@@ -12,6 +12,7 @@ from .agreement import biovil_score, classifier_agreement, clip_score
 from .distances import (
     ExtractionResult,
     average_min_cosine_distance,
+    clique_share,
     extraction_attack,
     find_cliques,
     min_cosine_distances,
@@ -41,6 +42,7 @@ __all__ = [
     "detection_auc",
     "disjoint_halves",
     "dmem_search",
+    "clique_share",
     "extraction_attack",
     "find_cliques",
     "frechet_distance",

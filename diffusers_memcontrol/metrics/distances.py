@@ -28,6 +28,7 @@ __all__ = [
     "DEFAULT_EXTRACTION_THRESHOLD",
     "ExtractionResult",
     "average_min_cosine_distance",
+    "clique_share",
     "extraction_attack",
     "find_cliques",
     "min_cosine_distances",
@@ -562,6 +563,34 @@ def extraction_attack(
         grid=int(grid),
         reduction=reduction,
     )
+
+
+def clique_share(
+    generations: Sequence[ArrayLike] | ArrayLike,
+    threshold: float = DEFAULT_EXTRACTION_THRESHOLD,
+    grid: int = 4,
+    *,
+    reduction: Literal["rms", "sum"] = "rms",
+    value_range: tuple[float, float] = (0.0, 1.0),
+    device: str | torch.device | None = None,
+) -> float:
+    """Mean over prompts of the share of its generations in their largest clique of near-identical ones, as
+    (size - 1) / (G - 1): 0 when all G differ, 1 when all are one image.
+
+    The memorized-prompt count (a prompt whose generations form a clique, Carlini et al.) made continuous, so that a
+    search can rank masks by it; the clique graph is :func:`extraction_attack`'s (tiled l2 below ``threshold``).
+    """
+    shares = []
+    for p, gens in enumerate(generations):
+        gens = gens if isinstance(gens, torch.Tensor) else torch.as_tensor(np.asarray(gens))
+        if gens.ndim != 4 or len(gens) < 2:
+            raise ValueError(f"generations[{p}] must have shape [G, C, H, W] with G >= 2; got {tuple(gens.shape)}")
+        pair = tiled_l2(gens, grid=grid, reduction=reduction, value_range=value_range, device=device)
+        largest = max((len(c) for c in find_cliques(pair, threshold, 2)), default=1)
+        shares.append((largest - 1) / (len(gens) - 1))
+    if not shares:
+        raise ValueError("clique_share needs at least one prompt's generations.")
+    return float(np.mean(shares))
 
 
 def _check_attack_inputs(generations, training_images, threshold: float, min_clique_size: int,

@@ -1,8 +1,9 @@
 """In-domain rate: the fraction of generations that a classifier of the target domain, against the base model's
 pretraining domain, calls target-domain images.
 
-A fine-tune that has not learned its domain keeps drawing what the base was pretrained on (the tiny base: garments
-of Fashion-MNIST for digit prompts). :class:`InDomainClassifier` is a logistic regression on grayscale pixels,
+A fine-tune that has not learned its domain keeps drawing what the base was pretrained on (the tiny base: mostly
+Fashion-MNIST garments, plus the look of digits but not each digit's shape). It asks "a digit at all?"; whether it
+is the prompted digit is the agreement metric's question. :class:`InDomainClassifier` is a logistic regression on grayscale pixels,
 trained (:func:`fit_in_domain_classifier`) on the VAE round trips of both domains, i.e. on images as the pipeline
 renders them; the package ships one per built-in target domain (``digits``, ``animal-mnist``) for the tiny base's
 VAE (``training/fit_quality_classifiers.py``), never trained on a test split.

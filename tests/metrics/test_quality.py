@@ -1,6 +1,8 @@
 """KID, C2ST, the in-domain classifier, and every quality metric planted with a positive and a negative on the
 tiny base: the ceiling (real test digits through the VAE) near its best, Freeze (the base's own generations) near
-its worst, and the base's own domain (Fashion-MNIST through the VAE) near Freeze, not near the ceiling."""
+its worst, and the base's pretraining domain (Fashion-MNIST through the VAE) near Freeze, not near the ceiling.
+The base has the digits' vocabulary (it draws digit-like shapes, not the prompted one), so for the in-domain rate
+the wrong domain, not Freeze, is the floor."""
 
 from __future__ import annotations
 
@@ -99,7 +101,7 @@ def scored(tmp_path_factory):
     freeze = generate_images(pipe, [tb.DOMAINS["digits"].caption(v) for v in labels], 1, num_inference_steps=20,
                              guidance_scale=4.0, show_progress=False)
     sets = {"ceiling": (vae_round_trip(pipe.vae, tb.images_to_tensor(digits[rows])), labels),
-            "freeze": (freeze, labels),  # the base draws garments for digit prompts
+            "freeze": (freeze, labels),  # the base draws digit-like shapes, not the prompted digit
             "fashion": (vae_round_trip(pipe.vae, tb.images_to_tensor(fashion)), labels)}
     test = tb.load_domain("digits", "test")
     config = EvaluationConfig(in_domain_classifier="digits", show_progress=False,
@@ -118,6 +120,9 @@ def test_ceiling_near_best_freeze_near_worst_base_domain_near_freeze(scored, met
     sign = 1.0 if DIRECTION[metric] else -1.0
     ceiling, freeze, fashion = (sign * scored[k][metric] for k in ("ceiling", "freeze", "fashion"))
     noise = max(scored[k][f"{metric}_noise"] for k in ("ceiling", "freeze", "fashion"))
+    if metric == "in_domain":  # it asks "a digit at all?", and the base does draw digit-like shapes
+        assert ceiling - fashion > 3 * noise and ceiling - fashion >= 0.9, (metric, scored)
+        return
     gap = ceiling - freeze
     assert gap > 3 * noise, (metric, scored)  # the ceiling is clearly above the floor, beyond the metric's noise
-    assert ceiling - fashion >= 0.5 * gap, (metric, scored)  # the base's own domain: closer to Freeze
+    assert ceiling - fashion >= 0.5 * gap, (metric, scored)  # the base's pretraining domain: closer to Freeze
