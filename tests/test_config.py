@@ -22,3 +22,17 @@ def test_parse_learning_rates_reads_each_method_and_refuses_unknown_methods_and_
 def test_the_trainer_uses_the_methods_rate_from_learning_rates(tmp_path, extra, method, expected):
     args = parse_args(["--peft_method", method, "--output_dir", str(tmp_path), "--max_train_samples", "8", *extra])
     assert check_inputs(args).config.learning_rate == pytest.approx(expected)
+
+
+def test_the_cliques_memorization_objective_needs_generations_and_trials_keep_them():
+    from diffusers_memcontrol.arguments import evaluation_config, parse_args
+    from diffusers_memcontrol.evaluation_config import EvaluationConfig
+
+    with pytest.raises(ValueError, match=r"search_memorization 'cliques' needs extraction_generations >= 2"):
+        EvaluationConfig(search_memorization="cliques", extraction_generations=1)
+    with pytest.raises(ValueError, match=r"search_memorization must be one of \('dmem', 'cliques'\), got 'fid'"):
+        EvaluationConfig(search_memorization="fid")
+    trial = ["--output_dir", "unused", "--eval_preset", "search", "--eval_extraction_generations", "6"]
+    assert evaluation_config(parse_args(trial), "digits").extraction_generations == 0  # d_mem: no generations
+    cliques = evaluation_config(parse_args([*trial, "--search_memorization_objective", "cliques"]), "digits")
+    assert cliques.search_memorization == "cliques" and cliques.extraction_generations == 6

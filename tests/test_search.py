@@ -107,6 +107,17 @@ def test_the_quality_objective_is_search_quality_where_the_trial_reports_it(spac
         assert t.values == [1.0, 0.25] and t.user_attrs["fid"] == 50.0 and t.user_attrs["search_objective"] == "kid"
 
 
+def test_the_memorization_objective_is_search_memorization_where_the_trial_reports_it(space, tmp_path):
+    def clique_trial(mask, learning_rate, trial):
+        return {"dmem": 2.0, "fid": 50.0, "search_memorization": 0.4, "search_memorization_objective": "cliques"}
+
+    study = optimize(space, _config(None, n_trials=2), str(tmp_path), clique_trial)
+    assert study.metric_names == ["memorization", "quality"]
+    for t in study.get_trials(states=(TrialState.COMPLETE,)):
+        assert t.values == [0.4, 50.0] and t.user_attrs["dmem"] == 2.0
+        assert t.user_attrs["search_memorization_objective"] == "cliques"
+
+
 def test_pareto_selection_and_exports(space, tmp_path):
     config = _config(None, n_trials=12, seed=1)
     study = optimize(space, config, str(tmp_path), toy_trial)

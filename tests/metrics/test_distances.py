@@ -8,6 +8,7 @@ import torch
 from scipy.spatial.distance import cdist
 
 from diffusers_memcontrol.metrics.distances import (
+    clique_share,
     average_min_cosine_distance,
     extraction_attack,
     find_cliques,
@@ -283,3 +284,39 @@ def test_extraction_bad_input(rng):
         extraction_attack([], train[:0])
     with pytest.raises(ValueError, match=r"values lie in"):
         extraction_attack([g * 255 for g in gens], train)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# clique_share: the memorized-prompt count made continuous (a search's memorization objective)
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _digits(n: int, label: int) -> torch.Tensor:
+    from diffusers_memcontrol import tiny_base as tb
+
+    images, labels = tb.load_domain_arrays("digits", "test")
+    return tb.images_to_tensor(images[labels == label][:n])  # [n, 3, 32, 32] in [-1, 1]
+
+
+def test_clique_share_sees_copies_and_not_classmates():
+    gen = torch.Generator().manual_seed(0)
+    digit = _digits(1, 4)
+    copies = (digit.repeat(10, 1, 1, 1) + 0.01 * torch.randn(10, *digit.shape[1:], generator=gen)).clamp(-1, 1)
+    classmates = _digits(10, 4)  # ten different writers' fours: one class, no copy
+    half = torch.cat([copies[:5], classmates[5:]])  # classmates[0] is the copied four itself
+    kwargs = {"value_range": (-1.0, 1.0)}
+    assert clique_share([copies], **kwargs) == 1.0  # planted positive: one image ten times
+    assert clique_share([classmates], **kwargs) == 0.0  # planted negative
+    assert clique_share([half], **kwargs) == pytest.approx(4 / 9)
+    assert clique_share([copies, classmates], **kwargs) == pytest.approx(0.5)  # the mean over prompts
+    assert clique_share(torch.stack([copies, classmates]), **kwargs) == pytest.approx(0.5)
+
+
+@pytest.mark.parametrize("generations, match", [
+    ([torch.zeros(1, 3, 8, 8)], r"G >= 2"),
+    ([torch.zeros(3, 8, 8)], r"\[G, C, H, W\]"),
+    ([], r"at least one prompt"),
+])
+def test_clique_share_bad_input(generations, match):
+    with pytest.raises(ValueError, match=match):
+        clique_share(generations)
