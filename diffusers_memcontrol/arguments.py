@@ -63,9 +63,8 @@ QUICKSTART_STAGE2 = ["--max_train_steps", "250", "--train_batch_size", "64", "--
 
 # named command lines: `--preset NAME` expands to these flags, and any flag after it adds to or overrides them
 PRESETS = {
-    # the whole method on the tiny base and the digits (docs/results.md)
-    # trials train on the whole split plus D_mem (--proxy_fraction 1), as stage 2 does, and score memorization by
-    # cliques and quality by prompt fidelity (docs/testbed.md)
+    # the whole method on the tiny base and the digits (docs/results.md); its trials train on stage 2's set
+    # (--proxy_fraction 1) and score memorization by cliques and quality by prompt fidelity (docs/testbed.md)
     "quickstart": ["--search", "--search_space", "svdiff,difffit,attention", "--n_trials", "4", "--population_size",
                    "2", "--n_workers", "2", "--selection", "normalized_mean", "--proxy_fraction", "1",
                    "--search_memorization_objective", "cliques", "--search_quality_objective", "agreement",

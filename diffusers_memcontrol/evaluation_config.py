@@ -10,7 +10,8 @@ from typing import Any
 
 from .images import check_interpolation
 
-__all__ = ["AGREEMENT_KINDS", "SEARCH_MEMORIZATION_OBJECTIVES", "SEARCH_OBJECTIVES", "EvaluationConfig", "search_quality"]
+__all__ = ["AGREEMENT_KINDS", "SEARCH_MEMORIZATION_OBJECTIVES", "SEARCH_OBJECTIVES", "EvaluationConfig",
+           "search_quality"]
 
 AGREEMENT_KINDS = ("classifier", "clip", "biovil", "none")
 SEARCH_OBJECTIVES = ("fid", "kid", "c2st", "agreement", "fid_agreement")

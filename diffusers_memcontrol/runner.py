@@ -189,7 +189,9 @@ def run_memcontrol(unet, train_args: list[str], output_dir: str, search_spaces: 
             result["results_md"] = os.path.join(output_dir, "results.md")
         if full_ft is not None:
             plot_run = full_ft.result()
-            plot_baselines["Full FT"] = (plot_run.dmem, plot_run.fid)
+            # in the trials' units: the search's memorization and quality objectives
+            plot_baselines["Full FT"] = (plot_run.metrics.get("search_memorization", plot_run.dmem),
+                                         plot_run.metrics.get("search_quality", plot_run.fid))
     result["pareto_plot"] = pareto_plot(summary["trials"], summary["front"], summary["chosen"]["row"],
                                         os.path.join(output_dir, "pareto.png"), baselines=plot_baselines,
                                         quality_objective=summary.get("quality_objective", "fid"),

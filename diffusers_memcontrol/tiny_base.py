@@ -58,8 +58,8 @@ __all__ = [
     "images_to_tensor",
     "load_domain",
     "load_domain_arrays",
-    "printed_digits",
     "load_domain_encoder",
+    "printed_digits",
     "read_pretraining_report",
     "tiny_base_path",
 ]

@@ -39,7 +39,7 @@ def test_each_preset_is_a_whole_method_run_and_its_fine_tunes_parse(name):
 
 
 def test_the_transfer_preset_runs_the_quickstarts_stage_2_on_as_many_animal_rows():
-    config, train_args = parse_search_args(expand_preset(["--preset", "transfer"]))
+    _, train_args = parse_search_args(expand_preset(["--preset", "transfer"]))
     quickstart = parse_args(parse_search_args(expand_preset(["--preset", "quickstart"]))[1])
     transfer = parse_args(train_args)
     assert transfer.dataset_name == "animal-mnist" and quickstart.dataset_name is None  # digits

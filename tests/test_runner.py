@@ -31,19 +31,25 @@ def test_search_final_and_table(tmp_path):
     out = str(tmp_path / "run")
     result = main_search(["--search", "--search_space", "difffit", "--mask_layout", "paper", "--n_trials", "2",
                           "--population_size", "2", "--baselines", "freeze", "--mitigations", "none",
+                          "--search_memorization_objective", "cliques", "--search_quality_objective", "agreement",
                           "--n_workers", "2", "--output_dir", out, *TINY_RUN])
     chosen = result["search"]["chosen"]
     best = Mask.load(os.path.join(out, "best_mask.json"))
     assert best.to_dict() == chosen["mask"] and best.method == "difffit"
     assert chosen["row"] in result["search"]["front"]  # the chosen mask is on the front
     assert _read(os.path.join(out, "pareto.png"), "rb")[:4] == b"\x89PNG"
-    assert "Full FT" in result["pareto_baselines"]
+    summary = _json(os.path.join(out, "search_summary.json"))
+    assert (summary["memorization_objective"], summary["quality_objective"]) == ("cliques", "agreement")
+    full_ft = _json(os.path.join(out, "trials", "full-ft", "trial_result.json"))["metrics"]
+    # the plot's Full FT point is in the trials' units: clique share and 1 - agreement, not d_mem and FID
+    assert tuple(result["pareto_baselines"]["Full FT"]) == (full_ft["search_memorization"], full_ft["search_quality"])
+    for t in summary["trials"]:
+        assert 0 <= t["dmem"] <= 1 and t["dmem_score"] is not None and 0 <= t["fid"] <= 1
     rows = _json(os.path.join(out, "results.json"))
     assert [(r["method"], r["mitigation"]) for r in rows] == [("ceiling", "none"), ("freeze", "none"),
                                                               ("memcontrol", "none")]
     ceiling, rows = rows[0], rows[1:]
     assert ceiling["fid"] < rows[0]["fid"] and ceiling["in_domain"] >= 0.9  # above the floor; digits through the VAE
-    assert _json(os.path.join(out, "search_summary.json"))["quality_objective"] == "fid"
     for row in rows:
         for key in ("fid", "amd", "dmem", "trainable_params", "extracted_images"):
             assert key in row

@@ -52,6 +52,7 @@ import math
 import os
 import platform
 import shutil
+import textwrap
 import time
 
 import numpy as np
@@ -286,9 +287,9 @@ def write_model_card(output_dir: str, report: dict) -> None:
     """A short README.md for the asset folder: what it is, how it was made, its numbers."""
     r = report
     v = r.get("vocabulary")
-    vocabulary = "" if v is None else (
-        f" Then its UNet went on for {v['args']['unet_steps']} steps on {v['data']}: the words and the look of"
-        " digits, not the shape of each class (`vocabulary` in the report).")
+    vocabulary = "" if v is None else "\n" + textwrap.fill(
+        f"- Then its UNet went on for {v['args']['unet_steps']} steps on {v['data']}: the words and the look of "
+        "digits, not the shape of each class (`vocabulary` in the report).", width=110, subsequent_indent="  ")
     text = f"""# tiny_base: a CPU-sized, Stable-Diffusion-1.5-shaped pipeline
 
 Made by `training/pretrain_tiny_base.py` of diffusers-memcontrol; the stand-in for SD1.5 in the
@@ -300,8 +301,8 @@ package's quickstart and tests. Load it offline with
   scaling_factor {r["vae"]["scaling_factor"]}), CLIPTextModel ({r["text_encoder"]["params"]:,} params, frozen
   random init) with a byte-level 514-token CLIP tokenizer, DDPMScheduler with SD1.5's schedule.
 - Pretrained on Fashion-MNIST (MIT), captions like "a photo of a sneaker", 10% captions dropped
-  for classifier-free guidance.{vocabulary} The diffusion components never saw an image of the digits
-  (the quickstart's sensitive fine-tuning data); only the domain encoder below was trained on them.
+  for classifier-free guidance. The diffusion components never saw an image of the digits (the
+  quickstart's sensitive fine-tuning data); only the domain encoder below was trained on them.{vocabulary}
 - VAE reconstruction PSNR: Fashion-MNIST test {r["psnr_fashion_mnist_test"]:.2f} dB, digits test
   {r["psnr_digits_test"]:.2f} dB (out of domain).
 - `domain_encoder/`: a small CNN (`diffusers_memcontrol.tiny_base.DomainEncoder`) trained on the

@@ -8,8 +8,8 @@ import torch
 from scipy.spatial.distance import cdist
 
 from diffusers_memcontrol.metrics.distances import (
-    clique_share,
     average_min_cosine_distance,
+    clique_share,
     extraction_attack,
     find_cliques,
     min_cosine_distances,
