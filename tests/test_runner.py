@@ -59,7 +59,9 @@ def test_search_final_and_table(tmp_path):
     for name in ("trials.csv", "pareto.json"):
         assert os.path.exists(os.path.join(out, "search", "difffit", name))
     trial = _json(os.path.join(out, "trials", "memcontrol-difffit-paper", "trial-0000", "metrics.json"))
-    assert trial["extracted_images"] is None and trial["config"]["extraction_generations"] == 0  # search preset
+    # the search preset, but the cliques objective keeps the D_mem prompts' generations
+    assert trial["config"]["extraction_generations"] == 4 and trial["search_memorization_objective"] == "cliques"
+    assert trial["search_memorization"] == trial["clique_share"] and trial["search_quality"] == 1 - trial["agreement"]
     assert rows[0]["extracted_images"] is not None  # stage 2: the full evaluation
 
 
