@@ -232,10 +232,10 @@ def main_search(argv: list[str]) -> dict:
     result = run_memcontrol(unet, train_args, args.output_dir, spaces, args.mask_layout, args.mask_scope, config,
                             final=args.final and args.stage != "1", baselines=baselines, mitigations=mitigations,
                             stage2_protocol=args.stage2_protocol, plot=args.stage != "1")
-    chosen = result["search"]["chosen"]
-    print(f"chosen mask: {chosen['method']} {Mask.from_dict(chosen['mask']).bitstring} "
-          f"(d_mem {chosen['dmem']:.4g}, quality objective {result['search']['quality_objective']} "
-          f"{chosen['fid']:.4g})")
+    search, chosen = result["search"], result["search"]["chosen"]
+    print(f"chosen mask: {chosen['method']} {Mask.from_dict(chosen['mask']).bitstring} (memorization objective "
+          f"{search.get('memorization_objective', 'dmem')} {chosen['dmem']:.4g}, quality objective "
+          f"{search['quality_objective']} {chosen['fid']:.4g}; both lower is better)")
     if "pareto_plot" in result:
         print(f"Pareto plot: {os.path.abspath(result['pareto_plot'])}")
     if "results_md" in result:
