@@ -13,6 +13,7 @@ import dataclasses
 import hashlib
 import importlib.util
 import json
+import logging
 import os
 import sys
 from typing import Any
@@ -36,6 +37,8 @@ from .search import SELECTIONS, SearchConfig
 from .tiny_base import DOMAINS, tiny_base_path
 
 # arguments never written to training_config.json or to trackers (prompts are private data, tokens are secrets)
+logger = logging.getLogger(__name__)
+
 PRIVATE_ARGS = ("validation_prompts", "hub_token")
 # FineTuneConfig fields given as flags, by --help group: each flag's type, default, choices and help come from the field
 CONFIG_FLAGS = {
@@ -424,17 +427,25 @@ def load_dataset_source(args: argparse.Namespace) -> Any:
 
 
 def load_splits(args: argparse.Namespace) -> tuple[Any, str | None]:
-    """train / validation / test splits (subject-grouped with --subject_column); train truncated by max_train_samples."""
+    """train / validation / test splits (subject-grouped with --subject_column); train truncated by max_train_samples.
+
+    Rows are held out (--validation_fraction, --test_fraction) only when something is evaluated (--eval; every run of
+    a search passes it): otherwise the train split is every row, as in diffusers' script (a dataset's own
+    validation/test splits stay as they are). The row count of each split made is logged once."""
     builtin = args.train_data_dir is None and (args.dataset_name or "digits") in DOMAINS
     source = (args.dataset_name or "digits") if builtin else load_dataset_source(args)
+    held_out = bool(args.eval)
     with user_input():
         splits = data.split_dataset(source, subject_column=args.subject_column,
-                               validation_fraction=args.validation_fraction, test_fraction=args.test_fraction,
+                               validation_fraction=args.validation_fraction if held_out else 0.0,
+                               test_fraction=args.test_fraction if held_out else 0.0,
                                seed=args.seed)
         check_columns(splits["train"], [args.image_column, args.caption_column, args.subject_column],
                       args.train_data_dir or args.dataset_name or "the dataset")
     if args.max_train_samples is not None and args.max_train_samples < len(splits["train"]):
         splits["train"] = splits["train"].shuffle(seed=args.seed).select(range(args.max_train_samples))
+    if held_out:
+        logger.info("Splits: %s rows.", ", ".join(f"{name} {len(rows)}" for name, rows in splits.items()))
     return splits, (source if builtin else None)
 
 

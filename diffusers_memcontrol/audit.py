@@ -210,6 +210,7 @@ def _prepare(pipe: Any, args: argparse.Namespace, device: torch.device) -> Any:
 def _trainer_namespace(args: argparse.Namespace, run: dict | None, explicit: set[str]) -> argparse.Namespace:
     """The trainer's arguments (its defaults, a run's own values, then the flags given here) for its data helpers."""
     ns = trainer_parser().parse_args([])
+    ns.eval = True  # a model trained elsewhere: its data split as the trainer's --eval splits it
     if run:
         for key, value in run.items():
             if hasattr(ns, key):
@@ -225,8 +226,8 @@ def _trainer_namespace(args: argparse.Namespace, run: dict | None, explicit: set
 
 def _data(ns: argparse.Namespace, want_dmem: bool) -> tuple[Any, Any, Any]:
     """(train split with D_mem's captions, D_mem or None, the set the model trained on) by the trainer's rules."""
+    splits, _ = load_splits(ns)  # a run's rows as it split them (held out only if it evaluated)
     ns.eval = want_dmem
-    splits, _ = load_splits(ns)
     with user_input():
         trained_on, dmem = build_sets(ns, splits)
     pool = splits["train"]

@@ -149,13 +149,10 @@ def test_a_run_folder_audits_with_no_other_argument_and_the_scan_ranks_dmem_on_t
     assert report["extracted_images"] >= 3 and status == audit.EXTRACTION_EXIT_STATUS
     assert report["base"]["extracted_images"] == 0 and report["memorized_prompts"] >= 3
     # privacy: no caption in audit.json or audit.md without --include_prompts
-    from diffusers_memcontrol.arguments import build_sets, load_splits
-
     ns = audit._trainer_namespace(audit.build_parser().parse_args([memorizing_run]),
                                   json.loads(Path(memorizing_run, "training_config.json").read_text())["run"],
                                   set())
-    ns.eval = True
-    _, dmem = build_sets(ns, load_splits(ns)[0])
+    _, dmem, _ = audit._data(ns, want_dmem=True)  # the run's own D_mem, from the rows it trained on
     text = (out / "audit.json").read_text() + (out / "audit.md").read_text()
     assert not any(caption in text for caption in dmem["text"])
 
