@@ -18,6 +18,7 @@ its random draws are seeded, lives in `training_data.py`.
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 import os
 import shutil
@@ -64,6 +65,8 @@ from .training_data import (
     seeded_generator,
 )
 from .tuners import trainable_parameters
+
+logger = logging.getLogger(__name__)
 
 
 def _weight_dtype(accelerator) -> torch.dtype:
@@ -473,6 +476,19 @@ def _run_log(run: _Run, resumed_from: str | None, steps_run: int, train_time: fl
     return result
 
 
+def _micro_steps_to_run(run: _Run, resumed_from: str | None) -> int:
+    """Where the loop stops: `max_steps` optimizer steps; resumed at or past them, one step more, as diffusers' loop
+    (it checks --max_train_steps only after a step), with a warning line instead of a silent exit."""
+    per_step = run.config.gradient_accumulation_steps
+    total = run.plan.max_steps * per_step
+    if resumed_from is not None and run.state.micro_step >= total:
+        logger.warning("Resumed from %s at step %d, at or past --max_train_steps %d: training one more step "
+                       "(as diffusers' train_text_to_image.py does); raise --max_train_steps to train longer.",
+                       os.path.basename(resumed_from), run.state.global_step, run.plan.max_steps)
+        total = run.state.micro_step + per_step
+    return total
+
+
 def train(unet: torch.nn.Module, noise_scheduler: Any, data: TrainingData, config: FineTuneConfig, *,
           accelerator: Any = None, adapter_name: str = "default",
           output_dir: str | None = None, checkpointing_steps: int | None = None,
@@ -504,7 +520,7 @@ def train(unet: torch.nn.Module, noise_scheduler: Any, data: TrainingData, confi
     pixels: Prefetcher | None = None
     try:
         resumed_from = _resume(run, resume_from_checkpoint, adapter_name)
-        total_micro = plan.max_steps * config.gradient_accumulation_steps
+        total_micro = _micro_steps_to_run(run, resumed_from)
         bar = tqdm(total=plan.max_steps, initial=state.global_step, desc=f"train {config.peft_method}",
                    disable=not progress or not accelerator.is_local_main_process)
         shuffler = Shuffler(config.seed, data.num_samples, plan.batch, plan.batches_per_epoch,
