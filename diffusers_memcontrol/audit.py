@@ -54,6 +54,7 @@ from .evaluation import generate_images, pipe_default_resolution, real_images, s
 from .evaluation_config import EvaluationConfig
 from .figures import DMEM_GENERATIONS_FILE, memorization_figure, save_dmem_generations
 from .files import write_json_atomic, write_text_atomic
+from .hub import PIPELINE_INDEX_FILE, TRAINING_CONFIG_FILE, is_pipeline_folder
 from .loaders import load_unet_adapter
 from .metrics.extraction import calibrated_extraction, vae_round_trip
 from .metrics.memorization import detection_auc, wen_detection_scores
@@ -130,8 +131,8 @@ def detect_model_kind(model: str) -> str:
         return "run" if "training_config.json" in names else "memcontrol"
     if DIFFUSERS_LORA_FILE in names:
         return "diffusers_lora"
-    if "model_index.json" in names:
-        return "pipeline"
+    if PIPELINE_INDEX_FILE in names:  # a MemControl full fine-tune is a pipeline folder with its run files
+        return "run" if TRAINING_CONFIG_FILE in names else "pipeline"
     if "config.json" in names and _read_json(os.path.join(model, "config.json")).get("_class_name") == \
             "UNet2DConditionModel":
         return "unet"
@@ -170,7 +171,7 @@ def _load_peft_lora(unet: Any, folder: str) -> None:
 
 def load_audited_pipeline(model: str, kind: str, base: str, args: argparse.Namespace) -> Any:
     """The pipeline to audit: `base` with MODEL's adapter folded in, or MODEL's own UNet/pipeline (float32, CPU)."""
-    if kind == "pipeline":
+    if kind == "pipeline" or (kind == "run" and is_pipeline_folder(model)):
         return _load_pipeline(model, args)
     pipe = _load_pipeline(base, args)
     with user_input(f"MODEL {model!r}", catch=(OSError, ValueError, KeyError, RuntimeError)):

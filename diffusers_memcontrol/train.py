@@ -32,15 +32,15 @@ from typing import Any
 import torch
 from accelerate import Accelerator
 from accelerate.utils import ProjectConfiguration, set_seed
-from diffusers import StableDiffusionPipeline
+from diffusers import StableDiffusionPipeline, UNet2DConditionModel
 
-from .adapters import merged_adapters, save_adapter
+from .adapters import merged_adapters, save_adapter, save_pipeline
 from .arguments import CheckedInputs, check_inputs, parse_args, run_config
 from .errors import run_command, user_input
 from .evaluation import evaluate, write_metrics
 from .figures import DMEM_GENERATIONS_FILE
 from .files import write_json_atomic
-from .hub import base_model_name, publish
+from .hub import SUMMARY_FILE, UNET_FOLDER, base_model_name, is_pipeline_folder, publish
 from .launching import die_with_parent
 from .loaders import load_adapter
 from .lora_export import save_lora_weights_diffusers
@@ -98,9 +98,20 @@ def load_pipeline(args: argparse.Namespace, model_path: str, device: Any) -> Any
 
 def evaluate_adapter(args: argparse.Namespace, accelerator: Any, pipe: Any, inputs: CheckedInputs,
                      started: float) -> dict:
-    """--eval --adapter_dir: evaluate a trained adapter, no training; write metrics.json and summary.json."""
-    load_adapter(pipe.unet, args.adapter_dir)
-    metrics = run_evaluation(args, pipe, inputs, trainable_parameters(pipe.unet, by_prefix=True))
+    """--eval --adapter_dir: evaluate a trained adapter (or a full fine-tune's pipeline folder), no training; write
+    metrics.json and summary.json."""
+    if is_pipeline_folder(args.adapter_dir):  # a full fine-tune: its own UNet replaces the base's
+        pipe.unet = UNet2DConditionModel.from_pretrained(args.adapter_dir, subfolder=UNET_FOLDER).to(pipe.device)
+        pipe.unet.requires_grad_(False)
+        trainable = sum(p.numel() for p in pipe.unet.parameters())
+        summary_path = os.path.join(args.adapter_dir, SUMMARY_FILE)  # the run's own count (a mask trains fewer)
+        if os.path.isfile(summary_path):
+            with open(summary_path, encoding="utf-8") as f:
+                trainable = json.load(f).get("trainable_params", trainable)
+    else:
+        load_adapter(pipe.unet, args.adapter_dir)
+        trainable = trainable_parameters(pipe.unet, by_prefix=True)
+    metrics = run_evaluation(args, pipe, inputs, trainable)
     summary = {"adapter_dir": os.path.abspath(args.adapter_dir), "metrics": "metrics.json",
                "wall_time_s": round(time.time() - started, 1)}
     if accelerator.is_main_process:
@@ -199,7 +210,10 @@ def main(argv: list[str] | None = None) -> dict:
     # save, validate, evaluate, publish
     summary = run_summary(args, pipe, log, data)
     if accelerator.is_main_process:
-        save_adapter(pipe.unet, args.output_dir)
+        if args.peft_method == "full":  # diffusers' layout: DiffusionPipeline.from_pretrained(output_dir) loads it
+            save_pipeline(pipe, args.output_dir)
+        else:
+            save_adapter(pipe.unet, args.output_dir)
         if args.peft_method == "lora":  # also in diffusers' LoRA format: pipe.load_lora_weights(output_dir) loads it
             save_lora_weights_diffusers(pipe.unet, args.output_dir)
         if prompts and args.num_validation_images:

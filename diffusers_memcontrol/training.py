@@ -38,7 +38,7 @@ from diffusers.training_utils import EMAModel, compute_dream_and_update_latents,
 from diffusers.utils import make_image_grid
 from tqdm.auto import tqdm
 
-from .adapters import save_adapter
+from .adapters import merged_unet, save_adapter
 from .checkpoints import (
     CHECKPOINT_PREFIX,
     TrainState,
@@ -53,6 +53,7 @@ from .checkpoints import (
 )
 from .config import FineTuneConfig
 from .files import atomic_path
+from .hub import UNET_FOLDER
 from .mitigation import RandomWordAugmentation, ThresholdMitigation
 from .training_data import (
     STREAM_STEP,
@@ -404,8 +405,11 @@ def _state_parts(run: _Run) -> dict[str, Any]:
 
 def write_training_state(run: _Run, folder: str, adapter_name: str) -> None:
     """Write the whole resumable state into `folder`: the adapter (peft format), then each part as JSON +
-    safetensors (no pickle): optimizer, LR schedule, EMA, gradient scaler, RNG states and the TrainState."""
+    safetensors (no pickle): optimizer, LR schedule, EMA, gradient scaler, RNG states and the TrainState. A `full`
+    fine-tune's checkpoint also holds `unet/` in diffusers' format (UNet2DConditionModel.from_pretrained loads it)."""
     save_adapter(run.unet, folder, adapter_name)
+    if run.config.peft_method == "full":
+        merged_unet(run.unet, adapter_name).save_pretrained(os.path.join(folder, UNET_FOLDER), safe_serialization=True)
     for name, obj in _state_parts(run).items():
         write_state_part(folder, name, obj.state_dict())
     write_state_part(folder, "rng", _rng_state())
