@@ -15,15 +15,9 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 from safetensors.torch import save_file
 
 from .files import file_digest, move, replace_folder, usual_mode
-from .hub import (
-    MASK_FILE,
-    PIPELINE_INDEX_FILE,
-    UNET_FOLDER,
-    MemControlRepoError,
-    download_memcontrol,
-    is_pipeline_folder,
-)
+from .hub import MemControlRepoError, download_memcontrol
 from .masks import BUILTIN_PREFIX, builtin_mask
+from .pipelines import UNET_FOLDER, is_pipeline_folder
 from .tuners import Mask, MaskSpace, MemControlConfig
 
 
@@ -184,77 +178,3 @@ def merged_adapters(unet: torch.nn.Module):
     finally:
         for layer in layers:
             layer.unmerge()
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# a full fine-tune in diffusers' layout: the adapter folded into a plain UNet, saved with `save_pretrained`
-# ----------------------------------------------------------------------------------------------------------------
-def merged_unet(unet: torch.nn.Module, adapter_name: str = "default") -> torch.nn.Module:
-    """A plain diffusers UNet (no tuner layers) computing what `unet` with its adapter computes; `unet` is untouched.
-
-    Weights the adapter does not change are shared with `unet` (no copy); non-finite merged weights are refused.
-    """
-    state: dict[str, torch.Tensor] = {}
-    tuner_prefixes = []
-    for name, module in unet.named_modules():
-        if not isinstance(module, BaseTunerLayer):
-            continue
-        tuner_prefixes.append(f"{name}.")
-        base = module.get_base_layer()
-        weight, bias = base.weight, base.bias
-        if not module.merged and adapter_name in getattr(module, "memcontrol_roles", {}):
-            with torch.no_grad():  # the layer's own merge arithmetic, into new tensors
-                weight, new_bias = module._merged_parameters(adapter_name, base.weight, base.bias, 1.0)
-            bias = new_bias if new_bias is not None else bias
-        state[f"{name}.weight"] = weight.detach()
-        if bias is not None:
-            state[f"{name}.bias"] = bias.detach()
-    for key, value in unet.state_dict().items():
-        if not any(key.startswith(prefix) for prefix in tuner_prefixes):
-            state[key] = value
-    bad = [k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()]
-    if bad:
-        raise FloatingPointError(f"Refusing to write a UNet with NaN/inf weights ({bad[:3]}).")
-    with torch.device("meta"):
-        plain = type(unet).from_config(unet.config)
-    plain.load_state_dict(state, strict=True, assign=True)
-    return plain.eval()
-
-
-def save_pipeline(pipe, output_dir: str, adapter_name: str = "default") -> None:
-    """Write a full fine-tune as diffusers' `save_pretrained` pipeline (model_index.json, unet/, vae/, text_encoder/,
-    tokenizer/, scheduler/) into `output_dir`, beside the run's other files, and its mask as mask.json.
-
-    The adapter is folded into the UNet (`merged_unet`), so `DiffusionPipeline.from_pretrained(output_dir)` loads it.
-    Written in a temporary folder first; model_index.json is removed first and moved in last, so a crash never leaves
-    a loadable pipeline mixing old and new components.
-    """
-    config: MemControlConfig = pipe.unet.peft_config[adapter_name]
-    unet = merged_unet(pipe.unet, adapter_name)
-    components = {**pipe.components, "unet": unet}
-    pipeline = type(pipe)(**components, requires_safety_checker=False) if "safety_checker" in components \
-        else type(pipe)(**components)
-    mask = config.get_mask()
-    if mask is None:  # all ones: written out, so the run folder names its mask as every other run's does
-        space = MaskSpace.from_unet(unet, method=config.method, layout=config.mask_layout)
-        mask = space.mask("1" * len(space))
-    output_dir = os.path.abspath(output_dir)
-    os.makedirs(output_dir, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=".pipeline-", dir=output_dir)
-    try:
-        pipeline.save_pretrained(tmp, safe_serialization=True)
-        mask.save(os.path.join(tmp, MASK_FILE))
-        for dirpath, dirnames, filenames in os.walk(tmp):
-            for name in dirnames + filenames:
-                usual_mode(os.path.join(dirpath, name))
-            for name in filenames:
-                with open(os.path.join(dirpath, name), "rb") as f:
-                    os.fsync(f.fileno())
-        index = os.path.join(output_dir, PIPELINE_INDEX_FILE)
-        if os.path.exists(index):
-            os.remove(index)
-        for name in sorted(os.listdir(tmp), key=lambda n: n == PIPELINE_INDEX_FILE):  # the index last
-            source, target = os.path.join(tmp, name), os.path.join(output_dir, name)
-            replace_folder(source, target) if os.path.isdir(source) else move(source, target)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)

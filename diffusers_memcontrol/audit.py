@@ -2,8 +2,8 @@
 
 Any diffusers Stable Diffusion fine-tune can be audited, whoever trained it:
 
-* a MemControl run folder (``training_config.json`` + adapter): its own data settings and D_mem are read back, so
-  ``memcontrol audit outputs/quickstart/final/full-none`` needs no other argument;
+* a MemControl run folder (``training_config.json`` + adapter, or + a pipeline for a full fine-tune): its own data
+  settings and D_mem are read back, so ``memcontrol audit outputs/quickstart/final/full-none`` needs no other argument;
 * a MemControl adapter folder or Hub repo (``adapter_config.json`` of peft type ``memcontrol``);
 * a peft LoRA folder (``adapter_config.json`` with ``peft_type: LORA``);
 * a LoRA as diffusers saves it (``pytorch_lora_weights.safetensors``), loaded with ``pipe.load_lora_weights``;
@@ -54,10 +54,11 @@ from .evaluation import generate_images, pipe_default_resolution, real_images, s
 from .evaluation_config import EvaluationConfig
 from .figures import DMEM_GENERATIONS_FILE, memorization_figure, save_dmem_generations
 from .files import write_json_atomic, write_text_atomic
-from .hub import PIPELINE_INDEX_FILE, TRAINING_CONFIG_FILE, is_pipeline_folder
+from .hub import TRAINING_CONFIG_FILE
 from .loaders import load_unet_adapter
 from .metrics.extraction import calibrated_extraction, vae_round_trip
 from .metrics.memorization import detection_auc, wen_detection_scores
+from .pipelines import PIPELINE_INDEX_FILE, is_pipeline_folder
 from .tiny_base import tiny_base_path
 
 __all__ = ["AuditSettings", "build_parser", "detect_model_kind", "load_audited_pipeline", "main", "run_audit"]

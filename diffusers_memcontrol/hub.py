@@ -23,6 +23,7 @@ from typing import Any
 from .audit_report import AUDIT_FILE, audit_card_section
 from .figures import DMEM_GENERATIONS_FILE, MEMORIZATION_FIGURE
 from .files import file_digest, replace_folder, usual_mode, write_json_atomic
+from .pipelines import PIPELINE_INDEX_FILE, is_pipeline_folder, publishable_files
 from .tuners import Mask
 
 logger = logging.getLogger(__name__)
@@ -35,9 +36,6 @@ PARETO_FILE = "pareto.png"
 CARD_FILE = "README.md"
 SUMMARY_FILE = "summary.json"  # the trainer's run summary: publish adds `hub_url` to it
 TRAINING_CONFIG_FILE = "training_config.json"  # the trainer's arguments: `run.pretrained_model_name_or_path`
-# a diffusers pipeline folder (`save_pretrained`): what a `full` fine-tune writes, beside its MemControl files
-PIPELINE_INDEX_FILE = "model_index.json"
-UNET_FOLDER = "unet"  # the UNet of a pipeline folder, and of a `full` fine-tune's checkpoint-<step>/
 # the base model of runs without --pretrained_model_name_or_path (diffusers_memcontrol.tiny_base.tiny_base_path())
 TINY_BASE_NAME = "diffusers-memcontrol/tiny_base"
 CARD_TEMPLATE = "memcontrol_card.md"
@@ -49,8 +47,6 @@ DOWNLOAD_PATTERNS = [MASK_FILE, ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE, METRI
 # publish replaces the folder only when it still holds nothing but them
 PUBLICATION_RECORD = ".memcontrol-publication.json"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
-# the files of a pipeline's components that are published (configs, tokenizer texts, weights; never pickles)
-PIPELINE_SUFFIXES = (".json", ".txt", ".safetensors")
 # extra files copied with include_samples=True (images and text; never pickles, never checkpoints)
 SAMPLE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".gif", ".txt", ".json", ".jsonl", ".csv", ".md")
 # files holding training images (figures.py) or run arguments (which may hold prompts and paths): never published,
@@ -116,11 +112,6 @@ def sanitize_metrics(metrics: Any) -> Any:
     return metrics
 
 
-def is_pipeline_folder(folder: str) -> bool:
-    """Whether `folder` holds a diffusers pipeline (`save_pretrained` layout: a full fine-tune's output)."""
-    return os.path.isfile(os.path.join(folder, PIPELINE_INDEX_FILE))
-
-
 def _is_pickle(name: str) -> bool:
     return name.lower().endswith(PICKLE_SUFFIXES)
 
@@ -145,12 +136,6 @@ def _check_contents(names: list[str], source: str, require_adapter: bool) -> Non
             "diffusers_memcontrol.hub.publish)."
         )
     pickles = sorted(n for n in top if _is_pickle(n))
-    if require_adapter and ADAPTER_WEIGHTS_FILE not in top and PIPELINE_INDEX_FILE in top:
-        raise MemControlRepoError(
-            f"{source} holds a full fine-tune saved as a diffusers pipeline, not an adapter: load it with "
-            "DiffusionPipeline.from_pretrained (or its UNet with UNet2DConditionModel.from_pretrained(..., "
-            f"subfolder={UNET_FOLDER!r}))."
-        )
     if ADAPTER_WEIGHTS_FILE not in top:
         if pickles:
             raise MemControlRepoError(
@@ -365,8 +350,8 @@ def render_card(
     include_samples: bool = False,
     has_pipeline: bool = False,
 ):
-    """Render the MemControl model card (a `huggingface_hub.ModelCard`) from `hub_cards/memcontrol_card.md`;
-    `has_pipeline`: the repository holds a full fine-tune as a diffusers pipeline."""
+    """Render the MemControl model card (a `huggingface_hub.ModelCard`) from `hub_cards/memcontrol_card.md`
+    (`has_pipeline`: the repository holds a full fine-tune as a diffusers pipeline)."""
     from huggingface_hub import ModelCard, ModelCardData
 
     adapter_config = adapter_config or {}
@@ -377,9 +362,7 @@ def render_card(
     has_adapter = weights_path is not None
     scope = adapter_config.get("mask_scope", "reference")
     tags = ["diffusers", "memcontrol", mask.method, "peft", "text-to-image", "stable-diffusion"]
-    if has_pipeline:
-        tags.append("stable-diffusion-diffusers")
-    elif not has_adapter:
+    if not (has_adapter or has_pipeline):
         tags.append("memcontrol-mask")
     memcontrol_meta = {
         "method": mask.method,
@@ -472,33 +455,6 @@ def _copy_samples(output_dir: str, staging: str, taken: set[str]) -> list[str]:
     return copied
 
 
-def _copy_pipeline(output_dir: str, staging: str) -> list[str]:
-    """Copy a pipeline folder's model_index.json and its components' JSON, text and safetensors files into `staging`
-    (nothing else: no pickle, no link out of the folder); return their names."""
-    index = _read_json(os.path.join(output_dir, PIPELINE_INDEX_FILE))
-    components = sorted(k for k, v in index.items() if not k.startswith("_") and isinstance(v, list) and v
-                        and v[0] is not None)
-    root = os.path.realpath(output_dir)
-    copied = []
-    for component in components:
-        folder = os.path.join(output_dir, component)
-        names = sorted(os.listdir(folder)) if os.path.isdir(folder) else []
-        pickles = [n for n in names if _is_pickle(n)]
-        if pickles:
-            raise MemControlRepoError(f"{output_dir!r}: {component}/ holds pickle weights {pickles}: only safetensors "
-                                      "are published. Save the pipeline with safe_serialization=True.")
-        for name in names:
-            path = os.path.join(folder, name)
-            if name.startswith(".") or not os.path.isfile(path) or not name.endswith(PIPELINE_SUFFIXES) \
-                    or os.path.commonpath([os.path.realpath(path), root]) != root:
-                continue
-            os.makedirs(os.path.join(staging, component), exist_ok=True)
-            shutil.copyfile(path, os.path.join(staging, component, name))
-            copied.append(f"{component}/{name}")
-    shutil.copyfile(os.path.join(output_dir, PIPELINE_INDEX_FILE), os.path.join(staging, PIPELINE_INDEX_FILE))
-    return [*copied, PIPELINE_INDEX_FILE]
-
-
 def _assemble(output_dir: str, staging: str, repo_id: str, include_adapter: bool, include_samples: bool,
               base_model: str | None) -> list[str]:
     """Write the repository files into `staging`; return their names."""
@@ -523,11 +479,13 @@ def _assemble(output_dir: str, staging: str, repo_id: str, include_adapter: bool
         elif adapter_config:
             raise MemControlRepoError(f"{output_dir!r} has {ADAPTER_CONFIG_FILE} but no {ADAPTER_WEIGHTS_FILE}.")
 
-    publish_pipeline = include_adapter and is_pipeline_folder(output_dir)  # a full fine-tune: the whole pipeline
     files = [MASK_FILE]
     mask.save(os.path.join(staging, MASK_FILE))
-    if publish_pipeline:
-        files += _copy_pipeline(output_dir, staging)
+    publish_pipeline = include_adapter and is_pipeline_folder(output_dir)  # a full fine-tune: its whole pipeline
+    for name in publishable_files(output_dir, PICKLE_SUFFIXES) if publish_pipeline else []:
+        os.makedirs(os.path.dirname(os.path.join(staging, name)), exist_ok=True)
+        shutil.copyfile(os.path.join(output_dir, name), os.path.join(staging, name))
+        files.append(name)
     if publish_adapter:
         shutil.copyfile(config_path, os.path.join(staging, ADAPTER_CONFIG_FILE))
         shutil.copyfile(weights_path, os.path.join(staging, ADAPTER_WEIGHTS_FILE))
@@ -624,13 +582,6 @@ def _record_hub_url(output_dir: str, url: str) -> None:
     write_json_atomic(path, {**summary, "hub_url": url})
 
 
-def _published_kind(files: list[str]) -> str:
-    """What a publication holds, in a word: pipeline, adapter or mask."""
-    if PIPELINE_INDEX_FILE in files:
-        return "pipeline"
-    return "adapter" if ADAPTER_WEIGHTS_FILE in files else "mask"
-
-
 def publish(
     output_dir: str | os.PathLike,
     repo_id: str,
@@ -676,6 +627,7 @@ def publish(
 
         from huggingface_hub import HfApi
 
+        kind = "pipeline" if PIPELINE_INDEX_FILE in files else "adapter" if ADAPTER_WEIGHTS_FILE in files else "mask"
         api = HfApi(endpoint=endpoint, token=token)
         url = api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model", token=token)
         if revision not in (None, "main"):
@@ -687,7 +639,7 @@ def publish(
             revision=revision,
             token=token,
             ignore_patterns=[PUBLICATION_RECORD],
-            commit_message=commit_message or f"Publish MemControl {_published_kind(files)}",
+            commit_message=commit_message or f"Publish MemControl {kind}",
         )
         _record_hub_url(output_dir, str(url))
         return str(url)

@@ -14,9 +14,9 @@ evaluation. The whole method (search, stage 2, table: `diffusers_memcontrol.runn
         --peft_method svdiff --mask_layout paper --mask 1011010110111 --output_dir out/svdiff --eval
     python -m diffusers_memcontrol.train --eval --adapter_dir out/svdiff   # evaluate a trained adapter only
 
-Outputs (output_dir): the adapter in peft format (adapter_config.json, adapter_model.safetensors, mask.json),
-training_config.json, summary.json, validation.png, metrics.json (with --eval), checkpoint-<step>/ folders and
-tracker logs. Captions and prompts are never written to any JSON file or log. A user's mistake (a bad flag, column,
+Outputs (output_dir): the adapter in peft format (adapter_config.json, adapter_model.safetensors, mask.json; with
+--peft_method full, the pipeline in diffusers' save_pretrained layout and mask.json), training_config.json,
+summary.json, validation.png, metrics.json (with --eval), checkpoint-<step>/ folders and tracker logs. Captions and prompts are never written to any JSON file or log. A user's mistake (a bad flag, column,
 mask, file or dataset) ends the run with one line `error: ...` and exit status 2 (docs/errors.md).
 """
 
@@ -34,16 +34,17 @@ from accelerate import Accelerator
 from accelerate.utils import ProjectConfiguration, set_seed
 from diffusers import StableDiffusionPipeline, UNet2DConditionModel
 
-from .adapters import merged_adapters, save_adapter, save_pipeline
+from .adapters import merged_adapters, save_adapter
 from .arguments import CheckedInputs, check_inputs, parse_args, run_config
 from .errors import run_command, user_input
 from .evaluation import evaluate, write_metrics
 from .figures import DMEM_GENERATIONS_FILE
 from .files import write_json_atomic
-from .hub import SUMMARY_FILE, UNET_FOLDER, base_model_name, is_pipeline_folder, publish
+from .hub import SUMMARY_FILE, base_model_name, publish
 from .launching import die_with_parent
 from .loaders import load_adapter
 from .lora_export import save_lora_weights_diffusers
+from .pipelines import UNET_FOLDER, is_pipeline_folder, save_pipeline
 from .tiny_base import DOMAINS
 from .training import log_validation, train
 from .training_data import prepare_training_data

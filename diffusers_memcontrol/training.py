@@ -38,7 +38,7 @@ from diffusers.training_utils import EMAModel, compute_dream_and_update_latents,
 from diffusers.utils import make_image_grid
 from tqdm.auto import tqdm
 
-from .adapters import merged_unet, save_adapter
+from .adapters import save_adapter
 from .checkpoints import (
     CHECKPOINT_PREFIX,
     TrainState,
@@ -53,8 +53,8 @@ from .checkpoints import (
 )
 from .config import FineTuneConfig
 from .files import atomic_path
-from .hub import UNET_FOLDER
 from .mitigation import RandomWordAugmentation, ThresholdMitigation
+from .pipelines import UNET_FOLDER, merged_unet
 from .training_data import (
     STREAM_STEP,
     MicroBatch,

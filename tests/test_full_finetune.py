@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -40,7 +41,7 @@ def test_the_output_is_a_diffusers_pipeline_with_the_run_files_beside_it(full_ru
             "training_config.json", "summary.json", "trial_result.json", "checkpoint-2"} <= names
     assert "adapter_model.safetensors" not in names and "adapter_config.json" not in names
     assert not [n for n in names if n.startswith(".")]  # no temporary folder left behind
-    assert json.loads(open(os.path.join(full_run, "mask.json")).read())["method"] == "full"
+    assert json.loads(Path(full_run, "mask.json").read_text())["method"] == "full"
 
     pipe = DiffusionPipeline.from_pretrained(full_run, safety_checker=None)
     base = StableDiffusionPipeline.from_pretrained(tb.tiny_base_path(), safety_checker=None)
@@ -116,5 +117,5 @@ def test_eval_with_adapter_dir_evaluates_the_full_fine_tune(full_run, tmp_path):
     train.main(["--eval", "--adapter_dir", full_run, "--output_dir", str(out), "--max_train_samples", "16",
                 "--dmem_size", "2", "--eval_config", str(eval_config), "--report_to", "none", "--no_progress"])
     metrics = json.loads((out / "metrics.json").read_text())
-    summary = json.loads(open(os.path.join(full_run, "summary.json")).read())
+    summary = json.loads(Path(full_run, "summary.json").read_text())
     assert metrics["trainable_params"] == summary["trainable_params"] > 0 and "fid" in metrics
