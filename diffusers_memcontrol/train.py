@@ -243,7 +243,7 @@ def main(argv: list[str] | None = None) -> dict:
     if accelerator.is_main_process:
         print(json.dumps({k: summary[k] for k in ("peft_method", "trainable_params", "losses", "skipped_steps",
                                                   "wall_time_s") if k in summary}, indent=2))
-        print(f"adapter written to {os.path.abspath(args.output_dir)}")
+        print(f"{'pipeline' if args.peft_method == 'full' else 'adapter'} written to {os.path.abspath(args.output_dir)}")
     return summary
 
 
