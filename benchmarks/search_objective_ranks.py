@@ -37,9 +37,9 @@ def main(argv=None) -> dict:
 
     from scipy.stats import spearmanr
 
-    from diffusers_memcontrol.evaluation import search_quality
+    from diffusers_memcontrol.evaluation.evaluator import search_quality
     from diffusers_memcontrol.files import write_json_atomic, write_text_atomic
-    from diffusers_memcontrol.launching import run_trainer
+    from diffusers_memcontrol.search.launching import run_trainer
 
     rows = []
     for spec in args.runs:

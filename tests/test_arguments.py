@@ -6,8 +6,9 @@ import runpy
 
 import pytest
 
-from diffusers_memcontrol.arguments import PRESETS, expand_preset, parse_args, parse_search_args, runs_whole_method
 from diffusers_memcontrol.errors import InputError
+from diffusers_memcontrol.search.arguments import PRESETS, expand_preset, parse_search_args, runs_whole_method
+from diffusers_memcontrol.trainer.arguments import parse_args
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -45,7 +46,7 @@ def test_the_transfer_preset_runs_the_quickstarts_stage_2_on_as_many_animal_rows
     assert transfer.dataset_name == "animal-mnist" and quickstart.dataset_name is None  # digits
     for name in ("max_train_steps", "train_batch_size", "learning_rates", "dmem_size", "dmem_repeats"):
         assert getattr(transfer, name) == getattr(quickstart, name), name
-    from diffusers_memcontrol.arguments import load_splits
+    from diffusers_memcontrol.trainer.arguments import load_splits
 
     digits_rows = len(load_splits(quickstart)[0]["train"])
     assert transfer.max_train_samples == digits_rows  # so D_mem's duplicates stay a quarter of the rows

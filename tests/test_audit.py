@@ -11,8 +11,9 @@ import pytest
 import torch
 from diffusers import StableDiffusionPipeline
 
-from diffusers_memcontrol import audit, cli
-from diffusers_memcontrol import tiny_base as tb
+from diffusers_memcontrol import cli
+from diffusers_memcontrol.audit import command as audit
+from diffusers_memcontrol.data import tiny_base as tb
 from tests.conftest import unet_output
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -149,7 +150,7 @@ def test_a_run_folder_audits_with_no_other_argument_and_the_scan_ranks_dmem_on_t
     assert report["extracted_images"] >= 3 and status == audit.EXTRACTION_EXIT_STATUS
     assert report["base"]["extracted_images"] == 0 and report["memorized_prompts"] >= 3
     # privacy: no caption in audit.json or audit.md without --include_prompts
-    from diffusers_memcontrol.arguments import build_sets, load_splits
+    from diffusers_memcontrol.trainer.arguments import build_sets, load_splits
 
     ns = audit._trainer_namespace(audit.build_parser().parse_args([memorizing_run]),
                                   json.loads(Path(memorizing_run, "training_config.json").read_text())["run"],

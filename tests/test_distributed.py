@@ -10,9 +10,10 @@ import subprocess
 
 from safetensors.torch import load_file
 
-from diffusers_memcontrol import runner, runs
-from diffusers_memcontrol.launching import run_trainer, trainer_command
-from diffusers_memcontrol.trial_result import TrialResult
+from diffusers_memcontrol.search import claims as runs
+from diffusers_memcontrol.search import stages as runner
+from diffusers_memcontrol.search.launching import run_trainer, trainer_command
+from diffusers_memcontrol.search.trial_result import TrialResult
 
 # a trial's fine-tune at its smallest: 4 steps on the HPO set (16 proxy rows + 4 D_mem pairs x 2), search scoring
 TINY = ["--max_train_steps", "4", "--max_train_samples", "16", "--dmem_size", "4", "--dmem_repeats", "2",

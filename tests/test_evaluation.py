@@ -10,9 +10,9 @@ import pytest
 import torch
 from diffusers import DDIMScheduler, StableDiffusionPipeline
 
-from diffusers_memcontrol import tiny_base as tb
-from diffusers_memcontrol.data import build_memorization_set
-from diffusers_memcontrol.evaluation import (
+from diffusers_memcontrol.data import tiny_base as tb
+from diffusers_memcontrol.data.datasets import build_memorization_set
+from diffusers_memcontrol.evaluation.evaluator import (
     EvaluationConfig,
     evaluate,
     evaluate_search_objectives,
@@ -84,7 +84,7 @@ def test_evaluate_returns_all_keys_with_finite_values(setup):
 
 
 def test_dmem_generations_are_kept_for_the_figure(setup):
-    from diffusers_memcontrol.figures import load_dmem_generations
+    from diffusers_memcontrol.evaluation.figures import load_dmem_generations
 
     saved = load_dmem_generations(setup["generations"])
     assert saved["generations"].shape == (3, 3, 3, 32, 32) and saved["generations"].dtype == torch.uint8
@@ -220,7 +220,7 @@ def _digits_extraction(make_generations):
     """The calibrated attack of evaluate() with the shipped tiny base's VAE on digits D_mem pairs."""
     from diffusers import AutoencoderKL
 
-    from diffusers_memcontrol.images import pixel_batch
+    from diffusers_memcontrol.data.images import pixel_batch
     from diffusers_memcontrol.metrics.extraction import calibrated_extraction, vae_round_trip
 
     train = tb.load_domain("digits", "train").select(range(300))
@@ -263,7 +263,7 @@ def test_pixel_replication_space_tells_a_copy_from_its_classmates_on_tiny_base()
     the pixel space (the copy-detection pair of tiny-domain) and more similar to it than to any classmate."""
     from diffusers import AutoencoderKL
 
-    from diffusers_memcontrol.images import pixel_batch
+    from diffusers_memcontrol.data.images import pixel_batch
     from diffusers_memcontrol.metrics.encoders import load_encoder, replication_encoder_name
     from diffusers_memcontrol.metrics.extraction import vae_round_trip
 
@@ -295,7 +295,7 @@ def test_quality_metrics_noise_and_ceiling_are_reported(setup):
 
 
 def test_quality_images_raise_the_generations_per_prompt():
-    from diffusers_memcontrol.evaluation import _images_per_prompt
+    from diffusers_memcontrol.evaluation.evaluator import _images_per_prompt
 
     assert _images_per_prompt(EvaluationConfig(num_eval_prompts=50), 50) == 4  # default quality_images=200
     assert _images_per_prompt(EvaluationConfig(quality_images=None, images_per_prompt=3), 50) == 3
@@ -303,7 +303,7 @@ def test_quality_images_raise_the_generations_per_prompt():
 
 
 def test_search_quality_objectives():
-    from diffusers_memcontrol.evaluation import search_quality
+    from diffusers_memcontrol.evaluation.evaluator import search_quality
 
     metrics = {"fid": 40.0, "kid": 1.5, "c2st_accuracy": 0.9, "agreement": 0.25}
     assert [search_quality(metrics, o) for o in ("fid", "kid", "c2st", "agreement", "fid_agreement")] == [

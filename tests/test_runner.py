@@ -10,7 +10,7 @@ import pytest
 
 from diffusers_memcontrol import Mask
 from diffusers_memcontrol.errors import InputError
-from diffusers_memcontrol.runner import main_search, parse_search_args
+from diffusers_memcontrol.search.stages import main_search, parse_search_args
 
 
 def _read(path, mode="r"):
@@ -69,7 +69,7 @@ def test_transfer_runs_stage_two_with_a_given_mask(tmp_path):
     from diffusers import UNet2DConditionModel
 
     from diffusers_memcontrol import MaskSpace
-    from diffusers_memcontrol.tiny_base import tiny_base_path
+    from diffusers_memcontrol.data.tiny_base import tiny_base_path
 
     unet = UNet2DConditionModel.from_pretrained(tiny_base_path(), subfolder="unet")
     space = MaskSpace.from_unet(unet, "difffit", "paper")
@@ -121,8 +121,9 @@ def test_search_arguments_are_checked():
 def test_stage_two_shares_the_pool_and_trains_freeze_last(tmp_path, monkeypatch):
     """A run submitted before stage 2 (the Pareto plot's Full FT) trains first on the same slots; Freeze rows, the
     cheapest, go last so that they fill the other slot's last run instead of delaying the table."""
-    from diffusers_memcontrol import runner, runs
-    from diffusers_memcontrol.trial_result import TrialResult
+    from diffusers_memcontrol.search import claims as runs
+    from diffusers_memcontrol.search import stages as runner
+    from diffusers_memcontrol.search.trial_result import TrialResult
 
     started = []
 

@@ -16,8 +16,8 @@ import pytest
 from optuna.trial import TrialState
 
 from diffusers_memcontrol import MaskSpace
-from diffusers_memcontrol.optuna_compat import generation_key, record_heartbeat
-from diffusers_memcontrol.search import (
+from diffusers_memcontrol.search.optuna_compat import generation_key, record_heartbeat
+from diffusers_memcontrol.search.study import (
     PAPER_DMEM_EXPOSURES,
     ReproducibleNSGAIISampler,
     SearchConfig,
@@ -187,7 +187,7 @@ def test_a_trial_waits_until_its_view_shows_the_previous_generation_finished():
     while trial 3 had already started generation 1: it must wait instead."""
     from types import SimpleNamespace
 
-    from diffusers_memcontrol.search import _generation
+    from diffusers_memcontrol.search.study import _generation
 
     key = generation_key(ReproducibleNSGAIISampler)
 
@@ -306,12 +306,12 @@ def test_killed_worker_trial_is_retried(space, storage_url, tmp_path, monkeypatc
 
 
 def test_exposure_report_warns_below_a_tenth_of_the_paper(caplog):
-    with caplog.at_level("WARNING", logger="diffusers_memcontrol.search"):
+    with caplog.at_level("WARNING", logger="diffusers_memcontrol.search.study"):
         report = exposure_report([60.0, 200.0])
     assert report == {"per_trial": 60.0, "paper": PAPER_DMEM_EXPOSURES}
     assert "below a tenth of the paper's" in caplog.text
     caplog.clear()
-    with caplog.at_level("WARNING", logger="diffusers_memcontrol.search"):
+    with caplog.at_level("WARNING", logger="diffusers_memcontrol.search.study"):
         exposure_report([PAPER_DMEM_EXPOSURES / 2])
     assert not caplog.text
 

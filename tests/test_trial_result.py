@@ -5,7 +5,8 @@ from dataclasses import asdict
 
 import pytest
 
-from diffusers_memcontrol.trial_result import TRIAL_RESULT_FILE, TrialResult
+from diffusers_memcontrol.constants import TRIAL_RESULT_FILE
+from diffusers_memcontrol.search.trial_result import TrialResult
 
 
 def test_exposures_objectives_and_round_trip(tmp_path):
