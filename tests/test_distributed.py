@@ -80,7 +80,8 @@ def _stage_two_machine(output_dir: str, trained_log: str) -> list[dict]:
 
         time.sleep(0.3)
         result = TrialResult(dmem=0.1, fid=1.0, trainable_params=7,
-                             metrics={"dmem": 0.1, "fid": 1.0, "trainable_params": 7})
+                             metrics={"dmem": 0.1, "fid": 1.0, "memorization_objective": 0.1, "quality_objective": 1.0,
+                                      "trainable_params": 7})
         result.save(run_dir)
         return result
 

@@ -138,9 +138,10 @@ def test_search_objectives(setup):
     config = EvaluationConfig.for_search(num_eval_prompts=4, num_inference_steps=2, dmem_batch_size=2,
                                          cache_dir=setup["config"].cache_dir)
     out = evaluate_search_objectives(setup["pipe"], setup["dmem"], setup["test"], config, encoder=setup["encoder"])
-    assert {"dmem", "fid", "kid", "search_quality"} <= set(out)
-    assert all(_finite(out[k]) for k in ("dmem", "fid", "kid", "search_quality"))
-    assert out["search_objective"] == "fid" and out["search_quality"] == out["fid"] and out["agreement"] is None
+    assert {"dmem", "fid", "kid", "quality_objective", "memorization_objective"} <= set(out)
+    assert all(_finite(out[k]) for k in ("dmem", "fid", "kid", "quality_objective", "memorization_objective"))
+    assert out["quality_metric"] == "fid" and out["quality_objective"] == out["fid"] and out["agreement"] is None
+    assert out["memorization_metric"] == "dmem" and out["memorization_objective"] == out["dmem"]
     assert out["dmem"] == pytest.approx(setup["first"]["dmem"], rel=1e-5)  # same D_mem, seed and batch size
 
 
@@ -291,7 +292,7 @@ def test_quality_metrics_noise_and_ceiling_are_reported(setup):
     ceiling = metrics["ceiling"]
     assert ceiling["num_images"] == metrics["num_eval_images"] == 8 and ceiling["cached"] is False
     assert all(_finite(ceiling[k]) for k in ("fid", "kid", "c2st_accuracy", "agreement"))
-    assert metrics["search_objective"] == "fid" and metrics["search_quality"] == metrics["fid"]
+    assert metrics["quality_metric"] == "fid" and metrics["quality_objective"] == metrics["fid"]
 
 
 def test_quality_images_raise_the_generations_per_prompt():
@@ -302,13 +303,13 @@ def test_quality_images_raise_the_generations_per_prompt():
     assert _images_per_prompt(EvaluationConfig(quality_images=10, images_per_prompt=3), 50) == 3
 
 
-def test_search_quality_objectives():
-    from diffusers_memcontrol.evaluation.evaluator import search_quality
+def test_quality_objectives():
+    from diffusers_memcontrol.evaluation.evaluator import quality_objective
 
     metrics = {"fid": 40.0, "kid": 1.5, "c2st_accuracy": 0.9, "agreement": 0.25}
-    assert [search_quality(metrics, o) for o in ("fid", "kid", "c2st", "agreement", "fid_agreement")] == [
+    assert [quality_objective(metrics, o) for o in ("fid", "kid", "c2st", "agreement", "fid_agreement")] == [
         40.0, 1.5, 0.9, 0.75, 30.0]
     with pytest.raises(ValueError, match="needs an agreement"):
-        search_quality({**metrics, "agreement": None}, "agreement")
+        quality_objective({**metrics, "agreement": None}, "agreement")
     with pytest.raises(ValueError, match="search_objective"):
         EvaluationConfig(search_objective="bleu")

@@ -29,7 +29,8 @@ def test_results_table_order_and_files(tmp_path):
 
 
 def test_pareto_plot_writes_png(tmp_path):
-    trials = [{"number": i, "dmem": float(i), "fid": float(10 - i)} for i in range(6)] + [{"number": 6}]
+    trials = [{"number": i, "memorization_objective": float(i), "quality_objective": float(10 - i)}
+              for i in range(6)] + [{"number": 6}]
     path = pareto_plot(trials, front=[0, 2, 5], chosen=2, path=str(tmp_path / "pareto.png"),
                        baselines={"Full FT": (7.0, 2.0)})
     assert open(path, "rb").read(8) == b"\x89PNG\r\n\x1a\n"

@@ -11,12 +11,12 @@ from typing import Any
 from ..data.images import check_interpolation
 
 __all__ = ["AGREEMENT_KINDS", "SEARCH_MEMORIZATION_OBJECTIVES", "SEARCH_OBJECTIVES", "EvaluationConfig",
-           "search_quality"]
+           "quality_objective"]
 
 AGREEMENT_KINDS = ("classifier", "clip", "biovil", "none")
 SEARCH_OBJECTIVES = ("fid", "kid", "c2st", "agreement", "fid_agreement")
 SEARCH_MEMORIZATION_OBJECTIVES = ("dmem", "cliques")
-"""Quality objectives a search trial can minimize (``search_quality`` in the metrics): FID, KID, C2ST accuracy,
+"""Quality objectives a search trial can minimize (``quality_objective`` in the metrics): FID, KID, C2ST accuracy,
 1 - agreement, or FID x (1 - agreement)."""
 
 
@@ -62,10 +62,10 @@ class EvaluationConfig:
                 "every quality metric (`ceiling` in the metrics; cached: it depends on the VAE, the eval images "
                 "and these settings only)."})
     search_objective: str = field(default="fid", metadata={
-        "help": "Quality objective of a search trial, returned as search_quality (lower is better): 'fid', 'kid', "
+        "help": "Quality objective of a search trial, returned as quality_objective (lower is better): 'fid', 'kid', "
                 "'c2st' (accuracy), 'agreement' (1 - agreement) or 'fid_agreement' (FID x (1 - agreement))."})
     search_memorization: str = field(default="dmem", metadata={
-        "help": "Memorization objective of a search trial, returned as search_memorization (lower is better): "
+        "help": "Memorization objective of a search trial, returned as memorization_objective (lower is better): "
                 "'dmem' (the paper's d_mem) or 'cliques' (metrics.clique_share of the extraction_generations of each "
                 "D_mem prompt: how far they collapse onto one image)."})
     resolution: int | None = field(default=None, metadata={
@@ -216,7 +216,7 @@ class EvaluationConfig:
         return cls(**base)
 
 
-def search_quality(metrics: dict[str, Any], objective: str) -> float:
+def quality_objective(metrics: dict[str, Any], objective: str) -> float:
     """The search trial's quality objective (lower is better) from evaluation metrics."""
     if objective == "fid":
         return float(metrics["fid"])

@@ -28,8 +28,10 @@ datasets:
 * ``agreement`` -- text-image agreement of the eval generations: domain-classifier accuracy (built-in domains),
   CLIP score, or BioViL-T score.
 
-:func:`evaluate_search_objectives` computes only ``dmem`` and ``search_quality`` (the two objectives of a search
-trial: ``search_objective`` of FID, KID, C2ST, agreement or FID x (1 - agreement)). :func:`score_images` scores any
+:func:`evaluate_search_objectives` computes the two objectives of a search trial:
+``memorization_objective`` (``search_memorization``: d_mem or the clique share) and ``quality_objective``
+(``search_objective``: FID, KID, C2ST, 1 - agreement or FID x (1 - agreement)); ``memorization_metric`` and
+``quality_metric`` name them. :func:`score_images` scores any
 image set with every quality metric.
 The returned dicts hold numbers, counts and the configuration only: never prompts or captions.
 """
@@ -58,12 +60,12 @@ from ..metrics.fid import (
     image_column_fingerprint,
 )
 from ..tuners import trainable_parameters
-from .config import AGREEMENT_KINDS, SEARCH_OBJECTIVES, EvaluationConfig, search_quality
+from .config import AGREEMENT_KINDS, SEARCH_OBJECTIVES, EvaluationConfig, quality_objective
 from .generation import generate_images, pipe_default_resolution, progress_bar, real_images, subset_rows
 
 __all__ = ["AGREEMENT_KINDS", "QUALITY_METRICS", "SEARCH_OBJECTIVES", "EvaluationConfig", "evaluate",
            "evaluate_search_objectives", "generate_images", "reference_cache_dir", "score_images",
-           "search_quality", "write_metrics"]
+           "quality_objective", "write_metrics"]
 
 _CACHE_VERSION = 1
 
@@ -466,10 +468,10 @@ def evaluate(
         "resolution": int(resolution),
         "feature_encoder": str(getattr(encoder, "name", config.feature_encoder)),
         "train_features_cached": bool(train_cached),
-        "search_objective": config.search_objective,
-        "search_quality": search_quality(out, config.search_objective),
-        "search_memorization_objective": config.search_memorization,
-        "search_memorization": out["clique_share"] if config.search_memorization == "cliques" else float(dmem.max),
+        "quality_metric": config.search_objective,
+        "quality_objective": quality_objective(out, config.search_objective),
+        "memorization_metric": config.search_memorization,
+        "memorization_objective": out["clique_share"] if config.search_memorization == "cliques" else float(dmem.max),
         "timings": {k: round(v, 3) for k, v in timings.items()},
         "config": config.to_dict(),
     })
@@ -602,9 +604,10 @@ def evaluate_search_objectives(
     encoder: Any = None,
     label_column: str | None = None,
 ) -> dict[str, Any]:
-    """The two objectives of a search trial: ``dmem`` (on D_mem, lower = less memorized) and ``search_quality`` (on
-    validation: ``config.search_objective`` of :data:`SEARCH_OBJECTIVES`, lower is better), with ``fid``, ``kid``,
-    ``c2st_accuracy`` and ``agreement`` (None unless computed) beside them.
+    """The two objectives of a search trial, lower is better: ``memorization_objective`` (on D_mem:
+    ``config.search_memorization``) and ``quality_objective`` (on validation: ``config.search_objective`` of
+    :data:`SEARCH_OBJECTIVES`), with ``dmem``, ``fid``, ``kid``, ``c2st_accuracy`` and ``agreement`` (None unless
+    computed) beside them.
 
     Uses ``config`` as given (default: :meth:`EvaluationConfig.for_search`, the reference code's trial settings);
     the validation reference statistics are cached on disk, so only the generations are paid per trial.
@@ -632,9 +635,9 @@ def evaluate_search_objectives(
                     if config.search_memorization == "cliques" else dmem)
     return {"dmem": dmem, "fid": quality["fid"], "kid": quality["kid"],
             "c2st_accuracy": quality["c2st_accuracy"], "agreement": quality["agreement"],
-            "search_objective": config.search_objective,
-            "search_quality": search_quality(quality, config.search_objective),
-            "search_memorization_objective": config.search_memorization, "search_memorization": memorization}
+            "quality_metric": config.search_objective,
+            "quality_objective": quality_objective(quality, config.search_objective),
+            "memorization_metric": config.search_memorization, "memorization_objective": memorization}
 
 
 def write_metrics(metrics: dict[str, Any], path: str | os.PathLike) -> str:

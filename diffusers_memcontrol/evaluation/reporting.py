@@ -90,7 +90,7 @@ def write_results(rows: Sequence[dict], output_dir: str) -> tuple[str, str]:
     return md_path, json_path
 
 
-# what a search trial's quality value is, for each --search_quality_objective (evaluation.search_quality)
+# what a search trial's quality value is, for each --search_quality_objective (evaluation.config.quality_objective)
 QUALITY_OBJECTIVE_LABELS = {"fid": "FID", "kid": "KID", "c2st": "C2ST accuracy", "agreement": "1 - agreement",
                             "fid_agreement": "FID x (1 - agreement)"}
 MEMORIZATION_OBJECTIVE_LABELS = {"dmem": "d_mem", "cliques": "clique share of D_mem generations"}
@@ -103,32 +103,36 @@ def pareto_plot(
     path: str,
     baselines: dict[str, tuple[float, float]] | None = None,
     title: str = "MemControl search",
-    quality_objective: str = "fid",
-    memorization_objective: str = "dmem",
+    quality_metric: str = "fid",
+    memorization_metric: str = "dmem",
 ) -> str:
     """Figure 3: every trial (memorization vs quality objective), the Pareto front, the chosen mask and the baselines;
-    saved as PNG."""
+    saved as PNG. `quality_metric`/`memorization_metric` name what the objectives measure (the axis labels)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    done = [t for t in trials if t.get("dmem") is not None and t.get("fid") is not None]
+    done = [t for t in trials if None not in (t.get("memorization_objective"), t.get("quality_objective"))]
     if not done:
-        raise ValueError("No completed trial with dmem and fid to plot.")
+        raise ValueError("No completed trial with both objectives to plot.")
+
+    def point(t: dict) -> tuple[float, float]:
+        return t["memorization_objective"], t["quality_objective"]
+
     fig, ax = plt.subplots(figsize=(6, 4.5), dpi=120)
-    ax.scatter([t["dmem"] for t in done], [t["fid"] for t in done], s=18, c="0.65", label="trials")
-    front_points = sorted((t["dmem"], t["fid"]) for t in done if t["number"] in set(front))
+    ax.scatter(*zip(*map(point, done)), s=18, c="0.65", label="trials")
+    front_points = sorted(point(t) for t in done if t["number"] in set(front))
     if front_points:
         ax.plot(*zip(*front_points), "-o", color="tab:blue", ms=5, label="Pareto front")
     for t in done:
         if t["number"] == chosen:
-            ax.scatter([t["dmem"]], [t["fid"]], marker="*", s=220, c="tab:red", zorder=5, label="chosen mask")
+            ax.scatter(*zip(point(t)), marker="*", s=220, c="tab:red", zorder=5, label="chosen mask")
     markers = iter("sD^vP<>")
-    for name, (dmem, fid) in (baselines or {}).items():
-        ax.scatter([dmem], [fid], marker=next(markers, "x"), s=60, zorder=4, label=name)
-    ax.set_xlabel(f"{MEMORIZATION_OBJECTIVE_LABELS.get(memorization_objective, memorization_objective)} "
+    for name, (memorization, quality) in (baselines or {}).items():
+        ax.scatter([memorization], [quality], marker=next(markers, "x"), s=60, zorder=4, label=name)
+    ax.set_xlabel(f"{MEMORIZATION_OBJECTIVE_LABELS.get(memorization_metric, memorization_metric)} "
                   "(memorization, lower is better)")
-    ax.set_ylabel(f"{QUALITY_OBJECTIVE_LABELS.get(quality_objective, quality_objective)} (lower is better)")
+    ax.set_ylabel(f"{QUALITY_OBJECTIVE_LABELS.get(quality_metric, quality_metric)} (lower is better)")
     ax.set_title(title)
     ax.legend(fontsize=7, loc="best")
     fig.tight_layout()

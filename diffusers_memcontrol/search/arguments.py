@@ -17,7 +17,7 @@ from ..trainer.mitigation import MITIGATIONS
 from .launching import default_n_workers
 from .study import SELECTIONS, SearchConfig
 
-SEARCH_GROUP = "search (with --search, or --final --mask MASK: the whole method, see diffusers_memcontrol.search.stages)"
+SEARCH_GROUP = "search (with --search, or --final --mask MASK: the whole method, see diffusers_memcontrol.search)"
 BASELINES = ("freeze", "full", "svdiff", "difffit", "attention")
 
 STAGE2_PROTOCOLS = {"split": [], "duplicated": ["--duplicate_dmem"]}  # trainer flags of each stage-2 protocol

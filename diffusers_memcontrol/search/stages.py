@@ -60,10 +60,10 @@ def run_search(unet, train_args: list[str], output_dir: str, search_spaces: list
         for t in study.trials:
             if t.values is not None:
                 trials.append({"study": study.study_name, "method": method, "number": len(trials), "trial": t.number,
-                               "dmem": t.values[0], "fid": t.values[1], "fid_score": t.user_attrs.get("fid"),
-                               "quality_objective": t.user_attrs.get("search_objective", "fid"),
-                               "memorization_objective": t.user_attrs.get("search_memorization_objective", "dmem"),
-                               "dmem_score": t.user_attrs.get("dmem"),
+                               **dict(zip(OBJECTIVES, t.values)),
+                               "memorization_metric": t.user_attrs.get("memorization_metric", "dmem"),
+                               "quality_metric": t.user_attrs.get("quality_metric", "fid"),
+                               "dmem": t.user_attrs.get("dmem"), "fid": t.user_attrs.get("fid"),
                                "mask": mask_of_trial(t, space).bitstring,
                                "default_mask": bool(t.user_attrs.get("seeded")),
                                "trainable_params": t.user_attrs.get("trainable_params"),
@@ -73,7 +73,7 @@ def run_search(unet, train_args: list[str], output_dir: str, search_spaces: list
     if not row_of:
         raise RuntimeError("No search trial completed; see the trial logs under output_dir/trials.")
     union = [(name, t) for name, t in front if not any(_dominates(o, t) for _, o in front)]
-    chosen = select_trial([t for _, t in union], config.selection, [(t["dmem"], t["fid"]) for t in trials])
+    chosen = select_trial([t for _, t in union], config.selection, [tuple(t[k] for k in OBJECTIVES) for t in trials])
     chosen_row = next(row_of[(name, t.number)] for name, t in union if t is chosen)
     chosen_method = trials[chosen_row]["method"]
     mask = mask_of_trial(chosen, spaces[chosen_method])
@@ -84,10 +84,10 @@ def run_search(unet, train_args: list[str], output_dir: str, search_spaces: list
         "scope": scope,
         "selection": config.selection,
         "objectives": list(OBJECTIVES),
-        # what the trials' "dmem" and "fid" values measure: EvaluationConfig.search_memorization and search_objective
-        "memorization_objective": ",".join(sorted({t["memorization_objective"] for t in trials})),
-        "quality_objective": ",".join(sorted({t["quality_objective"] for t in trials})),
-        "chosen": {"method": chosen_method, "mask": mask.to_dict(), "dmem": chosen.values[0], "fid": chosen.values[1],
+        # what the objectives measure: EvaluationConfig.search_memorization and search_objective
+        "memorization_metric": ",".join(sorted({t["memorization_metric"] for t in trials})),
+        "quality_metric": ",".join(sorted({t["quality_metric"] for t in trials})),
+        "chosen": {"method": chosen_method, "mask": mask.to_dict(), **dict(zip(OBJECTIVES, chosen.values)),
                    "learning_rate": chosen.params.get("learning_rate"), "row": chosen_row},
         "front": [row_of[(name, t.number)] for name, t in union],
         "dmem_exposures": exposure_report([t["dmem_exposures"] for t in trials if t["dmem_exposures"] is not None]),
@@ -170,7 +170,7 @@ def run_memcontrol(unet, train_args: list[str], output_dir: str, search_spaces: 
     plot_baselines = {}
     for t in summary["trials"]:
         if t["default_mask"]:
-            plot_baselines[f"{t['method']} (default)"] = (t["dmem"], t["fid"])
+            plot_baselines[f"{t['method']} (default)"] = tuple(t[k] for k in OBJECTIVES)
     result = {"search": summary}
     with WorkerPool(config.n_workers, config.gpus_per_trial, config.accelerate_config) as pool:
         full_ft = None
@@ -185,12 +185,11 @@ def run_memcontrol(unet, train_args: list[str], output_dir: str, search_spaces: 
         if full_ft is not None:
             plot_run = full_ft.result()
             # in the trials' units: the search's memorization and quality objectives
-            plot_baselines["Full FT"] = (plot_run.metrics.get("search_memorization", plot_run.dmem),
-                                         plot_run.metrics.get("search_quality", plot_run.fid))
+            plot_baselines["Full FT"] = tuple(plot_run.metrics[k] for k in OBJECTIVES)
     result["pareto_plot"] = pareto_plot(summary["trials"], summary["front"], summary["chosen"]["row"],
                                         os.path.join(output_dir, PARETO_FIGURE), baselines=plot_baselines,
-                                        quality_objective=summary.get("quality_objective", "fid"),
-                                        memorization_objective=summary.get("memorization_objective", "dmem"))
+                                        quality_metric=summary["quality_metric"],
+                                        memorization_metric=summary["memorization_metric"])
     result["pareto_baselines"] = plot_baselines
     write_json_atomic(os.path.join(output_dir, "memcontrol_run.json"),
                 {k: v for k, v in result.items() if k != "search"})
@@ -229,8 +228,8 @@ def main_search(argv: list[str]) -> dict:
                             stage2_protocol=args.stage2_protocol, plot=args.stage != "1")
     search, chosen = result["search"], result["search"]["chosen"]
     print(f"chosen mask: {chosen['method']} {Mask.from_dict(chosen['mask']).bitstring} (memorization objective "
-          f"{search.get('memorization_objective', 'dmem')} {chosen['dmem']:.4g}, quality objective "
-          f"{search['quality_objective']} {chosen['fid']:.4g}; both lower is better)")
+          f"{search['memorization_metric']} {chosen['memorization_objective']:.4g}, quality objective "
+          f"{search['quality_metric']} {chosen['quality_objective']:.4g}; both lower is better)")
     if "pareto_plot" in result:
         print(f"Pareto plot: {os.path.abspath(result['pareto_plot'])}")
     if "results_md" in result:

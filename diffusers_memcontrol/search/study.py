@@ -42,7 +42,7 @@ from .launching import die_with_parent
 
 logger = logging.getLogger(__name__)
 
-OBJECTIVES = ("dmem", "fid")
+OBJECTIVES = ("memorization_objective", "quality_objective")  # the values every trial returns
 SELECTIONS = ("mean", "normalized_mean")
 _SPACE_ATTR = "memcontrol_search_space"
 _POLL_SECONDS = 0.5
@@ -315,7 +315,7 @@ trial function takes that worker's GPUs)."""
 
 def make_objective(space: MaskSpace, config: SearchConfig, run_trial: TrialFunction):
     """The Optuna objective of a search: `objective(trial)` suggests a mask (and learning rate), has `run_trial`
-    train and score it, and returns (dmem, fid).
+    train and score it, and returns (memorization_objective, quality_objective).
 
     Every scalar metric is stored as a trial user attribute and the mask JSON as the `mask` attribute, so the study
     alone holds what is needed to rebuild the Pareto plot and the chosen mask.
@@ -341,9 +341,7 @@ def make_objective(space: MaskSpace, config: SearchConfig, run_trial: TrialFunct
         for key, value in metrics.items():
             if isinstance(value, (int, float, str, bool)) or value is None:
                 trial.set_user_attr(key, value)
-        # EvaluationConfig.search_memorization's and search_objective's values where reported, else d_mem and FID
-        values = (float(metrics.get("search_memorization", metrics["dmem"])),
-                  float(metrics.get("search_quality", metrics["fid"])))
+        values = tuple(float(metrics[k]) for k in OBJECTIVES)
         if not all(math.isfinite(v) for v in values):
             raise optuna.TrialPruned(f"non-finite objectives {values}")
         return values

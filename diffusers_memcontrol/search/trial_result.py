@@ -8,6 +8,7 @@ trial's user attributes) and the table (the row's metrics, the D_mem exposures) 
 from __future__ import annotations
 
 import json
+import logging
 import os
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, fields
@@ -16,13 +17,19 @@ from typing import Any
 from ..constants import TRIAL_RESULT_FILE
 from ..files import write_json_atomic
 
+logger = logging.getLogger(__name__)
+
+# metrics keys of version 0.1.0 runs: the objectives' values and names, read under today's names
+RENAMED_METRICS = {"search_memorization": "memorization_objective", "search_quality": "quality_objective",
+                   "search_memorization_objective": "memorization_metric", "search_objective": "quality_metric"}
+
 
 @dataclass
 class TrialResult:
     """One trainer run's result; round-trips to JSON (`trial_result.json`)."""
 
-    dmem: float | None = field(default=None, metadata={"help": "Objective 1: memorization on D_mem (with --eval)."})
-    fid: float | None = field(default=None, metadata={"help": "Objective 2: FID on --eval_split (with --eval)."})
+    dmem: float | None = field(default=None, metadata={"help": "d_mem on D_mem (with --eval; not an objective)."})
+    fid: float | None = field(default=None, metadata={"help": "FID on --eval_split (with --eval; not an objective)."})
     trainable_params: int = field(default=0, metadata={"help": "Parameters the adapter trained."})
     global_step: int = field(default=0, metadata={"help": "Optimizer steps taken."})
     train_samples: int = field(default=0, metadata={"help": "Rows of the training set (D_mem copies included)."})
@@ -68,4 +75,9 @@ class TrialResult:
         if not isinstance(data, dict) or set(data) - known:
             raise ValueError(f"{os.path.join(run_dir, TRIAL_RESULT_FILE)} is not a trial result (keys: "
                              f"{sorted(data) if isinstance(data, dict) else type(data).__name__}).")
+        old = sorted(set(RENAMED_METRICS) & set(data.get("metrics") or {}))
+        if old:
+            logger.warning("%s was written by diffusers-memcontrol 0.1.0: reading its metrics %s as %s.",
+                           os.path.join(run_dir, TRIAL_RESULT_FILE), old, [RENAMED_METRICS[k] for k in old])
+            data["metrics"] = {RENAMED_METRICS.get(k, k): v for k, v in data["metrics"].items()}
         return cls(**data)
