@@ -29,7 +29,7 @@ def build_sd15(folder: str) -> str:
     sys.path.insert(0, HERE)
     from sd15 import SD15_TEXT, SD15_UNET, SD15_VAE
 
-    from diffusers_memcontrol import tiny_base as tb
+    from diffusers_memcontrol.data import tiny_base as tb
 
     if os.path.isfile(os.path.join(folder, "model_index.json")):
         return folder
@@ -92,7 +92,7 @@ def main(argv: list[str] | None = None) -> dict:
         size = ["--resolution", "512", "--mixed_precision", "bf16", "--gradient_checkpointing",
                 "--train_batch_size", "4", "--max_train_steps", "3", "--max_train_samples", "32"]
     else:
-        from diffusers_memcontrol.tiny_base import tiny_base_path
+        from diffusers_memcontrol.data.tiny_base import tiny_base_path
 
         model["path"] = tiny_base_path()
         size = ["--train_batch_size", "4", "--max_train_steps", "1", "--max_train_samples", "8"]  # the suite's check
@@ -139,7 +139,9 @@ def main(argv: list[str] | None = None) -> dict:
          "--output_dir", audit_dir, "--no_progress"], check=True, env=env))
     with open(os.path.join(audit_dir, "audit.json"), encoding="utf-8") as f:
         scan = json.load(f)["detection"]
-    from diffusers_memcontrol.reporting import CEILING  # the first row: real images through the VAE, not a fine-tune
+    from diffusers_memcontrol.evaluation.reporting import (
+        CEILING,  # the first row: real images through the VAE, not a fine-tune
+    )
 
     with open(os.path.join(out, "results.json"), encoding="utf-8") as f:
         rows = json.load(f)

@@ -28,7 +28,7 @@ import tempfile
 import numpy as np
 import torch
 
-from diffusers_memcontrol.tiny_base import DOMAINS, images_to_tensor, load_domain_arrays, tiny_base_path
+from diffusers_memcontrol.data.tiny_base import DOMAINS, images_to_tensor, load_domain_arrays, tiny_base_path
 
 DIGIT_WORDS = DOMAINS["digits"].labels
 FASHION_IMAGES = 4000  # Fashion-MNIST train images in the in-domain classifier's training set (digits: 1,437)

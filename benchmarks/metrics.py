@@ -259,7 +259,7 @@ def bench_dmem(n_tiny: int, n_sd15: int, batch_size: int = 16) -> dict:
     forwards per image; on the shipped tiny base and on the SD1.5 UNet shape (random weights, 64x64 latents)."""
     from diffusers import DDPMScheduler, UNet2DConditionModel
 
-    from diffusers_memcontrol.tiny_base import tiny_base_path
+    from diffusers_memcontrol.data.tiny_base import tiny_base_path
 
     sys.path.insert(0, str(Path(__file__).parent))
     from sd15 import SD15_UNET

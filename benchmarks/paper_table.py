@@ -27,7 +27,7 @@ METRICS = ("fid", "kid", "c2st_accuracy", "in_domain", "amd", "agreement", "extr
 # the ceiling row (real test images through the base's VAE) is a row of every seed's table, as "ceiling"
 def quickstart_stage2_args() -> str:
     """The quickstart's stage-2 flags (arguments.QUICKSTART_STAGE2, their one home)."""
-    from diffusers_memcontrol.arguments import QUICKSTART_STAGE2
+    from diffusers_memcontrol.search.arguments import QUICKSTART_STAGE2
 
     return " ".join(QUICKSTART_STAGE2)
 
@@ -53,7 +53,7 @@ def summarize(runs: dict[int, list[dict]]) -> list[dict]:
 
 def markdown(summary: list[dict]) -> str:
     """The summary as a Markdown table of mean ± std, the ceiling first."""
-    from diffusers_memcontrol.reporting import ROW_NAMES, ROW_ORDER
+    from diffusers_memcontrol.evaluation.reporting import ROW_NAMES, ROW_ORDER
 
     names = [n for n in METRICS if any(n in row for row in summary)]
     lines = ["| Method | Mitigation | " + " | ".join(names) + " | Trainable params |",
@@ -83,7 +83,7 @@ def main() -> None:
     args.trainer_args = args.trainer_args if args.trainer_args is not None else quickstart_stage2_args()
 
     from diffusers_memcontrol.files import write_json_atomic, write_text_atomic
-    from diffusers_memcontrol.runner import main_search
+    from diffusers_memcontrol.search.stages import main_search
 
     runs, seconds = {}, {}
     for seed in [int(s) for s in args.seeds.split(",")]:

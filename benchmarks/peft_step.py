@@ -55,7 +55,7 @@ def _build_unet(model: str, device):
     if model == "sd15":
         with torch.device(device):  # initialise in place: no 3.4 GB host-to-device copy per configuration
             return UNet2DConditionModel(**SD15_UNET)
-    from diffusers_memcontrol.tiny_base import tiny_base_path
+    from diffusers_memcontrol.data.tiny_base import tiny_base_path
 
     return UNet2DConditionModel.from_pretrained(tiny_base_path(), subfolder="unet").to(device)
 

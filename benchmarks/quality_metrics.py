@@ -31,8 +31,8 @@ def image_sets(n: int, steps: int, seed: int = 0) -> dict[str, tuple[torch.Tenso
     """The three image sets with their digit labels."""
     from diffusers import StableDiffusionPipeline
 
-    from diffusers_memcontrol import tiny_base as tb
-    from diffusers_memcontrol.evaluation import generate_images
+    from diffusers_memcontrol.data import tiny_base as tb
+    from diffusers_memcontrol.evaluation.evaluator import generate_images
     from diffusers_memcontrol.metrics.extraction import vae_round_trip
 
     pipe = StableDiffusionPipeline.from_pretrained(tb.tiny_base_path(), safety_checker=None)
@@ -58,8 +58,8 @@ def main(argv=None) -> dict:
     p.add_argument("--results", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
     args = p.parse_args(argv)
 
-    from diffusers_memcontrol import tiny_base as tb
-    from diffusers_memcontrol.evaluation import EvaluationConfig, score_images
+    from diffusers_memcontrol.data import tiny_base as tb
+    from diffusers_memcontrol.evaluation.evaluator import EvaluationConfig, score_images
     from diffusers_memcontrol.files import write_json_atomic, write_text_atomic
 
     start = time.perf_counter()

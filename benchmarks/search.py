@@ -54,9 +54,9 @@ def main() -> None:
     from diffusers import UNet2DConditionModel
 
     from diffusers_memcontrol import MaskSpace
-    from diffusers_memcontrol.launching import TrainerTrial
-    from diffusers_memcontrol.search import SearchConfig, optimize
-    from diffusers_memcontrol.tiny_base import tiny_base_path
+    from diffusers_memcontrol.data.tiny_base import tiny_base_path
+    from diffusers_memcontrol.search.launching import TrainerTrial
+    from diffusers_memcontrol.search.study import SearchConfig, optimize
 
     unet = UNet2DConditionModel.from_pretrained(tiny_base_path(), subfolder="unet")
     space = MaskSpace.from_unet(unet, method="svdiff", layout="paper")

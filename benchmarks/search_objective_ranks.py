@@ -37,9 +37,9 @@ def main(argv=None) -> dict:
 
     from scipy.stats import spearmanr
 
-    from diffusers_memcontrol.evaluation import search_quality
+    from diffusers_memcontrol.evaluation.evaluator import quality_objective
     from diffusers_memcontrol.files import write_json_atomic, write_text_atomic
-    from diffusers_memcontrol.launching import run_trainer
+    from diffusers_memcontrol.search.launching import run_trainer
 
     rows = []
     for spec in args.runs:
@@ -57,7 +57,7 @@ def main(argv=None) -> dict:
             metrics = run_trainer(flags, run_dir)
         row = {"run": spec, "seconds": round(time.perf_counter() - start, 1),
                **{k: metrics.get(k) for k in ("fid", "kid", "c2st_accuracy", "agreement", "in_domain", "dmem")}}
-        row.update({f"objective_{o}": search_quality(metrics, o) for o in OBJECTIVES})
+        row.update({f"objective_{o}": quality_objective(metrics, o) for o in OBJECTIVES})
         rows.append(row)
         print(row, flush=True)
     fidelity = [1.0 - r["agreement"] for r in rows]

@@ -28,7 +28,7 @@ def _tiny() -> dict:
     from diffusers import UNet2DConditionModel
 
     from diffusers_memcontrol import MemControlConfig
-    from diffusers_memcontrol.tiny_base import tiny_base_path
+    from diffusers_memcontrol.data.tiny_base import tiny_base_path
 
     times = []
     for _ in range(2):

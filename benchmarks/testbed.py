@@ -22,7 +22,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from judge import Judge, judge_run
 
 from diffusers_memcontrol.files import write_json_atomic
-from diffusers_memcontrol.trial_result import TrialResult
+from diffusers_memcontrol.search.trial_result import TrialResult
 
 
 def describe(run_dir: str) -> dict:

@@ -1,6 +1,6 @@
 """Training-step throughput with the latent/text-embedding cache vs encoding every step, on the tiny base.
 
-Both modes run the same loop (`diffusers_memcontrol.training.train`) on the same data, seeds and adapter; the only
+Both modes run the same loop (`diffusers_memcontrol.trainer.loop.train`) on the same data, seeds and adapter; the only
 difference is where latents and caption embeddings come from: the content-addressed cache (`cache="disk"`, filled
 once, timed separately as `prepare_cold_s` / `prepare_warm_s`) or the VAE and text encoder at every step
 (`cache="off"`, what diffusers' train_text_to_image.py does). Modes are interleaved and repeated, and the median
@@ -29,7 +29,7 @@ def _sd15_pipeline():
     from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    from diffusers_memcontrol import tiny_base as tb
+    from diffusers_memcontrol.data import tiny_base as tb
 
     torch.manual_seed(0)
     return StableDiffusionPipeline(vae=AutoencoderKL(**SD15_VAE), text_encoder=CLIPTextModel(CLIPTextConfig(
@@ -41,7 +41,7 @@ def _sd15_pipeline():
 def _pipeline(model: str = "tiny"):
     from diffusers import StableDiffusionPipeline
 
-    from diffusers_memcontrol import tiny_base as tb
+    from diffusers_memcontrol.data import tiny_base as tb
 
     if model == "sd15":
         return _sd15_pipeline()
@@ -78,10 +78,10 @@ def main(argv: list[str] | None = None) -> dict:
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    from diffusers_memcontrol.config import FineTuneConfig
-    from diffusers_memcontrol.tiny_base import load_domain
-    from diffusers_memcontrol.training import train
-    from diffusers_memcontrol.training_data import prepare_training_data
+    from diffusers_memcontrol.data.tiny_base import load_domain
+    from diffusers_memcontrol.trainer.batches import prepare_training_data
+    from diffusers_memcontrol.trainer.config import FineTuneConfig
+    from diffusers_memcontrol.trainer.loop import train
 
     pipe, model = _pipeline(args.model)
     pipe.to(device)

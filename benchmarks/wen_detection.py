@@ -35,18 +35,19 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from diffusers_memcontrol.config import FineTuneConfig
-from diffusers_memcontrol.data import (
+from diffusers_memcontrol.data.datasets import (
     build_hpo_set,
     build_memorization_set,
     nonsense_words,
 )
+from diffusers_memcontrol.data.encoding import encode_images, encode_prompts
+from diffusers_memcontrol.data.images import pixel_batch
+from diffusers_memcontrol.data.tiny_base import IMAGE_SIZE, load_domain, tiny_base_path
 from diffusers_memcontrol.files import write_json_atomic
-from diffusers_memcontrol.images import pixel_batch
 from diffusers_memcontrol.metrics.memorization import detection_auc, dmem_search, wen_detection_scores
-from diffusers_memcontrol.tiny_base import IMAGE_SIZE, load_domain, tiny_base_path
-from diffusers_memcontrol.training import train
-from diffusers_memcontrol.training_data import encode_images, encode_prompts, training_data_from_tensors
+from diffusers_memcontrol.trainer.batches import training_data_from_tensors
+from diffusers_memcontrol.trainer.config import FineTuneConfig
+from diffusers_memcontrol.trainer.loop import train
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "wen_detection.json")
 

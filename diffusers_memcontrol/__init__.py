@@ -4,8 +4,8 @@ Importing the package registers the `MEMCONTROL` peft method with peft and adds 
 `unload_memcontrol_adapter` to diffusers pipelines (a saved pipeline stays loadable by plain diffusers).
 """
 
-from .hub import MemControlRepoError, download_memcontrol, publish
-from .loaders import MemControlLoaderMixin, register_pipeline_methods
+from .hub.loaders import MemControlLoaderMixin, register_pipeline_methods
+from .hub.publish import MemControlRepoError, download_memcontrol, publish
 from .tuners import LAYOUTS, METHODS, SCOPES, Mask, MaskSpace, MemControlConfig, MemControlModel
 
 register_pipeline_methods()

@@ -9,16 +9,16 @@ import sys
 
 from diffusers import UNet2DConditionModel
 
-from .arguments import expand_preset
-from .audit import EXTRACTION_EXIT_STATUS
-from .audit import main as audit_main
+from .audit.command import EXTRACTION_EXIT_STATUS
+from .audit.command import main as audit_main
+from .data.tiny_base import tiny_base_path
 from .errors import ArgumentParser, run_command, user_input
-from .hub import publish
-from .masks import builtin_masks
-from .runner import main_search
-from .tiny_base import tiny_base_path
+from .hub.publish import publish
+from .search.arguments import expand_preset
+from .search.stages import main_search
 from .train import main as train_one
 from .tuners import MaskSpace
+from .tuners.memcontrol.builtin_masks import builtin_masks
 
 
 def _mask_space(args: argparse.Namespace) -> int:

@@ -3,7 +3,7 @@
 Extends diffusers' examples/text_to_image/train_text_to_image.py: the model, data and optimisation arguments keep
 their names and meanings (docs/flags.md compares them); MemControl adds the PEFT method and its mask, mitigations
 (RWA, threshold), the memorization set D_mem and the HPO training set, a latent/text-embedding cache, and the
-evaluation. The whole method (search, stage 2, table: `diffusers_memcontrol.runner`) runs from the example script
+evaluation. The whole method (search, stage 2, table: `diffusers_memcontrol.search.stages`) runs from the example script
 `training/train_memcontrol.py --search ...` or `memcontrol search ...`; this module is the trainer of one fine-tune.
 
     python -m diffusers_memcontrol.train                                   # embedded default: tiny base + digits
@@ -26,6 +26,7 @@ import argparse
 import json
 import logging
 import os
+import sys
 import time
 from typing import Any
 
@@ -34,22 +35,31 @@ from accelerate import Accelerator
 from accelerate.utils import ProjectConfiguration, set_seed
 from diffusers import StableDiffusionPipeline, UNet2DConditionModel
 
-from .adapters import merged_adapters, save_adapter
-from .arguments import CheckedInputs, check_inputs, parse_args, run_config
+from .constants import (
+    DMEM_GENERATIONS_FILE,
+    METRICS_FILE,
+    SUMMARY_FILE,
+    TRAINING_CONFIG_FILE,
+    UNET_FOLDER,
+    VALIDATION_IMAGE,
+)
+from .data.tiny_base import DOMAINS
 from .errors import run_command, user_input
-from .evaluation import evaluate, write_metrics
-from .figures import DMEM_GENERATIONS_FILE
+from .evaluation.evaluator import evaluate, write_metrics
 from .files import write_json_atomic
-from .hub import SUMMARY_FILE, base_model_name, publish
-from .launching import die_with_parent
-from .loaders import load_adapter
-from .lora_export import save_lora_weights_diffusers
-from .pipelines import UNET_FOLDER, is_pipeline_folder, save_pipeline
-from .tiny_base import DOMAINS
-from .training import log_validation, train
-from .training_data import prepare_training_data
-from .trial_result import TrialResult
+from .hub.adapters import merged_adapters, save_adapter
+from .hub.card import base_model_name
+from .hub.loaders import load_adapter
+from .hub.pipelines import is_pipeline_folder, save_pipeline
+from .hub.publish import publish
+from .search.arguments import reject_search_flags
+from .search.launching import die_with_parent
+from .search.trial_result import TrialResult
+from .trainer.arguments import CheckedInputs, check_inputs, parse_args, run_config
+from .trainer.batches import prepare_training_data
+from .trainer.loop import log_validation, train
 from .tuners import trainable_parameters
+from .tuners.memcontrol.lora_export import save_lora_weights_diffusers
 
 
 def run_evaluation(args: argparse.Namespace, pipe: Any, inputs: CheckedInputs, trainable_params: int) -> dict:
@@ -61,7 +71,7 @@ def run_evaluation(args: argparse.Namespace, pipe: Any, inputs: CheckedInputs, t
                            image_column=args.image_column, caption_column=args.caption_column,
                            label_column=label_column, trainable_params=trainable_params,
                            generations_path=os.path.join(args.output_dir, DMEM_GENERATIONS_FILE))
-    write_metrics(metrics, os.path.join(args.output_dir, "metrics.json"))
+    write_metrics(metrics, os.path.join(args.output_dir, METRICS_FILE))
     return metrics
 
 
@@ -113,10 +123,10 @@ def evaluate_adapter(args: argparse.Namespace, accelerator: Any, pipe: Any, inpu
         load_adapter(pipe.unet, args.adapter_dir)
         trainable = trainable_parameters(pipe.unet, by_prefix=True)
     metrics = run_evaluation(args, pipe, inputs, trainable)
-    summary = {"adapter_dir": os.path.abspath(args.adapter_dir), "metrics": "metrics.json",
+    summary = {"adapter_dir": os.path.abspath(args.adapter_dir), "metrics": METRICS_FILE,
                "wall_time_s": round(time.time() - started, 1)}
     if accelerator.is_main_process:
-        write_json_atomic(os.path.join(args.output_dir, "summary.json"), summary)
+        write_json_atomic(os.path.join(args.output_dir, SUMMARY_FILE), summary)
     accelerator.end_training()
     print(json.dumps({k: metrics.get(k) for k in ("fid", "amd", "agreement", "extracted_images", "dmem",
                                                   "trainable_params")}, indent=2))
@@ -132,7 +142,7 @@ def start_logging(args: argparse.Namespace, accelerator: Any, inputs: CheckedInp
                                 "splits": {k: len(v) for k, v in splits.items() if v is not None},
                                 "latents": data.stats.get("latents"), "text": data.stats.get("text")}}
     if accelerator.is_main_process:
-        write_json_atomic(os.path.join(args.output_dir, "training_config.json"), training_config)
+        write_json_atomic(os.path.join(args.output_dir, TRAINING_CONFIG_FILE), training_config)
         if args.report_to not in ("none", ""):
             hyper = {**training_config["fine_tune"], **training_config["run"]}
             scalars = {k: v for k, v in hyper.items() if isinstance(v, (int, float, str, bool))}  # tensorboard's rule
@@ -176,6 +186,8 @@ def main(argv: list[str] | None = None) -> dict:
     if os.environ.get("MEMCONTROL_DIE_WITH_PARENT"):  # a run of a search: it dies with it (launching.run_trainer)
         die_with_parent()
     # arguments, then everything they name (model, mask, data, configs), checked before any weight is loaded
+    argv = sys.argv[1:] if argv is None else list(argv)
+    reject_search_flags(argv)
     args = parse_args(argv)
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     started = time.time()
@@ -197,7 +209,7 @@ def main(argv: list[str] | None = None) -> dict:
     if prompts is None and inputs.domain is not None:
         prompts = list(DOMAINS[inputs.domain].captions[:4])
 
-    # the adapter with its mask, the optimizer, the scheduler and the loop: diffusers_memcontrol.training.train
+    # the adapter with its mask, the optimizer, the scheduler and the loop: diffusers_memcontrol.trainer.loop.train
     log = train(pipe.unet, pipe.scheduler, data, inputs.config, accelerator=accelerator, output_dir=args.output_dir,
                 checkpointing_steps=args.checkpointing_steps,
                 checkpoints_total_limit=args.checkpoints_total_limit,
@@ -220,17 +232,17 @@ def main(argv: list[str] | None = None) -> dict:
         if prompts and args.num_validation_images:
             with merged_adapters(pipe.unet):
                 log_validation(pipe, accelerator, prompts, args.num_validation_images, args.seed,
-                               os.path.join(args.output_dir, "validation.png"), log["global_step"],
+                               os.path.join(args.output_dir, VALIDATION_IMAGE), log["global_step"],
                                progress=not args.no_progress)
-            summary["validation"] = "validation.png"
+            summary["validation"] = VALIDATION_IMAGE
         metrics = None
         if args.eval:
             metrics = run_evaluation(args, pipe, inputs, log["trainable_params"])
-            summary["metrics"] = "metrics.json"
+            summary["metrics"] = METRICS_FILE
             accelerator.log({f"eval/{k}": v for k, v in metrics.items() if isinstance(v, (int, float))
                              and not isinstance(v, bool)}, step=log["global_step"])
         summary["wall_time_s"] = round(time.time() - started, 1)
-        write_json_atomic(os.path.join(args.output_dir, "summary.json"), summary)
+        write_json_atomic(os.path.join(args.output_dir, SUMMARY_FILE), summary)
         # last: trial_result.json marks the run finished (runs.finished_run)
         TrialResult.from_run(summary, metrics, dmem_copies=args.dmem_repeats if args.hpo or args.duplicate_dmem else 1,
                              samples_per_step=inputs.config.train_batch_size * inputs.config.gradient_accumulation_steps

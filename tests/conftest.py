@@ -132,7 +132,7 @@ def unet_output(unet: UNet2DConditionModel, batch: int = 1) -> torch.Tensor:
 
 def random_tiny_pipeline() -> StableDiffusionPipeline:
     """A tiny SD-shaped pipeline built from the tiny base's configs (random weights, no file read)."""
-    from diffusers_memcontrol import tiny_base as tb
+    from diffusers_memcontrol.data import tiny_base as tb
 
     return StableDiffusionPipeline(vae=tb.build_vae(), text_encoder=tb.build_text_encoder(),
                                    tokenizer=tb.build_tokenizer(), unet=tb.build_unet(), scheduler=tb.build_scheduler(),
@@ -148,8 +148,8 @@ def pipe() -> StableDiffusionPipeline:
 @pytest.fixture(scope="module")
 def data8(pipe):
     """The first 8 digits training images, encoded in memory for `pipe`."""
-    from diffusers_memcontrol import tiny_base as tb
-    from diffusers_memcontrol.training_data import prepare_training_data
+    from diffusers_memcontrol.data import tiny_base as tb
+    from diffusers_memcontrol.trainer.batches import prepare_training_data
 
     return prepare_training_data(pipe, tb.load_domain("digits", "train").select(range(8)), cache="memory",
                                  progress=False)

@@ -6,8 +6,9 @@ import runpy
 
 import pytest
 
-from diffusers_memcontrol.arguments import PRESETS, expand_preset, parse_args, parse_search_args, runs_whole_method
 from diffusers_memcontrol.errors import InputError
+from diffusers_memcontrol.search.arguments import PRESETS, expand_preset, parse_search_args, runs_whole_method
+from diffusers_memcontrol.trainer.arguments import parse_args
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -45,7 +46,7 @@ def test_the_transfer_preset_runs_the_quickstarts_stage_2_on_as_many_animal_rows
     assert transfer.dataset_name == "animal-mnist" and quickstart.dataset_name is None  # digits
     for name in ("max_train_steps", "train_batch_size", "learning_rates", "dmem_size", "dmem_repeats"):
         assert getattr(transfer, name) == getattr(quickstart, name), name
-    from diffusers_memcontrol.arguments import load_splits
+    from diffusers_memcontrol.trainer.arguments import load_splits
 
     quickstart.eval = True  # every run of the search evaluates, so its rows are split
     digits_rows = len(load_splits(quickstart)[0]["train"])
@@ -86,7 +87,7 @@ def test_rows_are_held_out_only_when_something_is_evaluated(tmp_path, caplog):
 
     from PIL import Image
 
-    from diffusers_memcontrol.arguments import load_splits
+    from diffusers_memcontrol.trainer.arguments import load_splits
 
     rows = []
     for i in range(20):
@@ -94,7 +95,7 @@ def test_rows_are_held_out_only_when_something_is_evaluated(tmp_path, caplog):
         rows.append(json.dumps({"file_name": f"{i}.png", "text": f"row {i}"}))
     (tmp_path / "metadata.jsonl").write_text("\n".join(rows) + "\n")
     argv = ["--train_data_dir", str(tmp_path), "--validation_fraction", "0.1", "--test_fraction", "0.2"]
-    with caplog.at_level(logging.INFO, logger="diffusers_memcontrol.arguments"):
+    with caplog.at_level(logging.INFO, logger="diffusers_memcontrol.trainer.arguments"):
         plain, _ = load_splits(parse_args(argv))
         assert len(plain["train"]) == 20 and not [r for r in caplog.records if "Splits" in r.getMessage()]
         evaluated, _ = load_splits(parse_args([*argv, "--eval"]))

@@ -11,8 +11,9 @@ import pytest
 import torch
 from diffusers import StableDiffusionPipeline
 
-from diffusers_memcontrol import audit, cli
-from diffusers_memcontrol import tiny_base as tb
+from diffusers_memcontrol import cli
+from diffusers_memcontrol.audit import command as audit
+from diffusers_memcontrol.data import tiny_base as tb
 from tests.conftest import unet_output
 
 pytestmark = pytest.mark.usefixtures("one_thread")

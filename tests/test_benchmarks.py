@@ -40,6 +40,6 @@ def test_benchmark_imports_resolve(script):
 
 def test_the_check_sees_a_moved_name(tmp_path):
     script = tmp_path / "old.py"
-    script.write_text("from diffusers_memcontrol.search import dmem_exposures, select_trial\n"
+    script.write_text("from diffusers_memcontrol.search.study import dmem_exposures, select_trial\n"
                       "from diffusers_memcontrol import metrics\n", encoding="utf-8")
-    assert _missing(script) == ["diffusers_memcontrol.search.dmem_exposures"]
+    assert _missing(script) == ["diffusers_memcontrol.search.study.dmem_exposures"]

@@ -12,7 +12,6 @@ import torch
 from diffusers import StableDiffusionPipeline
 from PIL import Image
 
-from diffusers_memcontrol import tiny_base as tb
 from diffusers_memcontrol.cache import (
     FileHashMemo,
     TensorCache,
@@ -21,10 +20,12 @@ from diffusers_memcontrol.cache import (
     model_identity,
     sha256_bytes,
 )
-from diffusers_memcontrol.config import FineTuneConfig
-from diffusers_memcontrol.images import transform_image
-from diffusers_memcontrol.training import train
-from diffusers_memcontrol.training_data import encode_latent_distribution, prepare_training_data
+from diffusers_memcontrol.data import tiny_base as tb
+from diffusers_memcontrol.data.encoding import encode_latent_distribution
+from diffusers_memcontrol.data.images import transform_image
+from diffusers_memcontrol.trainer.batches import prepare_training_data
+from diffusers_memcontrol.trainer.config import FineTuneConfig
+from diffusers_memcontrol.trainer.loop import train
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

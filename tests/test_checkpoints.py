@@ -11,10 +11,10 @@ from pathlib import Path
 
 import pytest
 
-from diffusers_memcontrol import training
-from diffusers_memcontrol.checkpoints import list_checkpoints, resolve_checkpoint
-from diffusers_memcontrol.config import FineTuneConfig
-from diffusers_memcontrol.training import train
+from diffusers_memcontrol.trainer import loop as training
+from diffusers_memcontrol.trainer.checkpoints import list_checkpoints, resolve_checkpoint
+from diffusers_memcontrol.trainer.config import FineTuneConfig
+from diffusers_memcontrol.trainer.loop import train
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 CONFIG = {"peft_method": "svdiff", "max_train_steps": 2, "train_batch_size": 4, "learning_rate": 1e-2,

@@ -5,9 +5,9 @@ import pytest
 from diffusers import UNet2DConditionModel
 
 from diffusers_memcontrol import MaskSpace, MemControlConfig
-from diffusers_memcontrol.adapters import save_adapter
 from diffusers_memcontrol.cli import main
-from diffusers_memcontrol.tiny_base import tiny_base_path
+from diffusers_memcontrol.data.tiny_base import tiny_base_path
+from diffusers_memcontrol.hub.adapters import save_adapter
 
 
 def test_mask_space_lists_positions(capsys):
@@ -64,7 +64,7 @@ def test_search_help_lists_the_trainer_and_search_flags(capsys):
 def test_the_search_runs_the_installed_module_not_a_checkout_path():
     import sys
 
-    from diffusers_memcontrol.launching import trainer_command
+    from diffusers_memcontrol.search.launching import trainer_command
 
     assert trainer_command() == [sys.executable, "-m", "diffusers_memcontrol.train"]
 
@@ -73,7 +73,7 @@ def test_masks_lists_the_builtin_masks_through_the_real_command():
     import subprocess
     import sys
 
-    from diffusers_memcontrol.masks import builtin_masks
+    from diffusers_memcontrol.tuners.memcontrol.builtin_masks import builtin_masks
 
     done = subprocess.run([sys.executable, "-m", "diffusers_memcontrol.cli", "masks"], capture_output=True, text=True,
                           check=True)
@@ -86,7 +86,7 @@ def test_masks_lists_the_builtin_masks_through_the_real_command():
 
 
 def test_masks_json(capsys):
-    from diffusers_memcontrol.masks import builtin_mask, builtin_masks
+    from diffusers_memcontrol.tuners.memcontrol.builtin_masks import builtin_mask, builtin_masks
 
     assert main(["masks", "--json"]) == 0
     listed = json.loads(capsys.readouterr().out)

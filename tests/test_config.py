@@ -1,8 +1,8 @@
 import pytest
 
-from diffusers_memcontrol.config import DEFAULT_LR, parse_learning_rates
 from diffusers_memcontrol.errors import InputError
 from diffusers_memcontrol.train import check_inputs, parse_args
+from diffusers_memcontrol.trainer.config import DEFAULT_LR, parse_learning_rates
 
 
 def test_parse_learning_rates_reads_each_method_and_refuses_unknown_methods_and_bad_rates():
@@ -25,8 +25,8 @@ def test_the_trainer_uses_the_methods_rate_from_learning_rates(tmp_path, extra, 
 
 
 def test_the_cliques_memorization_objective_needs_generations_and_trials_keep_them():
-    from diffusers_memcontrol.arguments import evaluation_config, parse_args
-    from diffusers_memcontrol.evaluation_config import EvaluationConfig
+    from diffusers_memcontrol.evaluation.config import EvaluationConfig
+    from diffusers_memcontrol.trainer.arguments import evaluation_config, parse_args
 
     with pytest.raises(ValueError, match=r"search_memorization 'cliques' needs extraction_generations >= 2"):
         EvaluationConfig(search_memorization="cliques", extraction_generations=1)

@@ -10,7 +10,7 @@ import pytest
 from datasets import Dataset, DatasetDict
 from PIL import Image
 
-from diffusers_memcontrol.data import (
+from diffusers_memcontrol.data.datasets import (
     build_hpo_set,
     build_memorization_set,
     captions_from_template,
@@ -21,7 +21,7 @@ from diffusers_memcontrol.data import (
     with_duplicated_dmem,
     write_dmem_file,
 )
-from diffusers_memcontrol.images import scan_images
+from diffusers_memcontrol.data.images import scan_images
 
 
 def make_table(n: int = 1000, seed: int = 0) -> Dataset:
@@ -254,10 +254,10 @@ def test_stage_two_split_with_duplicated_dmem():
 def test_duplicated_dmem_warns_when_duplicates_exceed_a_quarter_of_the_rows(caplog):
     table = make_table(100)
     dmem = build_memorization_set(table, dmem_size=5, seed=0)
-    with caplog.at_level("WARNING", logger="diffusers_memcontrol.data"):
+    with caplog.at_level("WARNING", logger="diffusers_memcontrol.data.datasets"):
         with_duplicated_dmem(table, dmem, dmem_repeats=6)  # 30 of 125 rows: 24%
     assert not caplog.records
-    with caplog.at_level("WARNING", logger="diffusers_memcontrol.data"):
+    with caplog.at_level("WARNING", logger="diffusers_memcontrol.data.datasets"):
         with_duplicated_dmem(table, dmem, dmem_repeats=7)  # 35 of 130 rows: 27%
     assert "27% of the training rows" in caplog.text
 

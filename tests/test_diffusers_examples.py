@@ -24,7 +24,7 @@ from diffusers import DiffusionPipeline, UNet2DConditionModel
 from PIL import Image
 from safetensors.torch import load_file
 
-from diffusers_memcontrol.tiny_base import IMAGE_SIZE, tiny_base_path
+from diffusers_memcontrol.data.tiny_base import IMAGE_SIZE, tiny_base_path
 
 SCRIPT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "training", "train_memcontrol.py")
 PRETRAINED = tiny_base_path()  # stands for hf-internal-testing/tiny-stable-diffusion-torch

@@ -10,9 +10,10 @@ import subprocess
 
 from safetensors.torch import load_file
 
-from diffusers_memcontrol import runner, runs
-from diffusers_memcontrol.launching import run_trainer, trainer_command
-from diffusers_memcontrol.trial_result import TrialResult
+from diffusers_memcontrol.search import claims as runs
+from diffusers_memcontrol.search import stages as runner
+from diffusers_memcontrol.search.launching import run_trainer, trainer_command
+from diffusers_memcontrol.search.trial_result import TrialResult
 
 # a trial's fine-tune at its smallest: 4 steps on the HPO set (16 proxy rows + 4 D_mem pairs x 2), search scoring
 TINY = ["--max_train_steps", "4", "--max_train_samples", "16", "--dmem_size", "4", "--dmem_repeats", "2",
@@ -79,7 +80,8 @@ def _stage_two_machine(output_dir: str, trained_log: str) -> list[dict]:
 
         time.sleep(0.3)
         result = TrialResult(dmem=0.1, fid=1.0, trainable_params=7,
-                             metrics={"dmem": 0.1, "fid": 1.0, "trainable_params": 7})
+                             metrics={"dmem": 0.1, "fid": 1.0, "memorization_objective": 0.1, "quality_objective": 1.0,
+                                      "trainable_params": 7})
         result.save(run_dir)
         return result
 

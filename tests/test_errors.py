@@ -88,8 +88,8 @@ def build_data(folder: str) -> None:
     from PIL import Image as PILImage
 
     from diffusers_memcontrol import Mask
-    from diffusers_memcontrol.adapters import save_adapter
-    from diffusers_memcontrol.config import FineTuneConfig
+    from diffusers_memcontrol.hub.adapters import save_adapter
+    from diffusers_memcontrol.trainer.config import FineTuneConfig
     from tests.conftest import make_small_unet
 
     os.makedirs(folder, exist_ok=True)

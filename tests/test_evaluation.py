@@ -10,9 +10,9 @@ import pytest
 import torch
 from diffusers import DDIMScheduler, StableDiffusionPipeline
 
-from diffusers_memcontrol import tiny_base as tb
-from diffusers_memcontrol.data import build_memorization_set
-from diffusers_memcontrol.evaluation import (
+from diffusers_memcontrol.data import tiny_base as tb
+from diffusers_memcontrol.data.datasets import build_memorization_set
+from diffusers_memcontrol.evaluation.evaluator import (
     EvaluationConfig,
     evaluate,
     evaluate_search_objectives,
@@ -84,7 +84,7 @@ def test_evaluate_returns_all_keys_with_finite_values(setup):
 
 
 def test_dmem_generations_are_kept_for_the_figure(setup):
-    from diffusers_memcontrol.figures import load_dmem_generations
+    from diffusers_memcontrol.evaluation.figures import load_dmem_generations
 
     saved = load_dmem_generations(setup["generations"])
     assert saved["generations"].shape == (3, 3, 3, 32, 32) and saved["generations"].dtype == torch.uint8
@@ -138,9 +138,10 @@ def test_search_objectives(setup):
     config = EvaluationConfig.for_search(num_eval_prompts=4, num_inference_steps=2, dmem_batch_size=2,
                                          cache_dir=setup["config"].cache_dir)
     out = evaluate_search_objectives(setup["pipe"], setup["dmem"], setup["test"], config, encoder=setup["encoder"])
-    assert {"dmem", "fid", "kid", "search_quality"} <= set(out)
-    assert all(_finite(out[k]) for k in ("dmem", "fid", "kid", "search_quality"))
-    assert out["search_objective"] == "fid" and out["search_quality"] == out["fid"] and out["agreement"] is None
+    assert {"dmem", "fid", "kid", "quality_objective", "memorization_objective"} <= set(out)
+    assert all(_finite(out[k]) for k in ("dmem", "fid", "kid", "quality_objective", "memorization_objective"))
+    assert out["quality_metric"] == "fid" and out["quality_objective"] == out["fid"] and out["agreement"] is None
+    assert out["memorization_metric"] == "dmem" and out["memorization_objective"] == out["dmem"]
     assert out["dmem"] == pytest.approx(setup["first"]["dmem"], rel=1e-5)  # same D_mem, seed and batch size
 
 
@@ -220,7 +221,7 @@ def _digits_extraction(make_generations):
     """The calibrated attack of evaluate() with the shipped tiny base's VAE on digits D_mem pairs."""
     from diffusers import AutoencoderKL
 
-    from diffusers_memcontrol.images import pixel_batch
+    from diffusers_memcontrol.data.images import pixel_batch
     from diffusers_memcontrol.metrics.extraction import calibrated_extraction, vae_round_trip
 
     train = tb.load_domain("digits", "train").select(range(300))
@@ -263,7 +264,7 @@ def test_pixel_replication_space_tells_a_copy_from_its_classmates_on_tiny_base()
     the pixel space (the copy-detection pair of tiny-domain) and more similar to it than to any classmate."""
     from diffusers import AutoencoderKL
 
-    from diffusers_memcontrol.images import pixel_batch
+    from diffusers_memcontrol.data.images import pixel_batch
     from diffusers_memcontrol.metrics.encoders import load_encoder, replication_encoder_name
     from diffusers_memcontrol.metrics.extraction import vae_round_trip
 
@@ -291,24 +292,24 @@ def test_quality_metrics_noise_and_ceiling_are_reported(setup):
     ceiling = metrics["ceiling"]
     assert ceiling["num_images"] == metrics["num_eval_images"] == 8 and ceiling["cached"] is False
     assert all(_finite(ceiling[k]) for k in ("fid", "kid", "c2st_accuracy", "agreement"))
-    assert metrics["search_objective"] == "fid" and metrics["search_quality"] == metrics["fid"]
+    assert metrics["quality_metric"] == "fid" and metrics["quality_objective"] == metrics["fid"]
 
 
 def test_quality_images_raise_the_generations_per_prompt():
-    from diffusers_memcontrol.evaluation import _images_per_prompt
+    from diffusers_memcontrol.evaluation.evaluator import _images_per_prompt
 
     assert _images_per_prompt(EvaluationConfig(num_eval_prompts=50), 50) == 4  # default quality_images=200
     assert _images_per_prompt(EvaluationConfig(quality_images=None, images_per_prompt=3), 50) == 3
     assert _images_per_prompt(EvaluationConfig(quality_images=10, images_per_prompt=3), 50) == 3
 
 
-def test_search_quality_objectives():
-    from diffusers_memcontrol.evaluation import search_quality
+def test_quality_objectives():
+    from diffusers_memcontrol.evaluation.evaluator import quality_objective
 
     metrics = {"fid": 40.0, "kid": 1.5, "c2st_accuracy": 0.9, "agreement": 0.25}
-    assert [search_quality(metrics, o) for o in ("fid", "kid", "c2st", "agreement", "fid_agreement")] == [
+    assert [quality_objective(metrics, o) for o in ("fid", "kid", "c2st", "agreement", "fid_agreement")] == [
         40.0, 1.5, 0.9, 0.75, 30.0]
     with pytest.raises(ValueError, match="needs an agreement"):
-        search_quality({**metrics, "agreement": None}, "agreement")
+        quality_objective({**metrics, "agreement": None}, "agreement")
     with pytest.raises(ValueError, match="search_objective"):
         EvaluationConfig(search_objective="bleu")

@@ -20,10 +20,10 @@ import time
 import pytest
 import torch
 
-from diffusers_memcontrol import training
-from diffusers_memcontrol.checkpoints import list_checkpoints, resolve_checkpoint, verify_checkpoint
-from diffusers_memcontrol.config import FineTuneConfig
-from diffusers_memcontrol.training import train
+from diffusers_memcontrol.trainer import loop as training
+from diffusers_memcontrol.trainer.checkpoints import list_checkpoints, resolve_checkpoint, verify_checkpoint
+from diffusers_memcontrol.trainer.config import FineTuneConfig
+from diffusers_memcontrol.trainer.loop import train
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 STEPS = 6
@@ -157,9 +157,9 @@ def test_kills_during_training_checkpoints_and_rotation(pipe, data8, tmp_path):
 
 def test_kills_during_adapter_saves_and_publishing(pipe, tmp_path):
     """Two adapter versions saved in turn, and published in turn, each killed at random moments."""
-    from diffusers_memcontrol.adapters import save_adapter
-    from diffusers_memcontrol.hub import _is_earlier_publication, download_memcontrol, publish
-    from diffusers_memcontrol.loaders import load_unet_adapter
+    from diffusers_memcontrol.hub.adapters import save_adapter
+    from diffusers_memcontrol.hub.loaders import load_unet_adapter
+    from diffusers_memcontrol.hub.publish import _is_earlier_publication, download_memcontrol, publish
 
     rng = random.Random(20)
     versions = []

@@ -11,10 +11,10 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from diffusers_memcontrol.adapters import save_adapter
-from diffusers_memcontrol.config import FineTuneConfig
-from diffusers_memcontrol.hub import DOWNLOAD_PATTERNS, MemControlRepoError, publish
-from diffusers_memcontrol.loaders import load_unet_adapter
+from diffusers_memcontrol.hub.adapters import save_adapter
+from diffusers_memcontrol.hub.loaders import load_unet_adapter
+from diffusers_memcontrol.hub.publish import DOWNLOAD_PATTERNS, MemControlRepoError, publish
+from diffusers_memcontrol.trainer.config import FineTuneConfig
 from tests.test_hub import output_dir  # noqa: F401 - the fixture
 from tests.test_loaders import make_tiny_pipeline
 
@@ -129,7 +129,7 @@ def test_poisoned_svd_cache_file_is_not_used(monkeypatch, tmp_path):
 def test_interrupted_save_adapter_never_mixes_versions(base_unet, adapter_dir, tmp_path, monkeypatch, fail_at):
     """A save that dies at its n-th rename leaves the old adapter whole (or no folder), never new weights beside an
     old config."""
-    from diffusers_memcontrol import adapters
+    from diffusers_memcontrol.hub import adapters as adapters
 
     folder = _copy(adapter_dir, tmp_path)
     old = {n: Path(folder, n).read_bytes() for n in os.listdir(folder)}
@@ -225,8 +225,8 @@ def test_publish_never_uploads_run_arguments(output_dir, tmp_path):  # noqa: F81
 
 
 def test_run_args_keep_no_token_or_prompt_and_compare_by_digest(tmp_path, monkeypatch):
-    from diffusers_memcontrol import runs
-    from diffusers_memcontrol.trial_result import TrialResult
+    from diffusers_memcontrol.search import claims as runs
+    from diffusers_memcontrol.search.trial_result import TrialResult
 
     args = ["--seed", "1", "--hub_token", "hf_secret", "--validation_prompts", "patient 42 x-ray", "chest",
             "--max_train_steps", "2"]

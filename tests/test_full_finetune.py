@@ -12,11 +12,11 @@ import pytest
 import torch
 from diffusers import DiffusionPipeline, StableDiffusionPipeline, UNet2DConditionModel
 
-from diffusers_memcontrol import audit
-from diffusers_memcontrol import tiny_base as tb
-from diffusers_memcontrol.checkpoints import CheckpointError, verify_checkpoint
-from diffusers_memcontrol.hub import MemControlRepoError, publish
-from diffusers_memcontrol.loaders import load_unet_adapter
+from diffusers_memcontrol.audit import command as audit
+from diffusers_memcontrol.data import tiny_base as tb
+from diffusers_memcontrol.hub.loaders import load_unet_adapter
+from diffusers_memcontrol.hub.publish import MemControlRepoError, publish
+from diffusers_memcontrol.trainer.checkpoints import CheckpointError, verify_checkpoint
 from tests.conftest import unet_output
 
 pytestmark = pytest.mark.usefixtures("one_thread")

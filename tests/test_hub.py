@@ -17,13 +17,8 @@ import yaml
 from huggingface_hub import ModelCard
 
 from diffusers_memcontrol import Mask
-from diffusers_memcontrol.hub import (
-    MemControlRepoError,
-    card_template_path,
-    download_memcontrol,
-    publish,
-    sanitize_metrics,
-)
+from diffusers_memcontrol.hub.card import card_template_path
+from diffusers_memcontrol.hub.publish import MemControlRepoError, download_memcontrol, publish, sanitize_metrics
 from tests.test_loaders import (
     folder_files,
     make_tiny_pipeline,
@@ -84,7 +79,7 @@ def _all_text(folder) -> str:
 
 def _tree(folder) -> dict:
     """The published files (publish's own record of them, which is never uploaded, left out)."""
-    from diffusers_memcontrol.hub import PUBLICATION_RECORD
+    from diffusers_memcontrol.hub.publish import PUBLICATION_RECORD
 
     out = {}
     for dirpath, _, filenames in os.walk(folder):
@@ -472,7 +467,7 @@ def test_publish_saves_hub_url_into_the_runs_summary(output_dir, fake_hub, tmp_p
 def test_card_names_the_base_model_the_run_recorded(output_dir, tmp_path, recorded, hub_id, shown):
     import shutil
 
-    from diffusers_memcontrol.hub import TINY_BASE_NAME
+    from diffusers_memcontrol.hub.card import TINY_BASE_NAME
 
     run = tmp_path / "run"
     shutil.copytree(output_dir[0], run)
@@ -492,7 +487,7 @@ def test_trainer_push_to_hub_records_url_and_tiny_base(fake_hub, tmp_path, monke
     import subprocess
     import sys
 
-    from diffusers_memcontrol.hub import TINY_BASE_NAME
+    from diffusers_memcontrol.hub.card import TINY_BASE_NAME
 
     monkeypatch.setenv("HF_TOKEN", "hf_test")
     out = tmp_path / "run"

@@ -1,4 +1,4 @@
-"""The one image pipeline (diffusers_memcontrol.images): opening values, content digests, the training transform."""
+"""The one image pipeline (diffusers_memcontrol.data.images): opening values, content digests, the training transform."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from datasets import Dataset
 from datasets import Image as ImageFeature
 from PIL import Image
 
-from diffusers_memcontrol.images import (
+from diffusers_memcontrol.data.images import (
     INTERPOLATIONS,
     ImageLoader,
     image_digest,

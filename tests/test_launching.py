@@ -7,7 +7,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from diffusers_memcontrol.launching import TrainerTrial, gpus_of_worker, run_trainer, trainer_command
+from diffusers_memcontrol.search.launching import TrainerTrial, gpus_of_worker, run_trainer, trainer_command
 
 # a stand-in trainer: reports the environment it was given as its metrics, in trial_result.json
 FAKE_TRAINER = (

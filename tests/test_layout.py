@@ -82,6 +82,26 @@ def test_no_import_cycle_in_the_package():
     assert cycles(import_graph(PACKAGE)) == []
 
 
+def subpackage_graph(graph: dict[str, set[str]]) -> dict[str, set[str]]:
+    """The import graph between subpackages (each root module counts as one of its own)."""
+    def unit(module: str) -> str:
+        return module.split(".")[1] if "." in module else "__init__"
+
+    units: dict[str, set[str]] = {unit(m): set() for m in graph}
+    for module, targets in graph.items():
+        units[unit(module)] |= {unit(t) for t in targets} - {unit(module)}
+    return units
+
+
+def test_no_import_cycle_between_subpackages():
+    assert cycles(subpackage_graph(import_graph(PACKAGE))) == []
+
+
+def test_at_most_12_modules_at_the_root():
+    root = sorted(f.name for f in PACKAGE.glob("*.py"))
+    assert len(root) <= 12, root
+
+
 def test_no_library_module_over_650_lines():
     long = {str(f.relative_to(PACKAGE)): n for f in PACKAGE.rglob("*.py")
             if (n := len(f.read_text(encoding="utf-8").splitlines())) > MAX_LINES}

@@ -14,15 +14,15 @@ from transformers import CLIPTextConfig, CLIPTextModel
 
 import diffusers_memcontrol  # noqa: F401  (registers the peft method)
 from diffusers_memcontrol import MaskSpace, MemControlConfig
-from diffusers_memcontrol.adapters import save_adapter
-from diffusers_memcontrol.hub import MemControlRepoError
-from diffusers_memcontrol.loaders import (
+from diffusers_memcontrol.data.tiny_base import build_tokenizer
+from diffusers_memcontrol.hub.adapters import save_adapter
+from diffusers_memcontrol.hub.loaders import (
     MemControlLoaderMixin,
     load_unet_adapter,
     memcontrol_adapter_names,
     register_pipeline_methods,
 )
-from diffusers_memcontrol.tiny_base import build_tokenizer
+from diffusers_memcontrol.hub.publish import MemControlRepoError
 from tests.conftest import make_small_unet
 
 register_pipeline_methods()  # what diffusers_memcontrol/__init__.py does on import
@@ -314,7 +314,7 @@ def test_refuses_bad_cache_entries(trained, tmp_path):
 
 
 def test_without_a_meta_twin_a_mismatch_is_rolled_back(tmp_path, monkeypatch):
-    from diffusers_memcontrol import loaders
+    from diffusers_memcontrol.hub import loaders as loaders
 
     monkeypatch.setattr(loaders, "_meta_twin", lambda unet: None)  # e.g. a UNet class without from_config
     train_adapter(make_small_unet(block_out_channels=(16, 16, 32, 32)), tmp_path, steps=1)

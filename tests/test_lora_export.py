@@ -9,13 +9,13 @@ import torch
 from diffusers import StableDiffusionPipeline
 
 from diffusers_memcontrol import MaskSpace
-from diffusers_memcontrol import tiny_base as tb
-from diffusers_memcontrol.lora_export import (
+from diffusers_memcontrol.data import tiny_base as tb
+from diffusers_memcontrol.tuners import MemControlConfig
+from diffusers_memcontrol.tuners.memcontrol.lora_export import (
     masked_lora_config,
     read_lora_mask,
     save_lora_weights_diffusers,
 )
-from diffusers_memcontrol.tuners import MemControlConfig
 from tests.conftest import unet_output
 
 pytestmark = pytest.mark.usefixtures("one_thread")

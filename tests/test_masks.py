@@ -144,7 +144,7 @@ def _paper_bits(space: MaskSpace, down: set[int], up: set[int]) -> list[int]:
 
 
 def test_paper_mask_is_the_reading_closest_to_the_papers_share(sd15_meta_unet):
-    from diffusers_memcontrol.masks import builtin_mask
+    from diffusers_memcontrol.tuners.memcontrol.builtin_masks import builtin_mask
 
     builtin = builtin_mask("memcontrol:paper-mimic-svdiff")
     space = MaskSpace.from_unet(sd15_meta_unet, method="svdiff", layout="attention")
@@ -168,8 +168,8 @@ def test_paper_mask_is_the_reading_closest_to_the_papers_share(sd15_meta_unet):
 
 
 def test_builtin_mask_resolves_where_a_mask_file_does(sd15_meta_unet, tmp_path):
-    from diffusers_memcontrol.adapters import resolve_mask
-    from diffusers_memcontrol.masks import builtin_mask
+    from diffusers_memcontrol.hub.adapters import resolve_mask
+    from diffusers_memcontrol.tuners.memcontrol.builtin_masks import builtin_mask
 
     builtin = builtin_mask("paper-mimic-svdiff")
     spec = "memcontrol:paper-mimic-svdiff"
@@ -183,7 +183,7 @@ def test_builtin_mask_resolves_where_a_mask_file_does(sd15_meta_unet, tmp_path):
 def test_builtin_mask_trains_what_it_says(sd15_meta_unet):
     """Injected into an SD1.5-shaped UNet (same blocks, small width): frozen attn1s get no shifts, attn2s do."""
     from diffusers_memcontrol import MemControlConfig
-    from diffusers_memcontrol.adapters import resolve_mask
+    from diffusers_memcontrol.hub.adapters import resolve_mask
     from tests.conftest import make_small_unet
 
     unet = make_small_unet()
@@ -197,7 +197,7 @@ def test_builtin_mask_trains_what_it_says(sd15_meta_unet):
 
 
 def test_builtin_mask_refuses_another_method_or_architecture(sd15_meta_unet):
-    from diffusers_memcontrol.adapters import resolve_mask
+    from diffusers_memcontrol.hub.adapters import resolve_mask
     from tests.conftest import make_small_unet
 
     spec = "memcontrol:paper-mimic-svdiff"

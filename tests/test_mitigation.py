@@ -10,12 +10,12 @@ import torch
 from diffusers import UNet2DConditionModel
 from transformers import CLIPTokenizer
 
-from diffusers_memcontrol.mitigation import (
+from diffusers_memcontrol.data.tiny_base import build_tokenizer
+from diffusers_memcontrol.trainer.mitigation import (
     RandomWordAugmentation,
     ThresholdMitigation,
     threshold_mask,
 )
-from diffusers_memcontrol.tiny_base import build_tokenizer
 
 
 @pytest.fixture(scope="module")

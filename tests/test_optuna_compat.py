@@ -1,4 +1,4 @@
-"""Each private part of Optuna the search uses (diffusers_memcontrol.optuna_compat), checked against the installed
+"""Each private part of Optuna the search uses (diffusers_memcontrol.search.optuna_compat), checked against the installed
 Optuna: a rename there fails here, not in a search."""
 
 import pickle
@@ -8,8 +8,8 @@ import numpy as np
 import optuna
 from optuna.distributions import CategoricalDistribution, FloatDistribution
 
-from diffusers_memcontrol import optuna_compat
-from diffusers_memcontrol.search import ReproducibleNSGAIISampler
+from diffusers_memcontrol.search import optuna_compat as optuna_compat
+from diffusers_memcontrol.search.study import ReproducibleNSGAIISampler
 
 
 def _sqlite(tmp_path, **kwargs):

@@ -2,7 +2,8 @@ import json
 
 import pytest
 
-from diffusers_memcontrol.reporting import pareto_plot, results_markdown, write_results
+from diffusers_memcontrol.constants import DMEM_GENERATIONS_FILE
+from diffusers_memcontrol.evaluation.reporting import pareto_plot, results_markdown, write_results
 
 
 def test_results_table_order_and_files(tmp_path):
@@ -28,7 +29,8 @@ def test_results_table_order_and_files(tmp_path):
 
 
 def test_pareto_plot_writes_png(tmp_path):
-    trials = [{"number": i, "dmem": float(i), "fid": float(10 - i)} for i in range(6)] + [{"number": 6}]
+    trials = [{"number": i, "memorization_objective": float(i), "quality_objective": float(10 - i)}
+              for i in range(6)] + [{"number": 6}]
     path = pareto_plot(trials, front=[0, 2, 5], chosen=2, path=str(tmp_path / "pareto.png"),
                        baselines={"Full FT": (7.0, 2.0)})
     assert open(path, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
@@ -40,7 +42,7 @@ def _fake_run(folder, pairs: int, seed: int) -> str:
     """A stage-2 run folder holding kept D_mem generations (random pixels), one extracted and one clique member."""
     import torch
 
-    from diffusers_memcontrol.figures import DMEM_GENERATIONS_FILE, save_dmem_generations
+    from diffusers_memcontrol.evaluation.figures import save_dmem_generations
 
     generator = torch.Generator().manual_seed(seed)
     generations = torch.rand(pairs, 10, 3, 32, 32, generator=generator) * 2 - 1
@@ -55,7 +57,7 @@ def _fake_run(folder, pairs: int, seed: int) -> str:
 def test_memorization_figure_layout(tmp_path, pairs):
     from PIL import Image
 
-    from diffusers_memcontrol.figures import load_dmem_generations, memorization_figure
+    from diffusers_memcontrol.evaluation.figures import load_dmem_generations, memorization_figure
 
     runs = {"Full FT": _fake_run(tmp_path / "full", pairs, 0), "MemControl": _fake_run(tmp_path / "mc", pairs, 1)}
     saved = load_dmem_generations(tmp_path / "full" / "dmem_generations.safetensors")
@@ -70,7 +72,7 @@ def test_memorization_figure_layout(tmp_path, pairs):
 
 
 def test_stage_two_figure_picks_full_memcontrol_and_the_best_other_baseline(tmp_path):
-    from diffusers_memcontrol.figures import write_memorization_figure
+    from diffusers_memcontrol.evaluation.figures import write_memorization_figure
 
     for name in ("full-none", "memcontrol-none", "difffit-none"):
         _fake_run(tmp_path / "final" / name, 2, 0)
@@ -87,7 +89,7 @@ def test_stage_two_figure_picks_full_memcontrol_and_the_best_other_baseline(tmp_
 
 
 def test_ceiling_row_comes_first_with_quality_columns_only_and_a_noise_table():
-    from diffusers_memcontrol.reporting import ceiling_row
+    from diffusers_memcontrol.evaluation.reporting import ceiling_row
 
     metrics = {"fid": 70.0, "kid": 2.0, "fid_noise": 3.0, "dmem": 0.5, "trainable_params": 0,
                "ceiling": {"fid": 3.2, "kid": 0.11, "agreement": 0.99, "in_domain": 1.0, "fid_noise": 1.7,
@@ -108,7 +110,7 @@ def test_memorization_figure_shows_the_vae_round_trip_ceiling(tmp_path):
     import torch
     from PIL import Image
 
-    from diffusers_memcontrol.figures import (
+    from diffusers_memcontrol.evaluation.figures import (
         DMEM_GENERATIONS_FILE,
         load_dmem_generations,
         memorization_figure,

@@ -10,7 +10,7 @@ import pytest
 
 from diffusers_memcontrol import Mask
 from diffusers_memcontrol.errors import InputError
-from diffusers_memcontrol.runner import main_search, parse_search_args
+from diffusers_memcontrol.search.stages import main_search, parse_search_args
 
 
 def _read(path, mode="r"):
@@ -39,12 +39,14 @@ def test_search_final_and_table(tmp_path):
     assert chosen["row"] in result["search"]["front"]  # the chosen mask is on the front
     assert _read(os.path.join(out, "pareto.png"), "rb")[:4] == b"\x89PNG"
     summary = _json(os.path.join(out, "search_summary.json"))
-    assert (summary["memorization_objective"], summary["quality_objective"]) == ("cliques", "agreement")
+    assert (summary["memorization_metric"], summary["quality_metric"]) == ("cliques", "agreement")
     full_ft = _json(os.path.join(out, "trials", "full-ft", "trial_result.json"))["metrics"]
     # the plot's Full FT point is in the trials' units: clique share and 1 - agreement, not d_mem and FID
-    assert tuple(result["pareto_baselines"]["Full FT"]) == (full_ft["search_memorization"], full_ft["search_quality"])
-    for t in summary["trials"]:
-        assert 0 <= t["dmem"] <= 1 and t["dmem_score"] is not None and 0 <= t["fid"] <= 1
+    assert tuple(result["pareto_baselines"]["Full FT"]) == (full_ft["memorization_objective"],
+                                                           full_ft["quality_objective"])
+    for t in summary["trials"]:  # the objectives, then the trial's own d_mem and FID beside them
+        assert 0 <= t["memorization_objective"] <= 1 and 0 <= t["quality_objective"] <= 1
+        assert t["dmem"] is not None and t["fid"] is not None
     rows = _json(os.path.join(out, "results.json"))
     assert [(r["method"], r["mitigation"]) for r in rows] == [("ceiling", "none"), ("freeze", "none"),
                                                               ("memcontrol", "none")]
@@ -60,8 +62,9 @@ def test_search_final_and_table(tmp_path):
         assert os.path.exists(os.path.join(out, "search", "difffit", name))
     trial = _json(os.path.join(out, "trials", "memcontrol-difffit-paper", "trial-0000", "metrics.json"))
     # the search preset, but the cliques objective keeps the D_mem prompts' generations
-    assert trial["config"]["extraction_generations"] == 4 and trial["search_memorization_objective"] == "cliques"
-    assert trial["search_memorization"] == trial["clique_share"] and trial["search_quality"] == 1 - trial["agreement"]
+    assert trial["config"]["extraction_generations"] == 4 and trial["memorization_metric"] == "cliques"
+    assert trial["memorization_objective"] == trial["clique_share"]
+    assert trial["quality_objective"] == 1 - trial["agreement"]
     assert rows[0]["extracted_images"] is not None  # stage 2: the full evaluation
 
 
@@ -69,7 +72,7 @@ def test_transfer_runs_stage_two_with_a_given_mask(tmp_path):
     from diffusers import UNet2DConditionModel
 
     from diffusers_memcontrol import MaskSpace
-    from diffusers_memcontrol.tiny_base import tiny_base_path
+    from diffusers_memcontrol.data.tiny_base import tiny_base_path
 
     unet = UNet2DConditionModel.from_pretrained(tiny_base_path(), subfolder="unet")
     space = MaskSpace.from_unet(unet, "difffit", "paper")
@@ -121,8 +124,9 @@ def test_search_arguments_are_checked():
 def test_stage_two_shares_the_pool_and_trains_freeze_last(tmp_path, monkeypatch):
     """A run submitted before stage 2 (the Pareto plot's Full FT) trains first on the same slots; Freeze rows, the
     cheapest, go last so that they fill the other slot's last run instead of delaying the table."""
-    from diffusers_memcontrol import runner, runs
-    from diffusers_memcontrol.trial_result import TrialResult
+    from diffusers_memcontrol.search import claims as runs
+    from diffusers_memcontrol.search import stages as runner
+    from diffusers_memcontrol.search.trial_result import TrialResult
 
     started = []
 

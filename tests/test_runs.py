@@ -12,8 +12,9 @@ import time
 
 import pytest
 
-from diffusers_memcontrol import runs
-from diffusers_memcontrol.trial_result import TRIAL_RESULT_FILE, TrialResult
+from diffusers_memcontrol.constants import TRIAL_RESULT_FILE
+from diffusers_memcontrol.search import claims as runs
+from diffusers_memcontrol.search.trial_result import TrialResult
 
 ARGS = ["--max_train_steps", "1"]
 
@@ -81,7 +82,7 @@ def test_a_live_holder_keeps_its_claim_and_is_named_while_others_wait(tmp_path, 
     monkeypatch.setattr(runs, "CLAIM_POLL_SECONDS", 0.01)
     expected = (rf"did not finish .* held by host .* pid {os.getpid()} since {re.escape(holder['since'])}.* "
                 r"remove .*full-none.lock")
-    with caplog.at_level("INFO", logger="diffusers_memcontrol.runs"), pytest.raises(runs.ClaimTimeoutError,
+    with caplog.at_level("INFO", logger="diffusers_memcontrol.search.claims"), pytest.raises(runs.ClaimTimeoutError,
                                                                                     match=expected):
         runs.run_claimed(ARGS, run_dir)
     assert f"Waiting for {run_dir}: held by host {socket.gethostname()} pid {os.getpid()}" in caplog.text
@@ -111,7 +112,7 @@ def test_stale_locks_are_reclaimed(tmp_path, caplog, case):
         assert runs.claim_run(run_dir) is None  # its liveness cannot be checked from here: it may be training
         os.utime(path, (time.time() - runs.CLAIM_STALE_SECONDS - 5,) * 2)
         expected = "host another-machine has not refreshed it"
-    with caplog.at_level("WARNING", logger="diffusers_memcontrol.runs"):
+    with caplog.at_level("WARNING", logger="diffusers_memcontrol.search.claims"):
         claim = runs.claim_run(run_dir)
     assert claim is not None and claim.owned()
     assert f"Reclaimed {path}" in caplog.text and expected in caplog.text

@@ -16,8 +16,8 @@ import pytest
 from optuna.trial import TrialState
 
 from diffusers_memcontrol import MaskSpace
-from diffusers_memcontrol.optuna_compat import generation_key, record_heartbeat
-from diffusers_memcontrol.search import (
+from diffusers_memcontrol.search.optuna_compat import generation_key, record_heartbeat
+from diffusers_memcontrol.search.study import (
     PAPER_DMEM_EXPOSURES,
     ReproducibleNSGAIISampler,
     SearchConfig,
@@ -37,7 +37,8 @@ def toy_trial(mask, learning_rate, trial):
     """d_mem grows with the bits switched on, FID shrinks with them: a real two-objective tradeoff."""
     on = sum(mask.bits)
     weighted = sum(b * (i + 1) for i, b in enumerate(mask.bits))
-    return {"dmem": on + 0.01 * weighted, "fid": (len(mask) - on) ** 2 + 0.001 * weighted, "trainable_params": on}
+    return {"memorization_objective": on + 0.01 * weighted,
+            "quality_objective": (len(mask) - on) ** 2 + 0.001 * weighted, "trainable_params": on}
 
 
 def shuffled_toy_trial(mask, learning_rate, trial):
@@ -98,24 +99,24 @@ def test_nsga2_is_used_and_default_mask_seeded(space, tmp_path):
     assert isinstance(worker_study.sampler, optuna.samplers.NSGAIISampler)
 
 
-def test_the_quality_objective_is_search_quality_where_the_trial_reports_it(space, tmp_path):
-    def kid_trial(mask, learning_rate, trial):
-        return {"dmem": 1.0, "fid": 50.0, "search_quality": 0.25, "search_objective": "kid"}
+def test_the_objectives_are_the_trials_objective_values_never_its_dmem_or_fid(space, tmp_path):
+    def clique_kid_trial(mask, learning_rate, trial):
+        return {"dmem": 2.0, "fid": 50.0, "memorization_objective": 0.4, "memorization_metric": "cliques",
+                "quality_objective": 0.25, "quality_metric": "kid"}
 
-    study = optimize(space, _config(None, n_trials=2), str(tmp_path), kid_trial)
-    for t in study.get_trials(states=(TrialState.COMPLETE,)):
-        assert t.values == [1.0, 0.25] and t.user_attrs["fid"] == 50.0 and t.user_attrs["search_objective"] == "kid"
-
-
-def test_the_memorization_objective_is_search_memorization_where_the_trial_reports_it(space, tmp_path):
-    def clique_trial(mask, learning_rate, trial):
-        return {"dmem": 2.0, "fid": 50.0, "search_memorization": 0.4, "search_memorization_objective": "cliques"}
-
-    study = optimize(space, _config(None, n_trials=2), str(tmp_path), clique_trial)
+    study = optimize(space, _config(None, n_trials=2), str(tmp_path), clique_kid_trial)
     assert study.metric_names == ["memorization", "quality"]
     for t in study.get_trials(states=(TrialState.COMPLETE,)):
-        assert t.values == [0.4, 50.0] and t.user_attrs["dmem"] == 2.0
-        assert t.user_attrs["search_memorization_objective"] == "cliques"
+        assert t.values == [0.4, 0.25] and t.user_attrs["dmem"] == 2.0 and t.user_attrs["fid"] == 50.0
+        assert t.user_attrs["memorization_metric"] == "cliques" and t.user_attrs["quality_metric"] == "kid"
+
+
+def test_a_trial_without_its_objective_values_fails(space, tmp_path):
+    def old_trial(mask, learning_rate, trial):
+        return {"dmem": 2.0, "fid": 50.0}
+
+    with pytest.raises(RuntimeError, match="trials of this worker failed"):
+        optimize(space, _config(None, n_trials=1), str(tmp_path), old_trial)
 
 
 def test_pareto_selection_and_exports(space, tmp_path):
@@ -187,7 +188,7 @@ def test_a_trial_waits_until_its_view_shows_the_previous_generation_finished():
     while trial 3 had already started generation 1: it must wait instead."""
     from types import SimpleNamespace
 
-    from diffusers_memcontrol.search import _generation
+    from diffusers_memcontrol.search.study import _generation
 
     key = generation_key(ReproducibleNSGAIISampler)
 
@@ -306,12 +307,12 @@ def test_killed_worker_trial_is_retried(space, storage_url, tmp_path, monkeypatc
 
 
 def test_exposure_report_warns_below_a_tenth_of_the_paper(caplog):
-    with caplog.at_level("WARNING", logger="diffusers_memcontrol.search"):
+    with caplog.at_level("WARNING", logger="diffusers_memcontrol.search.study"):
         report = exposure_report([60.0, 200.0])
     assert report == {"per_trial": 60.0, "paper": PAPER_DMEM_EXPOSURES}
     assert "below a tenth of the paper's" in caplog.text
     caplog.clear()
-    with caplog.at_level("WARNING", logger="diffusers_memcontrol.search"):
+    with caplog.at_level("WARNING", logger="diffusers_memcontrol.search.study"):
         exposure_report([PAPER_DMEM_EXPOSURES / 2])
     assert not caplog.text
 

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from diffusers_memcontrol import tiny_base as tb
+from diffusers_memcontrol.data import tiny_base as tb
 
 ASSETS = tb.tiny_base_path()
 needs_assets = pytest.mark.skipif(
@@ -58,7 +58,7 @@ def test_pipeline_loads_offline_and_generates():
     code = (
         "import torch\n"
         "from diffusers import StableDiffusionPipeline\n"
-        "from diffusers_memcontrol.tiny_base import tiny_base_path\n"
+        "from diffusers_memcontrol.data.tiny_base import tiny_base_path\n"
         "pipe = StableDiffusionPipeline.from_pretrained(tiny_base_path(), safety_checker=None)\n"
         "pipe.set_progress_bar_config(disable=True)\n"
         "out = pipe('a photo of a sneaker', num_inference_steps=2, output_type='np',\n"

@@ -11,9 +11,9 @@ import torch
 from diffusers import StableDiffusionPipeline
 from safetensors.torch import load_file
 
-from diffusers_memcontrol import tiny_base as tb
-from diffusers_memcontrol.arguments import build_parser
+from diffusers_memcontrol.data import tiny_base as tb
 from diffusers_memcontrol.errors import InputError
+from diffusers_memcontrol.search.arguments import build_parser
 
 SECRET_PROMPT = "a secret validation prompt qqzx"
 SECRET_TOKEN = "hf_secret_token_never_written"
@@ -169,8 +169,8 @@ def test_unreadable_image_in_a_csv_is_named(script, model_dir, cache_dir, tmp_pa
 
 
 def test_eval_only_on_an_adapter_for_another_base_fails_clearly(script, model_dir, cache_dir, tmp_path):
-    from diffusers_memcontrol.adapters import save_adapter
-    from diffusers_memcontrol.config import FineTuneConfig
+    from diffusers_memcontrol.hub.adapters import save_adapter
+    from diffusers_memcontrol.trainer.config import FineTuneConfig
     from tests.conftest import make_small_unet
 
     other = make_small_unet()
@@ -227,7 +227,7 @@ def test_every_flag_has_help_and_a_row_in_docs_flags(script):
 
 
 def test_cache_dir_is_the_download_cache_and_dataset_flags_reach_load_dataset(script, monkeypatch, tmp_path):
-    from diffusers_memcontrol import data
+    from diffusers_memcontrol.data import datasets as data
 
     seen = {}
 

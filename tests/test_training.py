@@ -1,4 +1,4 @@
-"""The training loop (diffusers_memcontrol.training) on a tiny SD-shaped pipeline built from configs (CPU, seconds)."""
+"""The training loop (diffusers_memcontrol.trainer.loop) on a tiny SD-shaped pipeline built from configs (CPU, seconds)."""
 
 from __future__ import annotations
 
@@ -11,13 +11,13 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from diffusers_memcontrol import tiny_base as tb
-from diffusers_memcontrol.adapters import check_adapter_fits, resolve_mask, save_adapter
-from diffusers_memcontrol.checkpoints import list_checkpoints, resolve_checkpoint
-from diffusers_memcontrol.config import FineTuneConfig, parse_threshold
-from diffusers_memcontrol.loaders import load_adapter
-from diffusers_memcontrol.training import train
-from diffusers_memcontrol.training_data import prepare_training_data, training_data_from_tensors
+from diffusers_memcontrol.data import tiny_base as tb
+from diffusers_memcontrol.hub.adapters import check_adapter_fits, resolve_mask, save_adapter
+from diffusers_memcontrol.hub.loaders import load_adapter
+from diffusers_memcontrol.trainer.batches import prepare_training_data, training_data_from_tensors
+from diffusers_memcontrol.trainer.checkpoints import list_checkpoints, resolve_checkpoint
+from diffusers_memcontrol.trainer.config import FineTuneConfig, parse_threshold
+from diffusers_memcontrol.trainer.loop import train
 
 LEARNING_RATES = {"svdiff": 1e-2, "difffit": 1e-2, "attention": 1e-3, "lora": 3e-3, "full": 1e-3}
 
@@ -180,8 +180,8 @@ def test_bf16_mixed_precision_keeps_fp32_masters(pipe, data8):
 
 # ------------------------------------------------------------------------------------------------ mitigations
 def test_rwa_changes_captions_seeded_and_encodes_them(pipe, data8):
-    from diffusers_memcontrol.mitigation import RandomWordAugmentation
-    from diffusers_memcontrol.training_data import conditioning
+    from diffusers_memcontrol.trainer.batches import conditioning
+    from diffusers_memcontrol.trainer.mitigation import RandomWordAugmentation
 
     rwa = RandomWordAugmentation(data8.tokenizer, num_words=4, p=1.0)
     idx = torch.arange(4)
@@ -272,7 +272,7 @@ def test_resume_with_another_method_fails_clearly(pipe, data8, tmp_path):
 
 
 def test_nan_loss_stops_naming_the_step_and_keeps_the_last_checkpoint(pipe, data8, tmp_path, monkeypatch):
-    from diffusers_memcontrol import training
+    from diffusers_memcontrol.trainer import loop as training
 
     calls = {"n": 0}
     real = training._batch_loss
@@ -400,8 +400,8 @@ def test_mask_from_a_hub_repo_in_the_cache(tmp_path, monkeypatch):
     from diffusers import UNet2DConditionModel
 
     from diffusers_memcontrol import MaskSpace
-    from diffusers_memcontrol.adapters import resolve_mask
-    from diffusers_memcontrol.tiny_base import tiny_base_path
+    from diffusers_memcontrol.data.tiny_base import tiny_base_path
+    from diffusers_memcontrol.hub.adapters import resolve_mask
     from tests.test_loaders import write_hf_cache
 
     unet = UNet2DConditionModel.from_pretrained(tiny_base_path(), subfolder="unet")

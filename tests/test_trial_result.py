@@ -5,7 +5,8 @@ from dataclasses import asdict
 
 import pytest
 
-from diffusers_memcontrol.trial_result import TRIAL_RESULT_FILE, TrialResult
+from diffusers_memcontrol.constants import TRIAL_RESULT_FILE
+from diffusers_memcontrol.search.trial_result import TrialResult
 
 
 def test_exposures_objectives_and_round_trip(tmp_path):
@@ -31,3 +32,16 @@ def test_a_file_that_is_not_a_trial_result_is_refused(tmp_path):
     (tmp_path / TRIAL_RESULT_FILE).write_text(json.dumps({"dmem": 1.0, "payload": "x"}))
     with pytest.raises(ValueError, match="is not a trial result"):
         TrialResult.load(str(tmp_path))
+
+
+def test_a_version_0_1_result_is_read_under_todays_names_with_a_warning(tmp_path, caplog):
+    old = {"dmem": 2.0, "fid": 31.5, "trainable_params": 7, "global_step": 3, "train_samples": 24,
+           "dmem_exposures": 1.0, "metrics": {"dmem": 2.0, "fid": 31.5, "search_memorization": 0.4,
+                                              "search_memorization_objective": "cliques", "search_quality": 0.2,
+                                              "search_objective": "agreement"}}
+    (tmp_path / TRIAL_RESULT_FILE).write_text(json.dumps(old))
+    with caplog.at_level("WARNING", logger="diffusers_memcontrol.search.trial_result"):
+        result = TrialResult.load(str(tmp_path))
+    assert result.metrics == {"dmem": 2.0, "fid": 31.5, "memorization_objective": 0.4, "memorization_metric": "cliques",
+                              "quality_objective": 0.2, "quality_metric": "agreement"}
+    assert "written by diffusers-memcontrol 0.1.0" in caplog.text

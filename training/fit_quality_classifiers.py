@@ -28,7 +28,7 @@ import time
 import numpy as np
 import torch
 
-from diffusers_memcontrol import tiny_base as tb
+from diffusers_memcontrol.data import tiny_base as tb
 from diffusers_memcontrol.files import write_json_atomic
 from diffusers_memcontrol.metrics.agreement import classifier_agreement
 from diffusers_memcontrol.metrics.extraction import vae_round_trip

@@ -60,7 +60,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from diffusers_memcontrol import tiny_base as tb
+from diffusers_memcontrol.data import tiny_base as tb
 
 
 def parse_args(argv=None):
@@ -294,7 +294,7 @@ def write_model_card(output_dir: str, report: dict) -> None:
 
 Made by `training/pretrain_tiny_base.py` of diffusers-memcontrol; the stand-in for SD1.5 in the
 package's quickstart and tests. Load it offline with
-`StableDiffusionPipeline.from_pretrained(diffusers_memcontrol.tiny_base.tiny_base_path(), safety_checker=None)`.
+`StableDiffusionPipeline.from_pretrained(diffusers_memcontrol.data.tiny_base.tiny_base_path(), safety_checker=None)`.
 
 - 32x32 pixels, 8x8x4 latents. UNet2DConditionModel ({r["unet"]["params"]:,} params; SD1.5 block types,
   1x1-conv proj_in/out, cross-attention dim 64), AutoencoderKL ({r["vae"]["params"]:,} params,
@@ -305,7 +305,7 @@ package's quickstart and tests. Load it offline with
   quickstart's sensitive fine-tuning data); only the domain encoder below was trained on them.{vocabulary}
 - VAE reconstruction PSNR: Fashion-MNIST test {r["psnr_fashion_mnist_test"]:.2f} dB, digits test
   {r["psnr_digits_test"]:.2f} dB (out of domain).
-- `domain_encoder/`: a small CNN (`diffusers_memcontrol.tiny_base.DomainEncoder`) trained on the
+- `domain_encoder/`: a small CNN (`diffusers_memcontrol.data.tiny_base.DomainEncoder`) trained on the
   digits train split; test accuracy {r["domain_encoder_test_accuracy"]:.3f}; its
   {r["domain_encoder"]["feature_dim"]}-d penultimate features are the FID/AMD feature space.
 - `samples.png`: 4 samples for each Fashion-MNIST class (rows of 8 = two classes), guidance

@@ -25,17 +25,17 @@ status 2 (docs/errors.md).
 
 import sys
 
-from diffusers_memcontrol.arguments import expand_preset, runs_whole_method
 from diffusers_memcontrol.errors import run_command
-from diffusers_memcontrol.runner import main_search
+from diffusers_memcontrol.search.arguments import expand_preset, runs_whole_method
+from diffusers_memcontrol.search.stages import main_search
 from diffusers_memcontrol.train import main as train_one
 
 
 def main(argv: list[str] | None = None) -> dict:
     """One fine-tune (diffusers_memcontrol.train), or the whole method with --search / --final --mask MASK."""
     argv = expand_preset(sys.argv[1:] if argv is None else list(argv))
-    if runs_whole_method(argv):
-        return main_search(argv)  # stage 1 and/or stage 2 and the table: diffusers_memcontrol.runner
+    if runs_whole_method(argv) or {"-h", "--help"} & set(argv):
+        return main_search(argv)  # --help lists the trainer's flags and the search's  # stage 1 and/or stage 2 and the table: diffusers_memcontrol.search.stages
     return train_one(argv)
 
 

@@ -13,7 +13,7 @@ Built-in entries (heavy dependencies are imported lazily, only when an entry is 
   that package, whose ``__init__`` needs OpenCV), or any TorchScript file via ``weights_path``.
 * ``sscd`` -- a user-supplied SSCD copy-detection TorchScript file (``weights_path`` required).
 * ``clip`` -- transformers ``CLIPModel`` image features (hub id or local folder).
-* ``tiny-domain`` -- the project's shipped tiny-domain encoder (``diffusers_memcontrol.tiny_base``).
+* ``tiny-domain`` -- the project's shipped tiny-domain encoder (``diffusers_memcontrol.data.tiny_base``).
 * ``pixels`` -- the image itself (RGB at 32 px, each image centred: cosine = Pearson correlation):
   a copy detector for small images where a class-level feature space sees every image of a class as one.
 
@@ -561,7 +561,7 @@ class DomainModelEncoder(ImageEncoder):
 @register_encoder("tiny-domain")
 def _load_tiny_domain(weights_path: PathLike = None, device: Device = "cpu", batch_size: int = 64) -> ImageEncoder:
     """Load the project's shipped tiny-domain encoder (default: the packaged weights)."""
-    from diffusers_memcontrol.tiny_base import DomainEncoder, domain_encoder_path
+    from diffusers_memcontrol.data.tiny_base import DomainEncoder, domain_encoder_path
 
     if weights_path is None:
         weights_path = domain_encoder_path() if callable(domain_encoder_path) else domain_encoder_path

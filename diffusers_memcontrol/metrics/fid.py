@@ -23,8 +23,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..data.images import image_source
 from ..files import atomic_open
-from ..images import image_source
 
 __all__ = [
     "FeatureStatistics",

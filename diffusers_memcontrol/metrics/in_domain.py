@@ -100,7 +100,7 @@ def in_domain_rate(images: torch.Tensor, classifier: InDomainClassifier, thresho
 
 def in_domain_classifier_path(domain: str) -> str:
     """Where the tiny base ships the in-domain classifier of a built-in target domain."""
-    from ..tiny_base import tiny_base_path
+    from ..data.tiny_base import tiny_base_path
 
     return os.path.join(tiny_base_path(), "in_domain", f"{domain}.safetensors")
 

@@ -33,7 +33,7 @@ __all__ = [
 
 
 # ----------------------------------------------------------------------------------------------
-# helpers shared with diffusers_memcontrol.mitigation
+# helpers shared with diffusers_memcontrol.trainer.mitigation
 # ----------------------------------------------------------------------------------------------
 
 

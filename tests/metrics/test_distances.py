@@ -292,7 +292,7 @@ def test_extraction_bad_input(rng):
 
 
 def _digits(n: int, label: int) -> torch.Tensor:
-    from diffusers_memcontrol import tiny_base as tb
+    from diffusers_memcontrol.data import tiny_base as tb
 
     images, labels = tb.load_domain_arrays("digits", "test")
     return tb.images_to_tensor(images[labels == label][:n])  # [n, 3, 32, 32] in [-1, 1]

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 from transformers import CLIPConfig, CLIPModel
 
+from diffusers_memcontrol.data.tiny_base import build_tokenizer
 from diffusers_memcontrol.metrics import encoders as enc
 from diffusers_memcontrol.metrics.agreement import (
     biovil_score,
@@ -22,7 +23,6 @@ from diffusers_memcontrol.metrics.encoders import (
     register_encoder,
     tf_bilinear_resize,
 )
-from diffusers_memcontrol.tiny_base import build_tokenizer
 
 
 def _images(n: int = 3, size: int = 16, seed: int = 0) -> torch.Tensor:

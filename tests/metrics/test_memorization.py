@@ -12,13 +12,13 @@ from diffusers import (
 )
 from transformers import CLIPTextConfig, CLIPTextModel
 
+from diffusers_memcontrol.data.tiny_base import build_tokenizer
 from diffusers_memcontrol.metrics.memorization import (
     DmemResult,
     detection_auc,
     dmem_search,
     wen_detection_scores,
 )
-from diffusers_memcontrol.tiny_base import build_tokenizer
 
 
 @pytest.fixture(scope="module")

@@ -88,8 +88,8 @@ def scored(tmp_path_factory):
     """Every quality metric of the ceiling, Freeze and Fashion-MNIST through the VAE (100 images each)."""
     from diffusers import StableDiffusionPipeline
 
-    from diffusers_memcontrol import tiny_base as tb
-    from diffusers_memcontrol.evaluation import EvaluationConfig, generate_images, score_images
+    from diffusers_memcontrol.data import tiny_base as tb
+    from diffusers_memcontrol.evaluation.evaluator import EvaluationConfig, generate_images, score_images
     from diffusers_memcontrol.metrics.extraction import vae_round_trip
 
     pipe = StableDiffusionPipeline.from_pretrained(tb.tiny_base_path(), safety_checker=None)

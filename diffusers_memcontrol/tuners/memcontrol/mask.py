@@ -35,7 +35,7 @@ Scopes:
   `paper` layout) always train, and unmasked parameters (DiffFit's biases and norms) train everywhere.
 - `strict`: only parameters inside positions whose bit is 1 train; everything else is frozen.
 
-Built-in masks (published masks shipped with the package) live in `diffusers_memcontrol.masks`.
+Built-in masks (published masks shipped with the package) live in `diffusers_memcontrol.tuners.memcontrol.builtin_masks`.
 """
 
 from __future__ import annotations
@@ -47,9 +47,10 @@ from dataclasses import asdict, dataclass, field
 
 from torch import nn
 
+from ...constants import ADAPTER_CONFIG_FILE, BEST_MASK_FILE, MASK_FILE
 from ...files import write_text_atomic
 
-MASK_FILES = ("mask.json", "best_mask.json", "adapter_config.json")
+MASK_FILES = (MASK_FILE, BEST_MASK_FILE, ADAPTER_CONFIG_FILE)
 
 METHODS = ("svdiff", "difffit", "attention", "lora", "full", "freeze")
 LAYOUTS = ("blocks", "attention", "paper")

@@ -1,0 +1,1 @@
+"""Datasets and domains: loading and splits, D_mem, the shipped tiny base, images, column checks, encoding."""
