@@ -77,3 +77,4 @@ def test_readme_quickstart_is_one_short_command():
     run = first.split(" && ")[-1]
     assert run == "python training/train_memcontrol.py --preset quickstart" and len(run) <= 160
     assert len(readme.splitlines()) <= 250
+    assert readme.index(run) < len("\n".join(readme.splitlines()[:40]))  # the quickstart is on the first screen

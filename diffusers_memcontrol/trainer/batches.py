@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .. import cache as tensor_cache
+from ..cache import FileHashMemo, caption_key, default_cache_dir, latent_cache, model_identity, sha256_bytes, text_cache
 from ..data.columns import check_captions, check_columns
 from ..data.encoding import _encode_prompts_on_device, default_resolution, encode_latent_distribution, encode_prompts
 from ..data.images import ImageLoader, check_interpolation, scan_images, transform_image
@@ -113,7 +113,7 @@ def _cached_latents(loader: ImageLoader, infos: list, vae: Any, cache: str, root
     rows = torch.empty(len(infos), len(variants), dtype=torch.long)
     for i, info in enumerate(infos):
         for v, flip in enumerate(variants):
-            key = tensor_cache.sha256_bytes(f"{info.key}|flip".encode()) if flip else info.key
+            key = sha256_bytes(f"{info.key}|flip".encode()) if flip else info.key
             if key not in order:
                 order[key] = len(keys)
                 first[key] = (i, flip)
@@ -129,7 +129,7 @@ def _cached_latents(loader: ImageLoader, infos: list, vae: Any, cache: str, root
 
     if cache == "disk":
         # every cached latent is a centre crop (square images are not cropped at all), whatever center_crop says
-        store = tensor_cache.latent_cache(root, tensor_cache.model_identity(vae, model_path, revision), resolution,
+        store = latent_cache(root, model_identity(vae, model_path, revision), resolution,
                                        True, interpolation)
         tensors = store.get_or_compute(keys, encode, ("mean", "std"), batch_size, "cache latents", progress)
         stats["latent_cache"] = {"hits": store.hits, "misses": store.misses, "folder": store.folder}
@@ -148,7 +148,7 @@ def _cached_captions(captions: list[str], tokenizer: Any, text_encoder: Any, cac
     unique: list[str] = []
     caption_rows = torch.empty(len(captions), dtype=torch.long)
     for i, caption in enumerate(captions):
-        key = tensor_cache.caption_key(caption)
+        key = caption_key(caption)
         if key not in order:
             order[key] = len(text_keys)
             text_keys.append(key)
@@ -159,7 +159,7 @@ def _cached_captions(captions: list[str], tokenizer: Any, text_encoder: Any, cac
         return {"embeds": encode_prompts(tokenizer, text_encoder, [unique[p] for p in positions])}
 
     if cache == "disk":
-        store = tensor_cache.text_cache(root, tensor_cache.model_identity(text_encoder, model_path, revision,
+        store = text_cache(root, model_identity(text_encoder, model_path, revision,
                                                                     tokenizer=tokenizer))
         tensors = store.get_or_compute(text_keys, encode_text, ("embeds",), 256, "cache text embeddings", progress)
         stats["text_cache"] = {"hits": store.hits, "misses": store.misses, "folder": store.folder}
@@ -200,8 +200,8 @@ def prepare_training_data(
     captions = check_captions(dataset[caption_column], caption_column)
     vae, tokenizer, text_encoder = pipe.vae, pipe.tokenizer, pipe.text_encoder
     resolution = int(resolution or default_resolution(pipe.unet, vae))
-    root = cache_dir or tensor_cache.default_cache_dir()
-    memo = tensor_cache.FileHashMemo(os.path.join(root, "file_hashes.sqlite")) if cache == "disk" else None
+    root = cache_dir or default_cache_dir()
+    memo = FileHashMemo(os.path.join(root, "file_hashes.sqlite")) if cache == "disk" else None
     try:
         infos = scan_images(dataset, image_column, memo=memo, decode=cache == "off", progress=progress)
     finally:
