@@ -78,6 +78,7 @@ def test_readme_quickstart_is_one_short_command():
     run = first.split(" && ")[-1]
     assert run == "python training/train_memcontrol.py --preset quickstart" and len(run) <= 160
     assert len(readme.splitlines()) <= 250
+    assert readme.index(run) < len("\n".join(readme.splitlines()[:40]))  # the quickstart is on the first screen
 
 
 def test_rows_are_held_out_only_when_something_is_evaluated(tmp_path, caplog):

@@ -275,14 +275,14 @@ def test_nan_loss_stops_naming_the_step_and_keeps_the_last_checkpoint(pipe, data
     from diffusers_memcontrol.trainer import loop as training
 
     calls = {"n": 0}
-    real = training._batch_loss
+    real = training.F.mse_loss
 
-    def poisoned(*args, **kwargs):
+    def poisoned(*args, **kwargs):  # the third micro-batch's loss is NaN
         calls["n"] += 1
         loss = real(*args, **kwargs)
         return loss * float("nan") if calls["n"] == 3 else loss
 
-    monkeypatch.setattr(training, "_batch_loss", poisoned)
+    monkeypatch.setattr(training.F, "mse_loss", poisoned)
     unet = copy.deepcopy(pipe.unet)
     with pytest.raises(FloatingPointError, match=r"at step 3 .*checkpoint-2"):
         train(unet, pipe.scheduler, data8, FineTuneConfig(max_train_steps=5, train_batch_size=4),

@@ -4,7 +4,7 @@ once (latent distributions and caption embeddings) through the content-addressed
 It falls back to encoding on the fly where a cache would be wrong: random crops of non-square images, and captions
 changed by random word augmentation (RWA) at a step. `--random_flip` stays cached: both orientations are cached.
 
-The loop draws its micro-batches here (`Shuffler`, `draw_micro_batch`, `Prefetcher`): every random draw of a step
+The loop draws its micro-batches here (`Shuffler`, `StepDraws`, `draw_batch`, `Prefetcher`): every random draw of a step
 comes from a generator seeded by (seed, step, process), and the data order of an epoch from (seed, epoch), so a run
 resumed from a checkpoint continues exactly where the interrupted run was."""
 
@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .. import cache as tensor_cache
+from ..cache import FileHashMemo, caption_key, default_cache_dir, latent_cache, model_identity, sha256_bytes, text_cache
 from ..data.columns import check_captions, check_columns
 from ..data.encoding import _encode_prompts_on_device, default_resolution, encode_latent_distribution, encode_prompts
 from ..data.images import ImageLoader, check_interpolation, scan_images, transform_image
@@ -113,7 +113,7 @@ def _cached_latents(loader: ImageLoader, infos: list, vae: Any, cache: str, root
     rows = torch.empty(len(infos), len(variants), dtype=torch.long)
     for i, info in enumerate(infos):
         for v, flip in enumerate(variants):
-            key = tensor_cache.sha256_bytes(f"{info.key}|flip".encode()) if flip else info.key
+            key = sha256_bytes(f"{info.key}|flip".encode()) if flip else info.key
             if key not in order:
                 order[key] = len(keys)
                 first[key] = (i, flip)
@@ -129,7 +129,7 @@ def _cached_latents(loader: ImageLoader, infos: list, vae: Any, cache: str, root
 
     if cache == "disk":
         # every cached latent is a centre crop (square images are not cropped at all), whatever center_crop says
-        store = tensor_cache.latent_cache(root, tensor_cache.model_identity(vae, model_path, revision), resolution,
+        store = latent_cache(root, model_identity(vae, model_path, revision), resolution,
                                        True, interpolation)
         tensors = store.get_or_compute(keys, encode, ("mean", "std"), batch_size, "cache latents", progress)
         stats["latent_cache"] = {"hits": store.hits, "misses": store.misses, "folder": store.folder}
@@ -148,7 +148,7 @@ def _cached_captions(captions: list[str], tokenizer: Any, text_encoder: Any, cac
     unique: list[str] = []
     caption_rows = torch.empty(len(captions), dtype=torch.long)
     for i, caption in enumerate(captions):
-        key = tensor_cache.caption_key(caption)
+        key = caption_key(caption)
         if key not in order:
             order[key] = len(text_keys)
             text_keys.append(key)
@@ -159,7 +159,7 @@ def _cached_captions(captions: list[str], tokenizer: Any, text_encoder: Any, cac
         return {"embeds": encode_prompts(tokenizer, text_encoder, [unique[p] for p in positions])}
 
     if cache == "disk":
-        store = tensor_cache.text_cache(root, tensor_cache.model_identity(text_encoder, model_path, revision,
+        store = text_cache(root, model_identity(text_encoder, model_path, revision,
                                                                     tokenizer=tokenizer))
         tensors = store.get_or_compute(text_keys, encode_text, ("embeds",), 256, "cache text embeddings", progress)
         stats["text_cache"] = {"hits": store.hits, "misses": store.misses, "folder": store.folder}
@@ -200,8 +200,8 @@ def prepare_training_data(
     captions = check_captions(dataset[caption_column], caption_column)
     vae, tokenizer, text_encoder = pipe.vae, pipe.tokenizer, pipe.text_encoder
     resolution = int(resolution or default_resolution(pipe.unet, vae))
-    root = cache_dir or tensor_cache.default_cache_dir()
-    memo = tensor_cache.FileHashMemo(os.path.join(root, "file_hashes.sqlite")) if cache == "disk" else None
+    root = cache_dir or default_cache_dir()
+    memo = FileHashMemo(os.path.join(root, "file_hashes.sqlite")) if cache == "disk" else None
     try:
         infos = scan_images(dataset, image_column, memo=memo, decode=cache == "off", progress=progress)
     finally:
@@ -246,16 +246,29 @@ def seeded_generator(*parts: int) -> torch.Generator:
 STREAM_STEP, STREAM_EPOCH, STREAM_CROP = 0, 1, 2
 
 
-@dataclass
-class MicroBatch:
-    """The seeded draws of one micro-batch, on the device: clean latents, text embeddings, noise and timesteps."""
+class StepDraws:
+    """The random draws of one global micro-batch from one generator, in the order they are asked for; each process
+    keeps its own rows, so K processes with batch B draw what one process with batch K x B draws."""
 
-    latents: torch.Tensor
-    cond: torch.Tensor
-    noise: torch.Tensor  # what the model learns to predict (epsilon) or builds the velocity from
-    input_noise: torch.Tensor  # what is added to the latents: `noise`, plus the input perturbation when set
-    timesteps: torch.Tensor
-    augmented: int  # captions RWA changed
+    def __init__(self, gen: torch.Generator, n: int, shard: tuple[int, int] = (0, 1)):
+        process_index, self.num_processes = shard
+        self.gen, self.n, self.mine = gen, n, slice(process_index * n, (process_index + 1) * n)
+
+    def rand(self, *shape: int) -> torch.Tensor:
+        """Uniform [0, 1) draws of this process's rows."""
+        return torch.rand(self.n * self.num_processes, *shape, generator=self.gen)[self.mine]
+
+    def randn(self, *shape: int) -> torch.Tensor:
+        """Standard normal draws of this process's rows."""
+        return torch.randn(self.n * self.num_processes, *shape, generator=self.gen)[self.mine]
+
+    def randint(self, high: int) -> torch.Tensor:
+        """Integers in [0, high) of this process's rows."""
+        return torch.randint(0, high, (self.n * self.num_processes,), generator=self.gen)[self.mine]
+
+    def seed(self) -> int:
+        """One seed for a whole micro-batch (the RWA words)."""
+        return int(torch.randint(0, 2**62, (1,), generator=self.gen))
 
 
 def conditioning(data: TrainingData, idx: torch.Tensor, drop: torch.Tensor, rwa, rwa_seed: int | None
@@ -321,28 +334,15 @@ class Prefetcher:
             self.pool.shutdown(wait=True, cancel_futures=True)
 
 
-def draw_micro_batch(data: TrainingData, idx: torch.Tensor, config: FineTuneConfig, noise_scheduler,
-                     gen: torch.Generator, pixels: torch.Tensor | None, rwa, device,
-                     shard: tuple[int, int] = (0, 1)) -> MicroBatch:
-    """Draw everything random of one micro-batch from `gen` in a fixed order, so cached and on-the-fly runs agree:
-    the clean latents (sampled from the VAE posterior), the text embeddings (caption dropout, RWA), noise, timesteps.
+def draw_batch(data: TrainingData, idx: torch.Tensor, config: FineTuneConfig, draws: StepDraws,
+               pixels: torch.Tensor | None, rwa) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """The clean latents (a sample of the VAE posterior) and text embeddings of a micro-batch, drawn first from the
+    step's `draws` (flips, caption dropout, RWA), so that cached and on-the-fly runs agree; and the captions RWA changed.
 
-    `pixels`: the micro-batch's transformed images (`batch_pixels`) when latents are encoded on the fly. `shard`
-    (process_index, num_processes): every process draws for the whole global micro-batch and keeps its own rows, so K
-    processes with batch B train on the draws of one process with batch K x B."""
-    n = len(idx)
-    process_index, num_processes = shard
-    mine = slice(process_index * n, (process_index + 1) * n)
-
-    def rand(*shape: int) -> torch.Tensor:
-        return torch.rand(n * num_processes, *shape, generator=gen)[mine]
-
-    def randn(*shape: int) -> torch.Tensor:
-        return torch.randn(n * num_processes, *shape, generator=gen)[mine]
-
-    flips = rand() < 0.5 if config.random_flip else torch.zeros(n, dtype=torch.bool)
-    drop = rand() < config.caption_dropout
-    rwa_seed = int(torch.randint(0, 2**62, (1,), generator=gen)) if rwa is not None else None
+    `pixels`: the micro-batch's transformed images (`batch_pixels`) when latents are encoded on the fly."""
+    flips = draws.rand() < 0.5 if config.random_flip else torch.zeros(len(idx), dtype=torch.bool)
+    drop = draws.rand() < config.caption_dropout
+    rwa_seed = draws.seed() if rwa is not None else None
     if data.cached_latents:
         if config.random_flip and not data.has_flip_variants:
             raise ValueError("random_flip needs flipped latents: prepare the data with random_flip=True.")
@@ -351,18 +351,9 @@ def draw_micro_batch(data: TrainingData, idx: torch.Tensor, config: FineTuneConf
         std = data.latent_std[rows].float() if data.latent_std is not None else None
     else:
         mean, std = encode_latent_distribution(data.vae, pixels)
-    x0 = mean + std * randn(*mean.shape[1:]) if std is not None else mean
+    latents = mean + std * draws.randn(*mean.shape[1:]) if std is not None else mean
     cond, augmented = conditioning(data, idx, drop, rwa, rwa_seed)
-    noise = randn(*x0.shape[1:])
-    if config.noise_offset:
-        noise = noise + config.noise_offset * randn(x0.shape[1], 1, 1)
-    timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (n * num_processes,),
-                              generator=gen)[mine]
-    input_noise = noise
-    if config.input_perturbation:  # drawn last, so runs without it draw exactly what they drew before
-        input_noise = noise + config.input_perturbation * randn(*noise.shape[1:])
-    return MicroBatch(x0.to(device), cond.to(device), noise.to(device), input_noise.to(device), timesteps.to(device),
-                      augmented)
+    return latents, cond, augmented
 
 
 class Shuffler:

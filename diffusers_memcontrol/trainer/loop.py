@@ -9,10 +9,10 @@ A search trial (or the script) does, in this order::
     save_adapter(unet, output_dir)
 
 `train` sets up the run (`check_training_inputs`, `inject_adapter`, `RunPlan`, `prepare_optimization`, EMA,
-mitigations), then loops over micro-batches: `training_step` (encode or read the cache,
-noise, threshold mitigation, predict, loss, NaN guard, backward), `optimizer_step` at the end of each accumulation
-window, then the step's record (losses, EMA, logs), checkpoint and epoch callback. What a micro-batch holds, and how
-its random draws are seeded, lives in `training_data.py`.
+mitigations), then loops over micro-batches: `training_step` (latents and text embeddings from the cache or the
+encoders, noise, timesteps, `add_noise`, target, threshold mitigation, prediction, loss, NaN guard, backward),
+`optimizer_step` at the end of each accumulation window, then the step's record (losses, EMA, logs), checkpoint and
+epoch callback. How a micro-batch's rows and random draws are seeded lives in `batches.py`.
 """
 
 from __future__ import annotations
@@ -45,12 +45,12 @@ from ..hub.pipelines import merged_unet
 from ..tuners import trainable_parameters
 from .batches import (
     STREAM_STEP,
-    MicroBatch,
     Prefetcher,
     Shuffler,
+    StepDraws,
     TrainingData,
     batch_pixels,
-    draw_micro_batch,
+    draw_batch,
     seeded_generator,
 )
 from .checkpoints import (
@@ -98,34 +98,6 @@ def summarize_losses(losses: Sequence[float]) -> dict:
     tail = arr[-max(1, len(arr) // 10):]
     return {"steps": len(arr), "first": float(arr[0]), "last": float(arr[-1]), "min": float(arr.min()),
             "mean": float(arr.mean()), "mean_last_10pct": float(tail.mean())}
-
-
-def prediction_target(noise_scheduler: Any, batch: MicroBatch) -> torch.Tensor:
-    """What the UNet learns to predict: the noise (epsilon) or the velocity (v_prediction), as in diffusers."""
-    if noise_scheduler.config.prediction_type == "epsilon":
-        return batch.noise
-    if noise_scheduler.config.prediction_type == "v_prediction":
-        return noise_scheduler.get_velocity(batch.latents, batch.noise, batch.timesteps)
-    raise ValueError(f"Unknown prediction type {noise_scheduler.config.prediction_type!r}.")
-
-
-def _batch_loss(model, noisy_latents: torch.Tensor, target: torch.Tensor, batch: MicroBatch, noise_scheduler,
-                config: FineTuneConfig, keep: torch.Tensor | None = None) -> torch.Tensor:
-    """MSE (min-SNR weighted when snr_gamma; DREAM-corrected when dream_training) over the kept samples."""
-    noisy, t, cond, noise = noisy_latents, batch.timesteps, batch.cond, batch.noise
-    if keep is not None:
-        noisy, t, cond, target, noise = noisy[keep], t[keep], cond[keep], target[keep], noise[keep]
-    if config.dream_training:
-        noisy, target = compute_dream_and_update_latents(model, noise_scheduler, t, noise, noisy, target, cond,
-                                                         config.dream_detail_preservation)
-    pred = model(noisy, t, encoder_hidden_states=cond, return_dict=False)[0]
-    per_sample = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=list(range(1, pred.ndim)))
-    if config.snr_gamma is not None:
-        snr = compute_snr(noise_scheduler, t)
-        weights = torch.clamp(snr, max=config.snr_gamma)
-        weights = weights / snr if noise_scheduler.config.prediction_type == "epsilon" else weights / (snr + 1)
-        per_sample = per_sample * weights
-    return per_sample.mean()
 
 
 def check_training_inputs(unet: torch.nn.Module, data: TrainingData, config: FineTuneConfig, adapter_name: str,
@@ -289,12 +261,12 @@ def _pixel_prefetcher(run: _Run, shuffler: Shuffler, total_micro: int, num_worke
     return Prefetcher(pixels_of, total_micro, num_workers if not data.cached_latents else 0)
 
 
-def _kept_by_threshold(run: _Run, noisy_latents: torch.Tensor, batch: MicroBatch) -> tuple[torch.Tensor, int]:
+def _kept_by_threshold(run: _Run, noisy_latents: torch.Tensor, timesteps: torch.Tensor, cond: torch.Tensor
+                       ) -> tuple[torch.Tensor, int]:
     """The samples the threshold mitigation keeps on this process, and how many it keeps over all processes."""
     accelerator = run.accelerator
     with accelerator.autocast():
-        kept = run.threshold.filter(accelerator.unwrap_model(run.model), noisy_latents, batch.timesteps, batch.cond,
-                                    run.uncond)
+        kept = run.threshold.filter(accelerator.unwrap_model(run.model), noisy_latents, timesteps, cond, run.uncond)
     total_kept = len(kept)
     if accelerator.num_processes > 1:
         total_kept = int(accelerator.reduce(torch.tensor([len(kept)], device=accelerator.device), "sum").item())
@@ -314,29 +286,60 @@ def _check_finite(run: _Run, loss: torch.Tensor, micro: int) -> None:
 
 
 def training_step(run: _Run, micro: int, idx: torch.Tensor, pixels: torch.Tensor | None) -> torch.Tensor | None:
-    """One micro-batch as diffusers' loop reads: latents and text embeddings, noise, timesteps, `add_noise`, target,
-    (the threshold mitigation), prediction, loss, NaN guard, backward.
+    """One micro-batch, as diffusers' loop reads: latents and text embeddings, noise, timesteps, `add_noise`, target,
+    (the threshold mitigation), prediction, loss (min-SNR weighted, DREAM), NaN guard, backward.
 
-    Returns the loss, or None when the threshold mitigation dropped the whole micro-batch on every process.
+    Every random draw comes from the micro-batch's own generator in a fixed order, so a resumed run, a cached run and a
+    run on K processes draw the same. Returns the loss, or None when the threshold mitigation dropped the whole
+    micro-batch on every process.
     """
-    accelerator, state, noise_scheduler = run.accelerator, run.state, run.noise_scheduler
-    gen = seeded_generator(run.config.seed, STREAM_STEP, micro, 0)  # the global micro-batch's draws, in a fixed order
-    batch = draw_micro_batch(run.data, idx, run.config, noise_scheduler, gen, pixels, run.rwa, accelerator.device,
-                             (accelerator.process_index, accelerator.num_processes))
-    state.augmented_captions += batch.augmented
-    noisy_latents = noise_scheduler.add_noise(batch.latents, batch.input_noise, batch.timesteps)
-    target = prediction_target(noise_scheduler, batch)
-    keep = None
+    accelerator, config, noise_scheduler = run.accelerator, run.config, run.noise_scheduler
+    draws = StepDraws(seeded_generator(config.seed, STREAM_STEP, micro, 0), len(idx),
+                      (accelerator.process_index, accelerator.num_processes))
+    latents, cond, augmented = draw_batch(run.data, idx, config, draws, pixels, run.rwa)
+    run.state.augmented_captions += augmented
+    noise = draws.randn(*latents.shape[1:])
+    if config.noise_offset:
+        noise = noise + config.noise_offset * draws.randn(latents.shape[1], 1, 1)
+    timesteps = draws.randint(noise_scheduler.config.num_train_timesteps)
+    input_noise = noise
+    if config.input_perturbation:  # drawn last, so runs without it draw exactly what they drew before
+        input_noise = noise + config.input_perturbation * draws.randn(*noise.shape[1:])
+    latents, cond, noise, input_noise, timesteps = (x.to(accelerator.device)
+                                                    for x in (latents, cond, noise, input_noise, timesteps))
+    noisy_latents = noise_scheduler.add_noise(latents, input_noise, timesteps)
+    if noise_scheduler.config.prediction_type == "epsilon":
+        target = noise
+    elif noise_scheduler.config.prediction_type == "v_prediction":
+        target = noise_scheduler.get_velocity(latents, noise, timesteps)
+    else:
+        raise ValueError(f"Unknown prediction type {noise_scheduler.config.prediction_type!r}.")
+
+    kept = None
     if run.threshold is not None:
-        kept, total_kept = _kept_by_threshold(run, noisy_latents, batch)
+        kept, total_kept = _kept_by_threshold(run, noisy_latents, timesteps, cond)
         if total_kept == 0:
-            state.skipped_micro_batches += 1
+            run.state.skipped_micro_batches += 1
             return None
-        keep = kept if len(kept) else torch.arange(len(idx), device=accelerator.device)
+        if len(kept):  # a process that dropped everything while others did not keeps all rows, at weight 0 (DDP sync)
+            noisy_latents, timesteps, cond, target, noise = (x[kept] for x in (noisy_latents, timesteps, cond,
+                                                                                target, noise))
     with accelerator.autocast():  # prepare() already autocasts a trained model; freeze is not prepared
-        loss = _batch_loss(run.model, noisy_latents, target, batch, noise_scheduler, run.config, keep)
-    if run.threshold is not None and len(kept) == 0:
-        loss = loss * 0.0  # this process dropped everything but others did not (DDP sync)
+        if config.dream_training:
+            noisy_latents, target = compute_dream_and_update_latents(
+                run.model, noise_scheduler, timesteps, noise, noisy_latents, target, cond,
+                config.dream_detail_preservation)
+        model_pred = run.model(noisy_latents, timesteps, encoder_hidden_states=cond, return_dict=False)[0]
+        loss = F.mse_loss(model_pred.float(), target.float(), reduction="none")
+        loss = loss.mean(dim=list(range(1, model_pred.ndim)))
+        if config.snr_gamma is not None:
+            snr = compute_snr(noise_scheduler, timesteps)
+            weights = torch.clamp(snr, max=config.snr_gamma)
+            weights = weights / snr if noise_scheduler.config.prediction_type == "epsilon" else weights / (snr + 1)
+            loss = loss * weights
+        loss = loss.mean()
+    if kept is not None and len(kept) == 0:
+        loss = loss * 0.0
     _check_finite(run, loss, micro)
     if loss.requires_grad:
         accelerator.backward(loss)
