@@ -258,6 +258,34 @@ def test_generations_of_other_training_images_are_not_extracted_on_tiny_base(dec
     assert bool((flags == 1).all())
 
 
+def test_nearest_neighbour_copies_on_tiny_base():
+    """On digits with the shipped VAE: decoded training latents (sampled) are copies; a classmate's decoded image and
+    another prompt's image are not, although all of them form cliques."""
+    from diffusers import AutoencoderKL
+
+    from diffusers_memcontrol.images import pixel_batch
+    from diffusers_memcontrol.metrics.extraction import nearest_neighbour_copies, vae_round_trip
+
+    train = tb.load_domain("digits", "train").select(range(300))
+    dmem = build_memorization_set(train, dmem_size=6, seed=0)
+    vae = AutoencoderKL.from_pretrained(os.path.join(tb.tiny_base_path(), "vae")).eval()
+    images = pixel_batch(dmem["image"], 32)
+    labels = train["label"]
+    classmates = [next(j for j in range(len(train)) if labels[j] == labels[r] and j != r) for r in dmem["dmem_index"]]
+    with torch.no_grad():
+        sampled = torch.stack([vae.decode(vae.encode(images).latent_dist.sample(torch.Generator().manual_seed(s)))
+                               .sample.clamp(-1, 1) for s in range(3)], 1)
+    trips = vae_round_trip(vae, images)
+    generations = torch.cat([sampled, vae_round_trip(vae, pixel_batch(train.select(classmates)["image"], 32))[:, None],
+                             trips.roll(1, dims=0)[:, None]], 1)
+    references = (pixel_batch(train.select(range(s, s + 100))["image"], 32) for s in range(0, 300, 100))
+    summary, copies = nearest_neighbour_copies(generations, images, lambda x: vae_round_trip(vae, x), references,
+                                               labels=dmem["label"], reference_labels=labels)
+    assert copies[:, :3].all() and not copies[:, 3:].any()
+    assert summary["n_copied"] == 6 and summary["n_copy_generations"] == 18 and summary["classes"]
+    assert 0 < summary["bounds"]["min"] <= summary["bounds"]["max"] < summary["calibration_nearest"]["median"]
+
+
 def test_pixel_replication_space_tells_a_copy_from_its_classmates_on_tiny_base():
     """Against the training set as the tiny VAE renders it, a decoded training latent is nearest to its own image in
     the pixel space (the copy-detection pair of tiny-domain) and more similar to it than to any classmate."""
