@@ -22,11 +22,17 @@ datasets:
 * ``extracted_images`` -- Carlini et al.'s extraction attack on the ``D_mem`` generations: cliques of near-identical
   generations (tiled l2) that also match the prompt's training image, as well as the pipeline's VAE can render it
   (per-pair thresholds calibrated by :mod:`metrics.extraction`). ``memorized_prompts``: the prompts with a clique.
+* ``copied_images`` -- D_mem prompts with a generation whose nearest training image (tiled l2 among the VAE round
+  trips of the training set) is the prompt's own, closer than the ``copy_percentile``-th percentile of the distances
+  between training images and their nearest same-class neighbour (:func:`metrics.extraction.nearest_neighbour_copies`;
+  classes: ``label_column``, else ``label``; none in the data: one class). No clique needed. Details: ``copies``.
 * ``dmem`` / ``dmem_mean`` -- the search variant of d_mem on the ``D_mem`` training latents: per-batch max of the
   conditional-minus-unconditional noise prediction norm averaged over batches (the reference code's objective),
   and the plain mean.
 * ``agreement`` -- text-image agreement of the eval generations: domain-classifier accuracy (built-in domains),
   CLIP score, or BioViL-T score.
+* ``search_quality`` / ``search_quality_se`` -- a search trial's quality objective and its standard error over the
+  eval prompts where it has one (:func:`evaluation_config.search_quality_se`: 1 - classifier agreement).
 
 :func:`evaluate_search_objectives` computes only ``dmem`` and ``search_quality`` (the two objectives of a search
 trial: ``search_objective`` of FID, KID, C2ST, agreement or FID x (1 - agreement)). :func:`score_images` scores any
@@ -47,7 +53,13 @@ import numpy as np
 import torch
 
 from .columns import check_captions, check_columns
-from .evaluation_config import AGREEMENT_KINDS, SEARCH_OBJECTIVES, EvaluationConfig, search_quality
+from .evaluation_config import (
+    AGREEMENT_KINDS,
+    SEARCH_OBJECTIVES,
+    EvaluationConfig,
+    search_quality,
+    search_quality_se,
+)
 from .files import write_json_atomic
 from .generation import generate_images, pipe_default_resolution, progress_bar, real_images, subset_rows
 from .metrics.fid import (
@@ -416,7 +428,7 @@ def evaluate(
     Returns ``fid``, ``amd``, ``amd_eval``, ``agreement``, ``extracted_images``, ``memorized_prompts`` (D_mem
     prompts whose generations form a clique: the MemControl authors' count), ``extraction`` (counts and the
     per-pair calibration: min/median/max of the VAE round-trip and nearest-other-image distances and of the
-    thresholds), ``dmem``, ``dmem_mean``, ``replication``, ``trainable_params``, counts, ``fid_reference_cached``,
+    thresholds), ``copied_images`` and ``copies`` (nearest-neighbour copies: counts, bounds), ``dmem``, ``dmem_mean``, ``replication``, ``trainable_params``, counts, ``fid_reference_cached``,
     ``timings`` (seconds) and ``config``. No prompt or caption is ever included. ``amd``, ``replication``,
     ``extracted_images`` and ``memorized_prompts`` are None when ``config.extraction_generations == 0``; ``agreement`` is None for
     ``agreement="none"``. When ``config.max_train_images`` caps the training reference, the D_mem rows
@@ -449,11 +461,11 @@ def evaluate(
 
     out["amd_eval"] = float(average_min_cosine_distance(eval_feats, train_feats))
     out.update(amd=None, extracted_images=None, memorized_prompts=None, extraction={}, replication=None,
-               clique_share=None)
+               clique_share=None, copied_images=None, copies={})
     if config.extraction_generations > 0:
         out.update(_dmem_prompt_metrics(pipe, dmem_dataset, reference_dataset, train_rows, train_feats,
                                         image_column, caption_column, encoder, config, resolution, timings,
-                                        generations_path))
+                                        generations_path, label_column))
     clock = time.perf_counter()
     dmem = _dmem(pipe, dmem_dataset, image_column, caption_column, config, resolution)
     timings["dmem"] = time.perf_counter() - clock
@@ -468,6 +480,8 @@ def evaluate(
         "train_features_cached": bool(train_cached),
         "search_objective": config.search_objective,
         "search_quality": search_quality(out, config.search_objective),
+        "search_quality_se": search_quality_se(out["agreement"], out["agreement_kind"], out["num_eval_prompts"],
+                                               config.search_objective),
         "search_memorization_objective": config.search_memorization,
         "search_memorization": out["clique_share"] if config.search_memorization == "cliques" else float(dmem.max),
         "timings": {k: round(v, 3) for k, v in timings.items()},
@@ -528,11 +542,13 @@ def _eval_prompt_metrics(pipe: Any, eval_dataset: Any, image_column: str, captio
 def _dmem_prompt_metrics(pipe: Any, dmem_dataset: Any, reference_dataset: Any, train_rows: np.ndarray,
                          train_feats: np.ndarray, image_column: str, caption_column: str, encoder: Any,
                          config: EvaluationConfig, resolution: int, timings: dict[str, float],
-                         generations_path: str | os.PathLike | None) -> dict[str, Any]:
-    """AMD, replication and the calibrated extraction attack on the D_mem prompts' generations."""
+                         generations_path: str | os.PathLike | None, label_column: str | None = None
+                         ) -> dict[str, Any]:
+    """AMD, replication, the calibrated extraction attack and the nearest-neighbour copies on the D_mem prompts'
+    generations."""
     from .metrics.distances import average_min_cosine_distance, replication_scores
     from .metrics.encoders import load_encoder, replication_encoder_name
-    from .metrics.extraction import calibrated_extraction, vae_round_trip
+    from .metrics.extraction import calibrated_extraction, nearest_neighbour_copies, vae_round_trip
 
     clock = time.perf_counter()
     generations = _dmem_generations(pipe, dmem_dataset, caption_column, config, resolution)
@@ -562,15 +578,39 @@ def _dmem_prompt_metrics(pipe: Any, dmem_dataset: Any, reference_dataset: Any, t
         config.extraction_threshold, separation=config.extraction_separation,
         min_clique_size=config.extraction_min_clique_size, grid=config.extraction_grid,
         reduction=config.extraction_reduction)
+    timings["extraction"] = time.perf_counter() - clock
+    clock = time.perf_counter()
+    column = _class_column(dmem_dataset, reference_dataset, label_column)
+    query_rows = train_rows[subset_rows(len(train_rows), config.copy_calibration_images, config.seed)]
+    copies, copied = nearest_neighbour_copies(
+        generations, training_images, lambda x: vae_round_trip(pipe.vae, x, config.encoder_batch_size),
+        real_images(reference_dataset, image_column, train_rows, resolution, config),
+        labels=None if column is None else dmem_dataset[column],
+        reference_labels=None if column is None else reference_dataset.select(train_rows)[column],
+        queries=torch.cat(list(real_images(reference_dataset, image_column, query_rows, resolution, config))),
+        query_labels=None if column is None else reference_dataset.select(query_rows)[column],
+        percentile=config.copy_percentile, grid=config.extraction_grid, reduction=config.extraction_reduction)
+    from .figures import COPY
+
+    flags |= copied.to(torch.uint8) * COPY
+    timings["copies"] = time.perf_counter() - clock
     if generations_path is not None:
         from .figures import save_dmem_generations
 
         save_dmem_generations(generations_path, generations, training_images, flags,
                               round_trips=vae_round_trip(pipe.vae, training_images, config.encoder_batch_size))
     out.update(extracted_images=extraction["n_extracted"], memorized_prompts=extraction["n_flagged_prompts"],
-               extraction=extraction, clique_share=_clique_share(generations, config))
-    timings["extraction"] = time.perf_counter() - clock
+               extraction=extraction, clique_share=_clique_share(generations, config),
+               copied_images=copies["n_copied"], copies={**copies, "class_column": column})
     return out
+
+
+def _class_column(dmem_dataset: Any, reference_dataset: Any, label_column: str | None) -> str | None:
+    """The class column of the training images (``label_column``, else ``label``); None when the data has none."""
+    column = label_column or "label"
+    if column in reference_dataset.column_names and column in dmem_dataset.column_names:
+        return column
+    return None
 
 
 def _dmem_generations(pipe: Any, dmem_dataset: Any, caption_column: str, config: EvaluationConfig,
@@ -634,6 +674,8 @@ def evaluate_search_objectives(
             "c2st_accuracy": quality["c2st_accuracy"], "agreement": quality["agreement"],
             "search_objective": config.search_objective,
             "search_quality": search_quality(quality, config.search_objective),
+            "search_quality_se": search_quality_se(quality["agreement"], _agreement_kind(config), len(prompts),
+                                                   config.search_objective),
             "search_memorization_objective": config.search_memorization, "search_memorization": memorization}
 
 

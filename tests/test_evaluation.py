@@ -22,7 +22,7 @@ from diffusers_memcontrol.evaluation import (
 from diffusers_memcontrol.metrics.encoders import DomainModelEncoder
 
 TOP_KEYS = {"fid", "amd", "amd_eval", "agreement", "extracted_images", "memorized_prompts", "dmem", "dmem_mean",
-            "trainable_params", "replication"}
+            "trainable_params", "replication", "copied_images"}
 
 
 def make_pipeline() -> StableDiffusionPipeline:
@@ -89,7 +89,32 @@ def test_dmem_generations_are_kept_for_the_figure(setup):
     saved = load_dmem_generations(setup["generations"])
     assert saved["generations"].shape == (3, 3, 3, 32, 32) and saved["generations"].dtype == torch.uint8
     assert saved["training_images"].shape == (3, 3, 32, 32) and saved["flags"].shape == (3, 3)
-    assert int((saved["flags"] >= 2).any(1).sum()) == setup["first"]["extracted_images"]
+    assert int((saved["flags"] & 2).bool().any(1).sum()) == setup["first"]["extracted_images"]
+    assert int((saved["flags"] & 4).bool().any(1).sum()) == setup["first"]["copied_images"]
+
+
+def test_evaluate_counts_planted_nearest_neighbour_copies(setup, monkeypatch, tmp_path):
+    """Through evaluate(): prompt 0 generates its decoded training image (a copy), prompt 1 prompt 0's image and
+    prompt 2 a classmate's decoded image (neither is a copy); the classes come from the digits' label column."""
+    from diffusers_memcontrol import evaluation
+    from diffusers_memcontrol.figures import load_dmem_generations
+    from diffusers_memcontrol.images import pixel_batch
+    from diffusers_memcontrol.metrics.extraction import vae_round_trip
+
+    train, dmem, pipe = setup["train"], setup["dmem"], setup["pipe"]
+    rows = dmem["dmem_index"]
+    mate = next(j for j in range(len(train)) if train[j]["label"] == train[rows[2]]["label"] and j not in rows)
+    trips = vae_round_trip(pipe.vae, pixel_batch([*dmem["image"][:1], train[mate]["image"]], 32))
+    planted = torch.stack([trips[0], trips[0], trips[1]])[:, None].expand(-1, 3, -1, -1, -1)
+    monkeypatch.setattr(evaluation, "_dmem_generations", lambda *args: planted.clone())
+    path = tmp_path / "dmem_generations.safetensors"
+    metrics = evaluate(pipe, setup["test"], dmem, train, setup["config"], encoder=setup["encoder"],
+                       generations_path=str(path))
+    copies = metrics["copies"]
+    assert metrics["copied_images"] == copies["n_copied"] == 1 and copies["n_copy_generations"] == 3
+    assert copies["class_column"] == "label" and copies["classes"] and copies["n_calibration_images"] == len(train)
+    assert metrics["memorized_prompts"] == 3  # every prompt's generations are one image: a clique
+    assert (load_dmem_generations(path)["flags"] & 4).bool().any(1).tolist() == [True, False, False]
 
 
 def test_reference_statistics_are_cached_and_reused(setup):
@@ -141,6 +166,12 @@ def test_search_objectives(setup):
     assert {"dmem", "fid", "kid", "search_quality"} <= set(out)
     assert all(_finite(out[k]) for k in ("dmem", "fid", "kid", "search_quality"))
     assert out["search_objective"] == "fid" and out["search_quality"] == out["fid"] and out["agreement"] is None
+    assert out["search_quality_se"] is None  # FID has no per-prompt standard error
+    config = EvaluationConfig.for_search(num_eval_prompts=4, num_inference_steps=2, dmem_batch_size=2,
+                                         cache_dir=setup["config"].cache_dir, search_objective="agreement")
+    out = evaluate_search_objectives(setup["pipe"], setup["dmem"], setup["test"], config, encoder=setup["encoder"])
+    a = out["agreement"]
+    assert out["search_quality"] == 1 - a and out["search_quality_se"] == pytest.approx((a * (1 - a) / 4) ** 0.5)
     assert out["dmem"] == pytest.approx(setup["first"]["dmem"], rel=1e-5)  # same D_mem, seed and batch size
 
 
@@ -340,3 +371,14 @@ def test_search_quality_objectives():
         search_quality({**metrics, "agreement": None}, "agreement")
     with pytest.raises(ValueError, match="search_objective"):
         EvaluationConfig(search_objective="bleu")
+
+
+def test_search_quality_standard_error():
+    """Binomial over the prompts for 1 - classifier agreement; None where the objective has no per-prompt form."""
+    from diffusers_memcontrol.evaluation_config import search_quality_se
+
+    assert search_quality_se(0.8, "classifier", 50, "agreement") == pytest.approx(0.0566, abs=1e-4)
+    assert search_quality_se(0.8, "classifier", 200, "agreement") == pytest.approx(0.0283, abs=1e-4)
+    for args in ((0.8, "clip", 50, "agreement"), (0.8, "classifier", 50, "fid"), (None, "none", 50, "agreement"),
+                 (0.8, "classifier", 50, "fid_agreement")):
+        assert search_quality_se(*args) is None

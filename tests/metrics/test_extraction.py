@@ -119,8 +119,8 @@ def test_copies_count_exact_and_near_copies_but_not_classmates_or_other_prompts_
     assert summary["classes"] and summary["n_calibration_images"] == 40
     assert summary["bounds"]["min"] == pytest.approx(min(_same_class_bound(train, labels, 5.0)), rel=1e-4)
     # the calibrated threshold (at most half the distance to the nearest other image) misses the near copies
-    extraction, flags = calibrated_extraction(generations, pairs, _render, [train], threshold=0.15,
-                                              pixel_threshold=0.15, min_clique_size=3, grid=4)
+    _, flags = calibrated_extraction(generations, pairs, _render, [train], threshold=0.15,
+                                     pixel_threshold=0.15, min_clique_size=3, grid=4)
     assert (flags[:, :4] & 1).all()  # every prompt's first four generations are in a clique
     assert flags[0, 0] & 2 and not (flags[0, 1:4] & 2).any() and not (flags[1] & 2).any()
 
