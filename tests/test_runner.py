@@ -4,6 +4,7 @@ Budgets are minimal (a few steps, a handful of images): this checks the wiring a
 """
 
 import json
+import math
 import os
 
 import pytest
@@ -45,13 +46,16 @@ def test_search_final_and_table(tmp_path):
     assert tuple(result["pareto_baselines"]["Full FT"]) == (full_ft["search_memorization"], full_ft["search_quality"])
     for t in summary["trials"]:
         assert 0 <= t["dmem"] <= 1 and t["dmem_score"] is not None and 0 <= t["fid"] <= 1
+        # the binomial standard error of 1 - agreement over the 4 validation prompts
+        assert t["search_quality_se"] == pytest.approx(math.sqrt(t["fid"] * (1 - t["fid"]) / 4))
+    assert chosen["search_quality_se"] == summary["trials"][chosen["row"]]["search_quality_se"]
     rows = _json(os.path.join(out, "results.json"))
     assert [(r["method"], r["mitigation"]) for r in rows] == [("ceiling", "none"), ("freeze", "none"),
                                                               ("memcontrol", "none")]
     ceiling, rows = rows[0], rows[1:]
     assert ceiling["fid"] < rows[0]["fid"] and ceiling["in_domain"] >= 0.9  # above the floor; digits through the VAE
     for row in rows:
-        for key in ("fid", "amd", "dmem", "trainable_params", "extracted_images"):
+        for key in ("fid", "amd", "dmem", "trainable_params", "extracted_images", "copied_images"):
             assert key in row
     assert rows[0]["trainable_params"] == 0 and rows[1]["trainable_params"] > 0
     table = _read(os.path.join(out, "results.md"))
@@ -62,7 +66,8 @@ def test_search_final_and_table(tmp_path):
     # the search preset, but the cliques objective keeps the D_mem prompts' generations
     assert trial["config"]["extraction_generations"] == 4 and trial["search_memorization_objective"] == "cliques"
     assert trial["search_memorization"] == trial["clique_share"] and trial["search_quality"] == 1 - trial["agreement"]
-    assert rows[0]["extracted_images"] is not None  # stage 2: the full evaluation
+    assert rows[0]["extracted_images"] is not None and rows[0]["copied_images"] is not None  # stage 2: all of it
+    assert "Copies (nearest-neighbour)" in table
 
 
 def test_transfer_runs_stage_two_with_a_given_mask(tmp_path):
