@@ -14,9 +14,10 @@ or, with ``--scan``, the ``--scan_top_k`` training captions that Wen et al.'s fi
 (every distinct caption of the training split is scored, batched). Each attacked prompt gets the calibrated
 extraction attack of the evaluation (:mod:`metrics.extraction`): ``extracted_images`` counts the prompts with a
 generation that copies its training image, ``memorized_prompts`` those whose generations form a clique. Beside it,
-``copied_images`` counts the prompts with a nearest-neighbour copy (:func:`metrics.extraction.nearest_neighbour_copies`:
-a generation nearest to its own training image among the training split's VAE round trips, and closer to it than
-same-class training images usually are to each other; classes from the split's ``label`` column, else none). The same
+``copied_images`` counts the prompts with a nearest-neighbour copy
+(:func:`metrics.extraction.nearest_neighbour_copies`: a generation nearest to its own training image among the
+training split's VAE round trips, and closer to it than same-class training images usually are to each other;
+classes from the split's ``label`` column, else none). The same
 attack runs on the base model with the same seeds: a clique the base already forms is not the fine-tune's
 memorization and is subtracted from ``memorized_prompts``.
 
@@ -58,7 +59,7 @@ from .evaluation_config import EvaluationConfig
 from .figures import COPY, DMEM_GENERATIONS_FILE, memorization_figure, save_dmem_generations
 from .files import write_json_atomic, write_text_atomic
 from .loaders import load_unet_adapter
-from .metrics.extraction import calibrated_extraction, nearest_neighbour_copies, vae_round_trip
+from .metrics.extraction import cached_render, calibrated_extraction, nearest_neighbour_copies, vae_round_trip
 from .metrics.memorization import detection_auc, wen_detection_scores
 from .tiny_base import tiny_base_path
 
@@ -268,8 +269,7 @@ def _attack(pipe: Any, captions: list[str], pool: Any, rows: list[int], image_co
     generations = images.reshape(len(captions), settings.generations, *images.shape[1:])
     training = torch.cat(list(real_images(pool, image_column, rows, resolution, config)))
 
-    def render(x: torch.Tensor) -> torch.Tensor:
-        return vae_round_trip(pipe.vae, x, config.encoder_batch_size)
+    render = cached_render(lambda x: vae_round_trip(pipe.vae, x, config.encoder_batch_size))
 
     with torch.no_grad():
         summary, flags = calibrated_extraction(
@@ -282,13 +282,14 @@ def _attack(pipe: Any, captions: list[str], pool: Any, rows: list[int], image_co
             grid=config.extraction_grid, reduction=config.extraction_reduction)
         references = subset_rows(len(pool), config.max_train_images, config.seed, keep=rows)
         queries = references[subset_rows(len(references), config.copy_calibration_images, config.seed)]
+        every = len(queries) == len(references)  # then the reference itself calibrates: rendered once
         column = "label" if "label" in pool.column_names else None
         copies, copied = nearest_neighbour_copies(
             generations, training, render, real_images(pool, image_column, references, resolution, config),
             labels=None if column is None else pool.select(rows)[column],
             reference_labels=None if column is None else pool.select(references)[column],
-            queries=torch.cat(list(real_images(pool, image_column, queries, resolution, config))),
-            query_labels=None if column is None else pool.select(queries)[column],
+            queries=None if every else torch.cat(list(real_images(pool, image_column, queries, resolution, config))),
+            query_labels=None if column is None or every else pool.select(queries)[column],
             percentile=config.copy_percentile, grid=config.extraction_grid, reduction=config.extraction_reduction)
     flags |= copied.to(torch.uint8) * COPY
     return {**summary, "copies": {**copies, "class_column": column}}, flags, generations, training

@@ -73,8 +73,9 @@ def render_report(report: dict[str, Any]) -> str:
                   "|---|---|---|---|---|---|" + ("---|" if report["settings"].get("include_prompts") else "")]
         for p in flagged:
             score = f"{p['detection_score']:.4g}" if "detection_score" in p else "—"
-            lines.append(f"| {p['row']} | {'yes' if p['extracted'] else 'no'} | {'yes' if p.get('copied') else 'no'} | "
-                         f"{'yes' if p['clique'] else 'no'} | {'yes' if p['base_clique'] else 'no'} | {score} |" +
+            lines.append(f"| {p['row']} | {'yes' if p['extracted'] else 'no'} | "
+                         f"{'yes' if p.get('copied') else 'no'} | {'yes' if p['clique'] else 'no'} | "
+                         f"{'yes' if p['base_clique'] else 'no'} | {score} |" +
                          (f" {p.get('caption', '')} |" if report["settings"].get("include_prompts") else ""))
     median = (report["extraction"].get("thresholds") or {}).get("median")
     attack = report["settings"]["attack"]

@@ -428,10 +428,11 @@ def evaluate(
     Returns ``fid``, ``amd``, ``amd_eval``, ``agreement``, ``extracted_images``, ``memorized_prompts`` (D_mem
     prompts whose generations form a clique: the MemControl authors' count), ``extraction`` (counts and the
     per-pair calibration: min/median/max of the VAE round-trip and nearest-other-image distances and of the
-    thresholds), ``copied_images`` and ``copies`` (nearest-neighbour copies: counts, bounds), ``dmem``, ``dmem_mean``, ``replication``, ``trainable_params``, counts, ``fid_reference_cached``,
-    ``timings`` (seconds) and ``config``. No prompt or caption is ever included. ``amd``, ``replication``,
-    ``extracted_images`` and ``memorized_prompts`` are None when ``config.extraction_generations == 0``; ``agreement`` is None for
-    ``agreement="none"``. When ``config.max_train_images`` caps the training reference, the D_mem rows
+    thresholds), ``copied_images`` and ``copies`` (nearest-neighbour copies: counts, bounds), ``dmem``,
+    ``dmem_mean``, ``replication``, ``trainable_params``, counts, ``fid_reference_cached``, ``timings`` (seconds) and
+    ``config``. No prompt or caption is ever included. ``amd``, ``replication``, ``extracted_images``,
+    ``copied_images`` and ``memorized_prompts`` are None when ``config.extraction_generations == 0``; ``agreement`` is
+    None for ``agreement="none"``. When ``config.max_train_images`` caps the training reference, the D_mem rows
     (``dmem_index``) are always kept in it.
     """
     config = config or EvaluationConfig()
@@ -548,7 +549,7 @@ def _dmem_prompt_metrics(pipe: Any, dmem_dataset: Any, reference_dataset: Any, t
     generations."""
     from .metrics.distances import average_min_cosine_distance, replication_scores
     from .metrics.encoders import load_encoder, replication_encoder_name
-    from .metrics.extraction import calibrated_extraction, nearest_neighbour_copies, vae_round_trip
+    from .metrics.extraction import cached_render, calibrated_extraction, nearest_neighbour_copies, vae_round_trip
 
     clock = time.perf_counter()
     generations = _dmem_generations(pipe, dmem_dataset, caption_column, config, resolution)
@@ -571,8 +572,9 @@ def _dmem_prompt_metrics(pipe: Any, dmem_dataset: Any, reference_dataset: Any, t
     clock = time.perf_counter()
     training_images = torch.cat(list(real_images(dmem_dataset, image_column, range(len(dmem_dataset)),
                                                   resolution, config)))
+    render = cached_render(lambda x: vae_round_trip(pipe.vae, x, config.encoder_batch_size))
     extraction, flags = calibrated_extraction(
-        generations, training_images, lambda x: vae_round_trip(pipe.vae, x, config.encoder_batch_size),
+        generations, training_images, render,
         real_images(reference_dataset, image_column, train_rows, resolution, config),
         threshold=config.extraction_threshold, pixel_threshold=config.extraction_match_threshold or
         config.extraction_threshold, separation=config.extraction_separation,
@@ -582,13 +584,15 @@ def _dmem_prompt_metrics(pipe: Any, dmem_dataset: Any, reference_dataset: Any, t
     clock = time.perf_counter()
     column = _class_column(dmem_dataset, reference_dataset, label_column)
     query_rows = train_rows[subset_rows(len(train_rows), config.copy_calibration_images, config.seed)]
+    every = len(query_rows) == len(train_rows)  # then the reference itself calibrates: rendered once
     copies, copied = nearest_neighbour_copies(
-        generations, training_images, lambda x: vae_round_trip(pipe.vae, x, config.encoder_batch_size),
-        real_images(reference_dataset, image_column, train_rows, resolution, config),
+        generations, training_images, render, real_images(reference_dataset, image_column, train_rows, resolution,
+                                                          config),
         labels=None if column is None else dmem_dataset[column],
         reference_labels=None if column is None else reference_dataset.select(train_rows)[column],
-        queries=torch.cat(list(real_images(reference_dataset, image_column, query_rows, resolution, config))),
-        query_labels=None if column is None else reference_dataset.select(query_rows)[column],
+        queries=None if every else torch.cat(list(real_images(reference_dataset, image_column, query_rows,
+                                                              resolution, config))),
+        query_labels=None if column is None or every else reference_dataset.select(query_rows)[column],
         percentile=config.copy_percentile, grid=config.extraction_grid, reduction=config.extraction_reduction)
     from .figures import COPY
 

@@ -99,9 +99,10 @@ class EvaluationConfig:
         "help": "Nearest-neighbour copies (metrics.nearest_neighbour_copies): a D_mem generation nearest to its own "
                 "training image is a copy when closer to it than this percentile of the distances between training "
                 "images and their nearest different same-class training image (VAE round trips, tiled l2)."})
-    copy_calibration_images: int | None = field(default=1000, metadata={
+    copy_calibration_images: int | None = field(default=2000, metadata={
         "help": "Training images (seeded subset) whose nearest same-class neighbour calibrates the copy bound; "
-                "they are held in memory. None = all."})
+                "they and their VAE round trips are held in memory (2,000 at 512 px: 12.6 GB; lower it for large "
+                "images). None = all."})
     dmem_timesteps: list[int] | None = field(default=None, metadata={
         "help": "Fixed d_mem timestep(s) (1 value or one per D_mem pair); None = uniform random (reference code)."})
     dmem_repeats: int = field(default=1, metadata={"help": "Passes over D_mem with fresh noise/timesteps."})

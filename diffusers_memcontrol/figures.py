@@ -40,9 +40,9 @@ def save_dmem_generations(path: str | os.PathLike, generations: torch.Tensor, tr
     """Keep up to 8 generations per D_mem prompt, the most flagged first (by flag value), with their training image.
 
     ``generations`` is ``[P, G, C, H, W]`` and ``training_images`` ``[P, C, H, W]`` in [-1, 1]; ``flags`` is
-    ``[P, G]`` (bit 1: clique member, bit 2: extracted, bit 4: nearest-neighbour copy); ``round_trips`` (optional, ``[P, C, H, W]``): the training
-    images through the pipeline's VAE, the ceiling of what a generation can look like. Stored as uint8, at most
-    128 px a side.
+    ``[P, G]`` (bit 1: clique member, bit 2: extracted, bit 4: nearest-neighbour copy); ``round_trips`` (optional,
+    ``[P, C, H, W]``): the training images through the pipeline's VAE, the ceiling of what a generation can look
+    like. Stored as uint8, at most 128 px a side.
     """
     from safetensors.torch import save_file
 

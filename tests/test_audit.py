@@ -171,5 +171,6 @@ def test_the_run_folder_d_mem_attack_matches_and_publish_audit_puts_figures_in_t
     report = json.loads(Path(memorizing_run, "audit", "audit.json").read_text())
     assert report["prompts"] == "run" and report["attacked_prompts"] == 5 and report["extracted_images"] >= 3
     card = (local / "README.md").read_text()
-    assert "Memorization audit" in card and f"| Extracted images (calibrated) | {report['extracted_images']} | 0 |" in card
+    assert "Memorization audit" in card
+    assert f"| Extracted images (calibrated) | {report['extracted_images']} | 0 |" in card
     assert sorted(os.listdir(local)) == ["README.md", "adapter_config.json", "adapter_model.safetensors", "mask.json"]

@@ -25,6 +25,7 @@ distance to their nearest *different* training image of the same class; without 
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -37,6 +38,7 @@ from .distances import extraction_attack, tiled_l2
 __all__ = [
     "DEFAULT_COPY_PERCENTILE",
     "ExtractionCalibration",
+    "cached_render",
     "calibrate_extraction",
     "calibrated_extraction",
     "match_thresholds",
@@ -47,6 +49,7 @@ __all__ = [
 _SAME_IMAGE = 1e-3  # raw tiled l2 (float32 rounding, below a quarter grey level): the same image, a duplicate
 DEFAULT_COPY_PERCENTILE = 5.0  # a copy is closer to its image than 95% of training images are to their neighbour
 _MIN_CLASS_IMAGES = 5  # a class with fewer calibration images (with a same-class neighbour) takes the pooled bound
+_RENDER_CACHE_BYTES = 1 << 30  # round trips cached_render keeps (1 GiB: the quickstart's training set is 16 MB)
 
 
 @torch.no_grad()
@@ -58,6 +61,27 @@ def vae_round_trip(vae: Any, images: torch.Tensor, batch_size: int = 64) -> torc
         decoded = vae.decode(vae.encode(batch).latent_dist.mean).sample
         out.append(decoded.float().cpu().clamp(-1.0, 1.0))
     return torch.cat(out)
+
+
+def cached_render(render: Callable[[torch.Tensor], torch.Tensor],
+                  max_bytes: int = _RENDER_CACHE_BYTES) -> Callable[[torch.Tensor], torch.Tensor]:
+    """``render`` that renders a batch of the same pixels once (keyed by content, up to ``max_bytes`` of round trips
+    kept), so that the calibrated attack and the nearest-neighbour copies stream the training set through one VAE."""
+    cache: dict[tuple, torch.Tensor] = {}
+    held = 0
+
+    def cached(images: torch.Tensor) -> torch.Tensor:
+        nonlocal held
+        key = (tuple(images.shape), hashlib.sha256(images.detach().cpu().contiguous().numpy().tobytes()).digest())
+        if key in cache:
+            return cache[key]
+        out = render(images)
+        size = out.numel() * out.element_size()
+        if held + size <= max_bytes:
+            cache[key], held = out, held + size
+        return out
+
+    return cached
 
 
 def match_thresholds(reference: Any, nearest_other: Any, pixel_threshold: float,
@@ -257,9 +281,14 @@ def nearest_neighbour_copies(
                          f"{tuple(generations.shape)} and {tuple(training_images.shape)}")
     if not 0 < percentile < 100:
         raise ValueError(f"percentile must be in (0, 100); got {percentile!r}")
-    if queries is None:
+    if queries is None:  # every reference calibrates: each batch is rendered once, for both uses
         references = list(references)
-        queries, query_labels = torch.cat(references), reference_labels
+        rendered = [render(images) for images in references]
+        queries, query_round_trips, query_labels = torch.cat(references), torch.cat(rendered), reference_labels
+        batches: Iterable[tuple[torch.Tensor, torch.Tensor]] = zip(references, rendered)
+    else:
+        query_round_trips = render(queries)
+        batches = ((images, render(images)) for images in references)
     codes = _class_codes(labels, reference_labels, query_labels)
     n_prompts, per_prompt = generations.shape[:2]
     pair_codes, ref_codes, query_codes = codes or [torch.zeros(n, dtype=torch.int64) for n in
@@ -268,12 +297,10 @@ def nearest_neighbour_copies(
     flat = generations.flatten(0, 1)
     prompt_of = torch.arange(n_prompts).repeat_interleave(per_prompt)
     own = tiled_l2(flat, render(training_images), **kwargs).cpu()[torch.arange(len(flat)), prompt_of]
-    query_round_trips = render(queries)
     other = torch.full((len(flat),), torch.inf)  # nearest training image other than the prompt's own
     query_nearest = torch.full((len(queries),), torch.inf)  # nearest different same-class training image
     seen = 0
-    for images in references:
-        round_trips = render(images)
+    for images, round_trips in batches:
         is_own = (tiled_l2(training_images, images, **kwargs).cpu() < _SAME_IMAGE)[prompt_of]
         other = torch.minimum(other, tiled_l2(flat, round_trips, **kwargs).cpu().masked_fill(is_own, torch.inf)
                               .amin(dim=1))

@@ -162,3 +162,21 @@ def test_copies_of_a_class_without_enough_calibration_images_take_the_pooled_bou
                                  queries=train, query_labels=labels)
     with pytest.raises(ValueError, match="one \\[C, H, W\\] training image per prompt"):
         nearest_neighbour_copies(generations, pairs[:1], _render, [train])
+
+
+def test_cached_render_renders_a_batch_of_the_same_pixels_once_within_its_budget():
+    from diffusers_memcontrol.metrics.extraction import cached_render
+
+    calls = []
+
+    def render(x):
+        calls.append(len(x))
+        return 0.5 * x
+
+    cached = cached_render(render, max_bytes=2 * 3 * 8 * 8 * 4)  # room for the round trips of two images
+    a, b = _images([0.1, 0.2]), _images([0.3])
+    torch.testing.assert_close(cached(a), 0.5 * a)
+    torch.testing.assert_close(cached(a.clone()), 0.5 * a)  # same pixels, another tensor: no render
+    assert calls == [2]
+    cached(b), cached(b)  # over the budget: rendered each time, still right
+    assert calls == [2, 1, 1]
