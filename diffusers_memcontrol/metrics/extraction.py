@@ -281,11 +281,14 @@ def nearest_neighbour_copies(
                          f"{tuple(generations.shape)} and {tuple(training_images.shape)}")
     if not 0 < percentile < 100:
         raise ValueError(f"percentile must be in (0, 100); got {percentile!r}")
-    if queries is None:  # every reference calibrates: each batch is rendered once, for both uses
+    if queries is None:  # every reference calibrates: each batch is rendered once, for both uses, and held once
         references = list(references)
-        rendered = [render(images) for images in references]
-        queries, query_round_trips, query_labels = torch.cat(references), torch.cat(rendered), reference_labels
-        batches: Iterable[tuple[torch.Tensor, torch.Tensor]] = zip(references, rendered)
+        sizes = [len(images) for images in references]
+        query_round_trips = torch.cat([render(images) for images in references])
+        queries, query_labels = torch.cat(references), reference_labels
+        del references
+        batches: Iterable[tuple[torch.Tensor, torch.Tensor]] = zip(queries.split(sizes),
+                                                                   query_round_trips.split(sizes))
     else:
         query_round_trips = render(queries)
         batches = ((images, render(images)) for images in references)
