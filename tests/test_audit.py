@@ -148,6 +148,9 @@ def test_a_run_folder_audits_with_no_other_argument_and_the_scan_ranks_dmem_on_t
     assert detection["dmem_ranks"][:4] == [1, 2, 3, 4], detection
     assert report["extracted_images"] >= 3 and status == audit.EXTRACTION_EXIT_STATUS
     assert report["base"]["extracted_images"] == 0 and report["memorized_prompts"] >= 3
+    # the nearest-neighbour copies see the memorized pairs too (5 of 5 measured), and none for the base
+    assert report["copied_images"] >= 3 and report["base"]["copied_images"] == 0
+    assert report["copies"]["classes"] and "Copies (nearest-neighbour) |" in (out / "audit.md").read_text()
     # privacy: no caption in audit.json or audit.md without --include_prompts
     from diffusers_memcontrol.arguments import build_sets, load_splits
 
