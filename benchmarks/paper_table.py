@@ -22,8 +22,8 @@ import time
 
 import torch
 
-METRICS = ("fid", "kid", "c2st_accuracy", "in_domain", "amd", "agreement", "extracted_images", "memorized_prompts",
-           "dmem", "dmem_exposures", "fid_noise", "kid_noise")
+METRICS = ("fid", "kid", "c2st_accuracy", "in_domain", "amd", "agreement", "extracted_images", "copied_images",
+           "memorized_prompts", "dmem", "dmem_exposures", "fid_noise", "kid_noise")
 # the ceiling row (real test images through the base's VAE) is a row of every seed's table, as "ceiling"
 def quickstart_stage2_args() -> str:
     """The quickstart's stage-2 flags (arguments.QUICKSTART_STAGE2, their one home)."""

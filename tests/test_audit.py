@@ -149,6 +149,9 @@ def test_a_run_folder_audits_with_no_other_argument_and_the_scan_ranks_dmem_on_t
     assert detection["dmem_ranks"][:4] == [1, 2, 3, 4], detection
     assert report["extracted_images"] >= 3 and status == audit.EXTRACTION_EXIT_STATUS
     assert report["base"]["extracted_images"] == 0 and report["memorized_prompts"] >= 3
+    # the nearest-neighbour copies see the memorized pairs too (5 of 5 measured), and none for the base
+    assert report["copied_images"] >= 3 and report["base"]["copied_images"] == 0
+    assert report["copies"]["classes"] and "Copies (nearest-neighbour) |" in (out / "audit.md").read_text()
     # privacy: no caption in audit.json or audit.md without --include_prompts
     ns = audit._trainer_namespace(audit.build_parser().parse_args([memorizing_run]),
                                   json.loads(Path(memorizing_run, "training_config.json").read_text())["run"],
@@ -169,5 +172,6 @@ def test_the_run_folder_d_mem_attack_matches_and_publish_audit_puts_figures_in_t
     report = json.loads(Path(memorizing_run, "audit", "audit.json").read_text())
     assert report["prompts"] == "run" and report["attacked_prompts"] == 5 and report["extracted_images"] >= 3
     card = (local / "README.md").read_text()
-    assert "Memorization audit" in card and f"| Extracted images | {report['extracted_images']} | 0 |" in card
+    assert "Memorization audit" in card
+    assert f"| Extracted images (calibrated) | {report['extracted_images']} | 0 |" in card
     assert sorted(os.listdir(local)) == ["README.md", "adapter_config.json", "adapter_model.safetensors", "mask.json"]

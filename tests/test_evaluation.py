@@ -22,7 +22,7 @@ from diffusers_memcontrol.evaluation.evaluator import (
 from diffusers_memcontrol.metrics.encoders import DomainModelEncoder
 
 TOP_KEYS = {"fid", "amd", "amd_eval", "agreement", "extracted_images", "memorized_prompts", "dmem", "dmem_mean",
-            "trainable_params", "replication"}
+            "trainable_params", "replication", "copied_images"}
 
 
 def make_pipeline() -> StableDiffusionPipeline:
@@ -89,7 +89,33 @@ def test_dmem_generations_are_kept_for_the_figure(setup):
     saved = load_dmem_generations(setup["generations"])
     assert saved["generations"].shape == (3, 3, 3, 32, 32) and saved["generations"].dtype == torch.uint8
     assert saved["training_images"].shape == (3, 3, 32, 32) and saved["flags"].shape == (3, 3)
-    assert int((saved["flags"] >= 2).any(1).sum()) == setup["first"]["extracted_images"]
+    assert int((saved["flags"] & 2).bool().any(1).sum()) == setup["first"]["extracted_images"]
+    assert int((saved["flags"] & 4).bool().any(1).sum()) == setup["first"]["copied_images"]
+
+
+def test_evaluate_counts_planted_nearest_neighbour_copies(setup, monkeypatch, tmp_path):
+    """Through evaluate(): prompt 0 generates its decoded training image (a copy), prompt 1 prompt 0's image and
+    prompt 2 a classmate's decoded image (neither is a copy); the classes come from the digits' label column."""
+    from diffusers_memcontrol.figures import load_dmem_generations
+    from diffusers_memcontrol.images import pixel_batch
+
+    from diffusers_memcontrol import evaluation
+    from diffusers_memcontrol.metrics.extraction import vae_round_trip
+
+    train, dmem, pipe = setup["train"], setup["dmem"], setup["pipe"]
+    rows = dmem["dmem_index"]
+    mate = next(j for j in range(len(train)) if train[j]["label"] == train[rows[2]]["label"] and j not in rows)
+    trips = vae_round_trip(pipe.vae, pixel_batch([*dmem["image"][:1], train[mate]["image"]], 32))
+    planted = torch.stack([trips[0], trips[0], trips[1]])[:, None].expand(-1, 3, -1, -1, -1)
+    monkeypatch.setattr(evaluation, "_dmem_generations", lambda *args: planted.clone())
+    path = tmp_path / "dmem_generations.safetensors"
+    metrics = evaluate(pipe, setup["test"], dmem, train, setup["config"], encoder=setup["encoder"],
+                       generations_path=str(path))
+    copies = metrics["copies"]
+    assert metrics["copied_images"] == copies["n_copied"] == 1 and copies["n_copy_generations"] == 3
+    assert copies["class_column"] == "label" and copies["classes"] and copies["n_calibration_images"] == len(train)
+    assert metrics["memorized_prompts"] == 3  # every prompt's generations are one image: a clique
+    assert (load_dmem_generations(path)["flags"] & 4).bool().any(1).tolist() == [True, False, False]
 
 
 def test_reference_statistics_are_cached_and_reused(setup):
@@ -142,6 +168,12 @@ def test_search_objectives(setup):
     assert all(_finite(out[k]) for k in ("dmem", "fid", "kid", "quality_objective", "memorization_objective"))
     assert out["quality_metric"] == "fid" and out["quality_objective"] == out["fid"] and out["agreement"] is None
     assert out["memorization_metric"] == "dmem" and out["memorization_objective"] == out["dmem"]
+    assert out["quality_objective_se"] is None  # FID has no per-prompt standard error
+    config = EvaluationConfig.for_search(num_eval_prompts=4, num_inference_steps=2, dmem_batch_size=2,
+                                         cache_dir=setup["config"].cache_dir, search_objective="agreement")
+    out = evaluate_search_objectives(setup["pipe"], setup["dmem"], setup["test"], config, encoder=setup["encoder"])
+    a = out["agreement"]
+    assert out["quality_objective"] == 1 - a and out["quality_objective_se"] == pytest.approx((a * (1 - a) / 4) ** 0.5)
     assert out["dmem"] == pytest.approx(setup["first"]["dmem"], rel=1e-5)  # same D_mem, seed and batch size
 
 
@@ -259,6 +291,34 @@ def test_generations_of_other_training_images_are_not_extracted_on_tiny_base(dec
     assert bool((flags == 1).all())
 
 
+def test_nearest_neighbour_copies_on_tiny_base():
+    """On digits with the shipped VAE: decoded training latents (sampled) are copies; a classmate's decoded image and
+    another prompt's image are not, although all of them form cliques."""
+    from diffusers import AutoencoderKL
+    from diffusers_memcontrol.images import pixel_batch
+
+    from diffusers_memcontrol.metrics.extraction import nearest_neighbour_copies, vae_round_trip
+
+    train = tb.load_domain("digits", "train").select(range(300))
+    dmem = build_memorization_set(train, dmem_size=6, seed=0)
+    vae = AutoencoderKL.from_pretrained(os.path.join(tb.tiny_base_path(), "vae")).eval()
+    images = pixel_batch(dmem["image"], 32)
+    labels = train["label"]
+    classmates = [next(j for j in range(len(train)) if labels[j] == labels[r] and j != r) for r in dmem["dmem_index"]]
+    with torch.no_grad():
+        sampled = torch.stack([vae.decode(vae.encode(images).latent_dist.sample(torch.Generator().manual_seed(s)))
+                               .sample.clamp(-1, 1) for s in range(3)], 1)
+    trips = vae_round_trip(vae, images)
+    generations = torch.cat([sampled, vae_round_trip(vae, pixel_batch(train.select(classmates)["image"], 32))[:, None],
+                             trips.roll(1, dims=0)[:, None]], 1)
+    references = (pixel_batch(train.select(range(s, s + 100))["image"], 32) for s in range(0, 300, 100))
+    summary, copies = nearest_neighbour_copies(generations, images, lambda x: vae_round_trip(vae, x), references,
+                                               labels=dmem["label"], reference_labels=labels)
+    assert copies[:, :3].all() and not copies[:, 3:].any()
+    assert summary["n_copied"] == 6 and summary["n_copy_generations"] == 18 and summary["classes"]
+    assert 0 < summary["bounds"]["min"] <= summary["bounds"]["max"] < summary["calibration_nearest"]["median"]
+
+
 def test_pixel_replication_space_tells_a_copy_from_its_classmates_on_tiny_base():
     """Against the training set as the tiny VAE renders it, a decoded training latent is nearest to its own image in
     the pixel space (the copy-detection pair of tiny-domain) and more similar to it than to any classmate."""
@@ -313,3 +373,14 @@ def test_quality_objectives():
         quality_objective({**metrics, "agreement": None}, "agreement")
     with pytest.raises(ValueError, match="search_objective"):
         EvaluationConfig(search_objective="bleu")
+
+
+def test_search_quality_standard_error():
+    """Binomial over the prompts for 1 - classifier agreement; None where the objective has no per-prompt form."""
+    from diffusers_memcontrol.evaluation.config import quality_objective_se
+
+    assert quality_objective_se(0.8, "classifier", 50, "agreement") == pytest.approx(0.0566, abs=1e-4)
+    assert quality_objective_se(0.8, "classifier", 200, "agreement") == pytest.approx(0.0283, abs=1e-4)
+    for args in ((0.8, "clip", 50, "agreement"), (0.8, "classifier", 50, "fid"), (None, "none", 50, "agreement"),
+                 (0.8, "classifier", 50, "fid_agreement")):
+        assert quality_objective_se(*args) is None

@@ -11,7 +11,8 @@ def test_results_table_order_and_files(tmp_path):
         {"method": "memcontrol", "mitigation": "none", "fid": 10.5, "amd": 0.3, "agreement": 0.9,
          "extracted_images": 0, "dmem": 1.2, "trainable_params": 9000},
         {"method": "full", "mitigation": "rwa", "fid": 9.0, "amd": 0.1, "agreement": 0.95,
-         "extracted_images": 7, "memorized_prompts": 9, "dmem": 4.0, "trainable_params": 1_400_000},
+         "extracted_images": 7, "copied_images": 3, "memorized_prompts": 9, "dmem": 4.0,
+         "trainable_params": 1_400_000},
         {"method": "freeze", "mitigation": "none", "fid": 80.0, "amd": 0.5, "agreement": None,
          "extracted_images": 0, "dmem": 0.5, "trainable_params": 0},
     ]
@@ -20,9 +21,11 @@ def test_results_table_order_and_files(tmp_path):
     assert [line.split("|")[1].strip() for line in body] == ["Freeze", "Full FT", "MemControl"]
     assert "1,400,000" in text and "n/a" in text and "RWA" in text
     header = [cell.strip() for cell in text.splitlines()[0].split("|")]
-    assert header.index("Memorized prompts ↓") == header.index("Extracted ↓") + 1
+    extracted, copies = header.index("Extracted (calibrated) ↓"), header.index("Copies (nearest-neighbour) ↓")
+    assert header.index("Memorized prompts ↓") == copies + 1 == extracted + 2
     full = [cell.strip() for cell in body[1].split("|")]
     assert full[header.index("Memorized prompts ↓")] == "9"
+    assert (full[extracted], full[copies], full[header.index("AMD ↑")]) == ("7", "3", "0.1")
     md, js = write_results(rows, tmp_path)
     assert json.loads(open(js).read()) == rows
     assert open(md).read() == text

@@ -4,6 +4,7 @@ Budgets are minimal (a few steps, a handful of images): this checks the wiring a
 """
 
 import json
+import math
 import os
 
 import pytest
@@ -47,13 +48,17 @@ def test_search_final_and_table(tmp_path):
     for t in summary["trials"]:  # the objectives, then the trial's own d_mem and FID beside them
         assert 0 <= t["memorization_objective"] <= 1 and 0 <= t["quality_objective"] <= 1
         assert t["dmem"] is not None and t["fid"] is not None
+        # the binomial standard error of 1 - agreement over the 4 validation prompts
+        q = t["quality_objective"]
+        assert t["quality_objective_se"] == pytest.approx(math.sqrt(q * (1 - q) / 4))
+    assert chosen["quality_objective_se"] == summary["trials"][chosen["row"]]["quality_objective_se"]
     rows = _json(os.path.join(out, "results.json"))
     assert [(r["method"], r["mitigation"]) for r in rows] == [("ceiling", "none"), ("freeze", "none"),
                                                               ("memcontrol", "none")]
     ceiling, rows = rows[0], rows[1:]
     assert ceiling["fid"] < rows[0]["fid"] and ceiling["in_domain"] >= 0.9  # above the floor; digits through the VAE
     for row in rows:
-        for key in ("fid", "amd", "dmem", "trainable_params", "extracted_images"):
+        for key in ("fid", "amd", "dmem", "trainable_params", "extracted_images", "copied_images"):
             assert key in row
     assert rows[0]["trainable_params"] == 0 and rows[1]["trainable_params"] > 0
     table = _read(os.path.join(out, "results.md"))
@@ -65,7 +70,8 @@ def test_search_final_and_table(tmp_path):
     assert trial["config"]["extraction_generations"] == 4 and trial["memorization_metric"] == "cliques"
     assert trial["memorization_objective"] == trial["clique_share"]
     assert trial["quality_objective"] == 1 - trial["agreement"]
-    assert rows[0]["extracted_images"] is not None  # stage 2: the full evaluation
+    assert rows[0]["extracted_images"] is not None and rows[0]["copied_images"] is not None  # stage 2: all of it
+    assert "Copies (nearest-neighbour)" in table
 
 
 def test_transfer_runs_stage_two_with_a_given_mask(tmp_path):

@@ -13,7 +13,11 @@ The prompts attacked are D_mem (``--dmem_file``, ``--dmem_size`` with the traine
 or, with ``--scan``, the ``--scan_top_k`` training captions that Wen et al.'s first-step detection score ranks highest
 (every distinct caption of the training split is scored, batched). Each attacked prompt gets the calibrated
 extraction attack of the evaluation (:mod:`metrics.extraction`): ``extracted_images`` counts the prompts with a
-generation that copies its training image, ``memorized_prompts`` those whose generations form a clique. The same
+generation that copies its training image, ``memorized_prompts`` those whose generations form a clique. Beside it,
+``copied_images`` counts the prompts with a nearest-neighbour copy
+(:func:`metrics.extraction.nearest_neighbour_copies`: a generation nearest to its own training image among the
+training split's VAE round trips, and closer to it than same-class training images usually are to each other;
+classes from the split's ``label`` column, else none). The same
 attack runs on the base model with the same seeds: a clique the base already forms is not the fine-tune's
 memorization and is subtracted from ``memorized_prompts``.
 
@@ -61,11 +65,11 @@ from ..data.tiny_base import tiny_base_path
 from ..errors import ArgumentParser, InputError, run_command, user_input
 from ..evaluation.config import EvaluationConfig
 from ..evaluation.evaluator import generate_images, pipe_default_resolution, real_images, subset_rows
-from ..evaluation.figures import memorization_figure, save_dmem_generations
+from ..evaluation.figures import COPY, memorization_figure, save_dmem_generations
 from ..files import write_json_atomic, write_text_atomic
 from ..hub.loaders import load_unet_adapter
 from ..hub.pipelines import is_pipeline_folder
-from ..metrics.extraction import calibrated_extraction, vae_round_trip
+from ..metrics.extraction import cached_render, calibrated_extraction, nearest_neighbour_copies, vae_round_trip
 from ..metrics.memorization import detection_auc, wen_detection_scores
 from ..trainer.arguments import build_parser as trainer_parser
 from ..trainer.arguments import build_sets, load_splits
@@ -268,7 +272,8 @@ def _scan_scores(pipe: Any, captions: list[str], settings: AuditSettings, progre
 
 def _attack(pipe: Any, captions: list[str], pool: Any, rows: list[int], image_column: str, settings: AuditSettings,
             config: Any, resolution: int, progress: bool, desc: str) -> tuple[dict, torch.Tensor, torch.Tensor, Any]:
-    """The calibrated extraction attack of the evaluation on `captions` (training images: `rows` of `pool`)."""
+    """The calibrated extraction attack and the nearest-neighbour copies of the evaluation on `captions` (training
+    images: `rows` of `pool`); the copies are bit 4 of the flags."""
     images = generate_images(pipe, captions, settings.generations, num_inference_steps=settings.num_inference_steps,
                              guidance_scale=settings.guidance_scale, resolution=resolution,
                              batch_size=settings.generation_batch_size, seed=settings.seed + 1,
@@ -276,8 +281,7 @@ def _attack(pipe: Any, captions: list[str], pool: Any, rows: list[int], image_co
     generations = images.reshape(len(captions), settings.generations, *images.shape[1:])
     training = torch.cat(list(real_images(pool, image_column, rows, resolution, config)))
 
-    def render(x: torch.Tensor) -> torch.Tensor:
-        return vae_round_trip(pipe.vae, x, config.encoder_batch_size)
+    render = cached_render(lambda x: vae_round_trip(pipe.vae, x, config.encoder_batch_size))
 
     with torch.no_grad():
         summary, flags = calibrated_extraction(
@@ -288,7 +292,19 @@ def _attack(pipe: Any, captions: list[str], pool: Any, rows: list[int], image_co
             pixel_threshold=config.extraction_match_threshold or config.extraction_threshold,
             separation=config.extraction_separation, min_clique_size=config.extraction_min_clique_size,
             grid=config.extraction_grid, reduction=config.extraction_reduction)
-    return summary, flags, generations, training
+        references = subset_rows(len(pool), config.max_train_images, config.seed, keep=rows)
+        queries = references[subset_rows(len(references), config.copy_calibration_images, config.seed)]
+        every = len(queries) == len(references)  # then the reference itself calibrates: rendered once
+        column = "label" if "label" in pool.column_names else None
+        copies, copied = nearest_neighbour_copies(
+            generations, training, render, real_images(pool, image_column, references, resolution, config),
+            labels=None if column is None else pool.select(rows)[column],
+            reference_labels=None if column is None else pool.select(references)[column],
+            queries=None if every else torch.cat(list(real_images(pool, image_column, queries, resolution, config))),
+            query_labels=None if column is None or every else pool.select(queries)[column],
+            percentile=config.copy_percentile, grid=config.extraction_grid, reduction=config.extraction_reduction)
+    flags |= copied.to(torch.uint8) * COPY
+    return {**summary, "copies": {**copies, "class_column": column}}, flags, generations, training
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -414,12 +430,14 @@ def run_audit(args: argparse.Namespace, explicit: set[str] | None = None) -> dic
 
     clique = (flags & 1).bool().any(1)
     extracted = (flags & 2).bool().any(1)
+    copied = (flags & COPY).bool().any(1)
     base_clique = (base_flags & 1).bool().any(1) if base_flags is not None else torch.zeros_like(clique)
     base_extracted = (base_flags & 2).bool().any(1) if base_flags is not None else torch.zeros_like(clique)
     per_prompt = []
     for p, row in enumerate(attack_rows):
         entry = {"row": int(row), "dmem": row in dmem_rows, "clique": bool(clique[p]), "extracted": bool(extracted[p]),
-                 "base_clique": bool(base_clique[p]), "base_extracted": bool(base_extracted[p])}
+                 "copied": bool(copied[p]), "base_clique": bool(base_clique[p]),
+                 "base_extracted": bool(base_extracted[p])}
         if row in scores_by_row:
             entry["detection_score"] = scores_by_row[row]
         if args.include_prompts:
@@ -428,6 +446,7 @@ def run_audit(args: argparse.Namespace, explicit: set[str] | None = None) -> dic
     report: dict[str, Any] = {
         "model": {"path": model, "kind": kind, "base_model": base},
         "extracted_images": int(extracted.sum()),
+        "copied_images": int(copied.sum()),
         "memorized_prompts": int((clique & ~base_clique).sum()),
         "memorized_prompts_before_base_subtraction": int(clique.sum()),
         "base_only_cliques_subtracted": int((clique & base_clique).sum()),
@@ -436,10 +455,13 @@ def run_audit(args: argparse.Namespace, explicit: set[str] | None = None) -> dic
         "prompts": "scan" if settings.scan else ("run" if run is not None else "dmem"),
         "attacked_prompts": len(attack_rows),
         "generations_per_prompt": settings.generations,
-        "extraction": summary,
+        "extraction": {k: v for k, v in summary.items() if k != "copies"},
+        "copies": summary["copies"],
         "base": None if base_summary is None else {
             "extracted_images": int(base_summary["n_extracted"]),
-            "memorized_prompts": int(base_summary["n_flagged_prompts"]), "extraction": base_summary,
+            "copied_images": int(base_summary["copies"]["n_copied"]),
+            "memorized_prompts": int(base_summary["n_flagged_prompts"]),
+            "extraction": {k: v for k, v in base_summary.items() if k != "copies"}, "copies": base_summary["copies"],
             "detection": base_detection},
         "detection": detection,
         "per_prompt": per_prompt,
@@ -479,7 +501,7 @@ def _attack_config(args: argparse.Namespace, run: dict | None) -> Any:
         with user_input(f"--eval_config {source!r}"), open(source, encoding="utf-8") as f:
             values.update(json.load(f))
     for name in ("extraction_threshold", "extraction_match_threshold", "extraction_separation",
-                 "extraction_min_clique_size", "max_train_images"):
+                 "extraction_min_clique_size", "max_train_images", "copy_percentile"):
         if getattr(args, name) is not None:
             values[name] = getattr(args, name)
     values.update(extraction_generations=args.generations, show_progress=not args.no_progress)
@@ -520,6 +542,9 @@ def build_parser(prog: str = "memcontrol audit") -> argparse.ArgumentParser:
     for name in ("extraction_threshold", "extraction_match_threshold", "extraction_separation"):
         g.add_argument(f"--{name}", type=float, default=None, help="As in EvaluationConfig (default: its value).")
     g.add_argument("--extraction_min_clique_size", type=int, default=None, help="As in EvaluationConfig.")
+    g.add_argument("--copy_percentile", type=float, default=None,
+                   help="Nearest-neighbour copies: the percentile of same-class nearest-neighbour distances a copy "
+                        "must be closer than (EvaluationConfig.copy_percentile, default 5).")
     g.add_argument("--max_train_images", type=int, default=None,
                    help="Cap on the training images each match is calibrated against (the nearest other training "
                         "image; seeded subset, the attacked rows kept); default: all. At real scale each is rendered "
@@ -557,6 +582,7 @@ def main(argv: list[str] | None = None) -> int:
     report = run_audit(args, _explicit_flags(parser, argv))
     base = report.get("base") or {}
     print(json.dumps({"extracted_images": report["extracted_images"],
+                      "copied_images": report["copied_images"],
                       "memorized_prompts": report["memorized_prompts"],
                       "base_extracted_images": base.get("extracted_images"),
                       "base_memorized_prompts": base.get("memorized_prompts"),

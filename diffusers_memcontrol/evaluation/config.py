@@ -9,9 +9,10 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from ..data.images import check_interpolation
+from ..metrics.extraction import DEFAULT_COPY_PERCENTILE
 
 __all__ = ["AGREEMENT_KINDS", "SEARCH_MEMORIZATION_OBJECTIVES", "SEARCH_OBJECTIVES", "EvaluationConfig",
-           "quality_objective"]
+           "quality_objective", "quality_objective_se"]
 
 AGREEMENT_KINDS = ("classifier", "clip", "biovil", "none")
 SEARCH_OBJECTIVES = ("fid", "kid", "c2st", "agreement", "fid_agreement")
@@ -94,6 +95,17 @@ class EvaluationConfig:
     extraction_min_clique_size: int = field(default=3, metadata={
         "help": "Smallest clique that flags generations (reference code: 3 of 50; Carlini et al.: 10 of 500)."})
     extraction_reduction: str = field(default="rms", metadata={"help": "Tiled l2 normalization: 'rms' or 'sum'."})
+    copies: bool = field(default=True, metadata={
+        "help": "Count nearest-neighbour copies beside the calibrated extraction (stage 2, the audit); search trials "
+                "skip it (their objectives do not use it)."})
+    copy_percentile: float = field(default=DEFAULT_COPY_PERCENTILE, metadata={
+        "help": "Nearest-neighbour copies (metrics.nearest_neighbour_copies): a D_mem generation nearest to its own "
+                "training image is a copy when closer to it than this percentile of the distances between training "
+                "images and their nearest different same-class training image (VAE round trips, tiled l2)."})
+    copy_calibration_images: int | None = field(default=2000, metadata={
+        "help": "Training images (seeded subset) whose nearest same-class neighbour calibrates the copy bound; "
+                "they and their VAE round trips are held in memory (2,000 at 512 px: 12.6 GB; lower it for large "
+                "images). None = all."})
     dmem_timesteps: list[int] | None = field(default=None, metadata={
         "help": "Fixed d_mem timestep(s) (1 value or one per D_mem pair); None = uniform random (reference code)."})
     dmem_repeats: int = field(default=1, metadata={"help": "Passes over D_mem with fresh noise/timesteps."})
@@ -150,7 +162,8 @@ class EvaluationConfig:
                     or os.path.isfile(in_domain_classifier_path(self.in_domain_classifier))):
                 raise ValueError(f"in_domain_classifier {self.in_domain_classifier!r} is neither a shipped target "
                                  "domain ('digits', 'animal-mnist') nor a .safetensors file.")
-        for name in ("num_eval_prompts", "resolution", "max_reference_images", "max_train_images", "quality_images"):
+        for name in ("num_eval_prompts", "resolution", "max_reference_images", "max_train_images", "quality_images",
+                     "copy_calibration_images"):
             if getattr(self, name) is not None:
                 _positive_int(getattr(self, name), name)
         if not isinstance(self.guidance_scale, (int, float)) or not math.isfinite(self.guidance_scale):
@@ -163,6 +176,8 @@ class EvaluationConfig:
             value = getattr(self, name)
             if value is not None and (not isinstance(value, (int, float)) or not value > 0):
                 raise ValueError(f"{name} must be a number > 0, got {value!r}.")
+        if not isinstance(self.copy_percentile, (int, float)) or not 0 < self.copy_percentile < 100:
+            raise ValueError(f"copy_percentile must be in (0, 100), got {self.copy_percentile!r}.")
         if not isinstance(self.extraction_separation, (int, float)) or not 0 < self.extraction_separation <= 1:
             raise ValueError(f"extraction_separation must be in (0, 1], got {self.extraction_separation!r}.")
         _positive_int(self.extraction_min_clique_size, "extraction_min_clique_size")
@@ -211,7 +226,7 @@ class EvaluationConfig:
         no ceiling and no noise estimate."""
         base: dict[str, Any] = {"num_eval_prompts": 100, "images_per_prompt": 1, "extraction_generations": 0,
                                 "agreement": "none", "show_progress": False, "quality_images": None,
-                                "ceiling": False, "quality_noise": False}
+                                "ceiling": False, "quality_noise": False, "copies": False}
         base.update(overrides)
         return cls(**base)
 
@@ -230,3 +245,12 @@ def quality_objective(metrics: dict[str, Any], objective: str) -> float:
     if objective == "agreement":
         return 1.0 - float(metrics["agreement"])
     return float(metrics["fid"]) * (1.0 - float(metrics["agreement"]))
+
+
+def quality_objective_se(agreement: float | None, agreement_kind: str, num_prompts: int, objective: str) -> float | None:
+    """Standard error of the search trial's quality objective over its prompts, where it has one: for 1 - agreement
+    with classifier agreement, the binomial ``sqrt(a (1 - a) / prompts)`` (exact with one image per prompt, an upper
+    bound with more); None for FID, KID, C2ST, FID x (1 - agreement) and CLIP/BioViL agreement."""
+    if objective != "agreement" or agreement_kind != "classifier" or agreement is None or num_prompts < 1:
+        return None
+    return math.sqrt(agreement * (1.0 - agreement) / num_prompts)

@@ -21,10 +21,10 @@ from ..files import atomic_path
 __all__ = ["DMEM_GENERATIONS_FILE", "MEMORIZATION_FIGURE", "load_dmem_generations", "memorization_figure",
            "save_dmem_generations", "write_memorization_figure"]
 
-CLIQUE, EXTRACTED = 1, 2  # bits of the per-generation flags
+CLIQUE, EXTRACTED, COPY = 1, 2, 4  # bits of the per-generation flags (COPY: a nearest-neighbour copy)
 _KEPT_PER_PROMPT = 8
 _MAX_SIZE = 128
-_COLORS = {EXTRACTED: "tab:red", CLIQUE: "tab:orange"}
+_COLORS = {EXTRACTED: "tab:red", COPY: "tab:purple", CLIQUE: "tab:orange"}
 
 
 def _to_uint8(images: torch.Tensor) -> torch.Tensor:
@@ -36,12 +36,12 @@ def _to_uint8(images: torch.Tensor) -> torch.Tensor:
 
 def save_dmem_generations(path: str | os.PathLike, generations: torch.Tensor, training_images: torch.Tensor,
                           flags: torch.Tensor, round_trips: torch.Tensor | None = None) -> str:
-    """Keep up to 8 generations per D_mem prompt, extracted then clique members first, with their training image.
+    """Keep up to 8 generations per D_mem prompt, the most flagged first (by flag value), with their training image.
 
     ``generations`` is ``[P, G, C, H, W]`` and ``training_images`` ``[P, C, H, W]`` in [-1, 1]; ``flags`` is
-    ``[P, G]`` (bit 1: clique member, bit 2: extracted); ``round_trips`` (optional, ``[P, C, H, W]``): the training
-    images through the pipeline's VAE, the ceiling of what a generation can look like. Stored as uint8, at most
-    128 px a side.
+    ``[P, G]`` (bit 1: clique member, bit 2: extracted, bit 4: nearest-neighbour copy); ``round_trips`` (optional,
+    ``[P, C, H, W]``): the training images through the pipeline's VAE, the ceiling of what a generation can look
+    like. Stored as uint8, at most 128 px a side.
     """
     from safetensors.torch import save_file
 
@@ -71,7 +71,8 @@ def memorization_figure(runs: Mapping[str, str], path: str, n_pairs: int = 4, n_
     generations of each run), flagged ones framed.
 
     ``runs`` maps a column title to a run folder holding ``dmem_generations.safetensors``; the pairs shown are
-    those the first run flags most. Red frame: extracted; orange: clique member (not extracted).
+    those the first run flags most. Red frame: extracted; purple: a nearest-neighbour copy (not extracted); orange:
+    clique member (neither).
     """
     import matplotlib
 
@@ -81,7 +82,7 @@ def memorization_figure(runs: Mapping[str, str], path: str, n_pairs: int = 4, n_
 
     data = {title: load_dmem_generations(os.path.join(folder, DMEM_GENERATIONS_FILE)) for title, folder in runs.items()}
     first = next(iter(data.values()))
-    score = (first["flags"] >= EXTRACTED).sum(1) * 100 + (first["flags"] > 0).sum(1)
+    score = (first["flags"] & (EXTRACTED | COPY) > 0).sum(1) * 100 + (first["flags"] > 0).sum(1)
     pairs = torch.argsort(-score, stable=True)[:n_pairs].tolist()
     ceiling = next((run["round_trips"] for run in data.values() if "round_trips" in run), None)
     cols = 1 + (ceiling is not None) + len(data) * n_generations
@@ -102,7 +103,7 @@ def memorization_figure(runs: Mapping[str, str], path: str, n_pairs: int = 4, n_
                 continue
             image, flag, title = cells[col]
             ax.imshow(image.permute(1, 2, 0).numpy(), cmap="gray")
-            color = _COLORS[EXTRACTED] if flag >= EXTRACTED else _COLORS[CLIQUE] if flag else None
+            color = next((_COLORS[bit] for bit in (EXTRACTED, COPY, CLIQUE) if flag & bit), None)
             for spine in ax.spines.values():
                 spine.set_visible(color is not None)
                 if color:
@@ -112,8 +113,9 @@ def memorization_figure(runs: Mapping[str, str], path: str, n_pairs: int = 4, n_
             if row == 0 and (col < fixed or (col - fixed) % n_generations == 0):
                 ax.set_title(title, fontsize=7, loc="left")
     fig.legend(handles=[Patch(edgecolor=_COLORS[EXTRACTED], facecolor="none", lw=2, label="extracted"),
+                        Patch(edgecolor=_COLORS[COPY], facecolor="none", lw=2, label="nearest-neighbour copy"),
                         Patch(edgecolor=_COLORS[CLIQUE], facecolor="none", lw=2, label="clique member")],
-               loc="lower center", ncol=2, fontsize=7, frameon=False)
+               loc="lower center", ncol=3, fontsize=7, frameon=False)
     fig.tight_layout(rect=(0, 0.08, 1, 1))
     with atomic_path(path, suffix=".png") as tmp:
         fig.savefig(tmp, format="png")

@@ -212,13 +212,21 @@ def render_card(
         base=base,
     )
 
+def _count(report: dict[str, Any] | None, key: str) -> Any:
+    """A count of an audit report, '—' where it has none (no base; an audit written before the count existed)."""
+    value = (report or {}).get(key)
+    return "—" if value is None else value
+
+
 def audit_card_section(report: dict[str, Any]) -> str:
     """The model card's audit section: the figures only, never an image, a row or a caption."""
     base = report.get("base") or {}
     detection = report.get("detection") or {}
     lines = ["", "## Memorization audit (`memcontrol audit`)", "",
              "| | This model | Base |", "|---|---|---|",
-             f"| Extracted images | {report['extracted_images']} | {base.get('extracted_images', '—')} |",
+             (f"| Extracted images (calibrated) | {report['extracted_images']} | "
+              f"{base.get('extracted_images', '—')} |"),
+             f"| Copies (nearest-neighbour) | {_count(report, 'copied_images')} | {_count(base, 'copied_images')} |",
              (f"| Memorized prompts (base-only cliques subtracted) | {report['memorized_prompts']} | "
              f"{base.get('memorized_prompts', '—')} |"), "",
              (f"{report['attacked_prompts']} prompts attacked ({PROMPT_SOURCES[report['prompts']]}), "

@@ -355,7 +355,7 @@ def evaluation_config(args: argparse.Namespace, domain: str | None) -> Any:
         generations = values.get("extraction_generations", EvaluationConfig.extraction_generations)
         values.update(extraction_generations=generations if cliques else search.extraction_generations,
                       **{name: values.get(name, getattr(search, name))
-                         for name in ("quality_images", "ceiling", "quality_noise")})
+                         for name in ("quality_images", "ceiling", "quality_noise", "copies")})
     values.setdefault("seed", args.seed)
     values.setdefault("show_progress", not args.no_progress)
     if args.resolution and "resolution" not in values:
