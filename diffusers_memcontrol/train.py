@@ -16,8 +16,9 @@ evaluation. The whole method (search, stage 2, table: `diffusers_memcontrol.sear
 
 Outputs (output_dir): the adapter in peft format (adapter_config.json, adapter_model.safetensors, mask.json; with
 --peft_method full, the pipeline in diffusers' save_pretrained layout and mask.json), training_config.json,
-summary.json, validation.png, metrics.json (with --eval), checkpoint-<step>/ folders and tracker logs. Captions and prompts are never written to any JSON file or log. A user's mistake (a bad flag, column,
-mask, file or dataset) ends the run with one line `error: ...` and exit status 2 (docs/errors.md).
+summary.json, validation.png, metrics.json (with --eval), checkpoint-<step>/ folders and tracker logs. Captions and
+prompts are never written to any JSON file or log. A user's mistake (a bad flag, column, mask, file or dataset) ends
+the run with one line `error: ...` and exit status 2 (docs/errors.md).
 """
 
 from __future__ import annotations
@@ -255,7 +256,8 @@ def main(argv: list[str] | None = None) -> dict:
     if accelerator.is_main_process:
         print(json.dumps({k: summary[k] for k in ("peft_method", "trainable_params", "losses", "skipped_steps",
                                                   "wall_time_s") if k in summary}, indent=2))
-        print(f"{'pipeline' if args.peft_method == 'full' else 'adapter'} written to {os.path.abspath(args.output_dir)}")
+        written = "pipeline" if args.peft_method == "full" else "adapter"
+        print(f"{written} written to {os.path.abspath(args.output_dir)}")
     return summary
 
 
