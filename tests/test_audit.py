@@ -174,4 +174,7 @@ def test_the_run_folder_d_mem_attack_matches_and_publish_audit_puts_figures_in_t
     card = (local / "README.md").read_text()
     assert "Memorization audit" in card
     assert f"| Extracted images (calibrated) | {report['extracted_images']} | 0 |" in card
-    assert sorted(os.listdir(local)) == ["README.md", "adapter_config.json", "adapter_model.safetensors", "mask.json"]
+    # a full fine-tune is published as a diffusers pipeline (the publication record is local only, never uploaded)
+    assert sorted(n for n in os.listdir(local) if not n.startswith(".")) == [
+        "README.md", "mask.json", "model_index.json", "scheduler", "text_encoder", "tokenizer", "unet", "vae"]
+    assert 'DiffusionPipeline.from_pretrained("me/full")' in card
