@@ -13,6 +13,7 @@ import hashlib
 import io
 import os
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -142,6 +143,122 @@ def scan_images(dataset: Any, image_column: str, memo: Any = None, decode: bool 
     if memo is not None:
         memo.flush()
     return infos
+
+
+@dataclass
+class BadImage:
+    """A dataset row whose image cannot be decoded: the row, the printable name of the file and why."""
+
+    row: int
+    name: str
+    reason: str
+
+
+@dataclass
+class ImageCheck:
+    """What `check_images` found: the bad rows, and how many images it decoded or knew to be good (cache)."""
+
+    bad: list[BadImage]
+    decoded: int
+    cached: int
+
+
+def _decode_fully(source: Any, name: str) -> tuple[str | None, str | None]:
+    """(content key, None) of an image that decodes in full as training reads it (pixels + RGB), else (None, why).
+
+    A file is read once: its bytes are hashed (the latent cache's key) and decoded from memory."""
+    path = source
+    try:
+        if isinstance(source, str):
+            try:
+                with open(source, "rb") as f:
+                    source = f.read()
+            except FileNotFoundError:
+                raise FileNotFoundError(f"Image file {name} does not exist.") from None
+            except OSError as err:
+                raise ValueError(f"Cannot read image {name}: {err.strerror or err}.") from None
+        digest = hashlib.sha256(source).hexdigest() if isinstance(source, bytes) else None
+        _open(source, name, decode=True).convert("RGB")
+        return digest, None
+    except (ValueError, FileNotFoundError) as err:
+        if isinstance(path, str) and os.path.isfile(path):  # PIL's message then names the file, not a buffer
+            try:
+                _open(path, name, decode=True).convert("RGB")
+            except (ValueError, FileNotFoundError) as by_path:
+                err = by_path
+        return None, str(err)
+
+
+def check_images(dataset: Any, image_column: str, memo: Any = None, workers: int = 1, progress: bool = True,
+                 split: str | None = None) -> ImageCheck:
+    """Decode every image of `dataset` in full (pixels and RGB conversion, as training does); return the bad rows.
+
+    `workers` threads decode at a time (PIL and hashlib release the GIL). With `memo` (a `cache.FileHashMemo`) the
+    content key of each image that decoded is remembered, so a rerun, or another process of a search, decodes
+    nothing twice; an image that appears in several rows is decoded once. `split` names the rows' split in the
+    messages ("row 3 of the train split").
+    """
+    raw = undecoded_column(dataset, image_column)
+    bad: list[BadImage] = []
+    good: set[str] = set()
+    decoded = cached = row = 0
+    pool = ThreadPoolExecutor(workers) if workers > 1 else None
+    try:
+        with tqdm(total=len(raw), desc=f"check {split + ' ' if split else ''}images", disable=not progress,
+                  unit="img", leave=False) as bar:
+            for batch in raw.iter(batch_size=1024):
+                values = batch[image_column]
+                tasks, keys = [], {}
+                for value in values:
+                    try:
+                        source, name, data = image_source(value, row, image_column)
+                        if split is not None and f"row {row}" in name:  # the last mention: a path may hold one
+                            head, at, tail = name.rpartition(f"row {row}")
+                            name = f"{head}{at} of the {split} split{tail}"
+                    except ValueError as err:
+                        bad.append(BadImage(row, f"row {row}", str(err)))
+                        row += 1
+                        continue
+                    if data is not None:
+                        keys[row] = hashlib.sha256(data).hexdigest()
+                    elif isinstance(source, str) and memo is not None and os.path.isfile(source):
+                        keys[row] = memo.lookup(source)
+                    if not isinstance(source, Image.Image):  # an in-memory PIL image is decoded already
+                        tasks.append((row, source, name))
+                    row += 1
+                known = good | (memo.decoded([k for k in keys.values() if k]) if memo is not None else set())
+                todo = {}  # one decode per content key (or per file whose key is not known yet)
+                for r, source, name in tasks:
+                    if keys.get(r) not in known:
+                        todo.setdefault(keys.get(r) or source, (r, source, name))
+                cached += len(tasks) - len(todo)
+                todo = list(todo.values())
+                stats = [os.stat(s) if isinstance(s, str) and os.path.isfile(s) else None for _, s, _ in todo]
+                run = pool.map if pool is not None else map
+                found: dict[Any, str] = {}
+                for (r, source, name), st, (digest, error) in zip(todo, stats, run(lambda t: _decode_fully(t[1], t[2]),
+                                                                                    todo)):
+                    decoded += 1
+                    if error is not None:
+                        found[keys.get(r) or source] = error
+                        continue
+                    good.add(digest)
+                    if memo is not None and st is not None:
+                        memo.record(source, digest, st)
+                for r, source, name in tasks:  # every row of a bad image, duplicates included
+                    error = found.get(keys.get(r) or source)
+                    if error is not None:
+                        bad.append(BadImage(r, name, error))
+                if memo is not None:
+                    memo.mark_decoded(sorted(good - known))
+                bar.update(len(values))
+    finally:
+        if pool is not None:
+            pool.shutdown()
+        if memo is not None:
+            memo.flush()
+    bad.sort(key=lambda b: b.row)
+    return ImageCheck(bad, decoded, cached)
 
 
 class ImageLoader:
