@@ -232,6 +232,12 @@ def write_docs() -> None:
          "reports its child's failure itself: with `accelerate launch -q` it exits with 1 and adds nothing, without "
          "`-q` it adds a `CalledProcessError` traceback of its own."),
         "",
+        ("An `error:` line always starts its own line: progress bars still on screen are closed first, and where "
+         "stderr is not a terminal (a log file, a pipe) a newline ends the bars' last line. A disk that fills while a "
+         "command writes (a checkpoint, an adapter, a publication, an audit or metrics file) is one `error:` line "
+         "too, naming the folder, the bytes needed and the bytes free, with exit status 1: nothing is left half "
+         "written ([checkpoints.md](checkpoints.md))."),
+        "",
         "| input | command | message | exit status |",
         "|---|---|---|---|",
         *rows,
