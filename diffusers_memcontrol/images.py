@@ -189,6 +189,31 @@ def _decode_fully(source: Any, name: str) -> tuple[str | None, str | None]:
         return None, str(err)
 
 
+def _rows_to_check(values: list, first_row: int, column: str, split: str | None, memo: Any,
+                   bad: list[BadImage]) -> list[tuple[int, Any, str, str]]:
+    """(row, source, name, key) of each image value to decode; `key` is its content key when known without reading
+    the file (bytes in the dataset, or a file the memo knows), else its path. Unusable values go to `bad`."""
+    rows = []
+    for row, value in enumerate(values, start=first_row):
+        try:
+            source, name, data = image_source(value, row, column)
+        except ValueError as err:
+            bad.append(BadImage(row, f"row {row}", str(err)))
+            continue
+        if isinstance(source, Image.Image):  # an in-memory PIL image is decoded already
+            continue
+        if split is not None and f"row {row}" in name:  # "(row 3 of the train split)"; a path may hold "row 3" too
+            head, at, tail = name.rpartition(f"row {row}")
+            name = f"{head}{at} of the {split} split{tail}"
+        key = None
+        if data is not None:
+            key = hashlib.sha256(data).hexdigest()
+        elif memo is not None and os.path.isfile(source):
+            key = memo.lookup(source)
+        rows.append((row, source, name, key or source))
+    return rows
+
+
 def check_images(dataset: Any, image_column: str, memo: Any = None, workers: int = 1, progress: bool = True,
                  split: str | None = None) -> ImageCheck:
     """Decode every image of `dataset` in full (pixels and RGB conversion, as training does); return the bad rows.
@@ -199,56 +224,36 @@ def check_images(dataset: Any, image_column: str, memo: Any = None, workers: int
     messages ("row 3 of the train split").
     """
     raw = undecoded_column(dataset, image_column)
-    bad: list[BadImage] = []
-    good: set[str] = set()
-    decoded = cached = row = 0
+    result = ImageCheck(bad=[], decoded=0, cached=0)
+    good: set[str] = set()  # content keys of the images that decoded
     pool = ThreadPoolExecutor(workers) if workers > 1 else None
     try:
         with tqdm(total=len(raw), desc=f"check {split + ' ' if split else ''}images", disable=not progress,
                   unit="img", leave=False) as bar:
+            first_row = 0
             for batch in raw.iter(batch_size=1024):
                 values = batch[image_column]
-                tasks, keys = [], {}
-                for value in values:
-                    try:
-                        source, name, data = image_source(value, row, image_column)
-                        if split is not None and f"row {row}" in name:  # the last mention: a path may hold one
-                            head, at, tail = name.rpartition(f"row {row}")
-                            name = f"{head}{at} of the {split} split{tail}"
-                    except ValueError as err:
-                        bad.append(BadImage(row, f"row {row}", str(err)))
-                        row += 1
-                        continue
-                    if data is not None:
-                        keys[row] = hashlib.sha256(data).hexdigest()
-                    elif isinstance(source, str) and memo is not None and os.path.isfile(source):
-                        keys[row] = memo.lookup(source)
-                    if not isinstance(source, Image.Image):  # an in-memory PIL image is decoded already
-                        tasks.append((row, source, name))
-                    row += 1
-                known = good | (memo.decoded([k for k in keys.values() if k]) if memo is not None else set())
+                rows = _rows_to_check(values, first_row, image_column, split, memo, result.bad)
+                first_row += len(values)
+                known = good | (memo.decoded([k for *_, k in rows]) if memo is not None else set())
                 todo = {}  # one decode per content key (or per file whose key is not known yet)
-                for r, source, name in tasks:
-                    if keys.get(r) not in known:
-                        todo.setdefault(keys.get(r) or source, (r, source, name))
-                cached += len(tasks) - len(todo)
-                todo = list(todo.values())
-                stats = [os.stat(s) if isinstance(s, str) and os.path.isfile(s) else None for _, s, _ in todo]
-                run = pool.map if pool is not None else map
-                found: dict[Any, str] = {}
-                for (r, source, name), st, (digest, error) in zip(todo, stats, run(lambda t: _decode_fully(t[1], t[2]),
-                                                                                    todo)):
-                    decoded += 1
+                for row, source, name, key in rows:
+                    if key not in known:
+                        todo.setdefault(key, (source, name))
+                result.cached += len(rows) - len(todo)
+                result.decoded += len(todo)
+                stats = {key: os.stat(source) for key, (source, _) in todo.items() if isinstance(source, str)
+                         and os.path.isfile(source)}
+                decode = pool.map if pool is not None else map
+                errors = {}
+                for key, (digest, error) in zip(todo, decode(lambda item: _decode_fully(*item), todo.values())):
                     if error is not None:
-                        found[keys.get(r) or source] = error
+                        errors[key] = error
                         continue
                     good.add(digest)
-                    if memo is not None and st is not None:
-                        memo.record(source, digest, st)
-                for r, source, name in tasks:  # every row of a bad image, duplicates included
-                    error = found.get(keys.get(r) or source)
-                    if error is not None:
-                        bad.append(BadImage(r, name, error))
+                    if memo is not None and key in stats:
+                        memo.record(todo[key][0], digest, stats[key])
+                result.bad += [BadImage(row, name, errors[key]) for row, _, name, key in rows if key in errors]
                 if memo is not None:
                     memo.mark_decoded(sorted(good - known))
                 bar.update(len(values))
@@ -257,8 +262,8 @@ def check_images(dataset: Any, image_column: str, memo: Any = None, workers: int
             pool.shutdown()
         if memo is not None:
             memo.flush()
-    bad.sort(key=lambda b: b.row)
-    return ImageCheck(bad, decoded, cached)
+    result.bad.sort(key=lambda b: b.row)
+    return result
 
 
 class ImageLoader:
