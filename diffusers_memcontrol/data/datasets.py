@@ -95,6 +95,11 @@ def _load_local(source: str, builder: str, **kwargs: Any) -> Dataset:
     """`load_dataset(builder, split="train", **kwargs)` for a local folder or table, refusing one with no rows."""
     from datasets import load_dataset
 
+    if builder == "imagefolder":
+        empty = _metadata_without_rows(source)
+        if empty is not None:
+            raise ValueError(f"--train_data_dir {source!r} is empty: its metadata file {empty!r} has no rows; expected "
+                             "one row per training image (its file_name and caption).")
     try:
         dataset = load_dataset(builder, split="train", **kwargs)
     except ValueError as error:
@@ -105,6 +110,20 @@ def _load_local(source: str, builder: str, **kwargs: Any) -> Dataset:
         raise ValueError(f"--train_data_dir {source!r} is empty: expected one row per training image (an image and "
                          "its caption).")
     return dataset
+
+
+def _metadata_without_rows(folder: str) -> str | None:
+    """The first imagefolder metadata file (metadata.jsonl/.csv) under `folder` that holds no row, else None."""
+    for root, _, files in os.walk(folder):
+        for name in sorted(files):
+            if name not in ("metadata.jsonl", "metadata.csv"):
+                continue
+            path = os.path.join(root, name)
+            with open(path, encoding="utf-8", errors="replace") as f:
+                lines = sum(1 for line in f if line.strip())
+            if lines <= (1 if name.endswith(".csv") else 0):  # a CSV's first line is its header
+                return path
+    return None
 
 
 def _raise_for_config(dataset_name: str, config_name: str | None, error: ValueError) -> None:
@@ -547,6 +566,24 @@ def with_duplicated_dmem(train: Dataset, dmem: Dataset, dmem_repeats: int, seed:
 def _check_repeats(dmem_repeats: int) -> None:
     if not isinstance(dmem_repeats, int) or isinstance(dmem_repeats, bool) or dmem_repeats < 1:
         raise ValueError(f"dmem_repeats must be a positive int, got {dmem_repeats!r}.")
+
+
+def without_rows(train: Dataset, rows: Sequence[int], dmem: Dataset | None = None) -> tuple[Dataset, Dataset | None]:
+    """(`train` without `rows`, `dmem` with its ``dmem_index`` moved to the same pairs' rows in the smaller split).
+
+    ``dmem`` must come from :func:`build_memorization_set` on `train`, and none of its rows may be dropped."""
+    from datasets import Value
+
+    dropped = {int(r) for r in rows}
+    keep = [i for i in range(len(train)) if i not in dropped]
+    if dmem is not None:
+        lost = sorted(dropped & {int(i) for i in dmem["dmem_index"]})
+        if lost:
+            raise ValueError(f"D_mem rows {lost[:5]} cannot be dropped: D_mem pairs are never left out.")
+        new_row = {old: new for new, old in enumerate(keep)}
+        dmem = dmem.remove_columns("dmem_index").add_column(
+            "dmem_index", [new_row[int(i)] for i in dmem["dmem_index"]], feature=Value("int64"))
+    return train.select(keep), dmem
 
 
 def write_dmem_file(dmem: Dataset, path: str) -> str:

@@ -219,7 +219,8 @@ def main_search(argv: list[str]) -> dict:
     with user_input(f"--storage {redact_url(args.storage or '')!r}", catch=(ValueError, ConnectionError)):
         resolve_storage(args.storage, args.output_dir, config)
     # a dataset or a flag that does not fit fails here, not in every trial
-    check_inputs(parse_args([*train_args, "--hpo", "--eval", "--eval_split", "validation", "--eval_preset", "search"]))
+    check_inputs(parse_args([*train_args, "--hpo", "--eval", "--eval_split", "validation", "--eval_preset", "search",
+                             "--output_dir", args.output_dir]))  # --skip_bad_images lists the skipped rows there
     os.makedirs(args.output_dir, exist_ok=True)
     baselines = [b for b in args.baselines.split(",") if b]
     mitigations = [m for m in args.mitigations.split(",") if m]
@@ -260,7 +261,8 @@ def main_transfer(args, train_args: list[str]) -> dict:
     """`train_memcontrol.py --final --mask MASK ...`: stage 2 and the table with a mask found elsewhere (Sec. 4.4)."""
     with user_input("--mask", catch=(ValueError, FileNotFoundError, ConnectionError)):
         mask = resolve_mask(args.mask, _base_unet(train_args), None, args.mask_layout)
-    check_inputs(parse_args([*train_args, "--eval"]))  # a dataset that does not fit fails here, not in every run
+    # a dataset that does not fit fails here, not in every run
+    check_inputs(parse_args([*train_args, "--eval", "--output_dir", args.output_dir]))
     chosen = {"method": mask.method, "mask": mask.to_dict(), "source": args.mask}
     os.makedirs(args.output_dir, exist_ok=True)
     rows = run_final(train_args, args.output_dir, chosen, mask.layout, args.mask_scope,

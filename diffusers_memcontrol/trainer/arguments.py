@@ -13,6 +13,7 @@ import dataclasses
 import hashlib
 import importlib.util
 import json
+import logging
 import os
 import sys
 from typing import Any
@@ -21,16 +22,20 @@ import torch
 from diffusers import UNet2DConditionModel
 from diffusers.utils import is_xformers_available
 
+from ..constants import SKIPPED_IMAGES_FILE
 from ..data import datasets as data
 from ..data.columns import check_columns
-from ..data.images import scan_images
+from ..data.images import check_images, scan_images
 from ..data.tiny_base import DOMAINS, tiny_base_path
 from ..errors import ArgumentParser, InputError, user_input
 from ..evaluation.config import EvaluationConfig
+from ..files import write_json_atomic
 from ..hub.adapters import check_adapter_fits, resolve_mask
 from ..metrics.in_domain import in_domain_classifier_path
 from .checkpoints import resolve_checkpoint
 from .config import DEFAULT_LR, FineTuneConfig, add_config_arguments, parse_threshold
+
+logger = logging.getLogger(__name__)
 
 # arguments never written to training_config.json or to trackers (prompts are private data, tokens are secrets)
 PRIVATE_ARGS = ("validation_prompts", "hub_token")
@@ -85,6 +90,9 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     g.add_argument("--latent_cache_dir", default=None,
                    help="Root of the latent/text-embedding cache (default: $MEMCONTROL_CACHE_DIR or "
                         "~/.cache/diffusers_memcontrol).")
+    g.add_argument("--skip_bad_images", action="store_true",
+                   help="Train without the rows whose image cannot be decoded (their list goes to "
+                        "output_dir/skipped_images.json) instead of stopping; a bad D_mem image still stops the run.")
 
     _add_run_arguments(p)
     return p
@@ -120,7 +128,8 @@ def _add_run_arguments(p: argparse.ArgumentParser) -> None:
     add_config_arguments(g, CONFIG_FLAGS["training"])
     g.add_argument("--dataloader_num_workers", type=int, default=0,
                    help="Threads that decode and transform the next micro-batches while the current one trains "
-                        "(images that are not cached); 0 decodes in the training loop.")
+                        "(images that are not cached), and that check the images before training; 0 decodes in the "
+                        "training loop (and checks one image at a time).")
     g.add_argument("--mixed_precision", default=None, choices=["no", "fp16", "bf16"],
                    help="Default: accelerate's config.")
     g.add_argument("--allow_tf32", action="store_true", help="Allow TF32 matmuls on Ampere GPUs.")
@@ -280,14 +289,17 @@ def load_splits(args: argparse.Namespace) -> tuple[Any, str | None]:
                       args.train_data_dir or args.dataset_name or "the dataset")
     if args.max_train_samples is not None and args.max_train_samples < len(splits["train"]):
         splits["train"] = splits["train"].shuffle(seed=args.seed).select(range(args.max_train_samples))
+    if len(splits["train"]) == 0:
+        sizes = ", ".join(f"{name} {len(rows)}" for name, rows in splits.items() if rows is not None)
+        raise InputError(f"No training rows are left after the splits (rows: {sizes}): lower --validation_fraction "
+                         "/ --test_fraction, or bring more rows.")
     return splits, (source if builtin else None)
 
 
-def build_sets(args: argparse.Namespace, splits: Any) -> tuple[Any, Any]:
+def build_sets(args: argparse.Namespace, splits: Any, dmem: Any = None) -> tuple[Any, Any]:
     """(training set, D_mem or None): the HPO set with --hpo, else the train split (with D_mem duplicated under
-    --duplicate_dmem); D_mem when --hpo, --duplicate_dmem or --eval."""
-    dmem = None
-    if args.hpo or args.duplicate_dmem or args.eval:
+    --duplicate_dmem); D_mem when --hpo, --duplicate_dmem or --eval (drawn here unless given)."""
+    if dmem is None and (args.hpo or args.duplicate_dmem or args.eval):
         dmem = data.build_memorization_set(
             splits["train"], args.caption_column, dmem_size=min(args.dmem_size, len(splits["train"])),
             selection=args.dmem_selection, unique_captions=args.dmem_unique_captions, seed=args.seed,
@@ -353,6 +365,61 @@ def evaluation_config(args: argparse.Namespace, domain: str | None) -> Any:
         return EvaluationConfig(**values)
 
 
+
+
+def check_split_images(args: argparse.Namespace, splits: Any, train_set: Any, dmem: Any) -> tuple[Any, Any, Any]:
+    """Decode every image of the train split (and of --eval_split with --eval) before any weight loads.
+
+    A bad image raises InputError naming its file and row; with --skip_bad_images its rows are dropped, listed in
+    output_dir/skipped_images.json, and the training set is rebuilt around the same D_mem (a bad D_mem image always
+    raises). Images that decoded are remembered by content key in the latent cache's folder (--latent_cache disk).
+    Returns (splits, training set, D_mem).
+    """
+    from ..cache import FileHashMemo, default_cache_dir
+
+    names = ["train"] + ([args.eval_split] if args.eval and splits.get(args.eval_split) is not None else [])
+    memo = None
+    if args.latent_cache == "disk":
+        memo = FileHashMemo(os.path.join(args.latent_cache_dir or default_cache_dir(), "file_hashes.sqlite"))
+    try:
+        bad = {name: check_images(splits[name], args.image_column, memo=memo, split=name,
+                                  workers=max(1, args.dataloader_num_workers), progress=not args.no_progress).bad
+               for name in names}
+    finally:
+        if memo is not None:
+            memo.close()
+    bad = {name: rows for name, rows in bad.items() if rows}
+    if not bad:
+        return splits, train_set, dmem
+    first = next(rows[0] for name, rows in bad.items())
+    count = sum(len(rows) for rows in bad.values())
+    dmem_rows = set(dmem["dmem_index"]) if dmem is not None else set()
+    in_dmem = [b for b in bad.get("train", []) if b.row in dmem_rows]
+    if in_dmem:
+        raise InputError(f"{in_dmem[0].reason} It is a D_mem pair ({len(in_dmem)} D_mem image(s) cannot be decoded), "
+                         "and D_mem pairs are never dropped, not even with --skip_bad_images: fix or replace the "
+                         "file, or choose D_mem's rows with --dmem_file.")
+    if not args.skip_bad_images:
+        more = f" ({count - 1} more image(s) cannot be decoded either.)" if count > 1 else ""
+        raise InputError(f"{first.reason}{more} Fix or remove the file, or pass --skip_bad_images to train without "
+                         "such rows.")
+    listing = [{"split": name, "row": b.row, "image": b.name, "reason": b.reason}
+               for name, rows in bad.items() for b in rows]
+    path = write_json_atomic(os.path.join(args.output_dir, SKIPPED_IMAGES_FILE), listing)
+    logger.warning("--skip_bad_images: %d row(s) whose image cannot be decoded are left out (%s); listed in %s.",
+                   count, ", ".join(f"{len(rows)} of the {name} split" for name, rows in bad.items()), path)
+    splits = dict(splits)
+    for name, rows in bad.items():
+        if len(rows) == len(splits[name]):
+            raise InputError(f"No rows of the {name} split are left: every one of its {len(rows)} image(s) cannot "
+                             f"be decoded ({rows[0].reason})")
+        splits[name], kept_dmem = data.without_rows(splits[name], [b.row for b in rows], dmem)
+        dmem = kept_dmem if name == "train" else dmem
+    with user_input():
+        train_set, dmem = build_sets(args, splits, dmem)
+    return splits, train_set, dmem
+
+
 @dataclasses.dataclass
 class CheckedInputs:
     """What the command line names, checked before any weight is loaded."""
@@ -398,6 +465,7 @@ def check_inputs(args: argparse.Namespace) -> CheckedInputs:
     splits, domain = load_splits(args)
     with user_input():
         train_set, dmem = build_sets(args, splits)
+    splits, train_set, dmem = check_split_images(args, splits, train_set, dmem)
     eval_config = None
     if args.eval:  # the evaluation reads these images too: name an unreadable file now, not after training
         eval_config = evaluation_config(args, domain)
