@@ -102,6 +102,7 @@ def add_search_arguments(parser) -> None:
                         help=help_of("grace_period"))
     parser.add_argument("--selection", default=defaults["selection"].default, choices=list(SELECTIONS),
                         help=help_of("selection"))
+    parser.add_argument("--max_memorization", type=float, default=None, help=help_of("max_memorization"))
     parser.add_argument("--final", dest="final", action="store_true", default=True,
                         help="Stage 2 after the search (default), or alone with --mask (the paper's transfer).")
     parser.add_argument("--no_final", dest="final", action="store_false", help="Stop after the search.")

@@ -32,13 +32,13 @@ from .launching import TrainerTrial
 from .study import (
     OBJECTIVES,
     SearchConfig,
+    choose_trial,
     export_study,
     exposure_report,
     mask_of_trial,
     optimize,
     pareto_front,
     resolve_storage,
-    select_trial,
 )
 from .trial_result import TrialResult
 
@@ -46,7 +46,7 @@ from .trial_result import TrialResult
 def run_search(unet, train_args: list[str], output_dir: str, search_spaces: list[str], layout: str, scope: str,
                config: SearchConfig) -> dict:
     """Stage 1 over one or several spaces; writes best_mask.json, pareto.json, trials.csv; returns the choice."""
-    trials, front, row_of = [], [], {}
+    trials, front, completed, row_of = [], [], [], {}
     spaces = {}
     for method in search_spaces:
         space = MaskSpace.from_unet(unet, method=method, layout=layout)
@@ -56,7 +56,8 @@ def run_search(unet, train_args: list[str], output_dir: str, search_spaces: list
                          TrainerTrial(train_args, output_dir, method, layout, scope,
                                       gpus_per_trial=config.gpus_per_trial,
                                       accelerate_config=config.accelerate_config))
-        export_study(study, space, os.path.join(output_dir, "search", method), config.selection)
+        export_study(study, space, os.path.join(output_dir, "search", method), config.selection,
+                     config.max_memorization)
         for t in study.trials:
             if t.values is not None:
                 trials.append({"study": study.study_name, "method": method, "number": len(trials), "trial": t.number,
@@ -67,14 +68,18 @@ def run_search(unet, train_args: list[str], output_dir: str, search_spaces: list
                                "mask": mask_of_trial(t, space).bitstring,
                                "default_mask": bool(t.user_attrs.get("seeded")),
                                "trainable_params": t.user_attrs.get("trainable_params"),
-                               "dmem_exposures": t.user_attrs.get("dmem_exposures")})
+                               "dmem_exposures": t.user_attrs.get("dmem_exposures"),
+                               "within_budget": (None if config.max_memorization is None
+                                                 else t.values[0] <= config.max_memorization)})
                 row_of[(study.study_name, t.number)] = len(trials) - 1
+                completed.append((study.study_name, t))
         front.extend((study.study_name, t) for t in pareto_front(study))
     if not row_of:
         raise RuntimeError("No search trial completed; see the trial logs under output_dir/trials.")
     union = [(name, t) for name, t in front if not any(_dominates(o, t) for _, o in front)]
-    chosen = select_trial([t for _, t in union], config.selection, [tuple(t[k] for k in OBJECTIVES) for t in trials])
-    chosen_row = next(row_of[(name, t.number)] for name, t in union if t is chosen)
+    chosen, within_budget = choose_trial([t for _, t in union], [t for _, t in completed], config.selection,
+                                         config.max_memorization)
+    chosen_row = next(row_of[(name, t.number)] for name, t in [*union, *completed] if t is chosen)
     chosen_method = trials[chosen_row]["method"]
     mask = mask_of_trial(chosen, spaces[chosen_method])
     mask.save(os.path.join(output_dir, BEST_MASK_FILE))
@@ -84,6 +89,9 @@ def run_search(unet, train_args: list[str], output_dir: str, search_spaces: list
         "scope": scope,
         "selection": config.selection,
         "objectives": list(OBJECTIVES),
+        # a memorization budget: trials within it are feasible; the choice is the best quality among them
+        "max_memorization": config.max_memorization,
+        "chosen_within_budget": within_budget,
         # what the objectives measure: EvaluationConfig.search_memorization and search_objective
         "memorization_metric": ",".join(sorted({t["memorization_metric"] for t in trials})),
         "quality_metric": ",".join(sorted({t["quality_metric"] for t in trials})),
@@ -213,7 +221,7 @@ def main_search(argv: list[str]) -> dict:
                               study_name=args.study_name, seed=args.seed, n_workers=args.n_workers,
                               selection=args.selection, gpus_per_trial=args.gpus_per_trial,
                               accelerate_config=args.accelerate_config, heartbeat_interval=args.heartbeat_interval,
-                              grace_period=args.grace_period)
+                              grace_period=args.grace_period, max_memorization=args.max_memorization)
     with user_input(f"--storage {redact_url(args.storage or '')!r}", catch=(ValueError, ConnectionError)):
         resolve_storage(args.storage, args.output_dir, config)
     # a dataset or a flag that does not fit fails here, not in every trial
@@ -230,6 +238,9 @@ def main_search(argv: list[str]) -> dict:
     print(f"chosen mask: {chosen['method']} {Mask.from_dict(chosen['mask']).bitstring} (memorization objective "
           f"{search['memorization_metric']} {chosen['memorization_objective']:.4g}, quality objective "
           f"{search['quality_metric']} {chosen['quality_objective']:.4g}; both lower is better)")
+    if search["chosen_within_budget"] is False:
+        print(f"no search trial kept --max_memorization {config.max_memorization:g}: the chosen mask is the least "
+              "memorizing trial, and it memorizes more than the budget allows")
     if "pareto_plot" in result:
         print(f"Pareto plot: {os.path.abspath(result['pareto_plot'])}")
     if "results_md" in result:

@@ -20,7 +20,15 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from ..cache import FileHashMemo, caption_key, default_cache_dir, latent_cache, model_identity, sha256_bytes, text_cache
+from ..cache import (
+    FileHashMemo,
+    caption_key,
+    default_cache_dir,
+    latent_cache,
+    model_identity,
+    sha256_bytes,
+    text_cache,
+)
 from ..data.columns import check_captions, check_columns
 from ..data.encoding import _encode_prompts_on_device, default_resolution, encode_latent_distribution, encode_prompts
 from ..data.images import ImageLoader, check_interpolation, scan_images, transform_image
