@@ -1,7 +1,7 @@
 """What a trainer run reports back to the search and to stage 2: `trial_result.json`, one `TrialResult`.
 
 The trainer (`python -m diffusers_memcontrol.train`) writes it last, after the adapter, metrics.json and summary.json:
-its presence marks the run finished (`runs.finished_run`), and it holds everything the search (the objectives, the
+its presence marks the run finished (`claims.finished_run`), and it holds everything the search (the objectives, the
 trial's user attributes) and the table (the row's metrics, the D_mem exposures) read from a run.
 """
 
