@@ -197,7 +197,8 @@ def run_memcontrol(unet, train_args: list[str], output_dir: str, search_spaces: 
     result["pareto_plot"] = pareto_plot(summary["trials"], summary["front"], summary["chosen"]["row"],
                                         os.path.join(output_dir, PARETO_FIGURE), baselines=plot_baselines,
                                         quality_metric=summary["quality_metric"],
-                                        memorization_metric=summary["memorization_metric"])
+                                        memorization_metric=summary["memorization_metric"],
+                                        budget=summary["max_memorization"])
     result["pareto_baselines"] = plot_baselines
     write_json_atomic(os.path.join(output_dir, "memcontrol_run.json"),
                 {k: v for k, v in result.items() if k != "search"})
