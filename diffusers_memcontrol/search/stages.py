@@ -26,7 +26,7 @@ from ..hub.adapters import resolve_mask
 from ..trainer.arguments import check_inputs, meta_unet, parse_args
 from ..trainer.mitigation import MITIGATIONS
 from ..tuners import METHODS, Mask, MaskSpace
-from .arguments import BASELINES, STAGE2_PROTOCOLS, parse_search_args
+from .arguments import BASELINES, STAGE2_PROTOCOLS, parse_search_args, stage2_args
 from .claims import WorkerPool
 from .launching import TrainerTrial
 from .study import (
@@ -169,9 +169,9 @@ def run_final(train_args: list[str], output_dir: str, chosen: dict, layout: str,
 def run_memcontrol(unet, train_args: list[str], output_dir: str, search_spaces: list[str], layout: str, scope: str,
                    config: SearchConfig, final: bool = True, baselines: tuple[str, ...] | list[str] = BASELINES,
                    mitigations: tuple[str, ...] | list[str] = MITIGATIONS, hpo_baselines: bool = True,
-                   stage2_protocol: str = "split", plot: bool = True) -> dict:
+                   stage2_protocol: str = "split", plot: bool = True, final_args: list[str] | None = None) -> dict:
     """The whole method: search, choose, (optionally) the Pareto plot, stage 2 and the table; returns paths and the
-    choice."""
+    choice. `final_args`: stage 2's trainer flags (default `train_args`; `search.arguments.stage2_args`)."""
     summary = run_search(unet, train_args, output_dir, search_spaces, layout, scope, config)
     if not plot:  # stage 1 on one of many machines: the study and the choice only
         return {"search": summary}
@@ -187,7 +187,7 @@ def run_memcontrol(unet, train_args: list[str], output_dir: str, search_spaces: 
                                    "--eval_split", "validation", "--eval_preset", "search"],
                                   os.path.join(output_dir, "trials", "full-ft"))
         if final:
-            result["rows"] = run_final(train_args, output_dir, summary["chosen"], layout, scope, baselines,
+            result["rows"] = run_final(final_args or train_args, output_dir, summary["chosen"], layout, scope, baselines,
                                        mitigations, protocol=stage2_protocol, pool=pool)
             result["results_md"] = os.path.join(output_dir, RESULTS_MARKDOWN)
         if full_ft is not None:
@@ -234,7 +234,8 @@ def main_search(argv: list[str]) -> dict:
         _check_stage_one(config, args, spaces)
     result = run_memcontrol(unet, train_args, args.output_dir, spaces, args.mask_layout, args.mask_scope, config,
                             final=args.final and args.stage != "1", baselines=baselines, mitigations=mitigations,
-                            stage2_protocol=args.stage2_protocol, plot=args.stage != "1")
+                            stage2_protocol=args.stage2_protocol, plot=args.stage != "1",
+                            final_args=stage2_args(args, train_args))
     search, chosen = result["search"], result["search"]["chosen"]
     print(f"chosen mask: {chosen['method']} {Mask.from_dict(chosen['mask']).bitstring} (memorization objective "
           f"{search['memorization_metric']} {chosen['memorization_objective']:.4g}, quality objective "
@@ -273,7 +274,7 @@ def main_transfer(args, train_args: list[str]) -> dict:
     check_inputs(parse_args([*train_args, "--eval"]))  # a dataset that does not fit fails here, not in every run
     chosen = {"method": mask.method, "mask": mask.to_dict(), "source": args.mask}
     os.makedirs(args.output_dir, exist_ok=True)
-    rows = run_final(train_args, args.output_dir, chosen, mask.layout, args.mask_scope,
+    rows = run_final(stage2_args(args, train_args), args.output_dir, chosen, mask.layout, args.mask_scope,
                      [b for b in args.baselines.split(",") if b], [m for m in args.mitigations.split(",") if m],
                      n_workers=args.n_workers, gpus_per_trial=args.gpus_per_trial,
                      accelerate_config=args.accelerate_config, protocol=args.stage2_protocol)
