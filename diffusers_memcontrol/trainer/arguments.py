@@ -82,6 +82,9 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     g.add_argument("--validation_fraction", type=float, default=0.1, help="Fraction of rows held out for validation.")
     g.add_argument("--test_fraction", type=float, default=0.1, help="Fraction of rows held out for the test split.")
     g.add_argument("--max_train_samples", type=int, default=None, help="Truncate the train split (seeded).")
+    g.add_argument("--split_seed", type=int, default=None,
+                   help="Seed of the train/validation/test split, --max_train_samples and D_mem's draw (default: "
+                        "--seed), so that a run with another --seed keeps the same splits and D_mem sets.")
     g.add_argument("--resolution", type=int, default=None, help="Default: the UNet's sample size x VAE factor.")
     g.add_argument("--center_crop", action="store_true", help="Center crop (default: random crop, as diffusers).")
     g.add_argument("--latent_cache", default="disk", choices=["disk", "memory", "off"],
@@ -107,6 +110,9 @@ def _add_run_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--dmem_selection", default="random", choices=["random", "longest"],
                    help="How D_mem is drawn from the train split: at random, or the longest captions.")
     g.add_argument("--dmem_file", default=None, help="JSON list fixing the D_mem rows (indices or file names).")
+    g.add_argument("--dmem_block", type=int, default=0,
+                   help="Which disjoint set of --dmem_size pairs D_mem is (0: the search's; 1: held-out pairs for "
+                        "stage 2, drawn by the same rule from the rows set 0 did not take).")
     g.add_argument("--dmem_unique_captions", action="store_true",
                    help="Append a distinct word to each D_mem caption (per-prompt memorization on class captions).")
     g.add_argument("--hpo", action="store_true",
@@ -277,6 +283,11 @@ def load_dataset_source(args: argparse.Namespace) -> Any:
         raise InputError(str(err)) from err
 
 
+def split_seed(args: argparse.Namespace) -> int:
+    """The seed of the splits and of D_mem's draw: --split_seed, else --seed."""
+    return args.seed if args.split_seed is None else args.split_seed
+
+
 def load_splits(args: argparse.Namespace) -> tuple[Any, str | None]:
     """train / validation / test splits (subject-grouped with --subject_column); train truncated by max_train_samples."""
     builtin = args.train_data_dir is None and (args.dataset_name or "digits") in DOMAINS
@@ -284,11 +295,11 @@ def load_splits(args: argparse.Namespace) -> tuple[Any, str | None]:
     with user_input():
         splits = data.split_dataset(source, subject_column=args.subject_column,
                                validation_fraction=args.validation_fraction, test_fraction=args.test_fraction,
-                               seed=args.seed)
+                               seed=split_seed(args))
         check_columns(splits["train"], [args.image_column, args.caption_column, args.subject_column],
                       args.train_data_dir or args.dataset_name or "the dataset")
     if args.max_train_samples is not None and args.max_train_samples < len(splits["train"]):
-        splits["train"] = splits["train"].shuffle(seed=args.seed).select(range(args.max_train_samples))
+        splits["train"] = splits["train"].shuffle(seed=split_seed(args)).select(range(args.max_train_samples))
     if len(splits["train"]) == 0:
         sizes = ", ".join(f"{name} {len(rows)}" for name, rows in splits.items() if rows is not None)
         raise InputError(f"No training rows are left after the splits (rows: {sizes}): lower --validation_fraction "
@@ -302,8 +313,8 @@ def build_sets(args: argparse.Namespace, splits: Any, dmem: Any = None) -> tuple
     if dmem is None and (args.hpo or args.duplicate_dmem or args.eval):
         dmem = data.build_memorization_set(
             splits["train"], args.caption_column, dmem_size=min(args.dmem_size, len(splits["train"])),
-            selection=args.dmem_selection, unique_captions=args.dmem_unique_captions, seed=args.seed,
-            dmem_file=args.dmem_file, image_column=args.image_column)
+            selection=args.dmem_selection, unique_captions=args.dmem_unique_captions, seed=split_seed(args),
+            dmem_file=args.dmem_file, image_column=args.image_column, block=args.dmem_block)
     if args.hpo:
         train = data.build_hpo_set(splits["train"], dmem, dmem_repeats=args.dmem_repeats,
                                        proxy_fraction=args.proxy_fraction, seed=args.seed)
