@@ -137,6 +137,8 @@ class FileHashMemo:
         self._db = sqlite3.connect(path, timeout=60)
         self._db.execute("CREATE TABLE IF NOT EXISTS hashes (path TEXT PRIMARY KEY, size INTEGER, mtime INTEGER, "
                          "digest TEXT)")
+        # content keys (the latent cache's entry keys) of images that decoded in full: the pre-flight check's memo
+        self._db.execute("CREATE TABLE IF NOT EXISTS decoded (digest TEXT PRIMARY KEY)")
         self._pending: list[tuple] = []
 
     def digest(self, path: str) -> str:
@@ -151,6 +153,35 @@ class FileHashMemo:
         if len(self._pending) >= 1000:
             self.flush()
         return digest
+
+    def lookup(self, path: str) -> str | None:
+        """The remembered SHA-256 of the file at `path` when its size and mtime are unchanged, else None (no read)."""
+        st = os.stat(path)
+        row = self._db.execute("SELECT size, mtime, digest FROM hashes WHERE path = ?",
+                               (os.path.realpath(path),)).fetchone()
+        return row[2] if row is not None and row[0] == st.st_size and row[1] == st.st_mtime_ns else None
+
+    def record(self, path: str, digest: str, st: os.stat_result) -> None:
+        """Remember `digest` for the file at `path` as it was when `st` was taken (written at the next flush)."""
+        self._pending.append((os.path.realpath(path), st.st_size, st.st_mtime_ns, digest))
+        if len(self._pending) >= 1000:
+            self.flush()
+
+    def decoded(self, digests: Sequence[str]) -> set[str]:
+        """The content keys among `digests` whose image is known to decode in full."""
+        found: set[str] = set()
+        digests = list(digests)
+        for i in range(0, len(digests), 500):
+            chunk = digests[i:i + 500]
+            found.update(row[0] for row in self._db.execute(
+                f"SELECT digest FROM decoded WHERE digest IN ({','.join('?' * len(chunk))})", chunk))
+        return found
+
+    def mark_decoded(self, digests: Sequence[str]) -> None:
+        """Remember that the images with these content keys decode in full."""
+        if digests:
+            with self._db:
+                self._db.executemany("INSERT OR IGNORE INTO decoded VALUES (?)", [(d,) for d in digests])
 
     def flush(self) -> None:
         """Write the digests computed since the last flush."""

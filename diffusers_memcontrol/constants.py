@@ -20,6 +20,7 @@ TRAINING_CONFIG_FILE = "training_config.json"  # the trainer's arguments, withou
 SUMMARY_FILE = "summary.json"  # the run's summary: publish adds `hub_url` to it
 METRICS_FILE = "metrics.json"
 VALIDATION_IMAGE = "validation.png"
+SKIPPED_IMAGES_FILE = "skipped_images.json"  # rows --skip_bad_images dropped: split, row, file, reason
 TRIAL_RESULT_FILE = "trial_result.json"  # written last: marks a finished run
 RUN_ARGS_FILE = "run_args.json"  # a search row's trainer arguments (digest and public argv): never published
 DMEM_GENERATIONS_FILE = "dmem_generations.safetensors"  # D_mem generations: local only, never published

@@ -15,7 +15,7 @@ import math
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import IO, Any
 
 
@@ -36,23 +36,79 @@ def usual_mode(path: str) -> None:
     os.chmod(path, (0o777 if os.path.isdir(path) else 0o666) & ~_read_umask())
 
 
+class DiskFullError(OSError):
+    """A write ran out of disk space: names the folder, the bytes the write needs and the bytes free."""
+
+    def __init__(self, folder: str, needed: int | None, free: int, at_least: bool = False):
+        self.folder, self.needed, self.free = folder, needed, free
+        need = (f"more than {needed:,} bytes" if at_least else f"about {needed:,} bytes") if needed else \
+            "more than that"
+        super().__init__(errno.ENOSPC, f"No space left on device in {folder!r}: the write needs {need}, {free:,} "
+                                       "bytes are free. Nothing was left half written; free some space (or choose "
+                                       "another folder) and run the command again.")
+
+
+def is_disk_full(error: BaseException) -> bool:
+    """Whether `error` is a write that ran out of space (an OSError ENOSPC/EDQUOT, or safetensors' error for it)."""
+    if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    text = str(error)  # safetensors and torch raise their own types with the OS message in the text
+    return "No space left on device" in text or "os error 28" in text
+
+
+def free_bytes(folder: str | os.PathLike) -> int:
+    """Bytes free to an unprivileged writer on the filesystem of `folder` (its nearest existing parent)."""
+    folder = os.path.abspath(folder)
+    while not os.path.exists(folder) and os.path.dirname(folder) != folder:
+        folder = os.path.dirname(folder)
+    st = os.statvfs(folder)
+    return st.f_bavail * st.f_frsize
+
+
+def folder_bytes(path: str | os.PathLike) -> int:
+    """Bytes of the files under `path` (a file's own size for a file; 0 when it is missing)."""
+    if os.path.isfile(path):
+        return os.path.getsize(path)
+    return sum(os.path.getsize(os.path.join(root, name)) for root, _, names in os.walk(path) for name in names)
+
+
+@contextlib.contextmanager
+def reporting_full_disk(folder: str | os.PathLike, needed: int | Callable[[], int] | None = None,
+                        at_least: bool = False) -> Iterator[None]:
+    """Turn a write that runs out of space inside the block into a DiskFullError naming `folder`, the bytes
+    `needed` (a number, or a function called after the failure) and the bytes free, measured after the block's own
+    clean-up (what a rerun has). The outermost block names the error: it knows the whole write."""
+    try:
+        yield
+    except Exception as err:
+        if not is_disk_full(err):
+            raise
+        need = needed() if callable(needed) else needed
+        if need is None and isinstance(err, DiskFullError):
+            raise
+        raise DiskFullError(os.fspath(folder), need, free_bytes(folder), at_least) from err
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike, suffix: str = ".tmp") -> Iterator[str]:
     """Yield a temporary path next to `path` for a library that writes by file name; move it to `path` on success."""
     path = os.fspath(path)
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(path)}.", suffix=suffix)
-    os.close(fd)
-    try:
-        yield tmp
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        usual_mode(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    written = 0  # a lower bound of what the write needs, when the disk fills
+    with reporting_full_disk(folder, needed=lambda: written, at_least=True):
+        fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(path)}.", suffix=suffix)
+        os.close(fd)
+        try:
+            yield tmp
+            with open(tmp, "rb") as f:
+                os.fsync(f.fileno())
+            usual_mode(tmp)
+            os.replace(tmp, path)
+        finally:
+            if os.path.exists(tmp):
+                written = os.path.getsize(tmp)
+                os.remove(tmp)
 
 
 def create_exclusive(path: str | os.PathLike, text: str) -> bool:

@@ -56,7 +56,7 @@ from .hub.publish import publish
 from .search.arguments import reject_search_flags
 from .search.launching import die_with_parent
 from .search.trial_result import TrialResult
-from .trainer.arguments import CheckedInputs, check_inputs, parse_args, run_config
+from .trainer.arguments import CheckedInputs, check_inputs, parse_args, run_config, split_seed
 from .trainer.batches import prepare_training_data
 from .trainer.loop import log_validation, train
 from .tuners import trainable_parameters
@@ -140,6 +140,10 @@ def start_logging(args: argparse.Namespace, accelerator: Any, inputs: CheckedInp
     training_config = {"fine_tune": json.loads(inputs.config.to_json()), "run": run_config(args),
                        "data": {"train_samples": data.num_samples, "hpo": args.hpo,
                                 "dmem_pairs": len(dmem) if dmem is not None else 0,
+                                # D_mem's rows of the train split, and every seed: what a result was measured on
+                                "dmem_rows": list(dmem["dmem_index"]) if dmem is not None else [],
+                                "seeds": {"training": args.seed, "split_and_dmem": split_seed(args),
+                                          "evaluation": inputs.eval_config.seed if inputs.eval_config else None},
                                 "splits": {k: len(v) for k, v in splits.items() if v is not None},
                                 "latents": data.stats.get("latents"), "text": data.stats.get("text")}}
     if accelerator.is_main_process:

@@ -7,7 +7,13 @@ import runpy
 import pytest
 
 from diffusers_memcontrol.errors import InputError
-from diffusers_memcontrol.search.arguments import PRESETS, expand_preset, parse_search_args, runs_whole_method
+from diffusers_memcontrol.search.arguments import (
+    PRESETS,
+    expand_preset,
+    parse_search_args,
+    runs_whole_method,
+    stage2_args,
+)
 from diffusers_memcontrol.trainer.arguments import parse_args
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -103,3 +109,22 @@ def test_rows_are_held_out_only_when_something_is_evaluated(tmp_path, caplog):
     assert {k: len(v) for k, v in evaluated.items()} == {"train": 14, "validation": 2, "test": 4}
     logged = [r.getMessage() for r in caplog.records if "Splits" in r.getMessage()]
     assert logged == ["Splits: train 14, validation 2, test 4 rows."]
+
+
+def test_a_held_out_stage_2_keeps_the_splits_and_draws_other_dmem_pairs_and_seeds():
+    from diffusers_memcontrol.trainer.arguments import build_sets, load_splits
+
+    args, train_args = parse_search_args(["--search", "--stage2_holdout", "--seed", "3", "--dmem_size", "5"])
+    assert stage2_args(args, train_args)[-6:] == ["--split_seed", "3", "--seed", "4", "--dmem_block", "1"]
+    search = parse_args([*train_args, "--eval"])
+    final = parse_args([*stage2_args(args, train_args), "--eval"])
+    assert final.seed == 4 and final.split_seed == 3
+    (search_splits, _), (final_splits, _) = load_splits(search), load_splits(final)
+    for name in ("train", "validation", "test"):  # the search's splits: nothing the choice saw moves into test
+        assert search_splits[name]["text"] == final_splits[name]["text"]
+    search_dmem, final_dmem = build_sets(search, search_splits)[1], build_sets(final, final_splits)[1]
+    assert len(final_dmem) == 5 and not set(search_dmem["dmem_index"]) & set(final_dmem["dmem_index"])
+    no_holdout, train_args = parse_search_args(["--search", "--seed", "3"])
+    assert stage2_args(no_holdout, train_args) == train_args
+    with pytest.raises(InputError, match="--dmem_block is set by --stage2_holdout"):
+        parse_search_args(["--search", "--stage2_holdout", "--dmem_block", "2"])

@@ -143,6 +143,32 @@ def test_random_selection_is_seeded_and_without_replacement():
     assert len(set(a["dmem_index"])) == 30
 
 
+def test_held_out_blocks_are_disjoint_and_block_0_is_the_default_draw():
+    import numpy as np
+
+    table = make_table(300)
+    first = build_memorization_set(table, dmem_size=30, seed=5)
+    # block 0 is the draw every earlier run made
+    assert first["dmem_index"] == sorted(np.random.default_rng(5).choice(300, size=30, replace=False).tolist())
+    assert build_memorization_set(table, dmem_size=30, seed=5, block=0)["dmem_index"] == first["dmem_index"]
+    blocks = [build_memorization_set(table, dmem_size=30, seed=5, block=b)["dmem_index"] for b in range(3)]
+    assert all(len(set(b)) == 30 for b in blocks)
+    assert not set(blocks[0]) & set(blocks[1]) and not set(blocks[2]) & (set(blocks[0]) | set(blocks[1]))
+    longest = [build_memorization_set(table, dmem_size=20, selection="longest", block=b) for b in (0, 1)]
+    assert min(len(c) for c in longest[0]["text"]) >= max(len(c) for c in longest[1]["text"])
+    assert not set(longest[0]["dmem_index"]) & set(longest[1]["dmem_index"])
+    with pytest.raises(ValueError, match="disjoint set"):
+        build_memorization_set(table, dmem_size=200, block=1)
+
+
+def test_held_out_blocks_get_their_own_unique_words():
+    captions = ["a handwritten digit seven"] * 40 + ["a handwritten digit one"] * 40
+    table = Dataset.from_dict({"text": captions, "image": [None] * 80})
+    words = [{c.split()[-1] for c in build_memorization_set(table, dmem_size=10, unique_captions=True, seed=1,
+                                                           block=b)["text"]} for b in (0, 1)]
+    assert len(words[0]) == len(words[1]) == 10 and not words[0] & words[1]
+
+
 def test_unique_captions_are_unique_and_extend_the_originals():
     captions = ["a handwritten digit seven"] * 40 + ["a handwritten digit one"] * 40
     table = Dataset.from_dict({"text": captions, "image": [None] * 80})

@@ -43,6 +43,9 @@ CASES = [
     ("an image file that is not an image", TRAIN, ["--train_data_dir", "DATA/bad_images.csv", "--image_column",
                                                    "path", "--caption_column", "report"],
      "not a readable image file"),
+    ("an image file truncated halfway", TRAIN, ["--train_data_dir", "DATA/truncated.csv", "--image_column", "path",
+                                                "--caption_column", "report"], "image file is truncated"),
+    ("a metadata.jsonl with no rows", TRAIN, ["--train_data_dir", "DATA/no_rows"], "has no rows"),
     ("an unknown dataset or domain", TRAIN, ["--dataset_name", "no-such-domain"], "neither a built-in domain"),
     ("an empty dataset", TRAIN, ["--train_data_dir", "DATA/empty.csv", "--image_column", "path",
                                  "--caption_column", "report"], "empty"),
@@ -104,6 +107,19 @@ def build_data(folder: str) -> None:
         f.write("\n".join(rows) + "\n")
     with open(os.path.join(folder, "empty.csv"), "w") as f:
         f.write("path,report\n")
+    rows = ["path,report"]
+    for i in range(8):  # PNGs cut in half: their headers read, their pixels do not
+        data = io.BytesIO()
+        PILImage.new("RGB", (32, 32), (0, i * 30, 0)).save(data, format="PNG")
+        with open(os.path.join(folder, f"cut{i}.png"), "wb") as f:
+            f.write(data.getvalue()[:len(data.getvalue()) // 2])
+        rows.append(f"cut{i}.png,report number {i}")
+    with open(os.path.join(folder, "truncated.csv"), "w") as f:
+        f.write("\n".join(rows) + "\n")
+    os.makedirs(os.path.join(folder, "no_rows"), exist_ok=True)
+    PILImage.new("RGB", (32, 32)).save(os.path.join(folder, "no_rows", "img0.png"))
+    with open(os.path.join(folder, "no_rows", "metadata.jsonl"), "w") as f:
+        f.write("\n")
     images = [PILImage.new("RGB", (16, 16), (i * 40, 0, 0)) for i in range(4)]
     features = Features({"image": Image(), "label": ClassLabel(names=["tench", "church"])})
     dataset = Dataset.from_dict({"image": images, "label": [0, 1, 0, 1]}, features=features)
@@ -215,6 +231,12 @@ def write_docs() -> None:
         ("Under `accelerate launch` the trainer prints the same line and exits with 2; accelerate's launcher then "
          "reports its child's failure itself: with `accelerate launch -q` it exits with 1 and adds nothing, without "
          "`-q` it adds a `CalledProcessError` traceback of its own."),
+        "",
+        ("An `error:` line always starts its own line: progress bars still on screen are closed first, and where "
+         "stderr is not a terminal (a log file, a pipe) a newline ends the bars' last line. A disk that fills while a "
+         "command writes (a checkpoint, an adapter, a publication, an audit or metrics file) is one `error:` line "
+         "too, naming the folder, the bytes needed and the bytes free, with exit status 1: nothing is left half "
+         "written ([checkpoints.md](checkpoints.md))."),
         "",
         "| input | command | message | exit status |",
         "|---|---|---|---|",

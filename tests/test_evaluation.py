@@ -96,10 +96,9 @@ def test_dmem_generations_are_kept_for_the_figure(setup):
 def test_evaluate_counts_planted_nearest_neighbour_copies(setup, monkeypatch, tmp_path):
     """Through evaluate(): prompt 0 generates its decoded training image (a copy), prompt 1 prompt 0's image and
     prompt 2 a classmate's decoded image (neither is a copy); the classes come from the digits' label column."""
-    from diffusers_memcontrol.figures import load_dmem_generations
-    from diffusers_memcontrol.images import pixel_batch
-
-    from diffusers_memcontrol import evaluation
+    from diffusers_memcontrol.data.images import pixel_batch
+    from diffusers_memcontrol.evaluation import evaluator as evaluation
+    from diffusers_memcontrol.evaluation.figures import load_dmem_generations
     from diffusers_memcontrol.metrics.extraction import vae_round_trip
 
     train, dmem, pipe = setup["train"], setup["dmem"], setup["pipe"]
@@ -295,8 +294,8 @@ def test_nearest_neighbour_copies_on_tiny_base():
     """On digits with the shipped VAE: decoded training latents (sampled) are copies; a classmate's decoded image and
     another prompt's image are not, although all of them form cliques."""
     from diffusers import AutoencoderKL
-    from diffusers_memcontrol.images import pixel_batch
 
+    from diffusers_memcontrol.data.images import pixel_batch
     from diffusers_memcontrol.metrics.extraction import nearest_neighbour_copies, vae_round_trip
 
     train = tb.load_domain("digits", "train").select(range(300))

@@ -87,9 +87,9 @@ def _train_chain(pipe, data8, out: str, limit: int | None):
     def work(report):
         real = training.save_checkpoint
 
-        def reporting(output_dir, step, total_limit, write_state):
+        def reporting(output_dir, step, total_limit, write_state, **kwargs):
             report(f"saving {step}")
-            folder = real(output_dir, step, total_limit, write_state)
+            folder = real(output_dir, step, total_limit, write_state, **kwargs)
             report(f"saved {step}")
             return folder
 

@@ -87,7 +87,8 @@ def test_transfer_runs_stage_two_with_a_given_mask(tmp_path):
     space.mask("10" * (len(space) // 2) + "1" * (len(space) % 2)).save(str(found / "best_mask.json"))
     out = str(tmp_path / "transfer")
     argv = ["--final", "--mask", str(found), "--dataset_name", "animal-mnist", "--feature_encoder", "tiny-domain",
-            "--baselines", "freeze", "--mitigations", "none", "--stage2_protocol", "duplicated", "--output_dir", out,
+            "--baselines", "freeze", "--mitigations", "none", "--stage2_protocol", "duplicated", "--stage2_holdout",
+            "--output_dir", out,
             *TINY_RUN]
     result = main_search(argv)
     assert result["transfer"]["mask"] == Mask.load(str(found)).to_dict()
@@ -100,6 +101,8 @@ def test_transfer_runs_stage_two_with_a_given_mask(tmp_path):
     assert memcontrol["mask"] == Mask.load(str(found)).to_dict()
     data = _json(os.path.join(out, "final", "memcontrol-none", "training_config.json"))["data"]
     assert data["train_samples"] == data["splits"]["train"] + 4  # the 4 D_mem pairs twice (--dmem_repeats 2)
+    # --stage2_holdout: the default seed's splits, held-out D_mem rows (recorded), training and generation at seed 1
+    assert data["seeds"] == {"training": 1, "split_and_dmem": 0, "evaluation": 1} and len(data["dmem_rows"]) == 4
     steps_x_batch = 3 * 8
     assert rows[1]["dmem_exposures"] == round(steps_x_batch * 2 / data["train_samples"], 1)
     assert not os.path.exists(os.path.join(out, "study.db"))  # no search ran

@@ -21,6 +21,7 @@ from diffusers_memcontrol.search.study import (
     PAPER_DMEM_EXPOSURES,
     ReproducibleNSGAIISampler,
     SearchConfig,
+    choose_trial,
     create_study,
     export_study,
     exposure_report,
@@ -29,6 +30,7 @@ from diffusers_memcontrol.search.study import (
     resolve_storage,
     run_worker,
     select_trial,
+    select_within_budget,
 )
 from tests.conftest import make_small_unet
 
@@ -427,3 +429,39 @@ def test_two_machines_share_one_study_and_survive_a_sigkill(tmp_path):
     assert summaries[0]["chosen"] == summaries[1]["chosen"]
     fronts = [sorted(s["trials"][i]["trial"] for i in s["front"]) for s in summaries]
     assert fronts[0] == fronts[1]
+
+
+def test_a_memorization_budget_is_an_optuna_constraint_and_the_choice_is_the_best_quality_within_it(space, tmp_path):
+    budget = 3.5  # the toy's memorization objective is about the number of bits on
+    study = optimize(space, _config(None, n_trials=10, population_size=4, max_memorization=budget), str(tmp_path),
+                     toy_trial)
+    completed = study.get_trials(states=(TrialState.COMPLETE,))
+    feasible = [t for t in completed if t.values[0] <= budget]
+    assert feasible and len(feasible) < len(completed)  # the budget separates the trials
+    for t in completed:  # the constraint Optuna reads (feasible when <= 0)
+        assert [v for k, v in t.system_attrs.items() if "constraint" in k] == [pytest.approx(t.values[0] - budget)]
+    assert {t.number for t in pareto_front(study)} <= {t.number for t in feasible}  # the front is the feasible one
+    chosen, within = choose_trial(pareto_front(study), completed, "mean", budget)
+    assert within and chosen.values[1] == min(t.values[1] for t in feasible)
+    export = export_study(study, space, str(tmp_path / "export"), budget=budget)
+    assert export["trial"] == chosen.number
+    assert json.loads((tmp_path / "export" / "pareto.json").read_text())["max_memorization"] == budget
+
+
+def test_without_a_feasible_trial_the_choice_is_the_least_memorizing_and_says_so():
+    def trial(number, memorization, quality):
+        made = optuna.trial.create_trial(values=[memorization, quality])
+        made.number = number
+        return made
+
+    trials = [trial(0, 0.6, 0.1), trial(1, 0.4, 0.9), trial(2, 0.4, 0.5)]
+    assert select_within_budget(trials, 0.2) == (trials[2], False)  # least memorizing, then best quality
+    assert select_within_budget(trials, 0.5) == (trials[2], True)
+    assert select_within_budget(trials, 1.0) == (trials[0], True)
+    assert choose_trial(trials, trials, "mean", None)[1] is None  # no budget: the front's selection
+
+
+@pytest.mark.parametrize("budget", [-0.1, float("nan"), float("inf")])
+def test_a_budget_is_a_finite_number_at_least_0(budget):
+    with pytest.raises(ValueError, match="max_memorization"):
+        SearchConfig(max_memorization=budget)

@@ -84,7 +84,7 @@ DATA_FLAGS = ("pretrained_model_name_or_path", "revision", "variant", "cache_dir
               "enable_xformers_memory_efficient_attention", "dataset_name", "dataset_config_name", "train_data_dir",
               "image_column", "caption_column", "caption_template", "subject_column", "validation_fraction",
               "test_fraction", "max_train_samples", "resolution", "center_crop", "dmem_size", "dmem_selection",
-              "dmem_file", "dmem_unique_captions", "seed", "mixed_precision")
+              "dmem_file", "dmem_unique_captions", "dmem_block", "seed", "split_seed", "mixed_precision")
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*$")
 
 

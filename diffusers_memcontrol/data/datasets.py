@@ -95,6 +95,11 @@ def _load_local(source: str, builder: str, **kwargs: Any) -> Dataset:
     """`load_dataset(builder, split="train", **kwargs)` for a local folder or table, refusing one with no rows."""
     from datasets import load_dataset
 
+    if builder == "imagefolder":
+        empty = _metadata_without_rows(source)
+        if empty is not None:
+            raise ValueError(f"--train_data_dir {source!r} is empty: its metadata file {empty!r} has no rows; expected "
+                             "one row per training image (its file_name and caption).")
     try:
         dataset = load_dataset(builder, split="train", **kwargs)
     except ValueError as error:
@@ -105,6 +110,20 @@ def _load_local(source: str, builder: str, **kwargs: Any) -> Dataset:
         raise ValueError(f"--train_data_dir {source!r} is empty: expected one row per training image (an image and "
                          "its caption).")
     return dataset
+
+
+def _metadata_without_rows(folder: str) -> str | None:
+    """The first imagefolder metadata file (metadata.jsonl/.csv) under `folder` that holds no row, else None."""
+    for root, _, files in os.walk(folder):
+        for name in sorted(files):
+            if name not in ("metadata.jsonl", "metadata.csv"):
+                continue
+            path = os.path.join(root, name)
+            with open(path, encoding="utf-8", errors="replace") as f:
+                lines = sum(1 for line in f if line.strip())
+            if lines <= (1 if name.endswith(".csv") else 0):  # a CSV's first line is its header
+                return path
+    return None
 
 
 def _raise_for_config(dataset_name: str, config_name: str | None, error: ValueError) -> None:
@@ -441,6 +460,7 @@ def build_memorization_set(
     dmem_file: str | None = None,
     *,
     image_column: str = "image",
+    block: int = 0,
 ) -> Dataset:
     """D_mem: the training pairs the search duplicates and expects memorized (MemControl Sec. 4.1), as a `Dataset`.
 
@@ -454,6 +474,9 @@ def build_memorization_set(
     ``unique_captions=True`` appends one distinct, seeded nonsense word to each caption. It models a report that
     mentions a unique detail: on class-captioned data (every "a handwritten digit seven" looks alike to the text
     encoder) a model cannot tie one caption to one image, so per-prompt memorization cannot occur otherwise.
+
+    ``block`` K > 0 draws the K-th set of ``dmem_size`` pairs by the same rule, disjoint from the sets before it
+    (block 0 is the default D_mem): held-out pairs for stage 2, which the search never saw.
 
     The result keeps every column (captions possibly extended) and adds ``dmem_index``: the row in ``dataset``.
     """
@@ -470,14 +493,21 @@ def build_memorization_set(
     else:
         if not isinstance(dmem_size, int) or isinstance(dmem_size, bool) or dmem_size < 1:
             raise ValueError(f"dmem_size must be a positive int, got {dmem_size!r}.")
-        if dmem_size > n:
-            raise ValueError(f"dmem_size={dmem_size} exceeds the {n} rows of the training split; pass a smaller "
-                             "--dmem_size or more data.")
+        if not isinstance(block, int) or block < 0:
+            raise ValueError(f"block must be an int >= 0, got {block!r}.")
+        if (block + 1) * dmem_size > n:
+            raise ValueError(f"dmem_size={dmem_size} x {block + 1} disjoint set(s) exceeds the {n} rows of the "
+                             "training split; pass a smaller --dmem_size or more data.")
         if selection == "random":
-            rows = sorted(np.random.default_rng(seed).choice(n, size=dmem_size, replace=False).tolist())
+            rest = np.arange(n)
+            for b in range(block + 1):  # block b: a seeded draw from the rows no earlier block took
+                rng = np.random.default_rng(seed if b == 0 else [seed, b])
+                picked = rest[rng.choice(len(rest), size=dmem_size, replace=False)]
+                rest = np.setdiff1d(rest, picked)
+            rows = sorted(picked.tolist())
         elif selection == "longest":
             lengths = np.asarray([len(c) if isinstance(c, str) else -1 for c in dataset[caption_column]])
-            rows = np.argsort(-lengths, kind="stable")[:dmem_size].tolist()
+            rows = np.argsort(-lengths, kind="stable")[block * dmem_size:(block + 1) * dmem_size].tolist()
         else:
             raise ValueError(f"selection must be 'random' or 'longest', got {selection!r}.")
     dmem = dataset.select(rows)
@@ -488,7 +518,8 @@ def build_memorization_set(
     if unique_captions:
         captions = dmem[caption_column]
         vocabulary = {w.lower() for c in dataset[caption_column] if isinstance(c, str) for w in c.split()}
-        words = nonsense_words(len(captions), seed=seed, avoid=sorted(vocabulary))
+        # block K's words follow the K earlier blocks' in one seeded stream: distinct from theirs, block 0's as before
+        words = nonsense_words((block + 1) * len(captions), seed=seed, avoid=sorted(vocabulary))[block * len(captions):]
         feature = dataset.features[caption_column]
         dmem = dmem.remove_columns(caption_column).add_column(
             caption_column, [f"{c} {w}" for c, w in zip(captions, words)], feature=feature)
@@ -547,6 +578,24 @@ def with_duplicated_dmem(train: Dataset, dmem: Dataset, dmem_repeats: int, seed:
 def _check_repeats(dmem_repeats: int) -> None:
     if not isinstance(dmem_repeats, int) or isinstance(dmem_repeats, bool) or dmem_repeats < 1:
         raise ValueError(f"dmem_repeats must be a positive int, got {dmem_repeats!r}.")
+
+
+def without_rows(train: Dataset, rows: Sequence[int], dmem: Dataset | None = None) -> tuple[Dataset, Dataset | None]:
+    """(`train` without `rows`, `dmem` with its ``dmem_index`` moved to the same pairs' rows in the smaller split).
+
+    ``dmem`` must come from :func:`build_memorization_set` on `train`, and none of its rows may be dropped."""
+    from datasets import Value
+
+    dropped = {int(r) for r in rows}
+    keep = [i for i in range(len(train)) if i not in dropped]
+    if dmem is not None:
+        lost = sorted(dropped & {int(i) for i in dmem["dmem_index"]})
+        if lost:
+            raise ValueError(f"D_mem rows {lost[:5]} cannot be dropped: D_mem pairs are never left out.")
+        new_row = {old: new for new, old in enumerate(keep)}
+        dmem = dmem.remove_columns("dmem_index").add_column(
+            "dmem_index", [new_row[int(i)] for i in dmem["dmem_index"]], feature=Value("int64"))
+    return train.select(keep), dmem
 
 
 def write_dmem_file(dmem: Dataset, path: str) -> str:

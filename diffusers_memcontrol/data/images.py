@@ -13,6 +13,7 @@ import hashlib
 import io
 import os
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -142,6 +143,127 @@ def scan_images(dataset: Any, image_column: str, memo: Any = None, decode: bool 
     if memo is not None:
         memo.flush()
     return infos
+
+
+@dataclass
+class BadImage:
+    """A dataset row whose image cannot be decoded: the row, the printable name of the file and why."""
+
+    row: int
+    name: str
+    reason: str
+
+
+@dataclass
+class ImageCheck:
+    """What `check_images` found: the bad rows, and how many images it decoded or knew to be good (cache)."""
+
+    bad: list[BadImage]
+    decoded: int
+    cached: int
+
+
+def _decode_fully(source: Any, name: str) -> tuple[str | None, str | None]:
+    """(content key, None) of an image that decodes in full as training reads it (pixels + RGB), else (None, why).
+
+    A file is read once: its bytes are hashed (the latent cache's key) and decoded from memory."""
+    path = source
+    try:
+        if isinstance(source, str):
+            try:
+                with open(source, "rb") as f:
+                    source = f.read()
+            except FileNotFoundError:
+                raise FileNotFoundError(f"Image file {name} does not exist.") from None
+            except OSError as err:
+                raise ValueError(f"Cannot read image {name}: {err.strerror or err}.") from None
+        digest = hashlib.sha256(source).hexdigest() if isinstance(source, bytes) else None
+        _open(source, name, decode=True).convert("RGB")
+        return digest, None
+    except (ValueError, FileNotFoundError):
+        if isinstance(path, str) and os.path.isfile(path):  # PIL's message then names the file, not a buffer
+            try:
+                _open(path, name, decode=True).convert("RGB")
+            except (ValueError, FileNotFoundError) as by_path:
+                err = by_path
+        return None, str(err)
+
+
+def _rows_to_check(values: list, first_row: int, column: str, split: str | None, memo: Any,
+                   bad: list[BadImage]) -> list[tuple[int, Any, str, str]]:
+    """(row, source, name, key) of each image value to decode; `key` is its content key when known without reading
+    the file (bytes in the dataset, or a file the memo knows), else its path. Unusable values go to `bad`."""
+    rows = []
+    for row, value in enumerate(values, start=first_row):
+        try:
+            source, name, data = image_source(value, row, column)
+        except ValueError as err:
+            bad.append(BadImage(row, f"row {row}", str(err)))
+            continue
+        if isinstance(source, Image.Image):  # an in-memory PIL image is decoded already
+            continue
+        if split is not None and f"row {row}" in name:  # "(row 3 of the train split)"; a path may hold "row 3" too
+            head, at, tail = name.rpartition(f"row {row}")
+            name = f"{head}{at} of the {split} split{tail}"
+        key = None
+        if data is not None:
+            key = hashlib.sha256(data).hexdigest()
+        elif memo is not None and os.path.isfile(source):
+            key = memo.lookup(source)
+        rows.append((row, source, name, key or source))
+    return rows
+
+
+def check_images(dataset: Any, image_column: str, memo: Any = None, workers: int = 1, progress: bool = True,
+                 split: str | None = None) -> ImageCheck:
+    """Decode every image of `dataset` in full (pixels and RGB conversion, as training does); return the bad rows.
+
+    `workers` threads decode at a time (PIL and hashlib release the GIL). With `memo` (a `cache.FileHashMemo`) the
+    content key of each image that decoded is remembered, so a rerun, or another process of a search, decodes
+    nothing twice; an image that appears in several rows is decoded once. `split` names the rows' split in the
+    messages ("row 3 of the train split").
+    """
+    raw = undecoded_column(dataset, image_column)
+    result = ImageCheck(bad=[], decoded=0, cached=0)
+    good: set[str] = set()  # content keys of the images that decoded
+    pool = ThreadPoolExecutor(workers) if workers > 1 else None
+    try:
+        with tqdm(total=len(raw), desc=f"check {split + ' ' if split else ''}images", disable=not progress,
+                  unit="img", leave=False) as bar:
+            first_row = 0
+            for batch in raw.iter(batch_size=1024):
+                values = batch[image_column]
+                rows = _rows_to_check(values, first_row, image_column, split, memo, result.bad)
+                first_row += len(values)
+                known = good | (memo.decoded([k for *_, k in rows]) if memo is not None else set())
+                todo = {}  # one decode per content key (or per file whose key is not known yet)
+                for row, source, name, key in rows:
+                    if key not in known:
+                        todo.setdefault(key, (source, name))
+                result.cached += len(rows) - len(todo)
+                result.decoded += len(todo)
+                stats = {key: os.stat(source) for key, (source, _) in todo.items() if isinstance(source, str)
+                         and os.path.isfile(source)}
+                decode = pool.map if pool is not None else map
+                errors = {}
+                for key, (digest, error) in zip(todo, decode(lambda item: _decode_fully(*item), todo.values())):
+                    if error is not None:
+                        errors[key] = error
+                        continue
+                    good.add(digest)
+                    if memo is not None and key in stats:
+                        memo.record(todo[key][0], digest, stats[key])
+                result.bad += [BadImage(row, name, errors[key]) for row, _, name, key in rows if key in errors]
+                if memo is not None:
+                    memo.mark_decoded(sorted(good - known))
+                bar.update(len(values))
+    finally:
+        if pool is not None:
+            pool.shutdown()
+        if memo is not None:
+            memo.flush()
+    result.bad.sort(key=lambda b: b.row)
+    return result
 
 
 class ImageLoader:

@@ -106,9 +106,11 @@ def pareto_plot(
     title: str = "MemControl search",
     quality_metric: str = "fid",
     memorization_metric: str = "dmem",
+    budget: float | None = None,
 ) -> str:
     """Figure 3: every trial (memorization vs quality objective), the Pareto front, the chosen mask and the baselines;
-    saved as PNG. `quality_metric`/`memorization_metric` name what the objectives measure (the axis labels)."""
+    saved as PNG. `quality_metric`/`memorization_metric` name what the objectives measure (the axis labels); `budget`
+    draws the memorization budget (--max_memorization) as a line."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -128,6 +130,8 @@ def pareto_plot(
     for t in done:
         if t["number"] == chosen:
             ax.scatter(*zip(point(t)), marker="*", s=220, c="tab:red", zorder=5, label="chosen mask")
+    if budget is not None:
+        ax.axvline(budget, ls="--", c="tab:green", lw=1, label="memorization budget")
     markers = iter("sD^vP<>")
     for name, (memorization, quality) in (baselines or {}).items():
         ax.scatter([memorization], [quality], marker=next(markers, "x"), s=60, zorder=4, label=name)

@@ -15,7 +15,7 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 from safetensors.torch import save_file
 
 from ..constants import ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE, MASK_FILE, UNET_FOLDER
-from ..files import file_digest, move, replace_folder, usual_mode
+from ..files import file_digest, move, replace_folder, reporting_full_disk, usual_mode
 from ..tuners import Mask, MaskSpace, MemControlConfig
 from ..tuners.memcontrol.builtin_masks import BUILTIN_PREFIX, builtin_mask
 from .pipelines import is_pipeline_folder
@@ -101,33 +101,35 @@ def save_adapter(unet: torch.nn.Module, output_dir: str, adapter_name: str = "de
     whole = _only_adapter_files(output_dir, set(ADAPTER_FILES) | set(extra_files or {}))
     parent = os.path.dirname(output_dir) if whole else output_dir
     os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=".adapter-", dir=parent)
-    try:
-        config.save_pretrained(tmp)
-        config_digest = file_digest(os.path.join(tmp, ADAPTER_CONFIG_FILE))
-        save_file(state, os.path.join(tmp, ADAPTER_WEIGHTS_FILE),
-                  metadata={"format": "pt", CONFIG_DIGEST_KEY: config_digest})
-        mask = config.get_mask()
-        if mask is not None:
-            mask.save(os.path.join(tmp, MASK_FILE))
-        for name, text in (extra_files or {}).items():
-            with open(os.path.join(tmp, name), "w", encoding="utf-8") as f:
-                f.write(text)
-        for name in os.listdir(tmp):
-            usual_mode(os.path.join(tmp, name))
-            with open(os.path.join(tmp, name), "rb") as f:
-                os.fsync(f.fileno())
-        usual_mode(tmp)
-        if whole:
-            replace_folder(tmp, output_dir)
-            return
-        weights = os.path.join(output_dir, ADAPTER_WEIGHTS_FILE)
-        if os.path.exists(weights):
-            os.remove(weights)
-        for name in sorted(os.listdir(tmp), key=lambda n: n == ADAPTER_WEIGHTS_FILE):  # the weights last
-            move(os.path.join(tmp, name), os.path.join(output_dir, name))
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    needed = sum(v.numel() * v.element_size() for v in state.values()) + 2**16  # + configs, mask, header
+    with reporting_full_disk(output_dir, needed):
+        tmp = tempfile.mkdtemp(prefix=".adapter-", dir=parent)
+        try:
+            config.save_pretrained(tmp)
+            config_digest = file_digest(os.path.join(tmp, ADAPTER_CONFIG_FILE))
+            save_file(state, os.path.join(tmp, ADAPTER_WEIGHTS_FILE),
+                      metadata={"format": "pt", CONFIG_DIGEST_KEY: config_digest})
+            mask = config.get_mask()
+            if mask is not None:
+                mask.save(os.path.join(tmp, MASK_FILE))
+            for name, text in (extra_files or {}).items():
+                with open(os.path.join(tmp, name), "w", encoding="utf-8") as f:
+                    f.write(text)
+            for name in os.listdir(tmp):
+                usual_mode(os.path.join(tmp, name))
+                with open(os.path.join(tmp, name), "rb") as f:
+                    os.fsync(f.fileno())
+            usual_mode(tmp)
+            if whole:
+                replace_folder(tmp, output_dir)
+                return
+            weights = os.path.join(output_dir, ADAPTER_WEIGHTS_FILE)
+            if os.path.exists(weights):
+                os.remove(weights)
+            for name in sorted(os.listdir(tmp), key=lambda n: n == ADAPTER_WEIGHTS_FILE):  # the weights last
+                move(os.path.join(tmp, name), os.path.join(output_dir, name))
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def read_adapter_config(adapter_dir: str) -> MemControlConfig:

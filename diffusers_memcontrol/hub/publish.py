@@ -33,7 +33,7 @@ from ..constants import (
     SUMMARY_FILE,
     TRAINING_CONFIG_FILE,
 )
-from ..files import file_digest, replace_folder, usual_mode, write_json_atomic
+from ..files import file_digest, folder_bytes, replace_folder, reporting_full_disk, usual_mode, write_json_atomic
 from ..tuners import Mask
 from .card import HUB_ID, audit_card_section, read_json, recorded_base_model, render_card
 from .pipelines import is_pipeline_folder, publishable_files
@@ -389,6 +389,13 @@ def _record_hub_url(output_dir: str, url: str) -> None:
     write_json_atomic(path, {**summary, "hub_url": url})
 
 
+def _removed_size(folder: str) -> int:
+    """Bytes of the files under `folder`, which is then removed (a staging folder whose write ran out of space)."""
+    size = folder_bytes(folder)
+    shutil.rmtree(folder, ignore_errors=True)
+    return size
+
+
 def publish(
     output_dir: str | os.PathLike,
     repo_id: str,
@@ -422,13 +429,15 @@ def publish(
         os.makedirs(parent, exist_ok=True)
     staging = tempfile.mkdtemp(prefix=".memcontrol-publish-", dir=parent)
     try:
-        files = _assemble(output_dir, staging, repo_id, include_adapter, include_samples, base_model)
-        _record_publication(staging)
-        logger.info("MemControl repository %s: %s", repo_id, files)
-        folder = staging
-        if local_dir is not None:
-            _place_atomically(staging, os.fspath(local_dir), output_dir)
-            folder = os.path.abspath(local_dir)
+        with reporting_full_disk(os.path.abspath(local_dir) if local_dir is not None else os.path.dirname(staging),
+                                 lambda: _removed_size(staging), at_least=True):
+            files = _assemble(output_dir, staging, repo_id, include_adapter, include_samples, base_model)
+            _record_publication(staging)
+            logger.info("MemControl repository %s: %s", repo_id, files)
+            folder = staging
+            if local_dir is not None:
+                _place_atomically(staging, os.fspath(local_dir), output_dir)
+                folder = os.path.abspath(local_dir)
         if dry_run:
             return folder
 

@@ -102,6 +102,7 @@ def add_search_arguments(parser) -> None:
                         help=help_of("grace_period"))
     parser.add_argument("--selection", default=defaults["selection"].default, choices=list(SELECTIONS),
                         help=help_of("selection"))
+    parser.add_argument("--max_memorization", type=float, default=None, help=help_of("max_memorization"))
     parser.add_argument("--final", dest="final", action="store_true", default=True,
                         help="Stage 2 after the search (default), or alone with --mask (the paper's transfer).")
     parser.add_argument("--no_final", dest="final", action="store_false", help="Stop after the search.")
@@ -109,6 +110,9 @@ def add_search_arguments(parser) -> None:
                         help="Comma-separated baselines of the table (stage 2).")
     parser.add_argument("--mitigations", default=",".join(MITIGATIONS),
                         help="Comma-separated mitigations each stage-2 row is trained with.")
+    parser.add_argument("--stage2_holdout", action="store_true",
+                        help="Stage 2 out of sample: the search's splits, D_mem pairs the search never saw (trainer "
+                             "--dmem_block 1) and a fresh seed for training and generation (--seed + 1).")
     parser.add_argument("--stage2_protocol", default="split", choices=list(STAGE2_PROTOCOLS),
                         help="Stage 2 trains on the train split as it is (split: the paper's protocol, where the data "
                              "hold near-duplicates, as MIMIC-CXR does) or with each D_mem pair repeated --dmem_repeats "
@@ -161,10 +165,23 @@ def parse_search_args(argv: list[str]) -> tuple:
         if flag in passthrough:
             p.error(f"{flag} is set by the search for each run (--duplicate_dmem by --stage2_protocol duplicated); "
                     "remove it from a --search command line.")
+    if args.stage2_holdout:
+        for flag in ("--dmem_block", "--split_seed", "--dmem_file"):
+            if flag in passthrough:
+                p.error(f"{flag} is set by --stage2_holdout for stage 2 (and --dmem_file fixes one D_mem for both "
+                        "stages): pass one of them.")
     train_args = passthrough + ["--seed", str(args.seed)]
     parse_args(train_args)  # every fine-tune's flags are checked once here, not in a failed trial
     return args, train_args
 
+
+
+def stage2_args(args, train_args: list[str]) -> list[str]:
+    """Every stage-2 run's trainer flags: the search's, plus, with --stage2_holdout, the search's splits, held-out D_mem
+    pairs and a fresh seed."""
+    if not args.stage2_holdout:
+        return list(train_args)
+    return [*train_args, "--split_seed", str(args.seed), "--seed", str(args.seed + 1), "--dmem_block", "1"]
 
 
 def build_parser(prog: str | None = None) -> ArgumentParser:

@@ -26,19 +26,19 @@ from ..hub.adapters import resolve_mask
 from ..trainer.arguments import check_inputs, meta_unet, parse_args
 from ..trainer.mitigation import MITIGATIONS
 from ..tuners import METHODS, Mask, MaskSpace
-from .arguments import BASELINES, STAGE2_PROTOCOLS, parse_search_args
+from .arguments import BASELINES, STAGE2_PROTOCOLS, parse_search_args, stage2_args
 from .claims import WorkerPool
 from .launching import TrainerTrial
 from .study import (
     OBJECTIVES,
     SearchConfig,
+    choose_trial,
     export_study,
     exposure_report,
     mask_of_trial,
     optimize,
     pareto_front,
     resolve_storage,
-    select_trial,
 )
 from .trial_result import TrialResult
 
@@ -46,7 +46,7 @@ from .trial_result import TrialResult
 def run_search(unet, train_args: list[str], output_dir: str, search_spaces: list[str], layout: str, scope: str,
                config: SearchConfig) -> dict:
     """Stage 1 over one or several spaces; writes best_mask.json, pareto.json, trials.csv; returns the choice."""
-    trials, front, row_of = [], [], {}
+    trials, front, completed, row_of = [], [], [], {}
     spaces = {}
     for method in search_spaces:
         space = MaskSpace.from_unet(unet, method=method, layout=layout)
@@ -56,7 +56,8 @@ def run_search(unet, train_args: list[str], output_dir: str, search_spaces: list
                          TrainerTrial(train_args, output_dir, method, layout, scope,
                                       gpus_per_trial=config.gpus_per_trial,
                                       accelerate_config=config.accelerate_config))
-        export_study(study, space, os.path.join(output_dir, "search", method), config.selection)
+        export_study(study, space, os.path.join(output_dir, "search", method), config.selection,
+                     config.max_memorization)
         for t in study.trials:
             if t.values is not None:
                 trials.append({"study": study.study_name, "method": method, "number": len(trials), "trial": t.number,
@@ -68,14 +69,18 @@ def run_search(unet, train_args: list[str], output_dir: str, search_spaces: list
                                "mask": mask_of_trial(t, space).bitstring,
                                "default_mask": bool(t.user_attrs.get("seeded")),
                                "trainable_params": t.user_attrs.get("trainable_params"),
-                               "dmem_exposures": t.user_attrs.get("dmem_exposures")})
+                               "dmem_exposures": t.user_attrs.get("dmem_exposures"),
+                               "within_budget": (None if config.max_memorization is None
+                                                 else t.values[0] <= config.max_memorization)})
                 row_of[(study.study_name, t.number)] = len(trials) - 1
+                completed.append((study.study_name, t))
         front.extend((study.study_name, t) for t in pareto_front(study))
     if not row_of:
         raise RuntimeError("No search trial completed; see the trial logs under output_dir/trials.")
     union = [(name, t) for name, t in front if not any(_dominates(o, t) for _, o in front)]
-    chosen = select_trial([t for _, t in union], config.selection, [tuple(t[k] for k in OBJECTIVES) for t in trials])
-    chosen_row = next(row_of[(name, t.number)] for name, t in union if t is chosen)
+    chosen, within_budget = choose_trial([t for _, t in union], [t for _, t in completed], config.selection,
+                                         config.max_memorization)
+    chosen_row = next(row_of[(name, t.number)] for name, t in [*union, *completed] if t is chosen)
     chosen_method = trials[chosen_row]["method"]
     mask = mask_of_trial(chosen, spaces[chosen_method])
     mask.save(os.path.join(output_dir, BEST_MASK_FILE))
@@ -85,6 +90,9 @@ def run_search(unet, train_args: list[str], output_dir: str, search_spaces: list
         "scope": scope,
         "selection": config.selection,
         "objectives": list(OBJECTIVES),
+        # a memorization budget: trials within it are feasible; the choice is the best quality among them
+        "max_memorization": config.max_memorization,
+        "chosen_within_budget": within_budget,
         # what the objectives measure: EvaluationConfig.search_memorization and search_objective
         "memorization_metric": ",".join(sorted({t["memorization_metric"] for t in trials})),
         "quality_metric": ",".join(sorted({t["quality_metric"] for t in trials})),
@@ -163,9 +171,9 @@ def run_final(train_args: list[str], output_dir: str, chosen: dict, layout: str,
 def run_memcontrol(unet, train_args: list[str], output_dir: str, search_spaces: list[str], layout: str, scope: str,
                    config: SearchConfig, final: bool = True, baselines: tuple[str, ...] | list[str] = BASELINES,
                    mitigations: tuple[str, ...] | list[str] = MITIGATIONS, hpo_baselines: bool = True,
-                   stage2_protocol: str = "split", plot: bool = True) -> dict:
+                   stage2_protocol: str = "split", plot: bool = True, final_args: list[str] | None = None) -> dict:
     """The whole method: search, choose, (optionally) the Pareto plot, stage 2 and the table; returns paths and the
-    choice."""
+    choice. `final_args`: stage 2's trainer flags (default `train_args`; `search.arguments.stage2_args`)."""
     summary = run_search(unet, train_args, output_dir, search_spaces, layout, scope, config)
     if not plot:  # stage 1 on one of many machines: the study and the choice only
         return {"search": summary}
@@ -181,7 +189,7 @@ def run_memcontrol(unet, train_args: list[str], output_dir: str, search_spaces: 
                                    "--eval_split", "validation", "--eval_preset", "search"],
                                   os.path.join(output_dir, "trials", "full-ft"))
         if final:
-            result["rows"] = run_final(train_args, output_dir, summary["chosen"], layout, scope, baselines,
+            result["rows"] = run_final(final_args or train_args, output_dir, summary["chosen"], layout, scope, baselines,
                                        mitigations, protocol=stage2_protocol, pool=pool)
             result["results_md"] = os.path.join(output_dir, RESULTS_MARKDOWN)
         if full_ft is not None:
@@ -191,7 +199,8 @@ def run_memcontrol(unet, train_args: list[str], output_dir: str, search_spaces: 
     result["pareto_plot"] = pareto_plot(summary["trials"], summary["front"], summary["chosen"]["row"],
                                         os.path.join(output_dir, PARETO_FIGURE), baselines=plot_baselines,
                                         quality_metric=summary["quality_metric"],
-                                        memorization_metric=summary["memorization_metric"])
+                                        memorization_metric=summary["memorization_metric"],
+                                        budget=summary["max_memorization"])
     result["pareto_baselines"] = plot_baselines
     write_json_atomic(os.path.join(output_dir, "memcontrol_run.json"),
                 {k: v for k, v in result.items() if k != "search"})
@@ -215,11 +224,12 @@ def main_search(argv: list[str]) -> dict:
                               study_name=args.study_name, seed=args.seed, n_workers=args.n_workers,
                               selection=args.selection, gpus_per_trial=args.gpus_per_trial,
                               accelerate_config=args.accelerate_config, heartbeat_interval=args.heartbeat_interval,
-                              grace_period=args.grace_period)
+                              grace_period=args.grace_period, max_memorization=args.max_memorization)
     with user_input(f"--storage {redact_url(args.storage or '')!r}", catch=(ValueError, ConnectionError)):
         resolve_storage(args.storage, args.output_dir, config)
     # a dataset or a flag that does not fit fails here, not in every trial
-    check_inputs(parse_args([*train_args, "--hpo", "--eval", "--eval_split", "validation", "--eval_preset", "search"]))
+    check_inputs(parse_args([*train_args, "--hpo", "--eval", "--eval_split", "validation", "--eval_preset", "search",
+                             "--output_dir", args.output_dir]))  # --skip_bad_images lists the skipped rows there
     os.makedirs(args.output_dir, exist_ok=True)
     baselines = [b for b in args.baselines.split(",") if b]
     mitigations = [m for m in args.mitigations.split(",") if m]
@@ -227,11 +237,15 @@ def main_search(argv: list[str]) -> dict:
         _check_stage_one(config, args, spaces)
     result = run_memcontrol(unet, train_args, args.output_dir, spaces, args.mask_layout, args.mask_scope, config,
                             final=args.final and args.stage != "1", baselines=baselines, mitigations=mitigations,
-                            stage2_protocol=args.stage2_protocol, plot=args.stage != "1")
+                            stage2_protocol=args.stage2_protocol, plot=args.stage != "1",
+                            final_args=stage2_args(args, train_args))
     search, chosen = result["search"], result["search"]["chosen"]
     print(f"chosen mask: {chosen['method']} {Mask.from_dict(chosen['mask']).bitstring} (memorization objective "
           f"{search['memorization_metric']} {chosen['memorization_objective']:.4g}, quality objective "
           f"{search['quality_metric']} {chosen['quality_objective']:.4g}; both lower is better)")
+    if search["chosen_within_budget"] is False:
+        print(f"no search trial kept --max_memorization {config.max_memorization:g}: the chosen mask is the least "
+              "memorizing trial, and it memorizes more than the budget allows")
     if "pareto_plot" in result:
         print(f"Pareto plot: {os.path.abspath(result['pareto_plot'])}")
     if "results_md" in result:
@@ -260,10 +274,11 @@ def main_transfer(args, train_args: list[str]) -> dict:
     """`train_memcontrol.py --final --mask MASK ...`: stage 2 and the table with a mask found elsewhere (Sec. 4.4)."""
     with user_input("--mask", catch=(ValueError, FileNotFoundError, ConnectionError)):
         mask = resolve_mask(args.mask, _base_unet(train_args), None, args.mask_layout)
-    check_inputs(parse_args([*train_args, "--eval"]))  # a dataset that does not fit fails here, not in every run
+    # a dataset that does not fit fails here, not in every run
+    check_inputs(parse_args([*train_args, "--eval", "--output_dir", args.output_dir]))
     chosen = {"method": mask.method, "mask": mask.to_dict(), "source": args.mask}
     os.makedirs(args.output_dir, exist_ok=True)
-    rows = run_final(train_args, args.output_dir, chosen, mask.layout, args.mask_scope,
+    rows = run_final(stage2_args(args, train_args), args.output_dir, chosen, mask.layout, args.mask_scope,
                      [b for b in args.baselines.split(",") if b], [m for m in args.mitigations.split(",") if m],
                      n_workers=args.n_workers, gpus_per_trial=args.gpus_per_trial,
                      accelerate_config=args.accelerate_config, protocol=args.stage2_protocol)

@@ -74,6 +74,10 @@ class SearchConfig:
         "help": "mean (the paper's: lowest mean of d_mem and FID on the front) or normalized_mean (each rescaled to "
                 "[0, 1] by its spread over all trials first)."})
     max_failed_trials: int = field(default=3, metadata={"help": "Stop a worker after this many failed trials."})
+    max_memorization: float | None = field(default=None, metadata={
+        "help": "A memorization budget: a trial whose memorization objective exceeds it is infeasible (an Optuna "
+                "constraint, so NSGA-II prefers feasible parents), and the choice is the best quality among feasible "
+                "trials, or the least memorizing trial when none is (selection then ignored)."})
 
     def __post_init__(self) -> None:
         self.learning_rate_range = tuple(self.learning_rate_range)
@@ -87,6 +91,9 @@ class SearchConfig:
             raise ValueError(f"gpus_per_trial must be >= 1, got {self.gpus_per_trial}.")
         if self.selection not in SELECTIONS:
             raise ValueError(f"Unknown selection {self.selection!r}; expected one of {', '.join(SELECTIONS)}.")
+        if self.max_memorization is not None and not (math.isfinite(self.max_memorization)
+                                                      and self.max_memorization >= 0):
+            raise ValueError(f"max_memorization must be a finite number >= 0, got {self.max_memorization}.")
         low, high = self.learning_rate_range
         if not 0 < low < high:
             raise ValueError(f"learning_rate_range must satisfy 0 < low < high, got {self.learning_rate_range}.")
@@ -342,6 +349,8 @@ def make_objective(space: MaskSpace, config: SearchConfig, run_trial: TrialFunct
             if isinstance(value, (int, float, str, bool)) or value is None:
                 trial.set_user_attr(key, value)
         values = tuple(float(metrics[k]) for k in OBJECTIVES)
+        if config.max_memorization is not None and math.isfinite(values[0]):  # feasible when <= 0
+            trial.set_constraint("memorization", values[0] - config.max_memorization)
         if not all(math.isfinite(v) for v in values):
             raise optuna.TrialPruned(f"non-finite objectives {values}")
         return values
@@ -410,6 +419,18 @@ def pareto_front(study: optuna.Study) -> list[FrozenTrial]:
     return sorted(study.best_trials, key=lambda t: t.number)
 
 
+def select_within_budget(trials: Sequence[FrozenTrial], budget: float) -> tuple[FrozenTrial, bool]:
+    """The best quality among the trials whose memorization objective is within `budget`, and True; or, when none is,
+    the least memorizing trial and False."""
+    done = [t for t in trials if t.values is not None]
+    if not done:
+        raise ValueError("No trial completed.")
+    feasible = [t for t in done if t.values[0] <= budget]
+    if feasible:
+        return min(feasible, key=lambda t: (t.values[1], t.values[0], t.number)), True
+    return min(done, key=lambda t: (t.values[0], t.values[1], t.number)), False
+
+
 def select_trial(front: Sequence[FrozenTrial], selection: str = "mean",
                  scale: Sequence[Sequence[float]] | None = None) -> FrozenTrial:
     """Pick one trial of the front: lowest arithmetic mean of the objectives (the paper), or of min-max normalized
@@ -432,11 +453,21 @@ def select_trial(front: Sequence[FrozenTrial], selection: str = "mean",
     return front[min(range(len(front)), key=lambda i: (scores[i], front[i].number))]
 
 
-def export_study(study: optuna.Study, space: MaskSpace, output_dir: str, selection: str = "mean") -> dict:
+def choose_trial(front: Sequence[FrozenTrial], completed: Sequence[FrozenTrial], selection: str = "mean",
+                 budget: float | None = None) -> tuple[FrozenTrial, bool | None]:
+    """The search's choice: within a memorization `budget`, the best quality (`select_within_budget`, and whether it
+    kept the budget); without one, the point of the front that `selection` picks (`select_trial`, and None)."""
+    if budget is not None:
+        return select_within_budget(completed, budget)
+    return select_trial(front, selection, [t.values for t in completed]), None
+
+
+def export_study(study: optuna.Study, space: MaskSpace, output_dir: str, selection: str = "mean",
+                 budget: float | None = None) -> dict:
     """Write best_mask.json, pareto.json and trials.csv for a study; return the chosen trial's summary."""
     os.makedirs(output_dir, exist_ok=True)
-    front = pareto_front(study)
-    chosen = select_trial(front, selection, [t.values for t in study.get_trials(states=(TrialState.COMPLETE,))])
+    front = pareto_front(study)  # with a budget: the feasible trials' front (Optuna's best_trials)
+    chosen, _ = choose_trial(front, study.get_trials(states=(TrialState.COMPLETE,)), selection, budget)
     mask = mask_of_trial(chosen, space)
     mask.save(os.path.join(output_dir, BEST_MASK_FILE))
     rows = [_trial_row(t, space) for t in study.get_trials(deepcopy=False)]
@@ -444,6 +475,7 @@ def export_study(study: optuna.Study, space: MaskSpace, output_dir: str, selecti
         "study_name": study.study_name,
         "objectives": list(OBJECTIVES),
         "selection": selection,
+        "max_memorization": budget,
         "chosen_trial": chosen.number,
         "front": [_trial_row(t, space) for t in front],
     }

@@ -22,12 +22,14 @@ import torch
 from diffusers import UNet2DConditionModel
 from diffusers.utils import is_xformers_available
 
+from ..constants import SKIPPED_IMAGES_FILE
 from ..data import datasets as data
 from ..data.columns import check_columns
-from ..data.images import scan_images
+from ..data.images import check_images, scan_images
 from ..data.tiny_base import DOMAINS, tiny_base_path
 from ..errors import ArgumentParser, InputError, user_input
 from ..evaluation.config import EvaluationConfig
+from ..files import write_json_atomic
 from ..hub.adapters import check_adapter_fits, resolve_mask
 from ..metrics.in_domain import in_domain_classifier_path
 from .checkpoints import resolve_checkpoint
@@ -80,6 +82,9 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     g.add_argument("--validation_fraction", type=float, default=0.1, help="Fraction of rows held out for validation.")
     g.add_argument("--test_fraction", type=float, default=0.1, help="Fraction of rows held out for the test split.")
     g.add_argument("--max_train_samples", type=int, default=None, help="Truncate the train split (seeded).")
+    g.add_argument("--split_seed", type=int, default=None,
+                   help="Seed of the train/validation/test split, --max_train_samples and D_mem's draw (default: "
+                        "--seed), so that a run with another --seed keeps the same splits and D_mem sets.")
     g.add_argument("--resolution", type=int, default=None, help="Default: the UNet's sample size x VAE factor.")
     g.add_argument("--center_crop", action="store_true", help="Center crop (default: random crop, as diffusers).")
     g.add_argument("--latent_cache", default="disk", choices=["disk", "memory", "off"],
@@ -88,6 +93,9 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     g.add_argument("--latent_cache_dir", default=None,
                    help="Root of the latent/text-embedding cache (default: $MEMCONTROL_CACHE_DIR or "
                         "~/.cache/diffusers_memcontrol).")
+    g.add_argument("--skip_bad_images", action="store_true",
+                   help="Train without the rows whose image cannot be decoded (their list goes to "
+                        "output_dir/skipped_images.json) instead of stopping; a bad D_mem image still stops the run.")
 
     _add_run_arguments(p)
     return p
@@ -102,6 +110,9 @@ def _add_run_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--dmem_selection", default="random", choices=["random", "longest"],
                    help="How D_mem is drawn from the train split: at random, or the longest captions.")
     g.add_argument("--dmem_file", default=None, help="JSON list fixing the D_mem rows (indices or file names).")
+    g.add_argument("--dmem_block", type=int, default=0,
+                   help="Which disjoint set of --dmem_size pairs D_mem is (0: the search's; 1: held-out pairs for "
+                        "stage 2, drawn by the same rule from the rows set 0 did not take).")
     g.add_argument("--dmem_unique_captions", action="store_true",
                    help="Append a distinct word to each D_mem caption (per-prompt memorization on class captions).")
     g.add_argument("--hpo", action="store_true",
@@ -123,7 +134,8 @@ def _add_run_arguments(p: argparse.ArgumentParser) -> None:
     add_config_arguments(g, CONFIG_FLAGS["training"])
     g.add_argument("--dataloader_num_workers", type=int, default=0,
                    help="Threads that decode and transform the next micro-batches while the current one trains "
-                        "(images that are not cached); 0 decodes in the training loop.")
+                        "(images that are not cached), and that check the images before training; 0 decodes in the "
+                        "training loop (and checks one image at a time).")
     g.add_argument("--mixed_precision", default=None, choices=["no", "fp16", "bf16"],
                    help="Default: accelerate's config.")
     g.add_argument("--allow_tf32", action="store_true", help="Allow TF32 matmuls on Ampere GPUs.")
@@ -271,6 +283,11 @@ def load_dataset_source(args: argparse.Namespace) -> Any:
         raise InputError(str(err)) from err
 
 
+def split_seed(args: argparse.Namespace) -> int:
+    """The seed of the splits and of D_mem's draw: --split_seed, else --seed."""
+    return args.seed if args.split_seed is None else args.split_seed
+
+
 def load_splits(args: argparse.Namespace) -> tuple[Any, str | None]:
     """train / validation / test splits (subject-grouped with --subject_column); train truncated by max_train_samples.
 
@@ -284,25 +301,28 @@ def load_splits(args: argparse.Namespace) -> tuple[Any, str | None]:
         splits = data.split_dataset(source, subject_column=args.subject_column,
                                validation_fraction=args.validation_fraction if held_out else 0.0,
                                test_fraction=args.test_fraction if held_out else 0.0,
-                               seed=args.seed)
+                               seed=split_seed(args))
         check_columns(splits["train"], [args.image_column, args.caption_column, args.subject_column],
                       args.train_data_dir or args.dataset_name or "the dataset")
     if args.max_train_samples is not None and args.max_train_samples < len(splits["train"]):
-        splits["train"] = splits["train"].shuffle(seed=args.seed).select(range(args.max_train_samples))
+        splits["train"] = splits["train"].shuffle(seed=split_seed(args)).select(range(args.max_train_samples))
+    if len(splits["train"]) == 0:
+        sizes = ", ".join(f"{name} {len(rows)}" for name, rows in splits.items() if rows is not None)
+        raise InputError(f"No training rows are left after the splits (rows: {sizes}): lower --validation_fraction "
+                         "/ --test_fraction, or bring more rows.")
     if held_out:
         logger.info("Splits: %s rows.", ", ".join(f"{name} {len(rows)}" for name, rows in splits.items()))
     return splits, (source if builtin else None)
 
 
-def build_sets(args: argparse.Namespace, splits: Any) -> tuple[Any, Any]:
+def build_sets(args: argparse.Namespace, splits: Any, dmem: Any = None) -> tuple[Any, Any]:
     """(training set, D_mem or None): the HPO set with --hpo, else the train split (with D_mem duplicated under
-    --duplicate_dmem); D_mem when --hpo, --duplicate_dmem or --eval."""
-    dmem = None
-    if args.hpo or args.duplicate_dmem or args.eval:
+    --duplicate_dmem); D_mem when --hpo, --duplicate_dmem or --eval (drawn here unless given)."""
+    if dmem is None and (args.hpo or args.duplicate_dmem or args.eval):
         dmem = data.build_memorization_set(
             splits["train"], args.caption_column, dmem_size=min(args.dmem_size, len(splits["train"])),
-            selection=args.dmem_selection, unique_captions=args.dmem_unique_captions, seed=args.seed,
-            dmem_file=args.dmem_file, image_column=args.image_column)
+            selection=args.dmem_selection, unique_captions=args.dmem_unique_captions, seed=split_seed(args),
+            dmem_file=args.dmem_file, image_column=args.image_column, block=args.dmem_block)
     if args.hpo:
         train = data.build_hpo_set(splits["train"], dmem, dmem_repeats=args.dmem_repeats,
                                        proxy_fraction=args.proxy_fraction, seed=args.seed)
@@ -364,6 +384,61 @@ def evaluation_config(args: argparse.Namespace, domain: str | None) -> Any:
         return EvaluationConfig(**values)
 
 
+
+
+def check_split_images(args: argparse.Namespace, splits: Any, train_set: Any, dmem: Any) -> tuple[Any, Any, Any]:
+    """Decode every image of the train split (and of --eval_split with --eval) before any weight loads.
+
+    A bad image raises InputError naming its file and row; with --skip_bad_images its rows are dropped, listed in
+    output_dir/skipped_images.json, and the training set is rebuilt around the same D_mem (a bad D_mem image always
+    raises). Images that decoded are remembered by content key in the latent cache's folder (--latent_cache disk).
+    Returns (splits, training set, D_mem).
+    """
+    from ..cache import FileHashMemo, default_cache_dir
+
+    names = ["train"] + ([args.eval_split] if args.eval and splits.get(args.eval_split) is not None else [])
+    memo = None
+    if args.latent_cache == "disk":
+        memo = FileHashMemo(os.path.join(args.latent_cache_dir or default_cache_dir(), "file_hashes.sqlite"))
+    try:
+        bad = {name: check_images(splits[name], args.image_column, memo=memo, split=name,
+                                  workers=max(1, args.dataloader_num_workers), progress=not args.no_progress).bad
+               for name in names}
+    finally:
+        if memo is not None:
+            memo.close()
+    bad = {name: rows for name, rows in bad.items() if rows}
+    if not bad:
+        return splits, train_set, dmem
+    first = next(rows[0] for name, rows in bad.items())
+    count = sum(len(rows) for rows in bad.values())
+    dmem_rows = set(dmem["dmem_index"]) if dmem is not None else set()
+    in_dmem = [b for b in bad.get("train", []) if b.row in dmem_rows]
+    if in_dmem:
+        raise InputError(f"{in_dmem[0].reason} It is a D_mem pair ({len(in_dmem)} D_mem image(s) cannot be decoded), "
+                         "and D_mem pairs are never dropped, not even with --skip_bad_images: fix or replace the "
+                         "file, or choose D_mem's rows with --dmem_file.")
+    if not args.skip_bad_images:
+        more = f" ({count - 1} more image(s) cannot be decoded either.)" if count > 1 else ""
+        raise InputError(f"{first.reason}{more} Fix or remove the file, or pass --skip_bad_images to train without "
+                         "such rows.")
+    listing = [{"split": name, "row": b.row, "image": b.name, "reason": b.reason}
+               for name, rows in bad.items() for b in rows]
+    path = write_json_atomic(os.path.join(args.output_dir, SKIPPED_IMAGES_FILE), listing)
+    logger.warning("--skip_bad_images: %d row(s) whose image cannot be decoded are left out (%s); listed in %s.",
+                   count, ", ".join(f"{len(rows)} of the {name} split" for name, rows in bad.items()), path)
+    splits = dict(splits)
+    for name, rows in bad.items():
+        if len(rows) == len(splits[name]):
+            raise InputError(f"No rows of the {name} split are left: every one of its {len(rows)} image(s) cannot "
+                             f"be decoded ({rows[0].reason})")
+        splits[name], kept_dmem = data.without_rows(splits[name], [b.row for b in rows], dmem)
+        dmem = kept_dmem if name == "train" else dmem
+    with user_input():
+        train_set, dmem = build_sets(args, splits, dmem)
+    return splits, train_set, dmem
+
+
 @dataclasses.dataclass
 class CheckedInputs:
     """What the command line names, checked before any weight is loaded."""
@@ -409,6 +484,7 @@ def check_inputs(args: argparse.Namespace) -> CheckedInputs:
     splits, domain = load_splits(args)
     with user_input():
         train_set, dmem = build_sets(args, splits)
+    splits, train_set, dmem = check_split_images(args, splits, train_set, dmem)
     eval_config = None
     if args.eval:  # the evaluation reads these images too: name an unreadable file now, not after training
         eval_config = evaluation_config(args, domain)

@@ -26,7 +26,7 @@ import torch
 
 from ..constants import ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE
 from ..errors import InputError
-from ..files import discard_folder, file_digest, replace_folder, usual_mode
+from ..files import discard_folder, file_digest, folder_bytes, replace_folder, reporting_full_disk, usual_mode
 
 logger = logging.getLogger(__name__)
 
@@ -263,30 +263,35 @@ def _fsync_folder(folder: str) -> None:
             os.close(fd)
 
 
-def save_checkpoint(output_dir: str, step: int, total_limit: int | None, write_state: Callable[[str], None]) -> str:
+def save_checkpoint(output_dir: str, step: int, total_limit: int | None, write_state: Callable[[str], None],
+                    needed: int | None = None) -> str:
     """Write `checkpoint-<step>`: `write_state(folder)` fills a temporary folder, the manifest is written last, the
-    folder is renamed into place, and only then are the oldest checkpoints beyond `total_limit` removed."""
+    folder is renamed into place, and only then are the oldest checkpoints beyond `total_limit` removed.
+
+    Out of disk space, the temporary folder is removed and a `files.DiskFullError` names `output_dir`, the bytes
+    `needed` (default: the size of the newest checkpoint) and the bytes free; the earlier checkpoints stay whole."""
     final = os.path.join(output_dir, f"{CHECKPOINT_PREFIX}{step}")
-    tmp = tempfile.mkdtemp(prefix=f".{CHECKPOINT_PREFIX}{step}-", dir=output_dir)
-    try:
-        write_state(tmp)
-        names = _checkpoint_files(tmp)
-        if os.path.exists(os.path.join(tmp, MANIFEST_FILE)) or not all(os.path.isfile(os.path.join(tmp, n))
-                                                                        and not os.path.islink(os.path.join(tmp, n))
-                                                                        for n in names):
-            raise RuntimeError(f"A checkpoint holds plain files (and folders of them) only, not {names}.")
-        manifest = {"format": MANIFEST_FORMAT, "step": step,
-                    "files": {n: file_digest(os.path.join(tmp, n)) for n in names}}
-        with open(os.path.join(tmp, MANIFEST_FILE), "w", encoding="utf-8") as f:
-            json.dump(manifest, f, indent=2)
-        for dirpath, dirnames, filenames in os.walk(tmp):
-            for name in dirnames + filenames:
-                usual_mode(os.path.join(dirpath, name))
-        usual_mode(tmp)
-        _fsync_folder(tmp)
-        replace_folder(tmp, final)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    newest = list_checkpoints(output_dir)[-1:]
+    with reporting_full_disk(output_dir, needed if needed is not None else lambda: sum(map(folder_bytes, newest))):
+        tmp = tempfile.mkdtemp(prefix=f".{CHECKPOINT_PREFIX}{step}-", dir=output_dir)
+        try:
+            write_state(tmp)
+            names = _checkpoint_files(tmp)
+            if os.path.exists(os.path.join(tmp, MANIFEST_FILE)) or not all(
+                    os.path.isfile(os.path.join(tmp, n)) and not os.path.islink(os.path.join(tmp, n)) for n in names):
+                raise RuntimeError(f"A checkpoint holds plain files (and folders of them) only, not {names}.")
+            manifest = {"format": MANIFEST_FORMAT, "step": step,
+                        "files": {n: file_digest(os.path.join(tmp, n)) for n in names}}
+            with open(os.path.join(tmp, MANIFEST_FILE), "w", encoding="utf-8") as f:
+                json.dump(manifest, f, indent=2)
+            for dirpath, dirnames, filenames in os.walk(tmp):
+                for name in dirnames + filenames:
+                    usual_mode(os.path.join(dirpath, name))
+            usual_mode(tmp)
+            _fsync_folder(tmp)
+            replace_folder(tmp, final)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
     if total_limit is not None and total_limit > 0:
         older = [c for c in list_checkpoints(output_dir) if c != final]
         for old in older[:max(0, len(older) + 1 - total_limit)]:

@@ -39,7 +39,7 @@ from diffusers.utils import make_image_grid
 from tqdm.auto import tqdm
 
 from ..constants import UNET_FOLDER
-from ..files import atomic_path
+from ..files import atomic_path, free_bytes
 from ..hub.adapters import save_adapter
 from ..hub.pipelines import merged_unet
 from ..tuners import trainable_parameters
@@ -407,6 +407,46 @@ def _state_parts(run: _Run) -> dict[str, Any]:
     return {name: obj for name, obj in parts.items() if obj is not None}
 
 
+def _tensor_bytes(value: Any) -> int:
+    """Bytes of the tensors in a (nested) state dict."""
+    if isinstance(value, torch.Tensor):
+        return value.numel() * value.element_size()
+    if isinstance(value, dict):
+        return sum(_tensor_bytes(v) for v in value.values())
+    if isinstance(value, (list, tuple)):
+        return sum(_tensor_bytes(v) for v in value)
+    return 0
+
+
+def checkpoint_bytes(run: _Run) -> int:
+    """About the bytes one checkpoint of `run` takes: the adapter, then every state part (optimizer, EMA, ...)."""
+    return _tensor_bytes([p.detach() for p in run.params]) + sum(
+        _tensor_bytes(obj.state_dict()) for obj in _state_parts(run).values()) + 2**16
+
+
+def planned_output_bytes(run: _Run, checkpointing_steps: int | None, total_limit: int | None) -> tuple[int, int]:
+    """(bytes a run writes at its peak, checkpoints kept at once): the checkpoints still to save, at most
+    `total_limit` + 1 at a time (the oldest goes once the new one is in place), plus the final adapter. Before
+    the first step the optimizer holds no state yet: Adam's two moments per trained value are counted instead."""
+    adapter = _tensor_bytes([p.detach() for p in run.params])
+    per_checkpoint = adapter * (3 + (run.ema is not None)) + 2**16
+    remaining = (run.plan.max_steps // checkpointing_steps - run.state.global_step // checkpointing_steps
+                 if checkpointing_steps else 0)
+    kept = min(remaining, total_limit + 1) if total_limit else remaining
+    return per_checkpoint * kept + adapter + 2**16, kept
+
+
+def _warn_when_disk_is_short(run: _Run, checkpointing_steps: int | None, total_limit: int | None) -> None:
+    """Warn at the start of a run when its output folder's disk has less free space than the run will write."""
+    needed, kept = planned_output_bytes(run, checkpointing_steps, total_limit)
+    free = free_bytes(run.output_dir)
+    if free < needed:
+        logger.warning("%s has %s bytes free, and this run writes about %s bytes there (%d checkpoint(s) at once and "
+                       "the final adapter): it will stop with an error when the disk is full. Free some space, lower "
+                       "--checkpoints_total_limit or pick another --output_dir.", run.output_dir, f"{free:,}",
+                       f"{needed:,}", kept)
+
+
 def write_training_state(run: _Run, folder: str, adapter_name: str) -> None:
     """Write the whole resumable state into `folder`: the adapter (peft format), then each part as JSON +
     safetensors (no pickle): optimizer, LR schedule, EMA, gradient scaler, RNG states and the TrainState. A `full`
@@ -528,6 +568,8 @@ def train(unet: torch.nn.Module, noise_scheduler: Any, data: TrainingData, confi
     pixels: Prefetcher | None = None
     try:
         resumed_from = _resume(run, resume_from_checkpoint, adapter_name)
+        if output_dir and accelerator.is_main_process:
+            _warn_when_disk_is_short(run, checkpointing_steps, checkpoints_total_limit)
         total_micro = _micro_steps_to_run(run, resumed_from)
         bar = tqdm(total=plan.max_steps, initial=state.global_step, desc=f"train {config.peft_method}",
                    disable=not progress or not accelerator.is_local_main_process)
@@ -558,7 +600,8 @@ def train(unet: torch.nn.Module, noise_scheduler: Any, data: TrainingData, confi
             if checkpointing_steps and state.global_step % checkpointing_steps == 0:
                 if accelerator.is_main_process:
                     save_checkpoint(output_dir, state.global_step, checkpoints_total_limit,
-                                    lambda folder: write_training_state(run, folder, adapter_name))
+                                    lambda folder: write_training_state(run, folder, adapter_name),
+                                    needed=checkpoint_bytes(run))
                 accelerator.wait_for_everyone()
             if on_epoch_end is not None and state.micro_step // plan.batches_per_epoch > epochs_done:
                 epochs_done = state.micro_step // plan.batches_per_epoch

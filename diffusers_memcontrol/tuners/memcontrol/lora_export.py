@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from ...constants import LORA_WEIGHTS_FILE, MASK_FILE
-from ...files import move, usual_mode
+from ...files import move, reporting_full_disk, usual_mode
 from .. import Mask, MaskSpace
 from .mask import ROLE_LORA
 
@@ -89,22 +89,24 @@ def save_lora_weights_diffusers(unet: nn.Module, output_dir: str, adapter_name: 
     metadata = {k: v for k, v in lora.to_dict().items() if v is not None}
     mask = config.get_mask()
     os.makedirs(output_dir, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=".lora-", dir=output_dir)
-    try:
-        StableDiffusionPipeline.save_lora_weights(tmp, unet_lora_layers=convert_state_dict_to_diffusers(state),
-                                                  unet_lora_adapter_metadata=metadata)
-        path = os.path.join(tmp, LORA_WEIGHTS_FILE)
-        with safe_open(path, framework="pt") as f:
-            extra = dict(f.metadata() or {})
-        extra[MASK_METADATA_KEY] = json.dumps(mask.to_dict() if mask is not None else None, sort_keys=True)
-        save_file(load_file(path), path, metadata=extra)
-        if mask is not None:
-            mask.save(os.path.join(tmp, MASK_FILE))
-        for name in os.listdir(tmp):
-            usual_mode(os.path.join(tmp, name))
-            move(os.path.join(tmp, name), os.path.join(output_dir, name))
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    needed = 2 * sum(v.numel() * v.element_size() for v in state.values()) + 2**16  # written twice (metadata)
+    with reporting_full_disk(output_dir, needed):
+        tmp = tempfile.mkdtemp(prefix=".lora-", dir=output_dir)
+        try:
+            StableDiffusionPipeline.save_lora_weights(tmp, unet_lora_layers=convert_state_dict_to_diffusers(state),
+                                                      unet_lora_adapter_metadata=metadata)
+            path = os.path.join(tmp, LORA_WEIGHTS_FILE)
+            with safe_open(path, framework="pt") as f:
+                extra = dict(f.metadata() or {})
+            extra[MASK_METADATA_KEY] = json.dumps(mask.to_dict() if mask is not None else None, sort_keys=True)
+            save_file(load_file(path), path, metadata=extra)
+            if mask is not None:
+                mask.save(os.path.join(tmp, MASK_FILE))
+            for name in os.listdir(tmp):
+                usual_mode(os.path.join(tmp, name))
+                move(os.path.join(tmp, name), os.path.join(output_dir, name))
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
     return os.path.join(output_dir, LORA_WEIGHTS_FILE)
 
 
