@@ -30,7 +30,7 @@ RUNS = {
                      "--snr_gamma", "5", "--random_flip", "--caption_dropout", "0.2", "--mitigation", "threshold",
                      "--threshold", "auto"],
 }
-WEIGHTS = ("adapter_model.safetensors",)
+WEIGHTS = ("adapter_model.safetensors", "unet/diffusion_pytorch_model.safetensors")  # an adapter; a full fine-tune
 
 
 def train(tree: str, name: str, out: str, cache: str) -> str:

@@ -11,6 +11,10 @@ ADAPTER_WEIGHTS_FILE = "adapter_model.safetensors"
 MASK_FILE = "mask.json"
 LORA_WEIGHTS_FILE = "pytorch_lora_weights.safetensors"  # diffusers' LoRA format (save_lora_weights)
 
+# a diffusers pipeline folder (`save_pretrained`): what a `full` fine-tune writes, beside its run files
+PIPELINE_INDEX_FILE = "model_index.json"
+UNET_FOLDER = "unet"  # the UNet of a pipeline folder, and of a `full` fine-tune's checkpoint-<step>/
+
 # a fine-tune's output folder
 TRAINING_CONFIG_FILE = "training_config.json"  # the trainer's arguments, without private values
 SUMMARY_FILE = "summary.json"  # the run's summary: publish adds `hub_url` to it

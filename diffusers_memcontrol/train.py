@@ -14,10 +14,11 @@ evaluation. The whole method (search, stage 2, table: `diffusers_memcontrol.sear
         --peft_method svdiff --mask_layout paper --mask 1011010110111 --output_dir out/svdiff --eval
     python -m diffusers_memcontrol.train --eval --adapter_dir out/svdiff   # evaluate a trained adapter only
 
-Outputs (output_dir): the adapter in peft format (adapter_config.json, adapter_model.safetensors, mask.json),
-training_config.json, summary.json, validation.png, metrics.json (with --eval), checkpoint-<step>/ folders and
-tracker logs. Captions and prompts are never written to any JSON file or log. A user's mistake (a bad flag, column,
-mask, file or dataset) ends the run with one line `error: ...` and exit status 2 (docs/errors.md).
+Outputs (output_dir): the adapter in peft format (adapter_config.json, adapter_model.safetensors, mask.json; with
+--peft_method full, the pipeline in diffusers' save_pretrained layout and mask.json), training_config.json,
+summary.json, validation.png, metrics.json (with --eval), checkpoint-<step>/ folders and tracker logs. Captions and
+prompts are never written to any JSON file or log. A user's mistake (a bad flag, column, mask, file or dataset) ends
+the run with one line `error: ...` and exit status 2 (docs/errors.md).
 """
 
 from __future__ import annotations
@@ -33,9 +34,16 @@ from typing import Any
 import torch
 from accelerate import Accelerator
 from accelerate.utils import ProjectConfiguration, set_seed
-from diffusers import StableDiffusionPipeline
+from diffusers import StableDiffusionPipeline, UNet2DConditionModel
 
-from .constants import DMEM_GENERATIONS_FILE, METRICS_FILE, SUMMARY_FILE, TRAINING_CONFIG_FILE, VALIDATION_IMAGE
+from .constants import (
+    DMEM_GENERATIONS_FILE,
+    METRICS_FILE,
+    SUMMARY_FILE,
+    TRAINING_CONFIG_FILE,
+    UNET_FOLDER,
+    VALIDATION_IMAGE,
+)
 from .data.tiny_base import DOMAINS
 from .errors import run_command, user_input
 from .evaluation.evaluator import evaluate, write_metrics
@@ -43,6 +51,7 @@ from .files import write_json_atomic
 from .hub.adapters import merged_adapters, save_adapter
 from .hub.card import base_model_name
 from .hub.loaders import load_adapter
+from .hub.pipelines import is_pipeline_folder, save_pipeline
 from .hub.publish import publish
 from .search.arguments import reject_search_flags
 from .search.launching import die_with_parent
@@ -101,9 +110,20 @@ def load_pipeline(args: argparse.Namespace, model_path: str, device: Any) -> Any
 
 def evaluate_adapter(args: argparse.Namespace, accelerator: Any, pipe: Any, inputs: CheckedInputs,
                      started: float) -> dict:
-    """--eval --adapter_dir: evaluate a trained adapter, no training; write metrics.json and summary.json."""
-    load_adapter(pipe.unet, args.adapter_dir)
-    metrics = run_evaluation(args, pipe, inputs, trainable_parameters(pipe.unet, by_prefix=True))
+    """--eval --adapter_dir: evaluate a trained adapter (or a full fine-tune's pipeline folder), no training; write
+    metrics.json and summary.json."""
+    if is_pipeline_folder(args.adapter_dir):  # a full fine-tune: its own UNet replaces the base's
+        pipe.unet = UNet2DConditionModel.from_pretrained(args.adapter_dir, subfolder=UNET_FOLDER).to(pipe.device)
+        pipe.unet.requires_grad_(False)
+        trainable = sum(p.numel() for p in pipe.unet.parameters())
+        summary_path = os.path.join(args.adapter_dir, SUMMARY_FILE)  # the run's own count (a mask trains fewer)
+        if os.path.isfile(summary_path):
+            with open(summary_path, encoding="utf-8") as f:
+                trainable = json.load(f).get("trainable_params", trainable)
+    else:
+        load_adapter(pipe.unet, args.adapter_dir)
+        trainable = trainable_parameters(pipe.unet, by_prefix=True)
+    metrics = run_evaluation(args, pipe, inputs, trainable)
     summary = {"adapter_dir": os.path.abspath(args.adapter_dir), "metrics": METRICS_FILE,
                "wall_time_s": round(time.time() - started, 1)}
     if accelerator.is_main_process:
@@ -208,7 +228,10 @@ def main(argv: list[str] | None = None) -> dict:
     # save, validate, evaluate, publish
     summary = run_summary(args, pipe, log, data)
     if accelerator.is_main_process:
-        save_adapter(pipe.unet, args.output_dir)
+        if args.peft_method == "full":  # diffusers' layout: DiffusionPipeline.from_pretrained(output_dir) loads it
+            save_pipeline(pipe, args.output_dir)
+        else:
+            save_adapter(pipe.unet, args.output_dir)
         if args.peft_method == "lora":  # also in diffusers' LoRA format: pipe.load_lora_weights(output_dir) loads it
             save_lora_weights_diffusers(pipe.unet, args.output_dir)
         if prompts and args.num_validation_images:
@@ -237,7 +260,8 @@ def main(argv: list[str] | None = None) -> dict:
     if accelerator.is_main_process:
         print(json.dumps({k: summary[k] for k in ("peft_method", "trainable_params", "losses", "skipped_steps",
                                                   "wall_time_s") if k in summary}, indent=2))
-        print(f"adapter written to {os.path.abspath(args.output_dir)}")
+        written = "pipeline" if args.peft_method == "full" else "adapter"
+        print(f"{written} written to {os.path.abspath(args.output_dir)}")
     return summary
 
 

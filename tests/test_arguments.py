@@ -54,6 +54,7 @@ def test_the_transfer_preset_runs_the_quickstarts_stage_2_on_as_many_animal_rows
         assert getattr(transfer, name) == getattr(quickstart, name), name
     from diffusers_memcontrol.trainer.arguments import load_splits
 
+    quickstart.eval = True  # every run of the search evaluates, so its rows are split
     digits_rows = len(load_splits(quickstart)[0]["train"])
     assert transfer.max_train_samples == digits_rows  # so D_mem's duplicates stay a quarter of the rows
 
@@ -84,6 +85,30 @@ def test_readme_quickstart_is_one_short_command():
     assert run == "python training/train_memcontrol.py --preset quickstart" and len(run) <= 160
     assert len(readme.splitlines()) <= 250
     assert readme.index(run) < len("\n".join(readme.splitlines()[:40]))  # the quickstart is on the first screen
+
+
+def test_rows_are_held_out_only_when_something_is_evaluated(tmp_path, caplog):
+    """diffusers' script trains on every row; the validation and test splits are carved out for --eval only."""
+    import json
+    import logging
+
+    from PIL import Image
+
+    from diffusers_memcontrol.trainer.arguments import load_splits
+
+    rows = []
+    for i in range(20):
+        Image.new("RGB", (8, 8), (i * 12, 0, 0)).save(tmp_path / f"{i}.png")
+        rows.append(json.dumps({"file_name": f"{i}.png", "text": f"row {i}"}))
+    (tmp_path / "metadata.jsonl").write_text("\n".join(rows) + "\n")
+    argv = ["--train_data_dir", str(tmp_path), "--validation_fraction", "0.1", "--test_fraction", "0.2"]
+    with caplog.at_level(logging.INFO, logger="diffusers_memcontrol.trainer.arguments"):
+        plain, _ = load_splits(parse_args(argv))
+        assert len(plain["train"]) == 20 and not [r for r in caplog.records if "Splits" in r.getMessage()]
+        evaluated, _ = load_splits(parse_args([*argv, "--eval"]))
+    assert {k: len(v) for k, v in evaluated.items()} == {"train": 14, "validation": 2, "test": 4}
+    logged = [r.getMessage() for r in caplog.records if "Splits" in r.getMessage()]
+    assert logged == ["Splits: train 14, validation 2, test 4 rows."]
 
 
 def test_a_held_out_stage_2_keeps_the_splits_and_draws_other_dmem_pairs_and_seeds():

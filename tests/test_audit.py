@@ -153,13 +153,10 @@ def test_a_run_folder_audits_with_no_other_argument_and_the_scan_ranks_dmem_on_t
     assert report["copied_images"] >= 3 and report["base"]["copied_images"] == 0
     assert report["copies"]["classes"] and "Copies (nearest-neighbour) |" in (out / "audit.md").read_text()
     # privacy: no caption in audit.json or audit.md without --include_prompts
-    from diffusers_memcontrol.trainer.arguments import build_sets, load_splits
-
     ns = audit._trainer_namespace(audit.build_parser().parse_args([memorizing_run]),
                                   json.loads(Path(memorizing_run, "training_config.json").read_text())["run"],
                                   set())
-    ns.eval = True
-    _, dmem = build_sets(ns, load_splits(ns)[0])
+    _, dmem, _ = audit._data(ns, want_dmem=True)  # the run's own D_mem, from the rows it trained on
     text = (out / "audit.json").read_text() + (out / "audit.md").read_text()
     assert not any(caption in text for caption in dmem["text"])
 
@@ -177,4 +174,7 @@ def test_the_run_folder_d_mem_attack_matches_and_publish_audit_puts_figures_in_t
     card = (local / "README.md").read_text()
     assert "Memorization audit" in card
     assert f"| Extracted images (calibrated) | {report['extracted_images']} | 0 |" in card
-    assert sorted(os.listdir(local)) == ["README.md", "adapter_config.json", "adapter_model.safetensors", "mask.json"]
+    # a full fine-tune is published as a diffusers pipeline (the publication record is local only, never uploaded)
+    assert sorted(n for n in os.listdir(local) if not n.startswith(".")) == [
+        "README.md", "mask.json", "model_index.json", "scheduler", "text_encoder", "tokenizer", "unet", "vae"]
+    assert 'DiffusionPipeline.from_pretrained("me/full")' in card

@@ -67,3 +67,32 @@ def test_an_adapter_of_another_method_is_refused(tmp_path):
     pipe.unet.add_adapter(MemControlConfig(method="svdiff"))
     with pytest.raises(ValueError, match="no MemControl 'lora' adapter"):
         save_lora_weights_diffusers(pipe.unet, str(tmp_path))
+
+
+@pytest.mark.parametrize("path", ["add_adapter", "get_peft_model"])
+def test_every_documented_adapter_path_exports_a_lora_that_load_lora_weights_reproduces(path, tmp_path):
+    """README's two ways to add the adapter (`unet.add_adapter`, `peft.get_peft_model`) export the same LoRA keys."""
+    import peft
+    from safetensors.torch import load_file
+
+    pipe = StableDiffusionPipeline.from_pretrained(tb.tiny_base_path(), safety_checker=None)
+    config = MemControlConfig(method="lora", lora_rank=2)
+    if path == "add_adapter":
+        pipe.unet.add_adapter(config)
+        model = pipe.unet
+    else:
+        model = peft.get_peft_model(pipe.unet, config)
+    torch.manual_seed(1)
+    for name, param in model.named_parameters():
+        if "memcontrol_lora_B" in name:
+            param.data.normal_(0, 0.05)
+    expected = unet_output(pipe.unet)  # get_peft_model wraps the very UNet, so it computes the adapted output
+    save_lora_weights_diffusers(model, str(tmp_path))
+    keys = load_file(str(tmp_path / "pytorch_lora_weights.safetensors")).keys()
+    assert keys and all(k.startswith("unet.") and "base_model" not in k for k in keys)
+
+    fresh = StableDiffusionPipeline.from_pretrained(tb.tiny_base_path(), safety_checker=None)
+    base_output = unet_output(fresh.unet)
+    fresh.load_lora_weights(str(tmp_path))
+    assert not torch.allclose(base_output, expected, atol=1e-4)
+    assert torch.allclose(unet_output(fresh.unet), expected, atol=1e-5)

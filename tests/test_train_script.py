@@ -99,6 +99,16 @@ def test_resume_latest_through_the_script_matches_an_uninterrupted_run(script, m
         torch.testing.assert_close(a[key], b[key], rtol=0, atol=1e-6)
 
 
+def test_resume_past_max_train_steps_trains_one_more_step_as_diffusers(script, model_dir, cache_dir, tmp_path, caplog):
+    out = tmp_path / "run"
+    script.main(_args(model_dir, cache_dir, out, "--max_train_steps", "4", "--checkpointing_steps", "2"))
+    summary = script.main(_args(model_dir, cache_dir, out, "--max_train_steps", "2", "--checkpointing_steps", "1",
+                                "--resume_from_checkpoint", "checkpoint-4"))
+    assert summary["resumed_from"] == "checkpoint-4" and summary["global_step"] == 5  # never a silent no-op
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-4", "checkpoint-5"]
+    assert any("past --max_train_steps 2: training one more step" in r.getMessage() for r in caplog.records)
+
+
 def test_embedded_default_runs_offline(script, tmp_path):
     if not os.path.isfile(os.path.join(tb.tiny_base_path(), "model_index.json")):
         pytest.skip("the shipped tiny base (assets/tiny_base/model_index.json) is not built yet")

@@ -16,10 +16,11 @@ latent/text-embedding cache, and the evaluation.
     python training/train_memcontrol.py --search ...                          # the whole method (stage 1 + 2)
     python training/train_memcontrol.py --preset quickstart                   # README's quickstart (prints its flags)
 
-Outputs (output_dir): the adapter in peft format (adapter_config.json, adapter_model.safetensors, mask.json),
-training_config.json, summary.json, validation.png, metrics.json (with --eval), checkpoint-<step>/ folders and
-tracker logs. Captions and prompts are never written to any JSON file or log. A user's mistake ends the run with one
-line `error: ...` and exit status 2 (docs/errors.md).
+Outputs (output_dir): the adapter in peft format (adapter_config.json, adapter_model.safetensors, mask.json; with
+--peft_method full, the pipeline in diffusers' save_pretrained layout and mask.json), training_config.json,
+summary.json, validation.png, metrics.json (with --eval), checkpoint-<step>/ folders and tracker logs. Captions and
+prompts are never written to any JSON file or log. A user's mistake ends the run with one line `error: ...` and exit
+status 2 (docs/errors.md).
 """
 
 import sys

@@ -2,8 +2,8 @@
 
 Any diffusers Stable Diffusion fine-tune can be audited, whoever trained it:
 
-* a MemControl run folder (``training_config.json`` + adapter): its own data settings and D_mem are read back, so
-  ``memcontrol audit outputs/quickstart/final/full-none`` needs no other argument;
+* a MemControl run folder (``training_config.json`` + adapter, or + a pipeline for a full fine-tune): its own data
+  settings and D_mem are read back, so ``memcontrol audit outputs/quickstart/final/full-none`` needs no other argument;
 * a MemControl adapter folder or Hub repo (``adapter_config.json`` of peft type ``memcontrol``);
 * a peft LoRA folder (``adapter_config.json`` with ``peft_type: LORA``);
 * a LoRA as diffusers saves it (``pytorch_lora_weights.safetensors``), loaded with ``pipe.load_lora_weights``;
@@ -56,6 +56,7 @@ from ..constants import (
     DMEM_GENERATIONS_FILE,
     LORA_WEIGHTS_FILE,
     MEMORIZATION_FIGURE,
+    PIPELINE_INDEX_FILE,
     TRAINING_CONFIG_FILE,
 )
 from ..data.columns import check_captions
@@ -67,6 +68,7 @@ from ..evaluation.evaluator import generate_images, pipe_default_resolution, rea
 from ..evaluation.figures import COPY, memorization_figure, save_dmem_generations
 from ..files import write_json_atomic, write_text_atomic
 from ..hub.loaders import load_unet_adapter
+from ..hub.pipelines import is_pipeline_folder
 from ..metrics.extraction import cached_render, calibrated_extraction, nearest_neighbour_copies, vae_round_trip
 from ..metrics.memorization import detection_auc, wen_detection_scores
 from ..trainer.arguments import build_parser as trainer_parser
@@ -143,8 +145,8 @@ def detect_model_kind(model: str) -> str:
         return "run" if TRAINING_CONFIG_FILE in names else "memcontrol"
     if LORA_WEIGHTS_FILE in names:
         return "diffusers_lora"
-    if "model_index.json" in names:
-        return "pipeline"
+    if PIPELINE_INDEX_FILE in names:  # a MemControl full fine-tune is a pipeline folder with its run files
+        return "run" if TRAINING_CONFIG_FILE in names else "pipeline"
     if "config.json" in names and _read_json(os.path.join(model, "config.json")).get("_class_name") == \
             "UNet2DConditionModel":
         return "unet"
@@ -183,7 +185,7 @@ def _load_peft_lora(unet: Any, folder: str) -> None:
 
 def load_audited_pipeline(model: str, kind: str, base: str, args: argparse.Namespace) -> Any:
     """The pipeline to audit: `base` with MODEL's adapter folded in, or MODEL's own UNet/pipeline (float32, CPU)."""
-    if kind == "pipeline":
+    if kind == "pipeline" or (kind == "run" and is_pipeline_folder(model)):
         return _load_pipeline(model, args)
     pipe = _load_pipeline(base, args)
     with user_input(f"MODEL {model!r}", catch=(OSError, ValueError, KeyError, RuntimeError)):
@@ -223,6 +225,7 @@ def _prepare(pipe: Any, args: argparse.Namespace, device: torch.device) -> Any:
 def _trainer_namespace(args: argparse.Namespace, run: dict | None, explicit: set[str]) -> argparse.Namespace:
     """The trainer's arguments (its defaults, a run's own values, then the flags given here) for its data helpers."""
     ns = trainer_parser().parse_args([])
+    ns.eval = True  # a model trained elsewhere: its data split as the trainer's --eval splits it
     if run:
         for key, value in run.items():
             if hasattr(ns, key):
@@ -238,8 +241,8 @@ def _trainer_namespace(args: argparse.Namespace, run: dict | None, explicit: set
 
 def _data(ns: argparse.Namespace, want_dmem: bool) -> tuple[Any, Any, Any]:
     """(train split with D_mem's captions, D_mem or None, the set the model trained on) by the trainer's rules."""
+    splits, _ = load_splits(ns)  # a run's rows as it split them (held out only if it evaluated)
     ns.eval = want_dmem
-    splits, _ = load_splits(ns)
     with user_input():
         trained_on, dmem = build_sets(ns, splits)
     pool = splits["train"]

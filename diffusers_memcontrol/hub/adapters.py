@@ -14,10 +14,11 @@ from peft import PeftConfig, get_peft_model_state_dict
 from peft.tuners.tuners_utils import BaseTunerLayer
 from safetensors.torch import save_file
 
-from ..constants import ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE, MASK_FILE
+from ..constants import ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE, MASK_FILE, UNET_FOLDER
 from ..files import file_digest, move, replace_folder, reporting_full_disk, usual_mode
 from ..tuners import Mask, MaskSpace, MemControlConfig
 from ..tuners.memcontrol.builtin_masks import BUILTIN_PREFIX, builtin_mask
+from .pipelines import is_pipeline_folder
 from .publish import MemControlRepoError, download_memcontrol
 
 
@@ -146,8 +147,19 @@ def read_adapter_config(adapter_dir: str) -> MemControlConfig:
     return config
 
 
-def check_adapter_fits(unet: torch.nn.Module, adapter_dir: str) -> MemControlConfig:
-    """Check, without touching `unet`, that the adapter in `adapter_dir` was made for this UNet's architecture."""
+def check_adapter_fits(unet: torch.nn.Module, adapter_dir: str) -> MemControlConfig | None:
+    """Check, without touching `unet`, that the adapter in `adapter_dir` (or the UNet of a full fine-tune's pipeline
+    folder: then None is returned) was made for this UNet's architecture."""
+    if is_pipeline_folder(adapter_dir):
+        from diffusers import UNet2DConditionModel
+
+        saved = UNet2DConditionModel.load_config(adapter_dir, subfolder=UNET_FOLDER)
+        differ = sorted(k for k, v in unet.config.items() if not k.startswith("_") and k in saved
+                        and json.dumps(saved[k]) != json.dumps(v))
+        if differ:
+            raise ValueError(f"The full fine-tune in {adapter_dir!r} was trained for another base model: its UNet "
+                             f"differs in {differ[:3]}.")
+        return None
     config = read_adapter_config(adapter_dir)
     mask = config.get_mask()
     if mask is not None:

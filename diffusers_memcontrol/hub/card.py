@@ -148,8 +148,10 @@ def render_card(
     base_model: str | None = None,
     has_pareto: bool = False,
     include_samples: bool = False,
+    has_pipeline: bool = False,
 ):
-    """Render the MemControl model card (a `huggingface_hub.ModelCard`) from `hub_cards/memcontrol_card.md`."""
+    """Render the MemControl model card (a `huggingface_hub.ModelCard`) from `hub_cards/memcontrol_card.md`
+    (`has_pipeline`: the repository holds a full fine-tune as a diffusers pipeline)."""
     from huggingface_hub import ModelCard, ModelCardData
 
     adapter_config = adapter_config or {}
@@ -160,7 +162,7 @@ def render_card(
     has_adapter = weights_path is not None
     scope = adapter_config.get("mask_scope", "reference")
     tags = ["diffusers", "memcontrol", mask.method, "peft", "text-to-image", "stable-diffusion"]
-    if not has_adapter:
+    if not (has_adapter or has_pipeline):
         tags.append("memcontrol-mask")
     memcontrol_meta = {
         "method": mask.method,
@@ -170,6 +172,7 @@ def render_card(
         "bits": list(mask.bits),
         "bitstring": mask.bitstring,
         "has_adapter": has_adapter,
+        "has_pipeline": has_pipeline,
     }
     if base:
         memcontrol_meta["base_model"] = base["name"]
@@ -201,6 +204,7 @@ def render_card(
         metric_rows=[(name, f"{value:.6g}") for name, value in _metric_entries(metrics)],
         trainable_parameters=trainable,
         has_adapter=has_adapter,
+        has_pipeline=has_pipeline,
         has_pareto=has_pareto,
         has_metrics=bool(metrics),
         include_samples=include_samples,

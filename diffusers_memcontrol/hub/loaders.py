@@ -20,9 +20,10 @@ import warnings
 import torch
 from torch import nn
 
-from ..constants import ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE, MASK_FILE
+from ..constants import ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE, MASK_FILE, UNET_FOLDER
 from ..tuners import Mask, MaskSpace, MemControlConfig
 from .adapters import CONFIG_DIGEST_KEY, check_adapter_tensors
+from .pipelines import is_pipeline_folder
 from .publish import MemControlRepoError, download_memcontrol
 
 DEFAULT_ADAPTER_NAME = "memcontrol"
@@ -252,6 +253,10 @@ def load_unet_adapter(
     from peft import set_peft_model_state_dict
 
     source = os.fspath(repo_id_or_path)
+    if os.path.isdir(source) and is_pipeline_folder(source):
+        raise MemControlRepoError(f"{source!r} holds a full fine-tune saved as a diffusers pipeline, not an adapter: "
+                                  "load it with DiffusionPipeline.from_pretrained (its UNet: UNet2DConditionModel."
+                                  f"from_pretrained(..., subfolder={UNET_FOLDER!r})).")
     folder = download_memcontrol(source, revision=revision, token=token, cache_dir=cache_dir,
                                  local_files_only=local_files_only, require_adapter=True, endpoint=endpoint)
     label = repr(source)

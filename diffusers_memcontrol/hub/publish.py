@@ -28,6 +28,7 @@ from ..constants import (
     MEMORIZATION_FIGURE,
     METRICS_FILE,
     PARETO_FIGURE,
+    PIPELINE_INDEX_FILE,
     RUN_ARGS_FILE,
     SUMMARY_FILE,
     TRAINING_CONFIG_FILE,
@@ -35,6 +36,7 @@ from ..constants import (
 from ..files import file_digest, folder_bytes, replace_folder, reporting_full_disk, usual_mode, write_json_atomic
 from ..tuners import Mask
 from .card import HUB_ID, audit_card_section, read_json, recorded_base_model, render_card
+from .pipelines import is_pipeline_folder, publishable_files
 
 logger = logging.getLogger(__name__)
 
@@ -286,6 +288,11 @@ def _assemble(output_dir: str, staging: str, repo_id: str, include_adapter: bool
 
     files = [MASK_FILE]
     mask.save(os.path.join(staging, MASK_FILE))
+    publish_pipeline = include_adapter and is_pipeline_folder(output_dir)  # a full fine-tune: its whole pipeline
+    for name in publishable_files(output_dir, PICKLE_SUFFIXES) if publish_pipeline else []:
+        os.makedirs(os.path.dirname(os.path.join(staging, name)), exist_ok=True)
+        shutil.copyfile(os.path.join(output_dir, name), os.path.join(staging, name))
+        files.append(name)
     if publish_adapter:
         shutil.copyfile(config_path, os.path.join(staging, ADAPTER_CONFIG_FILE))
         shutil.copyfile(weights_path, os.path.join(staging, ADAPTER_WEIGHTS_FILE))
@@ -310,7 +317,7 @@ def _assemble(output_dir: str, staging: str, repo_id: str, include_adapter: bool
         repo_id, mask, adapter_config=adapter_config if publish_adapter else {},
         weights_path=os.path.join(staging, ADAPTER_WEIGHTS_FILE) if publish_adapter else None,
         metrics=metrics, base_model=base_model or recorded_base_model(output_dir), has_pareto=has_pareto,
-        include_samples=include_samples,
+        include_samples=include_samples, has_pipeline=publish_pipeline,
     )
     audit_path = os.path.join(output_dir, "audit", AUDIT_FILE)
     if os.path.isfile(audit_path):  # `memcontrol publish --audit`: the audit's figures, never its images or captions
@@ -436,6 +443,7 @@ def publish(
 
         from huggingface_hub import HfApi
 
+        kind = "pipeline" if PIPELINE_INDEX_FILE in files else "adapter" if ADAPTER_WEIGHTS_FILE in files else "mask"
         api = HfApi(endpoint=endpoint, token=token)
         url = api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model", token=token)
         if revision not in (None, "main"):
@@ -447,7 +455,7 @@ def publish(
             revision=revision,
             token=token,
             ignore_patterns=[PUBLICATION_RECORD],
-            commit_message=commit_message or f"Publish MemControl {'adapter' if ADAPTER_WEIGHTS_FILE in files else 'mask'}",
+            commit_message=commit_message or f"Publish MemControl {kind}",
         )
         _record_hub_url(output_dir, str(url))
         return str(url)

@@ -289,12 +289,18 @@ def split_seed(args: argparse.Namespace) -> int:
 
 
 def load_splits(args: argparse.Namespace) -> tuple[Any, str | None]:
-    """train / validation / test splits (subject-grouped with --subject_column); train truncated by max_train_samples."""
+    """train / validation / test splits (subject-grouped with --subject_column); train truncated by max_train_samples.
+
+    Rows are held out (--validation_fraction, --test_fraction) only when something is evaluated (--eval; every run of
+    a search passes it): otherwise the train split is every row, as in diffusers' script (a dataset's own
+    validation/test splits stay as they are). The row count of each split made is logged once."""
     builtin = args.train_data_dir is None and (args.dataset_name or "digits") in DOMAINS
     source = (args.dataset_name or "digits") if builtin else load_dataset_source(args)
+    held_out = bool(args.eval)
     with user_input():
         splits = data.split_dataset(source, subject_column=args.subject_column,
-                               validation_fraction=args.validation_fraction, test_fraction=args.test_fraction,
+                               validation_fraction=args.validation_fraction if held_out else 0.0,
+                               test_fraction=args.test_fraction if held_out else 0.0,
                                seed=split_seed(args))
         check_columns(splits["train"], [args.image_column, args.caption_column, args.subject_column],
                       args.train_data_dir or args.dataset_name or "the dataset")
@@ -304,6 +310,8 @@ def load_splits(args: argparse.Namespace) -> tuple[Any, str | None]:
         sizes = ", ".join(f"{name} {len(rows)}" for name, rows in splits.items() if rows is not None)
         raise InputError(f"No training rows are left after the splits (rows: {sizes}): lower --validation_fraction "
                          "/ --test_fraction, or bring more rows.")
+    if held_out:
+        logger.info("Splits: %s rows.", ", ".join(f"{name} {len(rows)}" for name, rows in splits.items()))
     return splits, (source if builtin else None)
 
 

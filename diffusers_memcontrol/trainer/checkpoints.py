@@ -204,7 +204,7 @@ def verify_checkpoint(folder: str) -> dict:
     except (OSError, ValueError, KeyError, TypeError) as error:
         raise CheckpointError(f"Checkpoint {folder!r}: unreadable {MANIFEST_FILE} ({error}); refusing to load it.") \
             from None
-    present = set(os.listdir(folder)) - {MANIFEST_FILE}
+    present = set(_checkpoint_files(folder))
     if present != set(files):
         extra, missing = sorted(present - set(files)), sorted(set(files) - present)
         raise CheckpointError(f"Checkpoint {folder!r} does not match its {MANIFEST_FILE} (missing: {missing[:3]}, "
@@ -237,15 +237,30 @@ def resolve_checkpoint(output_dir: str | None, spec: str | None) -> str | None:
     raise FileNotFoundError(f"Checkpoint {spec!r} not found (looked for it as a path and inside {output_dir!r}).")
 
 
+def _checkpoint_files(folder: str) -> list[str]:
+    """Every entry under `folder` but the manifest and the folders holding files, as "/"-joined relative names,
+    sorted (plain files, e.g. a full fine-tune's `unet/config.json`; a link or an empty folder is listed too, so
+    that it fails the manifest check)."""
+    names = []
+    for dirpath, dirnames, filenames in os.walk(folder):
+        for name in dirnames:
+            path = os.path.join(dirpath, name)
+            if os.path.islink(path) or not os.listdir(path):
+                names.append(os.path.relpath(path, folder).replace(os.sep, "/"))
+        names += [os.path.relpath(os.path.join(dirpath, n), folder).replace(os.sep, "/") for n in filenames]
+    return sorted(n for n in names if n != MANIFEST_FILE)
+
+
 def _fsync_folder(folder: str) -> None:
-    for name in os.listdir(folder):
-        with open(os.path.join(folder, name), "rb") as f:
-            os.fsync(f.fileno())
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    for dirpath, _, filenames in os.walk(folder, topdown=False):
+        for name in filenames:
+            with open(os.path.join(dirpath, name), "rb") as f:
+                os.fsync(f.fileno())
+        fd = os.open(dirpath, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
 
 def save_checkpoint(output_dir: str, step: int, total_limit: int | None, write_state: Callable[[str], None],
@@ -261,15 +276,17 @@ def save_checkpoint(output_dir: str, step: int, total_limit: int | None, write_s
         tmp = tempfile.mkdtemp(prefix=f".{CHECKPOINT_PREFIX}{step}-", dir=output_dir)
         try:
             write_state(tmp)
-            names = sorted(os.listdir(tmp))
-            if any(os.path.isdir(os.path.join(tmp, n)) for n in names) or MANIFEST_FILE in names:
-                raise RuntimeError(f"A checkpoint holds plain files only, not {names}.")
+            names = _checkpoint_files(tmp)
+            if os.path.exists(os.path.join(tmp, MANIFEST_FILE)) or not all(
+                    os.path.isfile(os.path.join(tmp, n)) and not os.path.islink(os.path.join(tmp, n)) for n in names):
+                raise RuntimeError(f"A checkpoint holds plain files (and folders of them) only, not {names}.")
             manifest = {"format": MANIFEST_FORMAT, "step": step,
                         "files": {n: file_digest(os.path.join(tmp, n)) for n in names}}
             with open(os.path.join(tmp, MANIFEST_FILE), "w", encoding="utf-8") as f:
                 json.dump(manifest, f, indent=2)
-            for name in os.listdir(tmp):
-                usual_mode(os.path.join(tmp, name))
+            for dirpath, dirnames, filenames in os.walk(tmp):
+                for name in dirnames + filenames:
+                    usual_mode(os.path.join(dirpath, name))
             usual_mode(tmp)
             _fsync_folder(tmp)
             replace_folder(tmp, final)

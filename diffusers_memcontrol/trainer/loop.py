@@ -38,8 +38,10 @@ from diffusers.training_utils import EMAModel, compute_dream_and_update_latents,
 from diffusers.utils import make_image_grid
 from tqdm.auto import tqdm
 
+from ..constants import UNET_FOLDER
 from ..files import atomic_path, free_bytes
 from ..hub.adapters import save_adapter
+from ..hub.pipelines import merged_unet
 from ..tuners import trainable_parameters
 from .batches import (
     STREAM_STEP,
@@ -447,8 +449,11 @@ def _warn_when_disk_is_short(run: _Run, checkpointing_steps: int | None, total_l
 
 def write_training_state(run: _Run, folder: str, adapter_name: str) -> None:
     """Write the whole resumable state into `folder`: the adapter (peft format), then each part as JSON +
-    safetensors (no pickle): optimizer, LR schedule, EMA, gradient scaler, RNG states and the TrainState."""
+    safetensors (no pickle): optimizer, LR schedule, EMA, gradient scaler, RNG states and the TrainState. A `full`
+    fine-tune's checkpoint also holds `unet/` in diffusers' format (UNet2DConditionModel.from_pretrained loads it)."""
     save_adapter(run.unet, folder, adapter_name)
+    if run.config.peft_method == "full":
+        merged_unet(run.unet, adapter_name).save_pretrained(os.path.join(folder, UNET_FOLDER), safe_serialization=True)
     for name, obj in _state_parts(run).items():
         write_state_part(folder, name, obj.state_dict())
     write_state_part(folder, "rng", _rng_state())
@@ -519,6 +524,19 @@ def _run_log(run: _Run, resumed_from: str | None, steps_run: int, train_time: fl
     return result
 
 
+def _micro_steps_to_run(run: _Run, resumed_from: str | None) -> int:
+    """Where the loop stops: `max_steps` optimizer steps; resumed at or past them, one step more, as diffusers' loop
+    (it checks --max_train_steps only after a step), with a warning line instead of a silent exit."""
+    per_step = run.config.gradient_accumulation_steps
+    total = run.plan.max_steps * per_step
+    if resumed_from is not None and run.state.micro_step >= total:
+        logger.warning("Resumed from %s at step %d, at or past --max_train_steps %d: training one more step "
+                       "(as diffusers' train_text_to_image.py does); raise --max_train_steps to train longer.",
+                       os.path.basename(resumed_from), run.state.global_step, run.plan.max_steps)
+        total = run.state.micro_step + per_step
+    return total
+
+
 def train(unet: torch.nn.Module, noise_scheduler: Any, data: TrainingData, config: FineTuneConfig, *,
           accelerator: Any = None, adapter_name: str = "default",
           output_dir: str | None = None, checkpointing_steps: int | None = None,
@@ -552,7 +570,7 @@ def train(unet: torch.nn.Module, noise_scheduler: Any, data: TrainingData, confi
         resumed_from = _resume(run, resume_from_checkpoint, adapter_name)
         if output_dir and accelerator.is_main_process:
             _warn_when_disk_is_short(run, checkpointing_steps, checkpoints_total_limit)
-        total_micro = plan.max_steps * config.gradient_accumulation_steps
+        total_micro = _micro_steps_to_run(run, resumed_from)
         bar = tqdm(total=plan.max_steps, initial=state.global_step, desc=f"train {config.peft_method}",
                    disable=not progress or not accelerator.is_local_main_process)
         shuffler = Shuffler(config.seed, data.num_samples, plan.batch, plan.batches_per_epoch,

@@ -42,10 +42,18 @@ def masked_lora_config(mask: Mask | None, unet: nn.Module, rank: int = 4, alpha:
     return LoraConfig(r=rank, lora_alpha=alpha, target_modules=targets, init_lora_weights=True)
 
 
+def _unwrapped(unet: nn.Module) -> nn.Module:
+    """The UNet inside a `peft.PeftModel` (`get_peft_model`), or `unet` itself (`unet.add_adapter`)."""
+    from peft import PeftModel
+
+    return unet.get_base_model() if isinstance(unet, PeftModel) else unet
+
+
 def memcontrol_lora_state_dict(unet: nn.Module, adapter_name: str = "default") -> dict[str, torch.Tensor]:
-    """The MemControl tuner's LoRA factors under peft LoRA's keys (``<module>.lora_A.weight`` / ``lora_B.weight``)."""
+    """The MemControl tuner's LoRA factors under peft LoRA's keys (``<module>.lora_A.weight`` / ``lora_B.weight``),
+    named as in the UNet itself (a `peft.get_peft_model` wrapper's ``base_model.model.`` prefix left out)."""
     state = {}
-    for name, module in unet.named_modules():
+    for name, module in _unwrapped(unet).named_modules():
         factors_a = getattr(module, "memcontrol_lora_A", None)
         if factors_a is None or adapter_name not in factors_a:
             continue
