@@ -55,7 +55,7 @@ def main() -> None:
     from datasets import Dataset, Features, Image
 
     from diffusers_memcontrol.cache import FileHashMemo
-    from diffusers_memcontrol.images import check_images
+    from diffusers_memcontrol.data.images import check_images
 
     with tempfile.TemporaryDirectory() as tmp:
         made, paths = timed(lambda: make_pngs(tmp, args.count, args.size))

@@ -14,7 +14,7 @@ import sys
 
 import pytest
 from datasets import Dataset, Features, Image
-from diffusers_memcontrol.images import check_images
+from diffusers_memcontrol.data.images import check_images
 from PIL import Image as PILImage
 
 from diffusers_memcontrol.cache import FileHashMemo
@@ -69,7 +69,7 @@ def _model(folder, unet_channels=None, corrupt_weights: bool = False) -> str:
     UNet; with `corrupt_weights`, every weights file is garbage, so loading any of them fails."""
     from diffusers import StableDiffusionPipeline, UNet2DConditionModel
 
-    from diffusers_memcontrol import tiny_base as tb
+    from diffusers_memcontrol.data import tiny_base as tb
 
     unet = tb.build_unet()
     if unet_channels is not None:
@@ -295,7 +295,7 @@ def tmpfs_3mb(tmp_path):
 
 
 def test_a_full_disk_mid_run_is_one_error_line_and_a_rerun_with_space_resumes(tmp_path, tmpfs_3mb):
-    from diffusers_memcontrol.checkpoints import verify_checkpoint
+    from diffusers_memcontrol.trainer.checkpoints import verify_checkpoint
 
     out = tmpfs_3mb
     # a full fine-tune of a 70k-parameter UNet: a checkpoint (weights + Adam's two moments) is about 0.85 MB
