@@ -1,6 +1,6 @@
 """A user's own data breaks nothing: every image is decoded before training, and a full disk is one error line.
 
-Real files throughout: truncated PNGs, a metadata file with no rows, a 3 MB tmpfs as the output folder of a full
+Real files throughout: truncated PNGs, a metadata file with no rows, an 8 MB tmpfs as the output folder of a full
 fine-tune (mounted here; skipped with the reason where mounting is not permitted).
 """
 
@@ -215,7 +215,7 @@ def test_no_rows_left_after_skipping_bad_images(tmp_path):
     from diffusers_memcontrol import train
 
     data = _image_folder(tmp_path / "data", n=3, bad=(0, 1, 2))
-    with pytest.raises(InputError, match=r"No rows of the train split are left: every one of its 1 image"):
+    with pytest.raises(InputError, match=r"No rows of the train split are left: every one of its 3 image"):
         train.main(["--train_data_dir", data, "--output_dir", str(tmp_path / "out"), "--report_to", "none",
                     "--no_progress", "--skip_bad_images"])
 
@@ -279,12 +279,12 @@ def test_a_write_out_of_space_names_the_folder_the_bytes_needed_and_free(tmp_pat
 
 
 @pytest.fixture
-def tmpfs_3mb(tmp_path):
-    """A 3 MB tmpfs at tmp_path/out (unmounted after the test)."""
+def tmpfs_8mb(tmp_path):
+    """An 8 MB tmpfs at tmp_path/out, unmounted after the test (a full fine-tune writes a pipeline; its VAE: 2.7 MB)."""
     target = tmp_path / "out"
     os.makedirs(target)
     try:
-        mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=3m", "tmpfs", str(target)],
+        mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", str(target)],
                                  capture_output=True, text=True, check=False)
     except FileNotFoundError:
         pytest.skip("no `mount` command here: a tmpfs cannot be mounted")
@@ -294,14 +294,15 @@ def tmpfs_3mb(tmp_path):
     subprocess.run(["umount", str(target)], check=True)
 
 
-def test_a_full_disk_mid_run_is_one_error_line_and_a_rerun_with_space_resumes(tmp_path, tmpfs_3mb):
+def test_a_full_disk_mid_run_is_one_error_line_and_a_rerun_with_space_resumes(tmp_path, tmpfs_8mb):
     from diffusers_memcontrol.trainer.checkpoints import verify_checkpoint
 
-    out = tmpfs_3mb
-    # a full fine-tune of a 70k-parameter UNet: a checkpoint (weights + Adam's two moments) is about 0.85 MB
+    out = tmpfs_8mb
+    # a full fine-tune of a 70k-parameter UNet: a checkpoint (weights + Adam's two moments + unet/ in diffusers'
+    # format) is about 1.1 MB
     model = _model(tmp_path / "model", unet_channels=(8, 8, 16))
     params = 70_276
-    checkpoint = 3 * 4 * params
+    checkpoint = 4 * 4 * params
     ballast = out / "ballast.bin"  # leaves room for 1.5 checkpoints: checkpoint-2 fits, checkpoint-4 does not
     st = os.statvfs(out)
     ballast.write_bytes(b"\0" * (st.f_bavail * st.f_frsize - int(1.5 * checkpoint)))

@@ -60,7 +60,7 @@ def test_two_processes_train_like_one_and_resume(tmp_path, monkeypatch):
     resumed = tmp_path / "resumed"
     resumed.mkdir()
     shutil.copytree(two / "checkpoint-2", resumed / "checkpoint-2")
-    cmd = [*trainer_command(num_processes=2, port=None), *TINY[:TINY.index("--eval")], *cache,
+    cmd = [*trainer_command(num_processes=2, port=None), *TINY, *cache,  # --eval: the same splits as the run
            "--train_batch_size", "4", "--resume_from_checkpoint", "latest", "--output_dir", str(resumed),
            "--report_to", "none", "--no_progress", "--num_validation_images", "0"]
     env = dict(os.environ, ACCELERATE_USE_CPU="true")

@@ -496,8 +496,9 @@ def build_memorization_set(
         if not isinstance(block, int) or block < 0:
             raise ValueError(f"block must be an int >= 0, got {block!r}.")
         if (block + 1) * dmem_size > n:
-            raise ValueError(f"dmem_size={dmem_size} x {block + 1} disjoint set(s) exceeds the {n} rows of the "
-                             "training split; pass a smaller --dmem_size or more data.")
+            sets = f" x {block + 1} disjoint sets (block {block})" if block else ""
+            raise ValueError(f"dmem_size={dmem_size}{sets} exceeds the {n} rows of the training split; pass a smaller "
+                             "--dmem_size or more data.")
         if selection == "random":
             rest = np.arange(n)
             for b in range(block + 1):  # block b: a seeded draw from the rows no earlier block took

@@ -180,13 +180,14 @@ def _decode_fully(source: Any, name: str) -> tuple[str | None, str | None]:
         digest = hashlib.sha256(source).hexdigest() if isinstance(source, bytes) else None
         _open(source, name, decode=True).convert("RGB")
         return digest, None
-    except (ValueError, FileNotFoundError):
+    except (ValueError, FileNotFoundError) as err:
+        reason = str(err)
         if isinstance(path, str) and os.path.isfile(path):  # PIL's message then names the file, not a buffer
             try:
                 _open(path, name, decode=True).convert("RGB")
             except (ValueError, FileNotFoundError) as by_path:
-                err = by_path
-        return None, str(err)
+                reason = str(by_path)
+        return None, reason
 
 
 def _rows_to_check(values: list, first_row: int, column: str, split: str | None, memo: Any,

@@ -419,8 +419,10 @@ def _tensor_bytes(value: Any) -> int:
 
 
 def checkpoint_bytes(run: _Run) -> int:
-    """About the bytes one checkpoint of `run` takes: the adapter, then every state part (optimizer, EMA, ...)."""
-    return _tensor_bytes([p.detach() for p in run.params]) + sum(
+    """About the bytes one checkpoint of `run` takes: the adapter (twice for a full fine-tune: also `unet/` in
+    diffusers' format), then every state part (optimizer, EMA, ...)."""
+    adapter = _tensor_bytes([p.detach() for p in run.params])
+    return adapter * (1 + (run.config.peft_method == "full")) + sum(
         _tensor_bytes(obj.state_dict()) for obj in _state_parts(run).values()) + 2**16
 
 
@@ -429,7 +431,7 @@ def planned_output_bytes(run: _Run, checkpointing_steps: int | None, total_limit
     `total_limit` + 1 at a time (the oldest goes once the new one is in place), plus the final adapter. Before
     the first step the optimizer holds no state yet: Adam's two moments per trained value are counted instead."""
     adapter = _tensor_bytes([p.detach() for p in run.params])
-    per_checkpoint = adapter * (3 + (run.ema is not None)) + 2**16
+    per_checkpoint = adapter * (3 + (run.ema is not None) + (run.config.peft_method == "full")) + 2**16
     remaining = (run.plan.max_steps // checkpointing_steps - run.state.global_step // checkpointing_steps
                  if checkpointing_steps else 0)
     kept = min(remaining, total_limit + 1) if total_limit else remaining
