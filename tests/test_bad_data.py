@@ -280,7 +280,7 @@ def test_a_write_out_of_space_names_the_folder_the_bytes_needed_and_free(tmp_pat
 
 @pytest.fixture
 def tmpfs_8mb(tmp_path):
-    """An 8 MB tmpfs at tmp_path/out, unmounted after the test (a full fine-tune writes a pipeline; its VAE: 2.7 MB)."""
+    """An 8 MB tmpfs at tmp_path/out, unmounted after the test (a full fine-tune writes a pipeline, VAE 2.7 MB)."""
     target = tmp_path / "out"
     os.makedirs(target)
     try:
